@@ -1,0 +1,24 @@
+/* libpwork: functions with known calls and known durations for probec's uprobe/USDT tests. */
+#ifndef PROBEC_WORKLOADS_PWORK_H
+#define PROBEC_WORKLOADS_PWORK_H
+
+#define PWORK_API __attribute__((visibility("default"), noinline))
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Takes `us` microseconds: nanosleep for us >= 1000, busy-wait below (see precise_sleep.h). */
+PWORK_API void pwork_sleep_us(unsigned long us);
+/* Returns v and does nothing else; always a real call (uprobe arg/retval tests). */
+PWORK_API unsigned long pwork_record(unsigned long v);
+/* Returns 0 and does nothing else; always a real call (overhead benchmarks). */
+PWORK_API unsigned long pwork_nop(void);
+/* Fires the library USDT probe pwork:lib_tick with arg0 = i. */
+PWORK_API void pwork_lib_tick(unsigned long i);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

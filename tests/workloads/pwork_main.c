@@ -1,0 +1,206 @@
+/* pwork: calls into libpwork (and fires USDT probes, makes syscalls) an exact number of times.
+ * Run without arguments for the command line. */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/sdt.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "pwork.h"
+#include "workload_cli.h"
+
+static const char usage_text[] =
+	"usage: pwork [--comm NAME] [--threads T] [--wait-stdin] COMMAND ARGS...\n"
+	"commands (every count is exact; with --threads T each of T threads runs the command):\n"
+	"  sleep N US [N2 US2 ...]  N calls of pwork_sleep_us(US) per pair, in order\n"
+	"  record V1 [V2 ...]       pwork_record(Vi) once each (unsigned 64-bit decimals)\n"
+	"  write N SIZE             N write() syscalls of SIZE bytes to /dev/null\n"
+	"  usdt N                   N x USDT pwork:tick(i) in pwork and N x pwork_lib_tick(i)\n"
+	"                           (USDT pwork:lib_tick in libpwork), i = 0..N-1\n"
+	"  nop N                    N calls of pwork_nop()\n"
+	"  getpid N                 N syscall(SYS_getpid)\n";
+
+enum command { CMD_SLEEP, CMD_RECORD, CMD_WRITE, CMD_USDT, CMD_NOP, CMD_GETPID };
+
+struct work {
+	enum command cmd;
+	const char *comm;
+	unsigned long long *args; /* parsed numbers after the command name */
+	size_t nargs;
+	int devnull;  /* CMD_WRITE */
+	char *buffer; /* CMD_WRITE, args[1] bytes */
+};
+
+static void usage(void)
+{
+	fputs(usage_text, stderr);
+	exit(2);
+}
+
+static int run_work(const struct work *w)
+{
+	unsigned long long i, n;
+	size_t k;
+
+	switch (w->cmd) {
+	case CMD_SLEEP:
+		for (k = 0; k + 1 < w->nargs; k += 2)
+			for (i = 0; i < w->args[k]; i++)
+				pwork_sleep_us(w->args[k + 1]);
+		break;
+	case CMD_RECORD:
+		for (k = 0; k < w->nargs; k++)
+			pwork_record(w->args[k]);
+		break;
+	case CMD_WRITE:
+		for (i = 0; i < w->args[0]; i++) {
+			ssize_t done = write(w->devnull, w->buffer, w->args[1]);
+
+			if (done < 0 || (unsigned long long)done != w->args[1]) {
+				perror("write(/dev/null)");
+				return 1;
+			}
+		}
+		break;
+	case CMD_USDT:
+		for (i = 0; i < w->args[0]; i++) {
+			DTRACE_PROBE1(pwork, tick, i);
+			pwork_lib_tick(i);
+		}
+		break;
+	case CMD_NOP:
+		n = w->args[0];
+		for (i = 0; i < n; i++)
+			pwork_nop();
+		break;
+	case CMD_GETPID:
+		n = w->args[0];
+		for (i = 0; i < n; i++)
+			syscall(SYS_getpid);
+		break;
+	}
+	return 0;
+}
+
+static void *worker(void *arg)
+{
+	const struct work *w = arg;
+
+	if (workload_setup_thread(w->comm) != 0)
+		return (void *)1;
+	return (void *)(long)run_work(w);
+}
+
+static int parse_command(const char *name, int nargs, enum command *cmd)
+{
+	static const struct {
+		const char *name;
+		enum command cmd;
+		int min_args, max_args; /* max -1: any; sleep also needs an even count */
+	} table[] = {
+		{ "sleep", CMD_SLEEP, 2, -1 },	{ "record", CMD_RECORD, 1, -1 },
+		{ "write", CMD_WRITE, 2, 2 },	{ "usdt", CMD_USDT, 1, 1 },
+		{ "nop", CMD_NOP, 1, 1 },	{ "getpid", CMD_GETPID, 1, 1 },
+	};
+	size_t k;
+
+	for (k = 0; k < sizeof(table) / sizeof(table[0]); k++) {
+		if (strcmp(name, table[k].name) != 0)
+			continue;
+		if (nargs < table[k].min_args || (table[k].max_args >= 0 && nargs > table[k].max_args))
+			return -1;
+		if (table[k].cmd == CMD_SLEEP && nargs % 2 != 0)
+			return -1;
+		*cmd = table[k].cmd;
+		return 0;
+	}
+	return -1;
+}
+
+int main(int argc, char **argv)
+{
+	struct work w = { .devnull = -1 };
+	unsigned long long threads = 0;
+	int wait_stdin = 0, argi = 1, k, status = 0;
+
+	while (argi < argc && strncmp(argv[argi], "--", 2) == 0) {
+		if (strcmp(argv[argi], "--comm") == 0 && argi + 1 < argc) {
+			w.comm = argv[argi + 1];
+			if (w.comm[0] == '\0')
+				usage();
+			argi += 2;
+		} else if (strcmp(argv[argi], "--threads") == 0 && argi + 1 < argc) {
+			if (workload_parse_u64(argv[argi + 1], &threads) != 0 || threads == 0 ||
+			    threads > 1024)
+				usage();
+			argi += 2;
+		} else if (strcmp(argv[argi], "--wait-stdin") == 0) {
+			wait_stdin = 1;
+			argi += 1;
+		} else {
+			usage();
+		}
+	}
+	if (argi >= argc || parse_command(argv[argi], argc - argi - 1, &w.cmd) != 0)
+		usage();
+	w.nargs = (size_t)(argc - argi - 1);
+	w.args = calloc(w.nargs, sizeof(*w.args));
+	if (w.args == NULL) {
+		perror("calloc");
+		return 1;
+	}
+	for (k = 0; k < (int)w.nargs; k++)
+		if (workload_parse_u64(argv[argi + 1 + k], &w.args[k]) != 0)
+			usage();
+
+	if (workload_setup_thread(w.comm) != 0)
+		return 1;
+	if (w.cmd == CMD_WRITE) {
+		w.devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
+		w.buffer = calloc(1, w.args[1] ? w.args[1] : 1);
+		if (w.devnull < 0 || w.buffer == NULL) {
+			perror("write setup");
+			return 1;
+		}
+	}
+	if (wait_stdin)
+		workload_wait_stdin();
+
+	if (threads == 0) {
+		status = run_work(&w);
+	} else {
+		pthread_t *tids = calloc(threads, sizeof(*tids));
+		unsigned long long t, started;
+
+		if (tids == NULL) {
+			perror("calloc");
+			return 1;
+		}
+		for (started = 0; started < threads; started++) {
+			int err = pthread_create(&tids[started], NULL, worker, &w);
+
+			if (err != 0) {
+				fprintf(stderr, "pthread_create: %s\n", strerror(err));
+				status = 1;
+				break;
+			}
+		}
+		for (t = 0; t < started; t++) {
+			void *ret;
+
+			pthread_join(tids[t], &ret);
+			if (ret != NULL)
+				status = 1;
+		}
+		free(tids);
+	}
+	if (w.devnull >= 0)
+		close(w.devnull);
+	free(w.buffer);
+	free(w.args);
+	return status;
+}
