@@ -1,0 +1,80 @@
+"""What every backend shares: the bundle it writes, templates, and the 'unsupported' diagnostic."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+
+from ..diagnostics import Diagnostics, SourceSpan
+from ..ir.nodes import Program
+from .manifest import manifest_for
+
+
+@dataclass
+class Bundle:
+    """Files a backend produced, by name, plus the manifest the runtime reads."""
+    name: str
+    backend: str
+    files: dict[str, bytes] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+
+    def write(self, directory: str | Path) -> list[Path]:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, data in sorted(self.files.items()):
+            path = out / name
+            path.write_bytes(data)
+            if name.endswith(".py"):
+                path.chmod(0o755)
+            written.append(path)
+        path = out / "manifest.json"
+        path.write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
+        written.append(path)
+        return written
+
+
+class Backend:
+    """A backend turns a Program into a Bundle. Subclasses set `name` and `FEATURES`."""
+
+    name = ""
+    # What this backend can do: feature -> True, or a sentence saying why not.
+    FEATURES: dict[str, bool | str] = {}
+
+    def __init__(self, diags: Diagnostics, spec_span: SourceSpan | None = None):
+        self.d = diags
+        self.spec_span = spec_span
+
+    def unsupported(self, feature: str, span: SourceSpan | None = None, severity: str = "error") -> bool:
+        """Report `feature` if this backend cannot do it; True when it is supported."""
+        verdict = self.FEATURES.get(feature, True)
+        if verdict is True:
+            return True
+        report = self.d.error if severity == "error" else self.d.warning
+        report("E501" if severity == "error" else "W501", f"the {self.name} backend cannot do {feature}: {verdict}",
+               span or self.spec_span)
+        return False
+
+    def build(self, program: Program) -> Bundle:
+        raise NotImplementedError
+
+    def base_manifest(self, program: Program, **extra) -> dict:
+        return manifest_for(program, self.name, **extra)
+
+
+
+
+def template_environment(backend: str) -> jinja2.Environment:
+    folder = resources.files("probec.templates").joinpath(backend)
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(folder)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )

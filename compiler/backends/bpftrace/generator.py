@@ -1,0 +1,200 @@
+"""The bpftrace backend: IR -> one bpftrace script plus the manifest the runtime reads."""
+
+from __future__ import annotations
+
+import re
+
+from ...diagnostics import Diagnostics, SourceSpan
+from ...ir import nodes as ir
+from ..base import Backend, Bundle, template_environment
+
+SEPARATOR = "\\037"          # ASCII unit separator between printf fields: never in a number
+EVENT_MARK = "E"
+
+
+def bpftrace_string(data: bytes) -> str:
+    """A bpftrace string literal. Input is printable ASCII (checked in typing); escape the rest."""
+    return '"' + data.decode("ascii").replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class ExpressionEmitter:
+    """Renders IR expressions as bpftrace for one probe."""
+
+    def __init__(self, probe: ir.Probe, version: tuple[int, int]):
+        self.probe = probe
+        self.version = version
+
+    def args_field(self, name: str) -> str:
+        return f"args.{name}" if self.version >= (0, 20) else f"args->{name}"
+
+    def emit(self, e: ir.IRExpr) -> str:
+        if isinstance(e, ir.Context):
+            return e.name
+        if isinstance(e, ir.Arg):
+            return f"arg{e.index}"
+        if isinstance(e, ir.Retval):
+            return self.args_field("ret") if self.probe.kind == "tracepoint" else "retval"
+        if isinstance(e, ir.TracepointField):
+            text = self.args_field(e.name)
+            return f"str({text})" if e.type.kind == "str" else text
+        if isinstance(e, ir.Duration):
+            return "$duration"
+        if isinstance(e, ir.Const):
+            return str(e.value)
+        if isinstance(e, ir.StrConst):
+            return bpftrace_string(e.value)
+        if isinstance(e, ir.BinOp):
+            return f"({self.emit(e.left)} {e.op} {self.emit(e.right)})"
+        if isinstance(e, (ir.Cmp, ir.StrEq, ir.Logic)):
+            return f"({self.emit(e.left)} {e.op} {self.emit(e.right)})"
+        if isinstance(e, ir.Not):
+            return f"!{self.emit(e.operand)}"
+        if isinstance(e, ir.Neg):
+            return f"(0 - {self.emit(e.operand)})"
+        raise AssertionError(type(e))  # pragma: no cover
+
+
+class BpftraceBackend(Backend):
+    name = "bpftrace"
+    FEATURES = {
+        "span-begin overflow counting": "bpftrace maps cannot report a failed insert",
+        "uretprobe past endbr64": "bpftrace refuses return probes at an offset",
+        "uprobe offsets": "Debian's bpftrace 0.17 is built without uprobe offset support",
+    }
+
+    def __init__(self, diags: Diagnostics, version: tuple[int, int] = (0, 17), interval_ms: int = 1000,
+                 spec_span: SourceSpan | None = None):
+        super().__init__(diags, spec_span)
+        self.version = version
+        self.interval_ms = interval_ms
+        self.env = template_environment("bpftrace")
+        self.counter = 0
+
+    # -- names ---------------------------------------------------------------------------------
+    def var(self, stem: str) -> str:
+        self.counter += 1
+        return f"$__{stem}{self.counter}"
+
+    @staticmethod
+    def map_name(name: str) -> str:
+        return "@" + name
+
+    def address(self, p: ir.Probe) -> str:
+        if p.kind == "tracepoint":
+            return f"tracepoint:{p.category}:{p.name}"
+        if p.kind in ("uprobe", "uretprobe"):
+            return f"{p.kind}:{p.binary}:{p.symbol}"
+        if p.kind == "usdt":
+            return f"usdt:{p.binary}:{p.provider}:{p.name}"
+        if p.kind in ("kprobe", "kretprobe"):
+            return f"{p.kind}:{p.name}"
+        if p.kind in ("fentry", "fexit"):
+            word = p.kind if self.version >= (0, 19) else {"fentry": "kfunc", "fexit": "kretfunc"}[p.kind]
+            return f"{word}:{p.name}"
+        if p.kind == "profile":
+            return f"profile:hz:{p.rate}"
+        if p.kind == "interval":
+            return f"interval:ms:{max(1, p.rate // 1_000_000)}"
+        raise AssertionError(p.kind)  # pragma: no cover
+
+    # -- actions -------------------------------------------------------------------------------
+    def guard(self, g: ir.Guard, em: ExpressionEmitter) -> str:
+        parts = [f"{self.map_name('span_' + w + '_begin')}[tid] != 0" for w in g.within]
+        if g.filter is not None:
+            parts.insert(0, em.emit(g.filter))
+        return " && ".join(f"({p})" for p in parts) if len(parts) > 1 else (parts[0] if parts else "")
+
+    def render(self, template: str, **values) -> list[str]:
+        return self.env.get_template(template).render(**values).rstrip("\n").split("\n")
+
+    def action(self, a: ir.Action, em: ExpressionEmitter, program: ir.Program) -> list[str]:
+        if isinstance(a, ir.SpanBegin):
+            return self.render("span_begin.bt.j2", guard=self.guard(a.guard, em),
+                               map=self.map_name(f"span_{a.span}_begin"), key=em.emit(a.key))
+        if isinstance(a, ir.SpanEnd):
+            then = [line for t in a.then for line in self.action(t, em, program)]
+            return self.render("span_end.bt.j2", start=self.var("start"), map=self.map_name(f"span_{a.span}_begin"),
+                               key=em.emit(a.key), then=then)
+        if isinstance(a, ir.MetricUpdate):
+            m = program.metric(a.metric)
+            labels = [em.emit(lab.expr) for lab in m.labels]
+            hist = m.kind == "histogram"
+            edges = [{"index": i, "value": v} for i, v in enumerate(m.edges)]
+            return self.render(
+                "metric_update.bt.j2", guard=self.guard(a.guard, em), histogram=hist,
+                var=self.var("value"), bucket=self.var("bucket"),
+                value=em.emit(a.value) if a.value is not None else "", edges=list(m.edges),
+                edges_descending=list(reversed(edges)), map=self.map_name(m.map.name),
+                key_prefix="".join(f"{lab}, " for lab in labels),
+                key=f"[{', '.join(labels)}]" if labels else "",
+                sum_map=self.map_name(m.map.name + "_sum"),
+                sum_key=f"[{', '.join(labels)}]" if labels else "")
+        if isinstance(a, ir.EmitEvent):
+            ev = program.event(a.event)
+            formats, args = [EVENT_MARK, str(ev.index), "%llu", "%d", "%d", "%d"], ["nsecs", "pid", "tid", "cpu"]
+            for f in ev.fields:
+                if f.stack:
+                    formats.append("%s")
+                    args.append("ustack" if f.stack == "user" else "kstack")
+                elif f.is_string:
+                    formats.append("%s")
+                    args.append(em.emit(f.expr))
+                else:
+                    formats.append("%lld" if f.expr.type.signed else "%llu")
+                    args.append(em.emit(f.expr))
+            cond = self.guard(ir.Guard(a.when, a.guard.within), em) or "1"
+            return self.render("emit_event.bt.j2", condition=cond, seen=f"@__ev_{ev.name}_seen",
+                               sample_every=ev.sample_every, max_per_second=ev.max_per_second,
+                               window=f"@__ev_{ev.name}_window", in_window=f"@__ev_{ev.name}_in_window",
+                               limited=f"@__ev_{ev.name}_limited", format=SEPARATOR.join(formats),
+                               arguments=", ".join(args))
+        raise AssertionError(type(a))  # pragma: no cover
+
+    # -- the script ----------------------------------------------------------------------------
+    def build(self, program: ir.Program) -> Bundle:
+        chosen = dict(program.host_variants)
+        probes_text = []
+        used_probes = []
+        for p in program.probes:
+            if p.group and chosen.get(p.group, 0) != p.variant:
+                continue
+            if p.offset and p.kind == "uprobe":
+                self.d.warning("W502", f"{p.spec_text}: bpftrace {self.version[0]}.{self.version[1]} cannot probe "
+                               f"past endbr64 (+{p.offset}); the prototype probes the entry, which costs a "
+                               "single-step trap per call. The core backend places it past endbr64.", None)
+            if p.offset and p.kind == "uretprobe":
+                pass  # a return probe's offset only changes its cost, never its numbers
+            em = ExpressionEmitter(p, self.version)
+            lines = []
+            for a in p.actions:
+                lines += self.action(a, em, program)
+            probes_text.append(self.render("probe.bt.j2", address=self.address(p),
+                                           actions=["  " + line if line else line for line in lines]))
+            used_probes.append(p)
+        printed = []
+        for m in program.metrics:
+            printed.append(self.map_name(m.map.name))
+            if m.kind == "histogram":
+                printed.append(self.map_name(m.map.name + "_sum"))
+        for e in program.events:
+            printed += [f"@__ev_{e.name}_seen", f"@__ev_{e.name}_limited"]
+        cleared = [self.map_name(s.begin_map.name) for s in program.spans]
+        for e in program.events:
+            cleared += [f"@__ev_{e.name}_window", f"@__ev_{e.name}_in_window"]
+        script = "\n".join(self.env.get_template("script.bt.j2").render(
+            source=program.source, version=f"{self.version[0]}.{self.version[1]}", name=program.name,
+            probes=[("\n".join(t)).rstrip() for t in probes_text], interval_ms=self.interval_ms,
+            printed_maps=printed, cleared_maps=cleared).split("\n"))
+        script_name = f"{program.name}.bt"
+        keys_max = max([m.max_entries for m in program.maps if m.type not in ("RINGBUF", "STACK_TRACE")] + [4096])
+        manifest = self.base_manifest(program, files={"script": script_name}, bpftrace={
+            "version": f"{self.version[0]}.{self.version[1]}", "interval_ms": self.interval_ms,
+            "map_keys_max": keys_max, "separator": "\x1f", "event_mark": EVENT_MARK,
+            "probes": [p.id for p in used_probes],
+        })
+        return Bundle(program.name, self.name, {script_name: script.encode()}, manifest)
+
+
+def parse_version(text: str) -> tuple[int, int] | None:
+    m = re.search(r"v?(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else None

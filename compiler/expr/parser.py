@@ -1,0 +1,108 @@
+"""Parse expression strings from a spec into AST nodes whose spans point into the spec file."""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib import resources
+
+import lark
+
+from ..diagnostics import Diagnostics, SourceSpan
+from .ast import (SIZE_UNITS, TIME_UNITS, Binary, Compare, Expr, Integer, Logical, Name,
+                  Quantity, String, Unary)
+
+# What a person should read instead of lark's terminal names.
+_TERMINAL_WORDS = {
+    "OR": "'or'", "AND": "'and'", "NOT": "'not'", "COMPARE": "a comparison",
+    "BITOR": "'|'", "BITAND": "'&'", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'",
+    "SLASH": "'/'", "PERCENT": "'%'", "LPAR": "'('", "RPAR": "')'", "DOT": "'.'",
+    "QUANTITY": "a quantity like 50ms", "INTEGER": "a number", "STRING": "a string",
+    "IDENT": "a name", "$END": "the end of the expression",
+}
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"'}
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> lark.Lark:
+    grammar = resources.files(__package__).joinpath("expr.lark").read_text()
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+
+
+def _unquote(token: str) -> str:
+    body = token[1:-1]
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), "\\" + m.group(1)), body)
+
+
+class _Builder:
+    def __init__(self, base: SourceSpan):
+        self.base = base
+
+    def span(self, start: int, end: int) -> SourceSpan:
+        return self.base.shifted(start, end - start)
+
+    def build(self, node) -> Expr:
+        if isinstance(node, lark.Token):
+            raise AssertionError(f"unexpected token {node.type}")  # pragma: no cover
+        kind = node.data
+        kids = node.children
+        if kind == "integer":
+            tok = kids[0]
+            return Integer(int(tok.replace("_", ""), 0), self.span(tok.start_pos, tok.end_pos))
+        if kind == "quantity":
+            tok = kids[0]
+            m = re.fullmatch(r"([0-9_]+(?:\.[0-9]+)?)([A-Za-z]+)", str(tok))
+            number, unit = m.group(1).replace("_", ""), m.group(2)
+            scale, dim = (TIME_UNITS[unit], "time") if unit in TIME_UNITS else (SIZE_UNITS[unit], "size")
+            whole, _, frac = number.partition(".")
+            value = int(whole) * scale + (int(frac) * scale) // (10 ** len(frac)) if frac else int(whole) * scale
+            return Quantity(value, dim, str(tok), self.span(tok.start_pos, tok.end_pos))
+        if kind == "string":
+            tok = kids[0]
+            return String(_unquote(str(tok)), self.span(tok.start_pos, tok.end_pos))
+        if kind == "name":
+            idents = [k for k in kids if k.type == "IDENT"]
+            return Name(tuple(str(k) for k in idents), self.span(kids[0].start_pos, kids[-1].end_pos))
+        span = self.span(node.meta.start_pos, node.meta.end_pos)
+        if kind == "unary":
+            op = "!" if kids[0].type == "NOT" else "-"
+            return Unary(op, self.build(kids[1]), span)
+        if kind == "atom":  # parenthesised
+            return self.build(kids[1])
+        left, op, right = self.build(kids[0]), kids[1], self.build(kids[2])
+        if kind == "binary":
+            return Binary(str(op), left, right, span)
+        if kind == "compare":
+            return Compare(str(op), left, right, span)
+        if kind == "logical":
+            return Logical("&&" if op.type == "AND" else "||", left, right, span)
+        raise AssertionError(f"unknown node {kind}")  # pragma: no cover
+
+
+def parse_expression(text: str, base: SourceSpan, diags: Diagnostics) -> Expr | None:
+    """Parse `text`; `base` is the span of its first character in the spec file."""
+    try:
+        tree = _parser().parse(text)
+    except lark.UnexpectedCharacters as exc:
+        diags.error("E201", f"unexpected character {text[exc.pos_in_stream]!r} in expression",
+                    base.shifted(exc.pos_in_stream, 1),
+                    "strings are written in double quotes; names are letters, digits and '_'")
+        return None
+    except lark.UnexpectedToken as exc:
+        tok = exc.token
+        expected = sorted({_TERMINAL_WORDS.get(t, t) for t in exc.expected})
+        if tok.type == "$END":
+            where, what = len(text), "the expression ends too early"
+        else:
+            word = _TERMINAL_WORDS.get(tok.type, tok.type)
+            where, what = tok.start_pos, (f"unexpected {word}" if word.startswith("'") else f"unexpected {word} '{tok}'")
+        diags.error("E202", f"{what} in expression", base.shifted(where or 0, len(str(tok)) or 1),
+                    "expected " + ", ".join(expected[:6]) if expected else "")
+        return None
+    except lark.UnexpectedEOF as exc:  # pragma: no cover - lalr reports UnexpectedToken
+        diags.error("E202", "the expression ends too early", base.shifted(len(text), 1))
+        return None
+    if isinstance(tree, lark.Token):  # a lone terminal collapsed by `?start`
+        tree = lark.Tree({"INTEGER": "integer", "QUANTITY": "quantity", "STRING": "string"}[tree.type], [tree])
+    return _Builder(base).build(tree)

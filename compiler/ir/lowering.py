@@ -1,0 +1,516 @@
+"""Lowering: the typed spec becomes the IR, resolving every name against the spec and the host."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+from ..diagnostics import Diagnostics, SourceSpan, did_you_mean
+from ..expr import ast
+from ..spec.model import EventSpec, MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec
+from .host import HostInfo
+from .layout import struct_layout, u32_key, u64_value
+from .nodes import (COMM, INT, Action, Context, EmitEvent, Event, EventField, Guard, Label, MapSpec,
+                    Metric, MetricUpdate, Probe, Program, SpanBegin, SpanEnd, SpanInfo, ValueType)
+from .typecheck import ProbeContext, TypeChecker
+
+SYSCALL_ARGS_NOTE = "syscall:NAME is the sys_enter_NAME tracepoint; syscallret:NAME is sys_exit_NAME"
+
+
+@dataclass
+class LoweringOptions:
+    host: HostInfo = field(default_factory=HostInfo)
+    kernel: str = "host"            # host: mechanisms must exist on this kernel; any: do not check
+    placement: str = "auto"         # auto: probe past endbr64; entry: always at the symbol
+
+
+@dataclass
+class _ProbeBuild:
+    probe: Probe
+    actions: list[Action]
+    ctx: ProbeContext
+
+
+class Lowering:
+    def __init__(self, spec: Spec, diags: Diagnostics, options: LoweringOptions):
+        self.spec = spec
+        self.d = diags
+        self.opt = options
+        self.host = options.host
+        self.types = TypeChecker(diags)
+        self.probes: dict[tuple, _ProbeBuild] = {}
+        self.used_ids: set[str] = set()
+        self.groups: dict[str, tuple[str, ...]] = {}
+        self.chosen: dict[str, int] = {}
+        self.span_ends: dict[str, list[tuple]] = {}   # span -> [(probe key, end key expr, ctx)]
+        self.span_maps: dict[str, MapSpec] = {}
+        self.needs_stacks = False
+        self.notes: list[str] = []
+
+    # -- probes --------------------------------------------------------------------------------
+    def binary_path(self, addr: ProbeAddress) -> str | None:
+        target = addr.target
+        b = self.spec.binaries.get(target)
+        path = b.path if b else target
+        optional = b.optional if b else False
+        if b is None and "/" not in target and not target.startswith("lib"):
+            self.d.error("E301", f"'{target}' is neither a binary declared under 'binaries' nor a path",
+                         addr.span, did_you_mean(target, self.spec.binaries) or
+                         "declare it: 'binaries: {NAME: /path/to/file}'")
+            return None
+        if "/" in path and not path.startswith("/"):
+            # Relative paths are relative to the spec file, so a spec and its workload travel together.
+            import os.path
+            path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(self.spec.file)), path))
+        if not self.host.enabled:
+            return path
+        from ...runtime import elf
+        try:
+            return elf.resolve_binary(path)
+        except elf.ElfError as exc:
+            report = self.d.warning if optional else self.d.error
+            report("E302" if not optional else "W302", f"binary for '{addr.text}' not found: {exc}",
+                   (b.span if b else addr.span),
+                   "mark it 'optional: true' under binaries to make this a warning" if not optional else
+                   "probes on it are left out of this build")
+            return None
+
+    def resolve_symbol(self, addr: ProbeAddress, path: str) -> tuple[str, int] | None:
+        if not self.host.enabled:
+            return addr.name, addr.offset
+        from ...runtime import elf
+        try:
+            ef = self.host.binary(path)
+            found = elf.find_function(path, addr.name)
+        except elf.ElfError as exc:
+            self.d.error("E303", f"cannot read '{path}': {exc}", addr.span)
+            return None
+        if not found:
+            close = elf.close_names(path, addr.name)
+            self.d.error("E304", f"'{path}' has no function '{addr.name}'", addr.span,
+                         ("did you mean " + " or ".join(f"'{c}'" for c in close) + "?") if close
+                         else "list its functions with: nm -D --defined-only --demangle " + path)
+            return None
+        if len(found) > 1:
+            names = [getattr(s, "demangled", "") or s.name for s in found]
+            self.d.error("E305", f"'{addr.name}' is ambiguous in '{path}': {len(found)} functions match", addr.span,
+                         "write one of: " + ", ".join(f"'{n}'" for n in names[:6]))
+            return None
+        sym = found[0]
+        offset = addr.offset
+        if offset == 0 and self.opt.placement == "auto" and addr.kind in ("uprobe", "uretprobe"):
+            try:
+                if ef.starts_with_endbr64(sym.name):
+                    offset = 4
+            except elf.ElfError:
+                pass
+        return sym.name, offset
+
+    def usdt_args(self, addr: ProbeAddress, path: str) -> int | None:
+        if not self.host.enabled:
+            return None
+        from ...runtime import elf
+        try:
+            probes = elf.usdt_probes(path)
+        except elf.ElfError as exc:
+            self.d.error("E303", f"cannot read '{path}': {exc}", addr.span)
+            return -1
+        match = [p for p in probes if p.provider == addr.provider and p.name == addr.name]
+        if not match:
+            names = sorted({f"{p.provider}:{p.name}" for p in probes})
+            self.d.error("E306", f"'{path}' has no USDT probe '{addr.provider}:{addr.name}'", addr.span,
+                         did_you_mean(f"{addr.provider}:{addr.name}", names) or
+                         ("its probes: " + ", ".join(names[:8]) if names else "it has no USDT probes at all"))
+            return -1
+        counts = {len(p.arguments) if hasattr(p, "arguments") else len(p.args.split()) for p in match}
+        return min(counts)
+
+    def kernel_function(self, addr: ProbeAddress) -> bool:
+        funcs = self.host.kernel_functions
+        if funcs is None or addr.name in funcs:
+            return True
+        cands = [f for f in funcs if f[:3] == addr.name[:3]]
+        self.d.error("E307", f"the kernel has no function '{addr.name}'", addr.span, did_you_mean(addr.name, cands))
+        return False
+
+    def check_tracepoint(self, addr: ProbeAddress, category: str, name: str) -> bool:
+        tps = self.host.tracepoints
+        if tps is None:
+            return True
+        if f"{category}:{name}" in tps:
+            return True
+        shown = addr.text if addr.kind == "tracepoint" else f"{category}:{name}"
+        hint = did_you_mean(f"{category}:{name}", tps)
+        if addr.kind in ("syscall", "syscallret"):
+            hint = did_you_mean(name, [t.split(":sys_enter_")[1] for t in tps if ":sys_enter_" in t]) or SYSCALL_ARGS_NOTE
+            hint = hint.replace("'", "'syscall:", 1) if hint.startswith("did") else hint
+        self.d.error("E308", f"unknown tracepoint '{shown}'", addr.span, hint)
+        return False
+
+    def mechanism_available(self, kind: str) -> bool | None:
+        if self.opt.kernel == "any" or not self.host.enabled:
+            return None
+        if kind in ("kprobe", "kretprobe"):
+            return self.host.has_kprobes
+        if kind in ("fentry", "fexit"):
+            return self.host.has_fentry
+        return True
+
+    def probe(self, addr: ProbeAddress, kind: str | None = None, group: str = "", variant: int = 0
+              ) -> _ProbeBuild | None:
+        """The probe for an address (one per address: actions of every user are merged)."""
+        kind = kind or addr.kind
+        category, name, binary, symbol, offset, provider, arg_count = "", addr.name, "", "", 0, "", None
+        fields, has_fields = None, False
+        if kind in ("syscall", "syscallret"):
+            category, name = "syscalls", ("sys_enter_" if kind == "syscall" else "sys_exit_") + addr.name
+            if not self.check_tracepoint(addr, category, name):
+                return None
+            fields, has_fields = self.host.tracepoint_format(category, name), True
+            ctx_kind = kind
+            kind = "tracepoint"
+        elif kind == "tracepoint":
+            category = addr.target
+            if not self.check_tracepoint(addr, category, name):
+                return None
+            fields, has_fields = self.host.tracepoint_format(category, name), True
+            ctx_kind = kind
+        elif kind in ("uprobe", "uretprobe"):
+            binary = self.binary_path(addr)
+            if binary is None:
+                return None
+            resolved = self.resolve_symbol(addr, binary)
+            if resolved is None:
+                return None
+            symbol, offset = resolved
+            ctx_kind = kind
+        elif kind == "usdt":
+            binary = self.binary_path(addr)
+            if binary is None:
+                return None
+            arg_count = self.usdt_args(addr, binary)
+            if arg_count == -1:
+                return None
+            provider = addr.provider
+            ctx_kind = kind
+        elif kind in ("kprobe", "kretprobe", "fentry", "fexit"):
+            if not self.kernel_function(addr):
+                return None
+            ctx_kind = kind
+        else:
+            ctx_kind = kind
+        key = (kind, category, name, binary, symbol, offset, provider, addr.rate, group, variant)
+        if key in self.probes:
+            return self.probes[key]
+        pid = self.probe_id(kind, name or symbol or provider or str(addr.rate))
+        probe = Probe(pid, kind, category, name if kind != "usdt" else addr.name, binary, symbol, offset,
+                      provider, addr.rate, (), group, variant, addr.text)
+        if kind == "tracepoint" and fields is None and self.host.enabled and self.host.tracefs is not None:
+            fields = {}
+        ctx = ProbeContext(ctx_kind, addr.text if addr.kind != "kernel" else f"{kind}:{addr.name}", fields,
+                           has_fields, arg_count)
+        build = _ProbeBuild(probe, [], ctx)
+        self.probes[key] = build
+        return build
+
+    def probe_id(self, kind: str, name: str) -> str:
+        stem = re.sub(r"[^A-Za-z0-9_]", "_", f"{kind}_{name}")[:48]
+        candidate, n = stem, 1
+        while candidate in self.used_ids:
+            n += 1
+            candidate = f"{stem}_{n}"
+        self.used_ids.add(candidate)
+        return candidate
+
+    def context_for(self, build: _ProbeBuild, duration: bool) -> ProbeContext:
+        c = build.ctx
+        return ProbeContext(c.kind, c.description, c.fields, c.has_fields, c.arg_count, duration, c.notes)
+
+    # -- spans ---------------------------------------------------------------------------------
+    def span_variants(self, s: SpanSpec) -> list[tuple[tuple[str, str], SpanSide, SpanSide]]:
+        """(begin kind, end kind) choices for a span, in order of preference."""
+        kinds = (s.begin.probe.kind, s.end.probe.kind)
+        if "kernel" not in kinds and "kernelret" not in kinds:
+            return [((s.begin.probe.kind, s.end.probe.kind), s.begin, s.end)]
+        out = []
+        for mech in (("fentry", "fexit"), ("kprobe", "kretprobe")):
+            b = mech[0] if s.begin.probe.kind == "kernel" else mech[1] if s.begin.probe.kind == "kernelret" else s.begin.probe.kind
+            e = mech[1] if s.end.probe.kind == "kernelret" else mech[0] if s.end.probe.kind == "kernel" else s.end.probe.kind
+            out.append(((b, e), s.begin, s.end))
+        if s.fallback:
+            fb, fe = s.fallback
+            out.append(((fb.probe.kind, fe.probe.kind), fb, fe))
+        return out
+
+    def lower_span(self, s: SpanSpec) -> None:
+        variants = self.span_variants(s)
+        available = []
+        for (bk, ek), bside, eside in variants:
+            ok = [self.mechanism_available(k) for k in (bk, ek)]
+            available.append(None if None in ok else all(ok))
+        if len(variants) > 1:
+            if self.opt.kernel == "host" and self.host.enabled and not any(a for a in available):
+                has = "kprobes" if self.host.has_kprobes else "neither kprobes nor fentry"
+                self.d.error("E310", f"span '{s.name}': this kernel has {has}, so 'kernel:{s.begin.probe.name}' "
+                             "cannot attach here", s.begin.probe.span,
+                             "add 'fallback: syscall:NAME' or 'fallback: {begin: tracepoint:..., end: ...}': "
+                             "tracepoints, syscalls, uprobes and USDT work on this kernel")
+                return
+            group = f"span_{s.name}"
+            labels = []
+            for i, ((bk, ek), bside, eside) in enumerate(variants):
+                labels.append(f"{bk}:{bside.probe.name}" if bk == "fentry" or bk == "kprobe" else bside.probe.text)
+            self.groups[group] = tuple(labels)
+            self.chosen[group] = 0
+            if self.opt.kernel == "host" and self.host.enabled:
+                chosen = next(i for i, a in enumerate(available) if a)
+                self.chosen[group] = chosen
+                if chosen:
+                    self.d.warning("W311", f"span '{s.name}' uses its fallback '{labels[chosen]}' on this kernel "
+                                   f"({', '.join(labels[:chosen])} cannot attach here)", s.span)
+        else:
+            group = ""
+            (bk, ek), _, _ = variants[0]
+            for kind, side in ((bk, s.begin), (ek, s.end)):
+                if self.mechanism_available(kind) is False:
+                    alt = "tracepoint:..., syscall:NAME, uprobe: or usdt:"
+                    self.d.error("E309", f"{kind} probes are not available on this kernel "
+                                 f"({'no CONFIG_KPROBES' if 'kprobe' in kind else 'BPF function tracing is locked down'})",
+                                 side.probe.span, f"use kernel:{side.probe.name} with a 'fallback', or {alt}; "
+                                 "build with --kernel any to target another kernel")
+                    return
+        begin_map = MapSpec(f"span_{s.name}_begin", "HASH", None, None, 2 * self.spec.limits.concurrency, "span_begin")
+        self.span_maps[s.name] = begin_map
+        for i, ((bk, ek), bside, eside) in enumerate(variants):
+            b = self.probe(bside.probe, bk, group, i)
+            e = self.probe(eside.probe, ek, group, i)
+            if b is None or e is None:
+                continue
+            bctx = self.context_for(b, False)
+            bkey = self.key_expr(bside.key, bctx, f"span '{s.name}' begin key")
+            ekey = self.key_expr(eside.key, self.context_for(e, False), f"span '{s.name}' end key")
+            filt = self.types.condition(s.filter, bctx, f"span '{s.name}' filter") if s.filter else None
+            within = self.within(s.within, s.name)
+            if bkey is None or ekey is None or (s.filter is not None and filt is None):
+                continue
+            b.actions.append(SpanBegin(s.name, bkey, Guard(filt, within)))
+            self.span_ends.setdefault(s.name, []).append((e, ekey))
+
+    def key_expr(self, expr: ast.Expr | None, ctx: ProbeContext, what: str):
+        if expr is None:
+            return Context("tid", INT)
+        ir = self.types.value(expr, ctx, what)
+        return ir
+
+    def within(self, ref, owner: str) -> tuple[str, ...]:
+        if ref is None:
+            return ()
+        name, span = ref
+        if name not in self.spec.spans:
+            self.d.error("E330", f"'within' names unknown span '{name}'", span, did_you_mean(name, self.spec.spans))
+            return ()
+        if name == owner:
+            self.d.error("E330", f"span '{owner}' cannot be within itself", span)
+            return ()
+        target = self.spec.spans[name]
+        if target.begin.key is not None:
+            self.d.error("E331", f"'within: {name}' needs '{name}' keyed by thread (the default)", span,
+                         f"span '{name}' has its own key")
+            return ()
+        return (name,)
+
+    # -- metrics -------------------------------------------------------------------------------
+    def where(self, on, what: str, duration_ok: bool = True) -> list[tuple[_ProbeBuild, object, bool]]:
+        """The probes an update runs at: (probe, span end key or None, inside a span end)."""
+        if isinstance(on, SpanEndRef):
+            if on.span_name not in self.spec.spans:
+                self.d.error("E320", f"{what}: unknown span '{on.span_name}'", on.span,
+                             did_you_mean(on.span_name, self.spec.spans))
+                return []
+            return [(b, key, True) for b, key in self.span_ends.get(on.span_name, [])]
+        if on.kind in ("kernel", "kernelret"):
+            self.d.error("E312", f"{what}: '{on.kind}:' picks a mechanism for spans only", on.span,
+                         "use it in a span with a fallback, or name tracepoint:/kprobe:/fentry: directly")
+            return []
+        if self.mechanism_available(on.kind) is False:
+            self.d.error("E309", f"{on.kind} probes are not available on this kernel", on.span,
+                         "tracepoints, syscalls, uprobes and USDT work on this kernel; "
+                         "build with --kernel any to target another kernel")
+            return []
+        b = self.probe(on)
+        return [(b, None, False)] if b else []
+
+    def lower_metric(self, m: MetricSpec) -> Metric | None:
+        what = f"metric '{m.name}'"
+        sites = self.where(m.on, what)
+        if not sites:
+            return None
+        labels: list[Label] | None = None
+        value_type: ValueType | None = None
+        updates = []
+        for build, _end_key, in_span in sites:
+            ctx = self.context_for(build, in_span)
+            these = []
+            for lab in m.labels:
+                ir = self.types.value(lab.expr, ctx, f"label '{lab.name}'", allow_string=True)
+                if ir is None:
+                    return None
+                these.append(Label(lab.name, ir))
+            labels = labels if labels is not None else these
+            value = None
+            if m.value is not None:
+                value = self.types.value(m.value, ctx, f"{what} value")
+                if value is None:
+                    return None
+                value_type = value.type
+            filt = self.types.condition(m.filter, ctx, f"{what} filter") if m.filter else None
+            if m.filter is not None and filt is None:
+                return None
+            within = self.within(m.within, "")
+            updates.append((build, in_span, MetricUpdate(m.name, value, Guard(filt, within))))
+        unit, scale = self.metric_unit(m, value_type)
+        edges = m.buckets.edges if m.buckets else ()
+        if m.buckets and value_type is not None and m.buckets.dimension != "none" \
+                and value_type.dimension != m.buckets.dimension:
+            self.d.error("E321", f"{what}: buckets are {m.buckets.dimension}s but the value is "
+                         f"{value_type.describe()}", m.buckets.span)
+            return None
+        self.naming(m, unit)
+        members = [(f"l_{lab.name}", lab.expr.type if lab.expr.type.kind == "str" else
+                    ValueType("int", signed=lab.expr.type.signed), lab.name) for lab in labels or []]
+        hist = m.kind == "histogram"
+        if members:
+            key = struct_layout(f"{m.name}_key", members, bucket=hist)
+            entries = self.spec.limits.series * ((len(edges) + 2) if hist else 1)
+            mtype = "PERCPU_HASH"
+        else:
+            key = u32_key(f"{m.name}_key")
+            entries = len(edges) + 2 if hist else 1
+            mtype = "PERCPU_ARRAY"
+        mp = MapSpec(f"m_{m.name}", mtype, key, u64_value(f"{m.name}_value"), entries, "metric")
+        for build, in_span, upd in updates:
+            if in_span:
+                self.pending_end.setdefault(id(build), []).append((m.on.span_name, upd))
+            else:
+                build.actions.append(upd)
+        return Metric(m.name, m.kind, m.help or f"{m.kind} from {m.on.span_name + '.end' if isinstance(m.on, SpanEndRef) else m.on.text}",
+                      unit, scale, tuple(labels or ()), edges, mp, self.spec.limits.series)
+
+    def metric_unit(self, m: MetricSpec, vt: ValueType | None) -> tuple[str, float]:
+        dim = vt.dimension if vt is not None else "none"
+        if m.unit == "none":
+            return "", 1.0
+        if dim == "time" or m.unit == "seconds":
+            return "seconds", 1e-9
+        if dim == "size" or m.unit == "bytes":
+            return "bytes", 1.0
+        return "", 1.0
+
+    def naming(self, m: MetricSpec, unit: str) -> None:
+        if m.kind == "counter" and not m.name.endswith("_total"):
+            self.d.warning("W401", f"counter '{m.name}' should end in '_total' (Prometheus convention)", m.span)
+        base = m.name[:-6] if m.name.endswith("_total") else m.name
+        if unit and not base.endswith("_" + unit):
+            self.d.warning("W402", f"metric '{m.name}' is in {unit}; Prometheus names end in '_{unit}'", m.span,
+                           f"e.g. '{base}_{unit}{'_total' if m.kind == 'counter' else ''}'")
+
+    # -- events --------------------------------------------------------------------------------
+    def lower_event(self, ev: EventSpec, index: int) -> Event | None:
+        what = f"event '{ev.name}'"
+        sites = self.where(ev.on, what)
+        if not sites:
+            return None
+        fields: list[EventField] | None = None
+        emits = []
+        for build, _k, in_span in sites:
+            ctx = self.context_for(build, in_span)
+            these = []
+            for f in ev.fields:
+                if f.stack:
+                    these.append(EventField(f.name, None, f.stack))
+                    self.needs_stacks = True
+                    continue
+                ir = self.types.value(f.expr, ctx, f"field '{f.name}'", allow_string=True)
+                if ir is None:
+                    return None
+                these.append(EventField(f.name, ir, "", ir.type.kind == "str"))
+            fields = fields if fields is not None else these
+            when = self.types.condition(ev.when, ctx, f"{what} condition") if ev.when else None
+            if ev.when is not None and when is None:
+                return None
+            emits.append((build, in_span, EmitEvent(ev.name, when, Guard())))
+        names = [f.name for f in fields]
+        for dup in {n for n in names if names.count(n) > 1}:
+            self.d.error("E340", f"{what}: field '{dup}' appears twice", ev.span)
+        members = []
+        for f in fields:
+            if f.stack:
+                members.append((f.name, ValueType("int", signed=True), ""))
+            else:
+                t = f.expr.type
+                members.append((f.name, t if t.kind == "str" else ValueType("int", signed=t.signed), ""))
+        header = [("event", "__u32", 4, "I"), ("cpu", "__u32", 4, "I"), ("ts", "__u64", 8, "Q"),
+                  ("pid", "__u32", 4, "I"), ("tid", "__u32", 4, "I")]
+        record = struct_layout(f"event_{ev.name}", members, header=header)
+        for build, in_span, emit in emits:
+            if in_span:
+                self.pending_end.setdefault(id(build), []).append((ev.on.span_name, emit))
+            else:
+                build.actions.append(emit)
+        return Event(ev.name, index, tuple(fields), ev.sample_every, ev.max_per_second, record)
+
+    # -- the whole program ---------------------------------------------------------------------
+    def run(self) -> Program | None:
+        self.pending_end: dict[int, list] = {}
+        for s in self.spec.spans.values():
+            self.lower_span(s)
+        metrics = [m for m in (self.lower_metric(m) for m in self.spec.metrics.values()) if m]
+        events = [e for e in (self.lower_event(e, i) for i, e in enumerate(self.spec.events.values())) if e]
+        for span, ends in self.span_ends.items():
+            for build, key in ends:
+                then = tuple(upd for name, upd in self.pending_end.get(id(build), []) if name == span)
+                build.actions.append(SpanEnd(span, key, then))
+        probes = []
+        for build in self.probes.values():
+            if not build.actions:
+                continue
+            probes.append(replace(build.probe, actions=tuple(build.actions)))
+            if build.ctx.notes:
+                self.d.warning("W313", f"{build.ctx.description}: tracefs is not readable, so fields "
+                               f"{', '.join(sorted(set(build.ctx.notes)))} were not checked", None,
+                               "mount tracefs (mount -t tracefs nodev /sys/kernel/tracing) or run as root")
+        self.unused_spans()
+        if self.d.has_errors():
+            return None
+        spans = tuple(SpanInfo(n, self.span_maps[n]) for n in self.spec.spans if n in self.span_maps)
+        maps = [s.begin_map for s in spans] + [m.map for m in metrics]
+        if events:
+            maps.append(MapSpec("events", "RINGBUF", None, None, self.spec.limits.ringbuf_bytes, "event"))
+        if self.needs_stacks:
+            maps.append(MapSpec("stacks", "STACK_TRACE", None, None, 1024, "stacks"))
+        return Program(self.spec.name, self.spec.file.rsplit("/", 1)[-1], self.spec.description, tuple(probes),
+                       spans, tuple(metrics), tuple(events), tuple(maps), self.spec.limits.ringbuf_bytes,
+                       self.needs_stacks, tuple(self.groups.items()), tuple(self.chosen.items()),
+                       tuple(self.notes))
+
+    def unused_spans(self) -> None:
+        used = set()
+        for m in self.spec.metrics.values():
+            if isinstance(m.on, SpanEndRef):
+                used.add(m.on.span_name)
+            if m.within:
+                used.add(m.within[0])
+        for e in self.spec.events.values():
+            if isinstance(e.on, SpanEndRef):
+                used.add(e.on.span_name)
+        for s in self.spec.spans.values():
+            if s.within:
+                used.add(s.within[0])
+        for name, s in self.spec.spans.items():
+            if name not in used:
+                self.d.warning("W320", f"span '{name}' is measured but no metric or event uses it", s.span,
+                               f"add e.g. 'histogram: {name}.duration' to a metric")
+
+
+def lower(spec: Spec, diags: Diagnostics, options: LoweringOptions | None = None) -> Program | None:
+    return Lowering(spec, diags, options or LoweringOptions()).run()

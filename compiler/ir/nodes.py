@@ -1,0 +1,287 @@
+"""The IR: probes with the actions they run, maps with their layouts, metrics and events.
+
+Plain frozen data. Backends read it; they never look back at the spec. Every name in here is a
+safe identifier (validated at load), every string constant is carried as bytes, and every size is
+already computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+
+# --- types -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ValueType:
+    kind: str              # int | str | bool
+    dimension: str = "none"  # time | size | none (ints only)
+    length: int = 0        # strings: bytes including the NUL
+    signed: bool = False
+
+    def describe(self) -> str:
+        if self.kind == "int" and self.dimension != "none":
+            return "a duration" if self.dimension == "time" else "a size"
+        return {"int": "an integer", "str": "a string", "bool": "a condition"}[self.kind]
+
+
+INT = ValueType("int")
+SINT = ValueType("int", signed=True)
+BOOL = ValueType("bool")
+TIME = ValueType("int", "time")
+COMM = ValueType("str", length=16)
+
+
+# --- expressions -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Context:
+    """pid, tid, comm, cgroup, cpu, uid, now (ktime ns)."""
+    name: str
+    type: ValueType
+
+
+@dataclass(frozen=True)
+class Arg:
+    index: int
+    type: ValueType = INT
+
+
+@dataclass(frozen=True)
+class Retval:
+    type: ValueType = SINT
+
+
+@dataclass(frozen=True)
+class TracepointField:
+    name: str
+    offset: int
+    size: int
+    type: ValueType
+
+
+@dataclass(frozen=True)
+class Duration:
+    type: ValueType = TIME
+
+
+@dataclass(frozen=True)
+class Const:
+    value: int
+    type: ValueType = INT
+
+
+@dataclass(frozen=True)
+class StrConst:
+    value: bytes           # without the NUL
+    type: ValueType = ValueType("str")
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str                # + - * / % & |
+    left: "IRExpr"
+    right: "IRExpr"
+    type: ValueType
+
+
+@dataclass(frozen=True)
+class Cmp:
+    op: str                # == != < <= > >=
+    left: "IRExpr"
+    right: "IRExpr"
+    type: ValueType = BOOL
+
+
+@dataclass(frozen=True)
+class StrEq:
+    """A string value (comm, a char[] field) compared with a constant: == or !=."""
+    op: str
+    left: "IRExpr"
+    right: StrConst
+    type: ValueType = BOOL
+
+
+@dataclass(frozen=True)
+class Logic:
+    op: str                # && ||
+    left: "IRExpr"
+    right: "IRExpr"
+    type: ValueType = BOOL
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: "IRExpr"
+    type: ValueType = BOOL
+
+
+@dataclass(frozen=True)
+class Neg:
+    operand: "IRExpr"
+    type: ValueType = SINT
+
+
+IRExpr = Union[Context, Arg, Retval, TracepointField, Duration, Const, StrConst, BinOp, Cmp, StrEq,
+               Logic, Not, Neg]
+
+
+# --- layouts -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Field:
+    """One member of a key or value struct: the C type, Python struct code and offset all agree."""
+    name: str
+    ctype: str             # __u64, __s64, __u32, char
+    length: int            # array length for char[N]; 0 for scalars
+    size: int
+    offset: int
+    pyformat: str          # struct format of this field alone (Q, q, I, 16s, 4x)
+    label: str = ""        # the label this field carries, if any
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str              # C struct name
+    fields: tuple[Field, ...]
+    size: int
+
+    @property
+    def pyformat(self) -> str:
+        return "<" + "".join(f.pyformat for f in self.fields)
+
+
+# --- maps, metrics, events ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class MapSpec:
+    name: str              # C identifier and bpftrace @name stem
+    type: str              # HASH | PERCPU_HASH | PERCPU_ARRAY | ARRAY | RINGBUF | STACK_TRACE | LRU_HASH
+    key: Layout | None
+    value: Layout | None
+    max_entries: int
+    purpose: str           # span_begin | metric | event | stacks | health
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+    expr: IRExpr
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str                      # the Prometheus name
+    kind: str                      # counter | histogram
+    help: str
+    unit: str                      # seconds | bytes | ""
+    scale: float                   # export value = raw * scale (ns -> s: 1e-9)
+    labels: tuple[Label, ...]
+    edges: tuple[int, ...]         # histogram upper edges in raw units; le=+Inf is index len(edges)
+    map: MapSpec
+    series_limit: int
+
+    @property
+    def sum_slot(self) -> int:
+        """Bucket index that carries the histogram's sum (after the +Inf bucket)."""
+        return len(self.edges) + 1
+
+
+@dataclass(frozen=True)
+class EventField:
+    name: str
+    expr: IRExpr | None
+    stack: str = ""                # user | kernel
+    is_string: bool = False
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    index: int
+    fields: tuple[EventField, ...]
+    sample_every: int
+    max_per_second: int
+    record: Layout                 # ring buffer record, header included
+
+
+@dataclass(frozen=True)
+class SpanInfo:
+    name: str
+    begin_map: MapSpec
+
+
+# --- actions -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Guard:
+    """Conditions every action may carry: a filter and `within` other open spans."""
+    filter: IRExpr | None = None
+    within: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SpanBegin:
+    span: str
+    key: IRExpr
+    guard: Guard
+
+
+@dataclass(frozen=True)
+class MetricUpdate:
+    metric: str
+    value: IRExpr | None           # None: count 1
+    guard: Guard
+
+
+@dataclass(frozen=True)
+class EmitEvent:
+    event: str
+    when: IRExpr | None
+    guard: Guard
+
+
+@dataclass(frozen=True)
+class SpanEnd:
+    span: str
+    key: IRExpr
+    then: tuple[Union[MetricUpdate, EmitEvent], ...]   # run with `duration` bound
+
+
+Action = Union[SpanBegin, SpanEnd, MetricUpdate, EmitEvent]
+
+
+@dataclass(frozen=True)
+class Probe:
+    id: str                        # unique identifier, safe for C and bpftrace
+    kind: str                      # tracepoint uprobe uretprobe usdt kprobe kretprobe fentry fexit profile interval
+    category: str = ""             # tracepoint category
+    name: str = ""                 # tracepoint, function or USDT name
+    binary: str = ""               # absolute path
+    symbol: str = ""               # ELF symbol (mangled)
+    offset: int = 0                # bytes past the symbol start
+    provider: str = ""             # USDT provider
+    rate: int = 0                  # profile: Hz; interval: period in ns
+    actions: tuple[Action, ...] = ()
+    group: str = ""                # alternatives: the loader attaches the first variant that works
+    variant: int = 0
+    spec_text: str = ""            # the address as the user wrote it (for messages)
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    source: str                    # the spec file's base name, for generated headers
+    description: str
+    probes: tuple[Probe, ...]
+    spans: tuple[SpanInfo, ...]
+    metrics: tuple[Metric, ...]
+    events: tuple[Event, ...]
+    maps: tuple[MapSpec, ...]
+    ringbuf_bytes: int
+    needs_stacks: bool = False
+    variant_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()   # group -> variant descriptions
+    host_variants: tuple[tuple[str, int], ...] = ()                # group -> variant that works here
+    notes: tuple[str, ...] = field(default=())
+
+    def metric(self, name: str) -> Metric:
+        return next(m for m in self.metrics if m.name == name)
+
+    def event(self, name: str) -> Event:
+        return next(e for e in self.events if e.name == name)

@@ -1,0 +1,237 @@
+"""Name resolution and typing of expressions in the context of the probe that evaluates them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..diagnostics import Diagnostics, did_you_mean
+from ..expr import ast
+from .host import FormatField
+from .nodes import (BOOL, COMM, INT, SINT, TIME, Arg, BinOp, Cmp, Const, Context, Duration, IRExpr,
+                    Logic, Neg, Not, Retval, StrConst, StrEq, TracepointField, ValueType)
+
+CONTEXT_NAMES = {"pid": INT, "tid": INT, "comm": COMM, "cgroup": INT, "cpu": INT, "uid": INT}
+ARG_KINDS = {"uprobe": 10, "kprobe": 6, "fentry": 6, "usdt": 12}
+RETVAL_KINDS = ("uretprobe", "kretprobe", "fexit", "syscallret")
+
+
+@dataclass
+class ProbeContext:
+    """What an expression may use where it runs."""
+    kind: str                                  # the probe kind as lowered
+    description: str                           # e.g. "tracepoint:sched:sched_switch"
+    fields: dict[str, FormatField] | None = None  # tracepoint fields; None: unknown (host not read)
+    has_fields: bool = False                   # tracepoint-like context
+    arg_count: int | None = None               # usdt: known number of arguments
+    duration: bool = False                     # inside a span's end
+    notes: list[str] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        out = list(CONTEXT_NAMES)
+        if self.kind in ARG_KINDS:
+            out += [f"arg{i}" for i in range(self.arg_count if self.arg_count is not None else ARG_KINDS[self.kind])]
+        if self.kind in RETVAL_KINDS:
+            out.append("retval")
+        if self.has_fields and self.fields:
+            out += [f"args.{n}" for n in self.fields]
+        if self.duration:
+            out.append("duration")
+        return out
+
+
+class TypeChecker:
+    def __init__(self, diags: Diagnostics):
+        self.d = diags
+
+    def condition(self, expr: ast.Expr, ctx: ProbeContext, what: str) -> IRExpr | None:
+        ir = self.check(expr, ctx)
+        if ir is None:
+            return None
+        if ir.type.kind != "bool":
+            hint = "compare it, e.g. 'X != 0'" if ir.type.kind == "int" else "compare it, e.g. 'comm == \"server\"'"
+            self.d.error("E210", f"{what} must be a condition, but this is {ir.type.describe()}", expr.span, hint)
+            return None
+        return ir
+
+    def value(self, expr: ast.Expr, ctx: ProbeContext, what: str, allow_string: bool = False) -> IRExpr | None:
+        ir = self.check(expr, ctx)
+        if ir is None:
+            return None
+        if ir.type.kind == "bool" or (ir.type.kind == "str" and not allow_string):
+            self.d.error("E211", f"{what} must be a number, but this is {ir.type.describe()}", expr.span)
+            return None
+        return ir
+
+    def check(self, e: ast.Expr, ctx: ProbeContext) -> IRExpr | None:
+        if isinstance(e, ast.Integer):
+            if e.value >= 1 << 64:
+                self.d.error("E212", "integer does not fit in 64 bits", e.span)
+                return None
+            return Const(e.value)
+        if isinstance(e, ast.Quantity):
+            return Const(e.value, ValueType("int", e.dimension))
+        if isinstance(e, ast.String):
+            try:
+                data = e.value.encode("ascii")
+            except UnicodeEncodeError:
+                self.d.error("E213", "strings must be ASCII", e.span)
+                return None
+            if any(b < 0x20 or b == 0x7F for b in data):
+                self.d.error("E213", "strings may not contain control characters", e.span)
+                return None
+            return StrConst(data, ValueType("str", length=len(data) + 1))
+        if isinstance(e, ast.Name):
+            return self.name(e, ctx)
+        if isinstance(e, ast.Unary):
+            inner = self.check(e.operand, ctx)
+            if inner is None:
+                return None
+            if e.op == "!":
+                if inner.type.kind != "bool":
+                    self.d.error("E214", f"'not' needs a condition, but this is {inner.type.describe()}", e.operand.span)
+                    return None
+                return Not(inner)
+            if inner.type.kind != "int":
+                self.d.error("E214", f"'-' needs a number, but this is {inner.type.describe()}", e.operand.span)
+                return None
+            return Neg(inner, ValueType("int", inner.type.dimension, signed=True))
+        if isinstance(e, ast.Logical):
+            left, right = self.check(e.left, ctx), self.check(e.right, ctx)
+            if left is None or right is None:
+                return None
+            for side, node in ((left, e.left), (right, e.right)):
+                if side.type.kind != "bool":
+                    self.d.error("E214", f"'{'and' if e.op == '&&' else 'or'}' needs conditions on both sides, "
+                                 f"but this is {side.type.describe()}", node.span)
+                    return None
+            return Logic(e.op, left, right)
+        if isinstance(e, ast.Compare):
+            return self.compare(e, ctx)
+        if isinstance(e, ast.Binary):
+            left, right = self.check(e.left, ctx), self.check(e.right, ctx)
+            if left is None or right is None:
+                return None
+            for side, node in ((left, e.left), (right, e.right)):
+                if side.type.kind != "int":
+                    self.d.error("E214", f"'{e.op}' needs numbers, but this is {side.type.describe()}", node.span)
+                    return None
+            dim = self.arith_dimension(e, left.type, right.type)
+            if dim is None:
+                return None
+            return BinOp(e.op, left, right, ValueType("int", dim, signed=left.type.signed or right.type.signed))
+        raise AssertionError(type(e))  # pragma: no cover
+
+    def arith_dimension(self, e: ast.Binary, lt: ValueType, rt: ValueType) -> str | None:
+        if e.op in "+-":
+            if "none" not in (lt.dimension, rt.dimension) and lt.dimension != rt.dimension:
+                self.d.error("E215", f"cannot add {lt.describe()} and {rt.describe()}", e.span)
+                return None
+            return lt.dimension if lt.dimension != "none" else rt.dimension
+        if e.op in "*" and "none" in (lt.dimension, rt.dimension):
+            return lt.dimension if lt.dimension != "none" else rt.dimension
+        if e.op == "/" and rt.dimension == "none":
+            return lt.dimension
+        if e.op == "/" and lt.dimension == rt.dimension:
+            return "none"
+        if lt.dimension == rt.dimension == "none":
+            return "none"
+        self.d.error("E215", f"'{e.op}' of {lt.describe()} and {rt.describe()} has no meaning here", e.span)
+        return None
+
+    def compare(self, e: ast.Compare, ctx: ProbeContext) -> IRExpr | None:
+        left, right = self.check(e.left, ctx), self.check(e.right, ctx)
+        if left is None or right is None:
+            return None
+        lt, rt = left.type, right.type
+        if lt.kind == "str" or rt.kind == "str":
+            if lt.kind != rt.kind:
+                num = e.right if lt.kind == "str" else e.left
+                self.d.error("E216", f"cannot compare a string with {(rt if lt.kind == 'str' else lt).describe()}",
+                             num.span, "write the string in double quotes, e.g. comm == \"server\"")
+                return None
+            if isinstance(left, StrConst) and not isinstance(right, StrConst):
+                left, right = right, left
+            if not isinstance(right, StrConst) or isinstance(left, StrConst):
+                self.d.error("E216", "strings can only be compared with a string literal", e.span)
+                return None
+            if e.op not in ("==", "!="):
+                self.d.error("E216", f"strings compare only with == and !=, not '{e.op}'", e.span)
+                return None
+            if len(right.value) >= left.type.length:
+                lit = e.right if isinstance(e.right, ast.String) else e.left
+                self.d.error("E217", f"\"{right.value.decode()}\" has {len(right.value)} characters but this value "
+                             f"holds at most {left.type.length - 1}: the comparison can never be true", lit.span,
+                             "the kernel truncates comm to 15 characters; compare with the truncated name")
+                return None
+            return StrEq(e.op, left, right)
+        if lt.kind != "int" or rt.kind != "int":
+            bad = e.left if lt.kind != "int" else e.right
+            self.d.error("E216", f"'{e.op}' needs numbers on both sides", bad.span)
+            return None
+        if lt.dimension != rt.dimension:
+            plain = e.right if rt.dimension == "none" else e.left
+            other = lt if rt.dimension == "none" else rt
+            self.d.error("E215", f"cannot compare {other.describe()} with a plain number", plain.span,
+                         "give the number a unit, e.g. 50ms or 4KiB" if isinstance(plain, ast.Integer) else "")
+            return None
+        return Cmp(e.op, left, right)
+
+    def name(self, e: ast.Name, ctx: ProbeContext) -> IRExpr | None:
+        dotted = e.dotted
+        if len(e.parts) == 1:
+            n = e.parts[0]
+            if n in CONTEXT_NAMES:
+                return Context(n, CONTEXT_NAMES[n])
+            if n == "duration":
+                if ctx.duration:
+                    return Duration()
+                self.d.error("E220", f"'duration' is only known where a span ends, not in {ctx.description}",
+                             e.span, "put this on 'SPAN.end', or use 'SPAN.duration' in a metric")
+                return None
+            if n.startswith("arg") and n[3:].isdigit():
+                index = int(n[3:])
+                limit = ARG_KINDS.get(ctx.kind)
+                if limit is None:
+                    hint = "tracepoints name their fields: args.NAME" if ctx.has_fields else \
+                        "use 'retval' at a return probe" if ctx.kind in RETVAL_KINDS else ""
+                    self.d.error("E221", f"{ctx.description} has no positional arguments", e.span, hint)
+                    return None
+                count = ctx.arg_count if ctx.arg_count is not None else limit
+                if index >= count:
+                    self.d.error("E221", f"{ctx.description} has {count} argument(s): arg0..arg{count - 1}", e.span)
+                    return None
+                return Arg(index)
+            if n == "retval":
+                if ctx.kind in RETVAL_KINDS:
+                    return Retval()
+                self.d.error("E221", f"'retval' is only known at a return probe, not in {ctx.description}", e.span,
+                             "use uretprobe:, kretprobe:, fexit: or syscallret:")
+                return None
+        if e.parts[0] == "args" and len(e.parts) == 2:
+            if not ctx.has_fields:
+                self.d.error("E222", f"{ctx.description} has no named fields",
+                             e.span, "use arg0..argN at uprobes and USDT probes")
+                return None
+            fname = e.parts[1]
+            if ctx.fields is None:
+                ctx.notes.append(fname)
+                return TracepointField(fname, -1, 8, INT)
+            fmt = ctx.fields.get(fname)
+            if fmt is None:
+                self.d.error("E223", f"{ctx.description} has no field '{fname}'", e.span,
+                             did_you_mean(fname, ctx.fields) or "fields: " + ", ".join(ctx.fields))
+                return None
+            if fmt.ctype.startswith("__data_loc") or fmt.ctype.startswith("__rel_loc"):
+                self.d.error("E224", f"field '{fname}' is a variable-length string; probec reads fixed fields only",
+                             e.span)
+                return None
+            if fmt.is_string:
+                return TracepointField(fname, fmt.offset, fmt.size, ValueType("str", length=fmt.array_len))
+            if fmt.array_len or fmt.size not in (1, 2, 4, 8):
+                self.d.error("E224", f"field '{fname}' ({fmt.ctype}[{fmt.array_len}]) is an array; "
+                             "probec reads numbers and char arrays", e.span)
+                return None
+            return TracepointField(fname, fmt.offset, fmt.size, SINT if fmt.signed else INT)
+        self.d.error("E220", f"unknown name '{dotted}' in {ctx.description}", e.span,
+                     did_you_mean(dotted, ctx.names()) or "known here: " + ", ".join(ctx.names()[:12]))
+        return None

@@ -1,0 +1,572 @@
+"""Build the typed spec from YAML nodes: shapes, names, unknown keys, probe addresses, buckets.
+
+Cross-references (a metric naming a span) and expression types are checked later, in the IR's
+lowering; this module only needs the file itself.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..diagnostics import Diagnostics, SourceSpan, did_you_mean
+from ..expr.ast import SIZE_UNITS, TIME_UNITS, Expr, Name
+from ..expr.parser import parse_expression
+from .model import (PROBE_KINDS, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
+                    MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec)
+from .yaml_source import YMap, YNode, YScalar, YSeq, load_yaml
+
+IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+METRIC_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+# Characters allowed in binary paths and symbols: enough for real files and mangled C++ names,
+# nothing that can break out of a bpftrace probe address or a C string.
+SAFE_PATH = re.compile(r"[A-Za-z0-9_./+@-]+\Z")
+SAFE_SYMBOL = re.compile(r"[A-Za-z0-9_.$:~<>, *&()\[\]+-]+\Z")
+
+TOP_KEYS = ("version", "name", "description", "binaries", "limits", "spans", "metrics", "events")
+SPAN_KEYS = ("begin", "end", "function", "syscall", "kernel", "key", "filter", "within",
+             "fallback", "description")
+SIDE_KEYS = ("probe", "key")
+METRIC_KEYS = ("help", "histogram", "count", "sum", "on", "filter", "labels", "buckets",
+               "within", "unit")
+EVENT_KEYS = ("on", "when", "sample", "fields")
+LIMIT_KEYS = ("concurrency", "series", "ringbuf")
+BINARY_KEYS = ("path", "optional")
+STACK_FIELDS = {"ustack": "user", "kstack": "kernel"}
+
+
+class SpecLoader:
+    def __init__(self, file: str, diags: Diagnostics):
+        self.file = file
+        self.d = diags
+
+    # -- small shape helpers -------------------------------------------------------------------
+    def expect_map(self, node: YNode | None, what: str) -> YMap | None:
+        if node is None:
+            return None
+        if not isinstance(node, YMap):
+            self.d.error("E104", f"{what} must be a mapping", node.span)
+            return None
+        return node
+
+    def expect_scalar(self, node: YNode | None, what: str) -> YScalar | None:
+        if node is None:
+            return None
+        if not isinstance(node, YScalar):
+            self.d.error("E104", f"{what} must be a single value, not a "
+                         f"{'list' if isinstance(node, YSeq) else 'mapping'}", node.span)
+            return None
+        return node
+
+    def check_keys(self, node: YMap, allowed: tuple[str, ...], what: str) -> None:
+        for key, _ in node.entries:
+            if key.value not in allowed:
+                self.d.error("E105", f"unknown key '{key.value}' in {what}", key.span,
+                             did_you_mean(key.value, allowed) or f"allowed here: {', '.join(allowed)}")
+
+    def integer(self, node: YNode | None, what: str, minimum: int = 0) -> int | None:
+        s = self.expect_scalar(node, what)
+        if s is None:
+            return None
+        m = re.fullmatch(r"([0-9_]+)\s*([A-Za-z]*)", s.value.strip())
+        unit = m.group(2) if m else ""
+        if not m or (unit and unit not in SIZE_UNITS):
+            self.d.error("E106", f"{what} must be a whole number, got '{s.value}'", s.span)
+            return None
+        value = int(m.group(1).replace("_", "")) * (SIZE_UNITS[unit] if unit else 1)
+        if value < minimum:
+            self.d.error("E106", f"{what} must be at least {minimum}, got {value}", s.span)
+            return None
+        return value
+
+    def expression(self, node: YNode | None, what: str) -> Expr | None:
+        s = self.expect_scalar(node, what)
+        if s is None:
+            return None
+        if s.value.strip() == "":
+            self.d.error("E201", f"{what} is empty", s.span)
+            return None
+        if "\n" in s.value:
+            self.d.error("E201", f"{what} must fit on one line", s.span)
+            return None
+        return parse_expression(s.value, s.text_span(0, 1), self.d)
+
+    def ident(self, key: YScalar, what: str) -> bool:
+        if not IDENT.match(key.value):
+            self.d.error("E107", f"{what} '{key.value}' is not a valid name", key.span,
+                         "names are letters, digits and '_', not starting with a digit")
+            return False
+        return True
+
+    # -- probe addresses -----------------------------------------------------------------------
+    def probe_address(self, node: YNode | None, what: str, allow_span_end: bool = False):
+        s = self.expect_scalar(node, what)
+        if s is None:
+            return None
+        text = s.value.strip()
+        span = s.text_span(0, len(text))
+        if allow_span_end and ":" not in text:
+            m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\.end", text)
+            if m:
+                return SpanEndRef(m.group(1), span)
+            self.d.error("E110", f"'{text}' is neither a probe address nor SPAN.end", span,
+                         "write e.g. 'tracepoint:tcp:tcp_retransmit_skb' or 'inference.end'")
+            return None
+        kind, sep, rest = text.partition(":")
+        if kind == "tp":
+            kind = "tracepoint"
+        if not sep or kind not in PROBE_KINDS:
+            self.d.error("E110", f"unknown probe kind '{kind}' in '{text}'", span,
+                         did_you_mean(kind, PROBE_KINDS) or "probe kinds: " + ", ".join(PROBE_KINDS))
+            return None
+        parts = rest.split(":")
+
+        def bad(message: str, hint: str = "") -> None:
+            self.d.error("E111", message, span, hint)
+
+        if kind == "tracepoint":
+            if len(parts) != 2 or not all(IDENT.match(p) for p in parts):
+                return bad(f"'{text}' should be tracepoint:CATEGORY:NAME", "e.g. tracepoint:sched:sched_switch")
+            return ProbeAddress(kind, text, span, target=parts[0], name=parts[1])
+        if kind in ("syscall", "syscallret", "kprobe", "kretprobe", "fentry", "fexit", "kernel", "kernelret"):
+            if len(parts) != 1 or not IDENT.match(parts[0]):
+                return bad(f"'{text}' should be {kind}:NAME", f"e.g. {kind}:" + ("sendmsg" if "sys" in kind else "tcp_sendmsg"))
+            return ProbeAddress(kind, text, span, name=parts[0])
+        if kind in ("uprobe", "uretprobe"):
+            binary, _, symbol = rest.partition(":")
+            if not binary or not symbol:
+                return bad(f"'{text}' should be {kind}:BINARY:SYMBOL", "BINARY is a path or a name from 'binaries'")
+            offset = 0
+            m = re.fullmatch(r"(.*?)\+(0x[0-9a-fA-F]+|[0-9]+)", symbol)
+            if m:
+                symbol, offset = m.group(1), int(m.group(2), 0)
+            if not SAFE_PATH.match(binary):
+                return bad(f"binary '{binary}' has characters probec does not accept in a path",
+                           "use letters, digits and ._/+@-")
+            if not SAFE_SYMBOL.match(symbol):
+                return bad(f"symbol '{symbol}' has characters that cannot be in a symbol name")
+            return ProbeAddress(kind, text, span, target=binary, name=symbol, offset=offset)
+        if kind == "usdt":
+            if len(parts) != 3 or not all(parts) or not SAFE_PATH.match(parts[0]) \
+                    or not IDENT.match(parts[1]) or not IDENT.match(parts[2]):
+                return bad(f"'{text}' should be usdt:BINARY:PROVIDER:NAME")
+            return ProbeAddress(kind, text, span, target=parts[0], provider=parts[1], name=parts[2])
+        if kind == "profile":
+            if len(parts) != 2 or parts[0] != "hz" or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 10_000:
+                return bad(f"'{text}' should be profile:hz:N with 1 <= N <= 10000", "e.g. profile:hz:99")
+            return ProbeAddress(kind, text, span, rate=int(parts[1]))
+        if kind == "interval":
+            scale = {"s": 1_000_000_000, "ms": 1_000_000}
+            if len(parts) != 2 or parts[0] not in scale or not parts[1].isdigit() or int(parts[1]) == 0:
+                return bad(f"'{text}' should be interval:s:N or interval:ms:N", "e.g. interval:s:1")
+            return ProbeAddress(kind, text, span, rate=int(parts[1]) * scale[parts[0]])
+        raise AssertionError(kind)  # pragma: no cover
+
+    # -- sections ------------------------------------------------------------------------------
+    def load(self, root: YNode) -> Spec | None:
+        top = self.expect_map(root, "the spec")
+        if top is None:
+            return None
+        self.check_keys(top, TOP_KEYS, "the spec")
+        version = top.get("version")
+        if version is not None:
+            v = self.expect_scalar(version, "version")
+            if v is not None and v.value != "1":
+                self.d.error("E106", f"unsupported spec version '{v.value}'", v.span, "this probec reads version 1")
+        name_node = self.expect_scalar(top.get("name"), "name")
+        name = "spec"
+        if name_node is None:
+            self.d.error("E108", "the spec needs a 'name'", top.span, "add e.g. 'name: inference_latency'")
+        elif self.ident(name_node, "spec name"):
+            name = name_node.value
+        desc = self.expect_scalar(top.get("description"), "description")
+        binaries = self.binaries(top.get("binaries"))
+        limits = self.limits(top.get("limits"))
+        spans = self.named_section(top.get("spans"), "spans", self.span_spec)
+        metrics = self.named_section(top.get("metrics"), "metrics", self.metric_spec)
+        events = self.named_section(top.get("events"), "events", self.event_spec)
+        if not metrics and not events:
+            self.d.error("E109", "the spec defines no metrics and no events: nothing would be exported",
+                         top.span, "add a 'metrics:' section")
+        return Spec(self.file, name, desc.value if desc else "", binaries, limits, spans, metrics, events, top.span)
+
+    def named_section(self, node, what, build):
+        section = self.expect_map(node, what)
+        out = {}
+        if section is None:
+            return out
+        for key, value in section.entries:
+            if not (METRIC_NAME if what == "metrics" else IDENT).match(key.value):
+                self.d.error("E107", f"'{key.value}' is not a valid name for {what}", key.span,
+                             "names are letters, digits and '_', not starting with a digit")
+                continue
+            item = build(key, value)
+            if item is not None:
+                out[key.value] = item
+        return out
+
+    def binaries(self, node) -> dict[str, Binary]:
+        section = self.expect_map(node, "binaries")
+        out: dict[str, Binary] = {}
+        if section is None:
+            return out
+        for key, value in section.entries:
+            if not self.ident(key, "binary name"):
+                continue
+            optional = False
+            if isinstance(value, YMap):
+                self.check_keys(value, BINARY_KEYS, f"binary '{key.value}'")
+                opt = self.expect_scalar(value.get("optional"), "optional")
+                optional = opt is not None and opt.value.lower() in ("true", "yes", "1")
+                value = value.get("path")
+                if value is None:
+                    self.d.error("E108", f"binary '{key.value}' needs a 'path'", key.span)
+                    continue
+            s = self.expect_scalar(value, f"binary '{key.value}'")
+            if s is None:
+                continue
+            if not SAFE_PATH.match(s.value):
+                self.d.error("E111", f"path '{s.value}' has characters probec does not accept in a path",
+                             s.span, "use letters, digits and ._/+@-")
+                continue
+            out[key.value] = Binary(key.value, s.value, s.span, optional)
+        return out
+
+    def limits(self, node) -> Limits:
+        section = self.expect_map(node, "limits")
+        if section is None:
+            return Limits()
+        self.check_keys(section, LIMIT_KEYS, "limits")
+        conc = self.integer(section.get("concurrency"), "limits.concurrency", 1)
+        series = self.integer(section.get("series"), "limits.series", 1)
+        ring = self.integer(section.get("ringbuf"), "limits.ringbuf", 4096)
+        if ring is not None and ring & (ring - 1):
+            self.d.error("E106", f"limits.ringbuf must be a power of two bytes, got {ring}",
+                         section.get("ringbuf").span, "e.g. 1MiB, 4MiB, 16MiB")
+            ring = None
+        default = Limits()
+        return Limits(conc or default.concurrency, series or default.series,
+                      ring or default.ringbuf_bytes, section.span)
+
+    def span_side(self, node, what) -> SpanSide | None:
+        if isinstance(node, YMap):
+            self.check_keys(node, SIDE_KEYS, what)
+            if node.get("probe") is None:
+                self.d.error("E108", f"{what} needs a 'probe'", node.span)
+                return None
+            probe = self.probe_address(node.get("probe"), f"{what}.probe")
+            key = self.expression(node.get("key"), f"{what}.key") if node.get("key") is not None else None
+            return SpanSide(probe, key) if probe else None
+        probe = self.probe_address(node, what)
+        return SpanSide(probe, None) if probe else None
+
+    def span_pair(self, node: YMap, what: str) -> tuple[SpanSide, SpanSide] | None:
+        """begin/end, or one of the shorthands function/syscall/kernel."""
+        shorthands = [k for k in ("function", "syscall", "kernel") if node.get(k) is not None]
+        explicit = node.get("begin") is not None or node.get("end") is not None
+        if len(shorthands) + explicit != 1:
+            self.d.error("E112", f"{what} needs either begin/end or one of function/syscall/kernel",
+                         node.span, "e.g. 'syscall: read', or 'begin: ...' with 'end: ...'")
+            return None
+        if explicit:
+            if node.get("begin") is None or node.get("end") is None:
+                self.d.error("E112", f"{what} needs both 'begin' and 'end'", node.span)
+                return None
+            begin = self.span_side(node.get("begin"), f"{what}.begin")
+            end = self.span_side(node.get("end"), f"{what}.end")
+            return (begin, end) if begin and end else None
+        short = shorthands[0]
+        s = self.expect_scalar(node.get(short), f"{what}.{short}")
+        if s is None:
+            return None
+        begin_kind, end_kind = {"function": ("uprobe", "uretprobe"), "syscall": ("syscall", "syscallret"),
+                                "kernel": ("kernel", "kernelret")}[short]
+        sides = []
+        for kind in (begin_kind, end_kind):
+            fake = YScalar(f"{kind}:{s.value}", s.span, s.quoted, s.style_offset - len(kind) - 1)
+            probe = self.probe_address(fake, f"{what}.{short}")
+            if probe is None:
+                return None
+            sides.append(SpanSide(probe, None))
+        return sides[0], sides[1]
+
+    def span_spec(self, key: YScalar, node: YNode) -> SpanSpec | None:
+        m = self.expect_map(node, f"span '{key.value}'")
+        if m is None:
+            return None
+        what = f"span '{key.value}'"
+        self.check_keys(m, SPAN_KEYS, what)
+        pair = self.span_pair(m, what)
+        if pair is None:
+            return None
+        begin, end = pair
+        if m.get("key") is not None:
+            shared_key = self.expression(m.get("key"), f"{what}.key")
+            begin = SpanSide(begin.probe, begin.key or shared_key)
+            end = SpanSide(end.probe, end.key or shared_key)
+        fallback = None
+        fb = m.get("fallback")
+        if fb is not None:
+            if isinstance(fb, YMap):
+                self.check_keys(fb, ("begin", "end", "syscall", "function"), f"{what}.fallback")
+                fallback = self.span_pair(fb, f"{what}.fallback")
+            else:
+                s = self.expect_scalar(fb, f"{what}.fallback")
+                if s is not None:
+                    probe = self.probe_address(s, f"{what}.fallback")
+                    if probe is not None and probe.kind == "syscall":
+                        ret = ProbeAddress("syscallret", probe.text.replace("syscall:", "syscallret:", 1),
+                                           probe.span, name=probe.name)
+                        fallback = (SpanSide(probe, begin.key), SpanSide(ret, end.key))
+                    elif probe is not None:
+                        self.d.error("E112", f"{what}.fallback as one address must be syscall:NAME", s.span,
+                                     "for other pairs write 'fallback: {begin: ..., end: ...}'")
+        filt = self.expression(m.get("filter"), f"{what}.filter") if m.get("filter") is not None else None
+        within = self.span_name_ref(m.get("within"), f"{what}.within")
+        desc = self.expect_scalar(m.get("description"), "description")
+        return SpanSpec(key.value, key.span, begin, end, filt, within, fallback, desc.value if desc else "")
+
+    def span_name_ref(self, node, what) -> tuple[str, SourceSpan] | None:
+        s = self.expect_scalar(node, what)
+        if s is None:
+            return None
+        if not IDENT.match(s.value):
+            self.d.error("E107", f"{what} must name a span", s.span)
+            return None
+        return s.value, s.span
+
+    def buckets(self, node: YNode) -> Buckets | None:
+        if isinstance(node, YSeq):
+            edges, dims = [], set()
+            for item in node.items:
+                s = self.expect_scalar(item, "a bucket edge")
+                if s is None:
+                    return None
+                q = self.quantity(s, s.value.strip(), s.text_span(0, len(s.value)))
+                if q is None:
+                    return None
+                edges.append(q[0])
+                dims.add(q[1])
+            if len(dims) > 1:
+                self.d.error("E120", "bucket edges mix units", node.span, "write all edges as times or all as sizes")
+                return None
+            if not edges:
+                self.d.error("E120", "an explicit bucket list needs at least one edge", node.span)
+                return None
+            if any(b <= a for a, b in zip(edges, edges[1:])):
+                self.d.error("E120", "bucket edges must be strictly ascending", node.span)
+                return None
+            return Buckets("explicit", tuple(edges), dims.pop(), node.span)
+        s = self.expect_scalar(node, "buckets")
+        if s is None:
+            return None
+        text = s.value.strip()
+        m = re.fullmatch(r"(exp2|linear)\s*\((.*)\)", text)
+        if not m:
+            self.d.error("E120", f"buckets '{text}' not understood", s.span,
+                         "write exp2(1us, 16s), linear(0, 5ms, 20) or a list like [1ms, 5ms, 10ms]")
+            return None
+        args = [a.strip() for a in m.group(2).split(",")]
+        offset = text.index("(") + 1
+        parsed = []
+        for a in args:
+            where = s.text_span(offset + (text[offset:].find(a) if a else 0), len(a))
+            q = self.quantity(s, a, where)
+            if q is None:
+                return None
+            parsed.append(q)
+        if m.group(1) == "exp2":
+            if len(parsed) != 2:
+                self.d.error("E120", "exp2 takes two arguments: the first and the last edge", s.span,
+                             "e.g. exp2(1us, 16s)")
+                return None
+            (lo, dim_lo), (hi, dim_hi) = parsed
+            if dim_lo != dim_hi or lo <= 0 or hi <= lo:
+                self.d.error("E120", "exp2(first, last) needs 0 < first < last in one unit", s.span)
+                return None
+            edges = [lo]
+            while edges[-1] < hi:
+                edges.append(edges[-1] * 2)
+            if len(edges) > 64:
+                self.d.error("E120", f"exp2 gives {len(edges)} buckets; at most 64 are allowed", s.span)
+                return None
+            return Buckets("exp2", tuple(edges), dim_lo, s.span)
+        if len(parsed) != 3:
+            self.d.error("E120", "linear takes three arguments: start, step and count", s.span,
+                         "e.g. linear(0, 5ms, 20)")
+            return None
+        (start, d1), (step, d2), (count, d3) = parsed
+        dims = {d for d in (d1, d2) if d != "none"}
+        if len(dims) > 1 or d3 != "none" or step <= 0 or not 1 <= count <= 64:
+            self.d.error("E120", "linear(start, step, count) needs one unit, step > 0 and 1 <= count <= 64", s.span)
+            return None
+        # Prometheus's linear_buckets: count edges start, start+step, ...
+        edges = [start + i * step for i in range(count)]
+        return Buckets("linear", tuple(edges), dims.pop() if dims else "none", s.span)
+
+    def quantity(self, scalar: YScalar, text: str, span: SourceSpan) -> tuple[int, str] | None:
+        m = re.fullmatch(r"([0-9_]+(?:\.[0-9]+)?)\s*([A-Za-z]*)", text)
+        if not m or (m.group(2) and m.group(2) not in TIME_UNITS and m.group(2) not in SIZE_UNITS):
+            self.d.error("E121", f"'{text}' is not a number with an optional unit", span,
+                         "units: ns us ms s min h, B KB MB GB KiB MiB GiB")
+            return None
+        number, unit = m.group(1).replace("_", ""), m.group(2)
+        scale = TIME_UNITS.get(unit) or SIZE_UNITS.get(unit) or 1
+        whole, _, frac = number.partition(".")
+        value = int(whole) * scale + ((int(frac) * scale) // 10 ** len(frac) if frac else 0)
+        if frac and not unit:
+            self.d.error("E121", f"'{text}': plain numbers must be whole", span)
+            return None
+        dim = "time" if unit in TIME_UNITS else "size" if unit in SIZE_UNITS else "none"
+        return value, dim
+
+    def labels(self, node, what) -> tuple[LabelSpec, ...]:
+        if node is None:
+            return ()
+        if not isinstance(node, YSeq):
+            self.d.error("E104", f"{what} must be a list", node.span, "e.g. labels: [comm, pid]")
+            return ()
+        out: list[LabelSpec] = []
+        for item in node.items:
+            if isinstance(item, YMap):
+                for k, v in item.entries:
+                    expr = self.expression(v, f"label '{k.value}'")
+                    if expr is not None and self.ident(k, "label name"):
+                        out.append(LabelSpec(k.value, expr, k.span))
+                continue
+            expr = self.expression(item, "a label")
+            if expr is None:
+                continue
+            if not isinstance(expr, Name):
+                self.d.error("E122", "a label that is not a plain name needs a name of its own", item.span,
+                             "write it as '- NAME: EXPRESSION'")
+                continue
+            out.append(LabelSpec(expr.parts[-1], expr, item.span))
+        seen = set()
+        for label in out:
+            if label.name in seen:
+                self.d.error("E122", f"label '{label.name}' appears twice", label.span)
+            seen.add(label.name)
+        return tuple(out)
+
+    def metric_spec(self, key: YScalar, node: YNode) -> MetricSpec | None:
+        what = f"metric '{key.value}'"
+        m = self.expect_map(node, what)
+        if m is None:
+            return None
+        self.check_keys(m, METRIC_KEYS, what)
+        kinds = [k for k in ("histogram", "count", "sum") if m.get(k) is not None]
+        if len(kinds) != 1:
+            self.d.error("E113", f"{what} needs exactly one of histogram, count or sum", key.span,
+                         "e.g. 'histogram: inference.duration' or 'count: tracepoint:tcp:tcp_retransmit_skb'")
+            return None
+        kind = kinds[0]
+        on_node = m.get("on")
+        on = self.probe_address(on_node, f"{what}.on", allow_span_end=True) if on_node is not None else None
+        value: Expr | None = None
+        if kind == "count":
+            if on_node is not None:
+                self.d.error("E113", f"{what}: 'count' already says where; drop 'on'", on_node.span)
+            on = self.probe_address(m.get("count"), f"{what}.count", allow_span_end=True)
+        else:
+            s = self.expect_scalar(m.get(kind), f"{what}.{kind}")
+            if s is None:
+                return None
+            ref = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\.duration\s*", s.value)
+            if ref and on_node is None:
+                on = SpanEndRef(ref.group(1), s.text_span(0, len(s.value.strip())))
+                value = Name(("duration",), s.text_span(len(ref.group(1)) + 1, len("duration")))
+            else:
+                value = self.expression(s, f"{what}.{kind}")
+                if on_node is None:
+                    self.d.error("E113", f"{what}: say where the value comes from with 'on'", key.span,
+                                 "e.g. 'on: syscall:write' or 'on: inference.end'")
+                    return None
+        if on is None:
+            return None
+        buckets = None
+        if kind == "histogram":
+            if m.get("buckets") is None:
+                self.d.error("E120", f"{what} needs 'buckets'", key.span, "e.g. 'buckets: exp2(1us, 16s)'")
+                return None
+            buckets = self.buckets(m.get("buckets"))
+            if buckets is None:
+                return None
+        elif m.get("buckets") is not None:
+            self.d.error("E120", f"{what}: only histograms have buckets", m.get("buckets").span)
+        filt = self.expression(m.get("filter"), f"{what}.filter") if m.get("filter") is not None else None
+        help_node = self.expect_scalar(m.get("help"), "help")
+        unit_node = self.expect_scalar(m.get("unit"), "unit")
+        unit = unit_node.value if unit_node else ""
+        if unit and unit not in ("seconds", "bytes", "none"):
+            self.d.error("E114", f"unknown unit '{unit}'", unit_node.span, "units: seconds, bytes, none")
+        return MetricSpec(key.value, key.span, "histogram" if kind == "histogram" else "counter",
+                          help_node.value if help_node else "", on, value, filt,
+                          self.labels(m.get("labels"), f"{what}.labels"), buckets,
+                          self.span_name_ref(m.get("within"), f"{what}.within"), unit)
+
+    def sample(self, node) -> tuple[int, int]:
+        s = self.expect_scalar(node, "sample")
+        if s is None:
+            return 1, 0
+        text = s.value.strip()
+        m = re.fullmatch(r"(?:1\s*/\s*([0-9]+)|all)?\s*(?:,?\s*at most\s+([0-9]+)\s*/\s*s)?", text)
+        if not m or not text or (m.group(1) is not None and int(m.group(1)) == 0):
+            self.d.error("E115", f"sample '{text}' not understood", s.span,
+                         "write '1/10', 'at most 100/s' or '1/10, at most 100/s'")
+            return 1, 0
+        return int(m.group(1) or 1), int(m.group(2) or 0)
+
+    def event_spec(self, key: YScalar, node: YNode) -> EventSpec | None:
+        what = f"event '{key.value}'"
+        m = self.expect_map(node, what)
+        if m is None:
+            return None
+        self.check_keys(m, EVENT_KEYS, what)
+        if m.get("on") is None:
+            self.d.error("E108", f"{what} needs 'on'", key.span, "e.g. 'on: inference.end'")
+            return None
+        on = self.probe_address(m.get("on"), f"{what}.on", allow_span_end=True)
+        when = self.expression(m.get("when"), f"{what}.when") if m.get("when") is not None else None
+        every, rate = self.sample(m.get("sample")) if m.get("sample") is not None else (1, 0)
+        fields: list[EventField] = []
+        fnode = m.get("fields")
+        if fnode is not None and not isinstance(fnode, YSeq):
+            self.d.error("E104", f"{what}.fields must be a list", fnode.span)
+        elif fnode is not None:
+            for item in fnode.items:
+                s = self.expect_scalar(item, "an event field")
+                if s is None:
+                    continue
+                if s.value.strip() in STACK_FIELDS:
+                    fields.append(EventField(s.value.strip(), None, STACK_FIELDS[s.value.strip()], s.span))
+                    continue
+                expr = self.expression(s, "an event field")
+                if expr is None:
+                    continue
+                name = expr.dotted.replace(".", "_") if isinstance(expr, Name) else f"field{len(fields)}"
+                fields.append(EventField(name, expr, "", s.span))
+        if on is None:
+            return None
+        return EventSpec(key.value, key.span, on, when, every, rate, tuple(fields))
+
+
+def load_spec_text(text: str, file: str, diags: Diagnostics) -> Spec | None:
+    root = load_yaml(text, file, diags)
+    if root is None:
+        return None
+    return SpecLoader(file, diags).load(root)
+
+
+def load_spec_file(path: str | Path, diags: Diagnostics) -> tuple[Spec | None, str]:
+    """Load a spec file; returns the spec (None on fatal problems) and its text for rendering."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        diags.error("E100", f"spec file '{path}' does not exist", None)
+        return None, ""
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        diags.error("E100", f"cannot read spec file '{path}': {exc.__class__.__name__}: {exc}", None)
+        return None, ""
+    return load_spec_text(text, str(path), diags), text

@@ -1,0 +1,137 @@
+"""The typed spec: what a user wrote, validated for shape, with a source span on everything.
+
+Nothing here knows about YAML; `loader.py` builds these from YAML nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..diagnostics import SourceSpan
+from ..expr.ast import Expr
+
+# Probe address kinds as written in a spec.
+PROBE_KINDS = ("tracepoint", "syscall", "syscallret", "uprobe", "uretprobe", "usdt",
+               "kprobe", "kretprobe", "fentry", "fexit", "kernel", "kernelret",
+               "profile", "interval")
+
+
+@dataclass(frozen=True)
+class ProbeAddress:
+    """`uprobe:model:Inference::Forward` split into its parts.
+
+    kind: one of PROBE_KINDS. For tracepoint: target=category, name=event. syscall*: name.
+    uprobe/uretprobe: target=binary (alias or path), name=symbol, offset. usdt: target=binary,
+    provider, name. kprobe/kernel/...: name=function. profile: rate in Hz. interval: period_ns.
+    """
+    kind: str
+    text: str
+    span: SourceSpan
+    target: str = ""
+    name: str = ""
+    provider: str = ""
+    offset: int = 0
+    rate: int = 0
+
+
+@dataclass(frozen=True)
+class SpanEndRef:
+    """`inference.end`: the moment a span completes (its end probe, with `duration` known)."""
+    span_name: str
+    span: SourceSpan
+
+
+@dataclass(frozen=True)
+class SpanSide:
+    probe: ProbeAddress
+    key: Expr | None          # None: the thread id
+
+
+@dataclass(frozen=True)
+class SpanSpec:
+    name: str
+    span: SourceSpan
+    begin: SpanSide
+    end: SpanSide
+    filter: Expr | None = None
+    within: tuple[str, SourceSpan] | None = None
+    fallback: tuple[SpanSide, SpanSide] | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Buckets:
+    kind: str                 # exp2 | linear | explicit
+    edges: tuple[int, ...]    # upper edges in base units (ns, bytes or plain numbers), ascending
+    dimension: str            # time | size | none
+    span: SourceSpan
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    name: str
+    expr: Expr
+    span: SourceSpan
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    span: SourceSpan
+    kind: str                             # counter | histogram
+    help: str
+    on: ProbeAddress | SpanEndRef          # where the metric is updated
+    value: Expr | None                     # None: count events
+    filter: Expr | None
+    labels: tuple[LabelSpec, ...]
+    buckets: Buckets | None
+    within: tuple[str, SourceSpan] | None
+    unit: str = ""                         # seconds | bytes | "" (derived when not given)
+
+
+@dataclass(frozen=True)
+class EventField:
+    name: str
+    expr: Expr | None                      # None for the stacks
+    stack: str = ""                        # "user" | "kernel" | ""
+    span: SourceSpan | None = None
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    name: str
+    span: SourceSpan
+    on: ProbeAddress | SpanEndRef
+    when: Expr | None
+    sample_every: int                      # 1 = every event
+    max_per_second: int                    # 0 = no limit
+    fields: tuple[EventField, ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    concurrency: int = 10_000
+    series: int = 1_000
+    ringbuf_bytes: int = 1 << 20
+    span: SourceSpan | None = None
+
+
+@dataclass(frozen=True)
+class Binary:
+    alias: str
+    path: str
+    span: SourceSpan
+    optional: bool = False                 # a missing file is a warning, not an error
+
+
+@dataclass(frozen=True)
+class Spec:
+    file: str
+    name: str
+    description: str
+    binaries: dict[str, Binary] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    spans: dict[str, SpanSpec] = field(default_factory=dict)
+    metrics: dict[str, MetricSpec] = field(default_factory=dict)
+    events: dict[str, EventSpec] = field(default_factory=dict)
+    span: SourceSpan | None = None

@@ -1,0 +1,139 @@
+"""The `probec` command: check, build, run, doctor.
+
+`run` imports only the runtime, so a production host needs no compiler dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors exit 2, as documented
+        self.print_usage(sys.stderr)
+        print(f"probec: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="probec", description="Declarative eBPF probes for model serving.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("check", help="validate specs without loading anything (no root needed)")
+    c.add_argument("specs", nargs="+", metavar="SPEC")
+    c.add_argument("--format", choices=("text", "json"), default="text")
+    c.add_argument("--kernel", choices=("host", "any"), default="host",
+                   help="host: probe mechanisms must exist on this kernel (default); any: do not check them")
+    c.add_argument("--no-host", action="store_true",
+                   help="skip every check that reads this machine (tracefs, binaries, kernel symbols)")
+    c.add_argument("--werror", action="store_true", help="treat warnings as errors")
+
+    b = sub.add_parser("build", help="render a spec for a backend")
+    b.add_argument("spec", metavar="SPEC")
+    b.add_argument("--backend", choices=("bpftrace", "core"), default="bpftrace")
+    b.add_argument("-o", "--output", metavar="DIR", help="bundle folder (default: ./NAME.BACKEND)")
+    b.add_argument("--kernel", choices=("host", "any"), default="host")
+    b.add_argument("--bpftrace-version", metavar="X.Y", help="bpftrace release to write for (default: installed)")
+    b.add_argument("--interval", type=float, default=1.0, help="seconds between bpftrace map dumps (default 1)")
+    b.add_argument("--no-compile", action="store_true", help="core: write C only, do not run clang")
+
+    r = sub.add_parser("run", help="load a bundle (or build a spec) and export Prometheus metrics")
+    r.add_argument("target", metavar="BUNDLE|SPEC")
+    r.add_argument("--backend", choices=("bpftrace", "core"), default=None,
+                   help="when TARGET is a spec: build it for this backend first (default bpftrace)")
+    r.add_argument("--port", type=int, default=9435, help="metrics port on 127.0.0.1 (0: no HTTP server)")
+    r.add_argument("--address", default="127.0.0.1")
+    r.add_argument("--interval", type=float, default=1.0, help="seconds between map reads")
+    r.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until signalled)")
+    r.add_argument("--events", metavar="FILE", default="-", help="where sampled events go as JSON lines")
+    r.add_argument("--window", type=float, default=60.0, help="seconds of history for live quantiles")
+    r.add_argument("--show", action="store_true", help="print live histograms and p50/p95/p99")
+    r.add_argument("--pid", type=int, default=-1, help="attach uprobes/USDT to this process only")
+    r.add_argument("--snapshot", metavar="FILE", help="write the final metrics text here on exit")
+
+    sub.add_parser("doctor", help="say what this machine can trace")
+    return p
+
+
+def _check(args) -> int:
+    from .compiler.diagnostics import render_json, render_text, Severity
+    from .compiler.driver import check_file
+    from .compiler.ir.host import HostInfo
+    host = HostInfo(enabled=not args.no_host)
+    everything = []
+    errors = warnings = 0
+    color = sys.stderr.isatty() and args.format == "text"
+    for path in args.specs:
+        result = check_file(path, host, args.kernel)
+        diags = result.diagnostics.sorted()
+        if args.werror:
+            diags = [d if d.severity is not Severity.WARNING else
+                     type(d)(Severity.ERROR, d.code, d.message, d.span, d.hints) for d in diags]
+        errors += sum(d.severity is Severity.ERROR for d in diags)
+        warnings += sum(d.severity is Severity.WARNING for d in diags)
+        if args.format == "text":
+            sys.stderr.write(render_text(diags, result.sources, color))
+        everything.extend(diags)
+    if args.format == "json":
+        print(render_json(everything))
+    else:
+        print(f"{len(args.specs)} spec(s) checked: {errors} error(s), {warnings} warning(s)", file=sys.stderr)
+    return EXIT_ERRORS if errors else EXIT_OK
+
+
+def _build(args) -> int:
+    from .compiler.diagnostics import render_text
+    from .compiler.driver import build_bundle, check_file
+    result = check_file(args.spec, kernel=args.kernel)
+    if result.program is None:
+        sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
+        return EXIT_ERRORS
+    options = {}
+    if args.backend == "bpftrace":
+        options["interval_ms"] = max(1, int(args.interval * 1000))
+    else:
+        options["compile"] = not args.no_compile
+    bundle = build_bundle(result, args.backend, args.bpftrace_version, **options)
+    sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
+    if bundle is None:
+        return EXIT_ERRORS
+    out = args.output or f"{result.program.name}.{args.backend}"
+    try:
+        written = bundle.write(out)
+    except OSError as exc:
+        print(f"probec: cannot write bundle to '{out}': {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    for path in written:
+        print(path)
+    return EXIT_OK
+
+
+def _run(args) -> int:
+    from .runtime.session import run_target
+    return run_target(args)
+
+
+def _doctor(args) -> int:
+    from .runtime.features import doctor_report
+    print(doctor_report())
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"check": _check, "build": _build, "run": _run, "doctor": _doctor}[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Runs a bpftrace bundle: starts bpftrace with JSON output, feeds its map dumps to the store and
+its printf events to the event sink, restarts it if it dies after attaching, and stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+from .events import EventSink
+from .manifest import Bundle, BundleError
+from .store import HistogramSeries, MetricStore
+
+HARMLESS_STDERR = ("couldn't set RLIMIT_MEMLOCK",)
+MAX_RESTARTS = 5
+
+
+class BpftraceError(Exception):
+    pass
+
+
+def bpftrace_command() -> str:
+    exe = shutil.which("bpftrace")
+    if exe is None:
+        raise BpftraceError("bpftrace is not installed: apt-get install bpftrace (or use the core backend)")
+    return exe
+
+
+class MapDecoder:
+    """Turns bpftrace's JSON map dumps into store snapshots, using the manifest's label types."""
+
+    def __init__(self, manifest: dict, store: MetricStore):
+        self.store = store
+        self.by_map: dict[str, tuple[dict, str]] = {}
+        for m in manifest["metrics"]:
+            self.by_map["@" + m["map"]] = (m, "main")
+            if m["kind"] == "histogram":
+                self.by_map["@" + m["map"] + "_sum"] = (m, "sum")
+        self.partial: dict[str, dict] = {}   # histogram name -> {"main": data, "sum": data}
+
+    def split_key(self, key: str, types: list[str]) -> tuple | None:
+        """bpftrace joins key parts with ','; a string part may itself hold commas."""
+        parts = key.split(",")
+        if len(parts) == len(types):
+            return tuple(parts)
+        strings = [i for i, t in enumerate(types) if t == "str"]
+        if len(parts) < len(types) or len(strings) != 1:
+            return None
+        s = strings[0]
+        extra = len(parts) - len(types)
+        return tuple(parts[:s] + [",".join(parts[s:s + extra + 1])] + parts[s + extra + 1:])
+
+    def typed(self, parts: tuple, types: list[str]) -> tuple:
+        return tuple(int(p) if t == "int" else p for p, t in zip(parts, types))
+
+    def feed(self, map_name: str, data) -> None:
+        entry = self.by_map.get(map_name)
+        if entry is None:
+            return
+        meta, role = entry
+        label_types = [lab["type"] for lab in meta["labels"]]
+        if meta["kind"] == "counter":
+            self.store.replace(meta["name"], self.series(data, label_types, meta))
+            return
+        slot = self.partial.setdefault(meta["name"], {})
+        slot[role] = data
+        if "main" in slot:
+            self.store.replace(meta["name"], self.histogram(slot["main"], slot.get("sum"), label_types, meta))
+
+    def series(self, data, label_types, meta) -> dict:
+        if not label_types:
+            return {(): int(data)} if not isinstance(data, dict) else {}
+        out = {}
+        for key, value in data.items():
+            parts = self.split_key(key, label_types)
+            if parts is None:
+                self.store.health.decode_errors += 1
+                continue
+            try:
+                out[self.typed(parts, label_types)] = int(value)
+            except ValueError:
+                self.store.health.decode_errors += 1
+        return out
+
+    def histogram(self, data, sums, label_types, meta) -> dict:
+        nb = len(meta["edges"]) + 1
+        out: dict[tuple, HistogramSeries] = {}
+        for key, value in (data or {}).items():
+            parts = self.split_key(key, label_types + ["int"])
+            if parts is None:
+                self.store.health.decode_errors += 1
+                continue
+            try:
+                labels, bucket = self.typed(parts[:-1], label_types), int(parts[-1])
+            except ValueError:
+                self.store.health.decode_errors += 1
+                continue
+            series = out.setdefault(labels, HistogramSeries([0] * nb))
+            if 0 <= bucket < nb:
+                series.buckets[bucket] += int(value)
+        sum_series = self.series(sums, label_types, meta) if sums is not None else {}
+        for labels, total in sum_series.items():
+            if labels in out:
+                out[labels].sum = total
+        return out
+
+
+class BpftraceRunner:
+    def __init__(self, bundle: Bundle, store: MetricStore, sink: EventSink | None, log=print):
+        self.bundle = bundle
+        self.store = store
+        self.sink = sink
+        self.log = log
+        self.manifest = bundle.manifest
+        self.settings = self.manifest.get("bpftrace", {})
+        self.script = bundle.file("script")
+        self.decoder = MapDecoder(self.manifest, store)
+        self.proc: subprocess.Popen | None = None
+        self.attached = threading.Event()
+        self.stopping = False
+        self.failure: str | None = None
+        self.stderr_tail: list[str] = []
+        self.events_by_index = {e["index"]: e for e in self.manifest["events"]}
+        self.counters = {}
+        for e in self.manifest["events"]:
+            self.counters[f"@__ev_{e['name']}_seen"] = ("seen", e["name"])
+            self.counters[f"@__ev_{e['name']}_limited"] = ("limited", e["name"])
+        self.thread: threading.Thread | None = None
+
+    # -- process -------------------------------------------------------------------------------
+    def start(self, pid: int = -1, timeout: float = 60.0) -> None:
+        exe = bpftrace_command()
+        env = dict(os.environ)
+        env["BPFTRACE_MAP_KEYS_MAX"] = str(self.settings.get("map_keys_max", 4096))
+        env.setdefault("BPFTRACE_STRLEN", "64")
+        cmd = [exe, "-f", "json", str(self.script)]
+        if pid > 0:
+            cmd[1:1] = ["-p", str(pid)]
+        self.attached.clear()
+        self.failure = None
+        self.stderr_tail = []
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env, text=True, bufsize=1,
+                                     start_new_session=True)
+        threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True).start()
+        self.thread = threading.Thread(target=self._read_stdout, args=(self.proc,), daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.attached.wait(0.1):
+            if self.proc.poll() is not None:
+                self.thread.join(2)
+                raise BpftraceError(self.explain_failure())
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BpftraceError(f"bpftrace did not attach within {timeout:.0f}s")
+        self.store.health.up = 1
+
+    def explain_failure(self) -> str:
+        lines = [line for line in self.stderr_tail if line.strip()]
+        detail = "\n  ".join(lines[-12:]) if lines else f"exit status {self.proc.returncode}"
+        hint = ""
+        text = " ".join(lines)
+        if "Operation not permitted" in text or "EPERM" in text or os.geteuid() != 0:
+            hint = "\n  help: loading eBPF needs root (or CAP_BPF and CAP_PERFMON)"
+        elif "Could not resolve symbol" in text or "No such file" in text:
+            hint = "\n  help: the binary or symbol changed since the build; rebuild the bundle"
+        return f"bpftrace failed to start {self.script.name}:\n  {detail}{hint}"
+
+    def _read_stderr(self, proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            line = line.rstrip("\n")
+            if not line or any(h in line for h in HARMLESS_STDERR):
+                continue
+            self.stderr_tail = (self.stderr_tail + [line])[-50:]
+            if "WARNING" not in line:
+                self.store.health.backend_errors += 1
+                if self.attached.is_set():
+                    self.log(f"bpftrace: {line}")
+
+    def _read_stdout(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                self.store.health.decode_errors += 1
+                continue
+            self.handle(msg)
+
+    def handle(self, msg: dict) -> None:
+        kind, data = msg.get("type"), msg.get("data")
+        if kind == "attached_probes":
+            self.store.health.attached = {p: 1 for p in self.settings.get("probes", [])}
+            self.attached.set()
+        elif kind == "map" and isinstance(data, dict):
+            started = time.monotonic()
+            for name, value in data.items():
+                if name in self.counters:
+                    what, event = self.counters[name]
+                    target = self.store.health.events_emitted if what == "seen" else self.store.health.events_rate_limited
+                    target[event] = int(value) if not isinstance(value, dict) else 0
+                else:
+                    self.decoder.feed(name, value)
+            self.store.health.last_read_seconds = time.monotonic() - started
+            self.store.health.reads += 1
+            self.store.remember()
+        elif kind == "printf" and isinstance(data, str):
+            self.event(data)
+        elif kind == "lost_events":
+            self.store.health.events_lost += int((data or {}).get("events", 0))
+
+    def event(self, text: str) -> None:
+        sep, mark = self.settings.get("separator", "\x1f"), self.settings.get("event_mark", "E")
+        parts = text.rstrip("\n").split(sep)
+        if len(parts) < 6 or parts[0] != mark:
+            return
+        try:
+            spec = self.events_by_index[int(parts[1])]
+            record = {"event": spec["name"], "ts_ns": int(parts[2]), "pid": int(parts[3]), "tid": int(parts[4]),
+                      "cpu": int(parts[5])}
+            values = parts[6:]
+            if len(values) != len(spec["fields"]):
+                raise ValueError("field count")
+            for f, raw in zip(spec["fields"], values):
+                if f["kind"].endswith("stack"):
+                    record[f["name"]] = [frame.strip() for frame in raw.strip("\n").split("\n") if frame.strip()]
+                elif f["kind"] == "str":
+                    record[f["name"]] = raw
+                else:
+                    v = int(raw)
+                    record[self.sink.field_name(f) if self.sink else f["name"]] = \
+                        self.sink.value(f, v) if self.sink else v
+        except (ValueError, KeyError):
+            self.store.health.decode_errors += 1
+            return
+        if self.sink is not None:
+            self.sink.write(record)
+
+    def poll(self) -> None:
+        """Called periodically: restart bpftrace if it died on its own after attaching."""
+        if self.stopping or self.proc is None or self.proc.poll() is None:
+            return
+        self.store.health.up = 0
+        if self.store.health.backend_restarts >= MAX_RESTARTS:
+            self.failure = f"bpftrace exited {MAX_RESTARTS + 1} times; giving up:\n  " + \
+                "\n  ".join(self.stderr_tail[-8:])
+            return
+        self.store.health.backend_restarts += 1
+        self.log(f"bpftrace exited with status {self.proc.returncode}; restarting "
+                 f"({self.store.health.backend_restarts}/{MAX_RESTARTS})")
+        time.sleep(min(5, self.store.health.backend_restarts))
+        self.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGINT lets bpftrace detach and print its final maps; then SIGTERM, then SIGKILL."""
+        self.stopping = True
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            self.store.health.up = 0
+            return
+        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 3), (signal.SIGKILL, 3)):
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if self.thread is not None:
+            self.thread.join(5)
+        self.store.health.up = 0

@@ -1,0 +1,35 @@
+"""Sampled events as JSON lines: one object per event, time-valued fields in seconds."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+
+class EventSink:
+    def __init__(self, path: str, manifest: dict):
+        self.path = path
+        self.lock = threading.Lock()
+        self.stream = sys.stdout if path == "-" else open(path, "a", buffering=1)
+        self.events = {e["index"]: e for e in manifest["events"]}
+        self.written = 0
+
+    def field_name(self, spec: dict) -> str:
+        return f"{spec['name']}_seconds" if spec.get("unit") == "time" else spec["name"]
+
+    def value(self, spec: dict, raw):
+        if spec.get("unit") == "time" and isinstance(raw, int):
+            return raw / 1e9
+        return raw
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, separators=(",", ":"))
+        with self.lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self.written += 1
+
+    def close(self) -> None:
+        if self.stream is not sys.stdout:
+            self.stream.close()

@@ -1,0 +1,124 @@
+"""Prometheus exposition of a MetricStore: the spec's metrics, window quantiles, and health."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from .store import HistogramSeries, MetricStore, quantile
+
+QUANTILES = (0.5, 0.95, 0.99)
+
+
+def format_edge(value: float) -> str:
+    text = repr(float(f"{value:.12g}"))
+    return text[:-2] if text.endswith(".0") else text
+
+
+class StoreCollector:
+    def __init__(self, store: MetricStore, bundle_name: str, backend: str):
+        self.store = store
+        self.bundle = bundle_name
+        self.backend = backend
+
+    def collect(self):
+        snap = self.store.snapshot()
+        for name, state in snap.items():
+            meta = state.meta
+            labels = [lab["name"] for lab in meta["labels"]]
+            scale = meta["scale"]
+            if meta["kind"] == "histogram":
+                edges = [e * scale for e in meta["edges"]]
+                fam = HistogramMetricFamily(name, meta["help"], labels=labels)
+                for key, series in sorted(state.series.items(), key=lambda kv: str(kv[0])):
+                    assert isinstance(series, HistogramSeries)
+                    cumulative, out = 0, []
+                    for edge, count in zip(edges + [float("inf")], series.buckets):
+                        cumulative += count
+                        out.append((format_edge(edge) if edge != float("inf") else "+Inf", cumulative))
+                    fam.add_metric([str(k) for k in key], out, series.sum * scale)
+                yield fam
+                window = self.store.window_buckets(name)
+                qfam = GaugeMetricFamily(f"{name}_quantile", f"{meta['help']} Quantiles over the last "
+                                         f"{self.store.window_s:g}s, interpolated within buckets.",
+                                         labels=["quantile"])
+                if window:
+                    for q in QUANTILES:
+                        v = quantile(q, edges, window)
+                        if v is not None:
+                            qfam.add_metric([format_edge(q)], v)
+                yield qfam
+            else:
+                base = name[:-6] if name.endswith("_total") else name
+                fam = CounterMetricFamily(base, meta["help"], labels=labels)
+                for key, value in sorted(state.series.items(), key=lambda kv: str(kv[0])):
+                    fam.add_metric([str(k) for k in key], value * scale if scale != 1 else value)
+                yield fam
+        yield from self.health(snap)
+
+    def health(self, snap):
+        h = self.store.health
+        up = GaugeMetricFamily("probec_up", "1 while the probes are attached and being read.",
+                               labels=["bundle", "backend"])
+        up.add_metric([self.bundle, self.backend], h.up)
+        yield up
+
+        def counter(name, help_text, label=None, values=None, value=None):
+            fam = CounterMetricFamily(name, help_text, labels=[label] if label else [])
+            if label:
+                for k, v in sorted((values or {}).items()):
+                    fam.add_metric([k], v)
+            else:
+                fam.add_metric([], value)
+            return fam
+
+        def gauge(name, help_text, label, values):
+            fam = GaugeMetricFamily(name, help_text, labels=[label])
+            for k, v in sorted(values.items()):
+                fam.add_metric([k], v)
+            return fam
+
+        yield counter("probec_events_lost", "Events the kernel could not hand to user space.", value=h.events_lost)
+        yield counter("probec_events", "Events whose condition held, before sampling and rate limits.", "event", h.events_emitted)
+        yield counter("probec_events_rate_limited", "Events held back by the spec's rate limit.", "event",
+                      h.events_rate_limited)
+        yield counter("probec_backend_restarts", "Times the tracing engine was restarted.", value=h.backend_restarts)
+        yield counter("probec_backend_errors", "Error lines or failures from the tracing engine.",
+                      value=h.backend_errors)
+        yield counter("probec_decode_errors", "Map entries or events that could not be decoded.",
+                      value=h.decode_errors)
+        yield counter("probec_span_begin_overflow", "Span begins dropped because the begin map was full.",
+                      "span", h.span_overflows)
+        yield counter("probec_series_dropped", "Label sets folded into __overflow__ by the series limit.",
+                      "metric", {n: s.dropped_series for n, s in snap.items() if s.meta["labels"]})
+        yield gauge("probec_map_entries", "Entries in each BPF map at the last read.", "map", h.map_entries)
+        yield gauge("probec_map_capacity", "Capacity (max_entries) of each BPF map.", "map", h.map_capacity)
+        yield gauge("probec_probe_attached", "1 for each probe attached.", "probe", h.attached)
+        if h.program_runs:
+            yield counter("probec_program_runs", "Runs of each BPF program (kernel BPF stats).", "probe",
+                          h.program_runs)
+            yield counter("probec_program_run_seconds", "Time spent in each BPF program (kernel BPF stats).",
+                          "probe", {k: v / 1e9 for k, v in h.program_run_ns.items()})
+        yield GaugeMetricFamily("probec_last_read_seconds", "How long the last map read took.",
+                                value=h.last_read_seconds)
+
+
+class Exporter:
+    def __init__(self, store: MetricStore, bundle_name: str, backend: str):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(StoreCollector(store, bundle_name, backend))
+        self.server = None
+
+    def serve(self, address: str, port: int) -> int:
+        """Start the HTTP endpoint; returns the bound port (useful with port 0)."""
+        self.server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        return self.server.server_address[1]
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None

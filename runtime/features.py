@@ -1,0 +1,86 @@
+"""What this kernel can trace, found by trying rather than by version numbers."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import platform
+
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_FENTRY = 24
+
+
+@functools.lru_cache(maxsize=1)
+def probe_fentry() -> bool | None:
+    """Load a do-nothing fentry program. True/False when known; None when it cannot be tried
+    (not root, no libbpf)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError:
+        return None
+    find = lib.libbpf_find_vmlinux_btf_id
+    find.argtypes, find.restype = [ctypes.c_char_p, ctypes.c_int], ctypes.c_int
+    btf_id = find(b"do_nanosleep", BPF_TRACE_FENTRY)
+    if btf_id < 0:
+        btf_id = find(b"hrtimer_nanosleep", BPF_TRACE_FENTRY)
+    if btf_id < 0:
+        return False
+
+    class Opts(ctypes.Structure):  # struct bpf_prog_load_opts (libbpf 1.x), the fields we use
+        _fields_ = [("sz", ctypes.c_size_t), ("attempts", ctypes.c_int), ("expected_attach_type", ctypes.c_int),
+                    ("prog_btf_fd", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32),
+                    ("prog_ifindex", ctypes.c_uint32), ("kern_version", ctypes.c_uint32),
+                    ("attach_btf_id", ctypes.c_uint32), ("attach_prog_fd", ctypes.c_uint32),
+                    ("attach_btf_obj_fd", ctypes.c_uint32), ("fd_array", ctypes.c_void_p),
+                    ("func_info", ctypes.c_void_p), ("func_info_cnt", ctypes.c_uint32),
+                    ("func_info_rec_size", ctypes.c_uint32), ("line_info", ctypes.c_void_p),
+                    ("line_info_cnt", ctypes.c_uint32), ("line_info_rec_size", ctypes.c_uint32),
+                    ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
+                    ("log_buf", ctypes.c_char_p), ("log_true_size", ctypes.c_uint32)]
+
+    insns = (ctypes.c_uint64 * 2)(0x00000000000000B7, 0x0000000000000095)  # r0 = 0; exit
+    opts = Opts(sz=ctypes.sizeof(Opts), expected_attach_type=BPF_TRACE_FENTRY, attach_btf_id=btf_id)
+    load = lib.bpf_prog_load
+    load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t,
+                     ctypes.POINTER(Opts)]
+    load.restype = ctypes.c_int
+    fd = load(BPF_PROG_TYPE_TRACING, b"probec_probe", b"GPL", insns, 2, ctypes.byref(opts))
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
+def kprobes_available() -> bool:
+    return os.path.exists("/sys/bus/event_source/devices/kprobe") or \
+        os.path.exists("/sys/kernel/tracing/kprobe_events")
+
+
+def doctor_report() -> str:
+    import shutil
+    rows = [("kernel", platform.release())]
+    rows.append(("root", "yes" if os.geteuid() == 0 else "no (check works; run needs root)"))
+    rows.append(("BTF (/sys/kernel/btf/vmlinux)", "yes" if os.path.exists("/sys/kernel/btf/vmlinux") else "no"))
+    tracefs = os.path.isdir("/sys/kernel/tracing/events/sched")
+    rows.append(("tracefs", "mounted" if tracefs else "not mounted: mount -t tracefs nodev /sys/kernel/tracing"))
+    rows.append(("tracepoints", "yes" if tracefs else "unknown"))
+    rows.append(("uprobes", "yes" if os.path.exists("/sys/bus/event_source/devices/uprobe") else "no"))
+    rows.append(("kprobes", "yes" if kprobes_available() else "no (no CONFIG_KPROBES): use tracepoints or syscalls"))
+    fentry = probe_fentry()
+    rows.append(("fentry/fexit", {True: "yes", False: "no (BPF function tracing refused): use tracepoints",
+                                  None: "unknown (needs root)"}[fentry]))
+    for tool in ("bpftrace", "clang", "bpftool"):
+        rows.append((tool, shutil.which(tool) or "not installed"))
+    try:
+        lib = ctypes.CDLL("libbpf.so.1")
+        lib.libbpf_major_version.restype = ctypes.c_uint32
+        lib.libbpf_minor_version.restype = ctypes.c_uint32
+        rows.append(("libbpf", f"{lib.libbpf_major_version()}.{lib.libbpf_minor_version()}"))
+    except OSError:
+        rows.append(("libbpf", "not found: apt-get install libbpf1"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -1,0 +1,173 @@
+"""`probec run`: load a bundle with its backend's runner, export metrics, stop cleanly on signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .events import EventSink
+from .exporter import Exporter, format_edge
+from .manifest import BundleError, load_bundle
+from .store import MetricStore, quantile
+
+
+def log(message: str) -> None:
+    print(f"probec: {message}", file=sys.stderr, flush=True)
+
+
+def build_from_spec(spec: str, backend: str, interval: float) -> Path | None:
+    """Convenience for prototyping: `probec run spec.yaml` builds into a temporary bundle first.
+    This is the only path on which `run` touches the compiler."""
+    from ..compiler.diagnostics import render_text
+    from ..compiler.driver import build_bundle, check_file
+    result = check_file(spec)
+    if result.program is None:
+        sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
+        return None
+    options = {"interval_ms": max(1, int(interval * 1000))} if backend == "bpftrace" else {}
+    bundle = build_bundle(result, backend, **options)
+    sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
+    if bundle is None:
+        return None
+    out = Path(tempfile.mkdtemp(prefix=f"probec-{result.program.name}-"))
+    bundle.write(out)
+    return out
+
+
+def make_runner(bundle, store, sink, pid: int):
+    if bundle.backend == "bpftrace":
+        from .bpftrace_runner import BpftraceRunner
+        return BpftraceRunner(bundle, store, sink, log=log)
+    if bundle.backend == "core":
+        from .core_runner import CoreRunner
+        return CoreRunner(bundle, store, sink, log=log, pid=pid)
+    raise BundleError(f"unknown backend '{bundle.backend}' in {bundle.path}")
+
+
+def show(store: MetricStore, stream=sys.stderr) -> None:
+    """A live view: each histogram's window quantiles and its buckets as bars."""
+    lines = []
+    for name, state in store.snapshot().items():
+        meta = state.meta
+        if meta["kind"] != "histogram":
+            total = sum(int(v) for v in state.series.values())
+            lines.append(f"{name}: {total}")
+            continue
+        edges = [e * meta["scale"] for e in meta["edges"]]
+        window = store.window_buckets(name)
+        qs = []
+        for q in (0.5, 0.95, 0.99):
+            v = quantile(q, edges, window) if window else None
+            qs.append(f"p{int(q * 100)}={_human(v, meta['unit'])}")
+        lines.append(f"{name}  ({store.window_s:g}s window)  " + "  ".join(qs))
+        if window and sum(window):
+            peak = max(window)
+            for i, count in enumerate(window):
+                if count == 0:
+                    continue
+                le = _human(edges[i], meta["unit"]) if i < len(edges) else "+Inf"
+                bar = "#" * max(1, int(40 * count / peak))
+                lines.append(f"  le {le:>9} {count:>9} {bar}")
+    stream.write("\n".join(lines) + "\n\n")
+    stream.flush()
+
+
+def _human(v, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit == "seconds":
+        for scale, suffix in ((1, "s"), (1e-3, "ms"), (1e-6, "us")):
+            if v >= scale:
+                return f"{v / scale:.3g}{suffix}"
+        return f"{v * 1e9:.3g}ns"
+    return format_edge(round(v, 3))
+
+
+def run_target(args) -> int:
+    target = Path(args.target)
+    if target.is_file() and target.suffix in (".yaml", ".yml"):
+        built = build_from_spec(str(target), args.backend or "bpftrace", args.interval)
+        if built is None:
+            return 1
+        target = built
+    try:
+        bundle = load_bundle(target)
+        if args.backend and args.backend != bundle.backend:
+            raise BundleError(f"{target} is a {bundle.backend} bundle, not {args.backend}")
+    except BundleError as exc:
+        log(f"error: {exc}")
+        return 1
+    if os.geteuid() != 0:
+        log("error: loading eBPF programs needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); "
+            "'probec check' works without")
+        return 1
+    store = MetricStore(bundle.manifest, window_s=args.window)
+    sink = EventSink(args.events, bundle.manifest) if bundle.manifest["events"] else None
+    stop = threading.Event()
+    received = []
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    exporter = Exporter(store, bundle.name, bundle.backend)
+    runner = None
+    try:
+        runner = make_runner(bundle, store, sink, args.pid)
+        runner.start(pid=args.pid) if bundle.backend == "bpftrace" else runner.start()
+        if args.port:
+            try:
+                port = exporter.serve(args.address, args.port)
+            except OSError as exc:
+                log(f"error: cannot serve metrics on {args.address}:{args.port}: {exc.strerror or exc}")
+                return 1
+            log(f"{bundle.name}: attached ({bundle.backend}); metrics on http://{args.address}:{port}/metrics")
+        else:
+            log(f"{bundle.name}: attached ({bundle.backend})")
+        deadline = time.monotonic() + args.duration if args.duration else None
+        next_show = time.monotonic() + 2
+        while not stop.is_set():
+            if deadline and time.monotonic() >= deadline:
+                break
+            stop.wait(min(args.interval, 0.5))
+            runner.poll()
+            if getattr(runner, "failure", None):
+                log(f"error: {runner.failure}")
+                return 1
+            if args.show and time.monotonic() >= next_show:
+                show(store)
+                next_show = time.monotonic() + 2
+        return 0
+    except Exception as exc:  # every runtime failure reaches the user as one clear message
+        from .bpftrace_runner import BpftraceError
+        known = (BpftraceError, BundleError, OSError)
+        try:
+            from .libbpf import BpfError
+            known = known + (BpfError,)
+        except ImportError:
+            pass
+        if isinstance(exc, known):
+            log(f"error: {exc}")
+            return 1
+        raise
+    finally:
+        if runner is not None:
+            runner.stop()
+        if args.snapshot:
+            try:
+                Path(args.snapshot).write_text(exporter.text())
+            except OSError as exc:
+                log(f"error: cannot write snapshot {args.snapshot}: {exc.strerror}")
+        exporter.close()
+        if sink is not None:
+            sink.close()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if received:
+            log(f"stopped on {signal.Signals(received[0]).name}; probes detached")

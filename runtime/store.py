@@ -1,0 +1,135 @@
+"""The runtime's view of the kernel's aggregates: one snapshot per metric, replaced on every read.
+
+Both backends feed the same store, so both export the same names, labels and buckets.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+OVERFLOW = "__overflow__"
+
+
+@dataclass
+class HistogramSeries:
+    buckets: list[int]        # non-cumulative counts, len(edges) + 1 (the last is +Inf)
+    sum: int = 0
+
+    @property
+    def count(self) -> int:
+        return sum(self.buckets)
+
+
+@dataclass
+class MetricState:
+    meta: dict
+    series: dict[tuple, object] = field(default_factory=dict)   # labels -> int | HistogramSeries
+    dropped_series: int = 0
+
+
+@dataclass
+class Health:
+    """Self-metrics: what a person needs to trust the numbers."""
+    events_lost: int = 0
+    events_emitted: dict[str, int] = field(default_factory=collections.Counter)
+    events_rate_limited: dict[str, int] = field(default_factory=collections.Counter)
+    events_written: int = 0
+    backend_restarts: int = 0
+    backend_errors: int = 0
+    decode_errors: int = 0
+    map_entries: dict[str, int] = field(default_factory=dict)
+    map_capacity: dict[str, int] = field(default_factory=dict)
+    span_overflows: dict[str, int] = field(default_factory=dict)
+    attached: dict[str, int] = field(default_factory=dict)
+    program_run_ns: dict[str, int] = field(default_factory=dict)
+    program_runs: dict[str, int] = field(default_factory=dict)
+    last_read_seconds: float = 0.0
+    reads: int = 0
+    up: int = 0
+
+
+class MetricStore:
+    def __init__(self, manifest: dict, window_s: float = 60.0):
+        self.lock = threading.Lock()
+        self.metrics = {m["name"]: MetricState(m) for m in manifest["metrics"]}
+        self.health = Health()
+        self.window_s = window_s
+        self.history: collections.deque = collections.deque()
+
+    def replace(self, name: str, series: dict[tuple, object]) -> None:
+        """Install a full snapshot of one metric, capping the number of label sets."""
+        state = self.metrics[name]
+        limit = state.meta["series_limit"]
+        if state.meta["labels"] and len(series) > limit:
+            kept = dict(sorted(series.items(), key=lambda kv: _weight(kv[1]), reverse=True)[: limit])
+            overflow_key = tuple(OVERFLOW for _ in state.meta["labels"])
+            rest = [v for k, v in series.items() if k not in kept]
+            kept[overflow_key] = _merge(rest)
+            state.dropped_series = len(rest)
+            series = kept
+        with self.lock:
+            state.series = series
+
+    def snapshot(self) -> dict[str, MetricState]:
+        with self.lock:
+            return {n: MetricState(s.meta, dict(s.series), s.dropped_series) for n, s in self.metrics.items()}
+
+    def remember(self, now: float | None = None) -> None:
+        """Keep histogram totals over time, for quantiles over a window."""
+        now = time.monotonic() if now is None else now
+        totals = {}
+        with self.lock:
+            for name, state in self.metrics.items():
+                if state.meta["kind"] == "histogram" and state.series:
+                    totals[name] = _merge(list(state.series.values())).buckets[:]
+            self.history.append((now, totals))
+            while len(self.history) > 2 and now - self.history[1][0] >= self.window_s:
+                self.history.popleft()
+
+    def window_buckets(self, name: str) -> list[int] | None:
+        with self.lock:
+            if not self.history:
+                return None
+            newest = self.history[-1][1].get(name)
+            oldest = self.history[0][1].get(name) if len(self.history) > 1 else None
+        if newest is None:
+            return None
+        if oldest is None or len(self.history) == 1:
+            return newest
+        return [a - b for a, b in zip(newest, oldest)]
+
+
+def _weight(value) -> int:
+    return value.count if isinstance(value, HistogramSeries) else int(value)
+
+
+def _merge(values: list):
+    if values and isinstance(values[0], HistogramSeries):
+        out = HistogramSeries([0] * len(values[0].buckets))
+        for v in values:
+            out.buckets = [a + b for a, b in zip(out.buckets, v.buckets)]
+            out.sum += v.sum
+        return out
+    return sum(int(v) for v in values)
+
+
+def quantile(q: float, edges: list[float], buckets: list[int]) -> float | None:
+    """Estimate a quantile from non-cumulative bucket counts, interpolating inside the bucket
+    as Prometheus's histogram_quantile does. None when there are no observations."""
+    total = sum(buckets)
+    if total <= 0:
+        return None
+    rank = q * total
+    cumulative = 0
+    for i, count in enumerate(buckets):
+        if cumulative + count >= rank and count > 0:
+            if i >= len(edges):
+                return edges[-1] if edges else None
+            lower = edges[i - 1] if i > 0 else min(0.0, edges[0])
+            upper = edges[i]
+            return lower + (upper - lower) * (rank - cumulative) / count
+        cumulative += count
+    return edges[-1] if edges else None
