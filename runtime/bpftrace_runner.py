@@ -17,7 +17,8 @@ from .manifest import Bundle, BundleError
 from .store import HistogramSeries, MetricStore
 
 HARMLESS_STDERR = ("couldn't set RLIMIT_MEMLOCK",)
-MAX_RESTARTS = 5
+MAX_RESTARTS = 5             # within RESTART_WINDOW_S; more than that and the runner gives up
+RESTART_WINDOW_S = 300
 
 
 class BpftraceError(Exception):
@@ -42,6 +43,27 @@ class MapDecoder:
             if m["kind"] == "histogram":
                 self.by_map["@" + m["map"] + "_sum"] = (m, "sum")
         self.partial: dict[str, dict] = {}   # histogram name -> {"main": data, "sum": data}
+        # Counts from earlier bpftrace processes: a restart starts its maps at zero, and adding
+        # these keeps every exported counter monotonic across restarts.
+        self.carried: dict[str, dict] = {}
+
+    def carry_over(self) -> None:
+        """Called before a restart: what the store shows now becomes the base for the next run."""
+        for name, state in self.store.snapshot().items():
+            self.carried[name] = {k: (HistogramSeries(list(v.buckets), v.sum) if isinstance(v, HistogramSeries)
+                                      else v) for k, v in state.series.items()}
+        self.partial.clear()
+
+    def install(self, name: str, series: dict) -> None:
+        for labels, base in self.carried.get(name, {}).items():
+            mine = series.get(labels)
+            if isinstance(base, HistogramSeries):
+                mine = mine or HistogramSeries([0] * len(base.buckets))
+                series[labels] = HistogramSeries([a + b for a, b in zip(mine.buckets, base.buckets)],
+                                                 mine.sum + base.sum)
+            else:
+                series[labels] = (mine or 0) + base
+        self.store.replace(name, series)
 
     def split_key(self, key: str, types: list[str]) -> tuple | None:
         """bpftrace joins key parts with ','; a string part may itself hold commas."""
@@ -65,12 +87,12 @@ class MapDecoder:
         meta, role = entry
         label_types = [lab["type"] for lab in meta["labels"]]
         if meta["kind"] == "counter":
-            self.store.replace(meta["name"], self.series(data, label_types, meta))
+            self.install(meta["name"], self.series(data, label_types, meta))
             return
         slot = self.partial.setdefault(meta["name"], {})
         slot[role] = data
         if "main" in slot:
-            self.store.replace(meta["name"], self.histogram(slot["main"], slot.get("sum"), label_types, meta))
+            self.install(meta["name"], self.histogram(slot["main"], slot.get("sum"), label_types, meta))
 
     def series(self, data, label_types, meta) -> dict:
         if not label_types:
@@ -146,6 +168,7 @@ class BpftraceRunner:
         self.stderr_tail = []
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env, text=True, bufsize=1,
+                                     encoding="utf-8", errors="replace",
                                      start_new_session=True)
         threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True).start()
         self.thread = threading.Thread(target=self._read_stdout, args=(self.proc,), daemon=True)
@@ -188,18 +211,21 @@ class BpftraceRunner:
             if not line:
                 continue
             try:
-                msg = json.loads(line)
-            except ValueError:
+                self.handle(json.loads(line))
+            except Exception as exc:  # the reader must outlive any bad line, or bpftrace gets EPIPE
                 self.store.health.decode_errors += 1
-                continue
-            self.handle(msg)
+                if self.store.health.decode_errors <= 3:
+                    self.log(f"cannot decode bpftrace output ({exc.__class__.__name__}: {exc}): {line[:120]}")
 
     def handle(self, msg: dict) -> None:
         kind, data = msg.get("type"), msg.get("data")
-        if kind == "attached_probes":
+        if kind == "printf" and data == self.settings.get("ready_mark", "") + "\n":
+            # bpftrace says "attached" before attaching; our last probe firing is the real signal.
             self.store.health.attached = {p: 1 for p in self.settings.get("probes", [])}
             self.attached.set()
         elif kind == "map" and isinstance(data, dict):
+            if "@__probec_ready" in data:
+                return
             started = time.monotonic()
             for name, value in data.items():
                 if name in self.counters:
@@ -248,14 +274,18 @@ class BpftraceRunner:
         if self.stopping or self.proc is None or self.proc.poll() is None:
             return
         self.store.health.up = 0
-        if self.store.health.backend_restarts >= MAX_RESTARTS:
-            self.failure = f"bpftrace exited {MAX_RESTARTS + 1} times; giving up:\n  " + \
-                "\n  ".join(self.stderr_tail[-8:])
+        if self.thread is not None:
+            self.thread.join(5)              # let the final map dump of the dead process land
+        now = time.monotonic()
+        self.restarts = [t for t in getattr(self, "restarts", []) if now - t < RESTART_WINDOW_S] + [now]
+        if len(self.restarts) > MAX_RESTARTS:
+            self.failure = (f"bpftrace exited {len(self.restarts)} times in {RESTART_WINDOW_S}s; giving up:\n  "
+                            + "\n  ".join(self.stderr_tail[-8:]))
             return
         self.store.health.backend_restarts += 1
-        self.log(f"bpftrace exited with status {self.proc.returncode}; restarting "
-                 f"({self.store.health.backend_restarts}/{MAX_RESTARTS})")
-        time.sleep(min(5, self.store.health.backend_restarts))
+        tail = "; ".join(self.stderr_tail[-3:]) or "no error output"
+        self.log(f"bpftrace exited with status {self.proc.returncode} ({tail}); restarting, counts carried over")
+        self.decoder.carry_over()
         self.start()
 
     def stop(self, timeout: float = 10.0) -> None:

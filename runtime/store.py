@@ -57,7 +57,8 @@ class MetricStore:
         self.metrics = {m["name"]: MetricState(m) for m in manifest["metrics"]}
         self.health = Health()
         self.window_s = window_s
-        self.history: collections.deque = collections.deque()
+        # Starts with an empty baseline, so a window shorter than the run so far covers everything.
+        self.history: collections.deque = collections.deque([(time.monotonic(), {})])
 
     def replace(self, name: str, series: dict[tuple, object]) -> None:
         """Install a full snapshot of one metric, capping the number of label sets."""
@@ -97,7 +98,7 @@ class MetricStore:
             oldest = self.history[0][1].get(name) if len(self.history) > 1 else None
         if newest is None:
             return None
-        if oldest is None or len(self.history) == 1:
+        if oldest is None:
             return newest
         return [a - b for a, b in zip(newest, oldest)]
 

@@ -42,6 +42,8 @@ class Lowering:
         self.used_ids: set[str] = set()
         self.groups: dict[str, tuple[str, ...]] = {}
         self.chosen: dict[str, int] = {}
+        self.symbols: dict[tuple, tuple[str, int] | None] = {}
+        self.failed_symbols: set[tuple[str, str]] = set()
         self.span_ends: dict[str, list[tuple]] = {}   # span -> [(probe key, end key expr, ctx)]
         self.span_maps: dict[str, MapSpec] = {}
         self.needs_stacks = False
@@ -76,6 +78,14 @@ class Lowering:
             return None
 
     def resolve_symbol(self, addr: ProbeAddress, path: str) -> tuple[str, int] | None:
+        key = (path, addr.name, addr.offset, addr.kind == "uretprobe")
+        if key not in self.symbols:
+            self.symbols[key] = self._resolve_symbol(addr, path)
+        return self.symbols[key]
+
+    def _resolve_symbol(self, addr: ProbeAddress, path: str) -> tuple[str, int] | None:
+        if (path, addr.name) in self.failed_symbols:
+            return None
         if not self.host.enabled:
             return addr.name, addr.offset
         from ...runtime import elf
@@ -85,6 +95,8 @@ class Lowering:
         except elf.ElfError as exc:
             self.d.error("E303", f"cannot read '{path}': {exc}", addr.span)
             return None
+        if not found or len(found) > 1:
+            self.failed_symbols.add((path, addr.name))
         if not found:
             close = elf.close_names(path, addr.name)
             self.d.error("E304", f"'{path}' has no function '{addr.name}'", addr.span,
@@ -139,12 +151,16 @@ class Lowering:
             return True
         if f"{category}:{name}" in tps:
             return True
-        shown = addr.text if addr.kind == "tracepoint" else f"{category}:{name}"
-        hint = did_you_mean(f"{category}:{name}", tps)
         if addr.kind in ("syscall", "syscallret"):
-            hint = did_you_mean(name, [t.split(":sys_enter_")[1] for t in tps if ":sys_enter_" in t]) or SYSCALL_ARGS_NOTE
-            hint = hint.replace("'", "'syscall:", 1) if hint.startswith("did") else hint
-        self.d.error("E308", f"unknown tracepoint '{shown}'", addr.span, hint)
+            names = [t.split(":sys_enter_")[1] for t in tps if ":sys_enter_" in t]
+            close = did_you_mean(addr.name, names)
+            self.d.error("E308", f"unknown syscall '{addr.name}' (no tracepoint {category}:{name})", addr.span,
+                         close.replace("'", f"'{addr.kind}:", 1) if close else SYSCALL_ARGS_NOTE)
+            return False
+        hint = did_you_mean(f"{category}:{name}", tps)
+        self.d.error("E308", f"unknown tracepoint '{addr.text}'", addr.span,
+                     hint.replace("'", "'tracepoint:", 1) if hint else "list them: probec doctor, or "
+                     "/sys/kernel/tracing/available_events")
         return False
 
     def mechanism_available(self, kind: str) -> bool | None:

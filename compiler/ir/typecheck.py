@@ -145,9 +145,14 @@ class TypeChecker:
         lt, rt = left.type, right.type
         if lt.kind == "str" or rt.kind == "str":
             if lt.kind != rt.kind:
-                num = e.right if lt.kind == "str" else e.left
-                self.d.error("E216", f"cannot compare a string with {(rt if lt.kind == 'str' else lt).describe()}",
-                             num.span, "write the string in double quotes, e.g. comm == \"server\"")
+                str_side, other_side = (e.left, e.right) if lt.kind == "str" else (e.right, e.left)
+                other = rt if lt.kind == "str" else lt
+                if isinstance(str_side, ast.String):   # pid == "x": the literal is the mistake
+                    self.d.error("E216", f"cannot compare {other.describe()} with a string", str_side.span,
+                                 "compare it with a number")
+                else:                                   # comm == 5: the number is the mistake
+                    self.d.error("E216", f"cannot compare a string with {other.describe()}", other_side.span,
+                                 "write the string in double quotes, e.g. comm == \"server\"")
                 return None
             if isinstance(left, StrConst) and not isinstance(right, StrConst):
                 left, right = right, left

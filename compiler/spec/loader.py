@@ -7,6 +7,7 @@ lowering; this module only needs the file itself.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from ..diagnostics import Diagnostics, SourceSpan, did_you_mean
@@ -185,7 +186,7 @@ class SpecLoader:
         spans = self.named_section(top.get("spans"), "spans", self.span_spec)
         metrics = self.named_section(top.get("metrics"), "metrics", self.metric_spec)
         events = self.named_section(top.get("events"), "events", self.event_spec)
-        if not metrics and not events:
+        if top.get("metrics") is None and top.get("events") is None:
             self.d.error("E109", "the spec defines no metrics and no events: nothing would be exported",
                          top.span, "add a 'metrics:' section")
         return Spec(self.file, name, desc.value if desc else "", binaries, limits, spans, metrics, events, top.span)
@@ -283,11 +284,11 @@ class SpecLoader:
                                 "kernel": ("kernel", "kernelret")}[short]
         sides = []
         for kind in (begin_kind, end_kind):
-            fake = YScalar(f"{kind}:{s.value}", s.span, s.quoted, s.style_offset - len(kind) - 1)
-            probe = self.probe_address(fake, f"{what}.{short}")
+            probe = self.probe_address(YScalar(f"{kind}:{s.value}", s.span, s.quoted, s.style_offset),
+                                       f"{what}.{short}")
             if probe is None:
                 return None
-            sides.append(SpanSide(probe, None))
+            sides.append(SpanSide(replace(probe, span=s.text_span(0, len(s.value.strip()))), None))
         return sides[0], sides[1]
 
     def span_spec(self, key: YScalar, node: YNode) -> SpanSpec | None:

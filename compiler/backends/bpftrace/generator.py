@@ -10,6 +10,7 @@ from ..base import Backend, Bundle, template_environment
 
 SEPARATOR = "\\037"          # ASCII unit separator between printf fields: never in a number
 EVENT_MARK = "E"
+READY_MARK = "probec: all probes attached"
 
 
 def bpftrace_string(data: bytes) -> str:
@@ -153,6 +154,11 @@ class BpftraceBackend(Backend):
     # -- the script ----------------------------------------------------------------------------
     def build(self, program: ir.Program) -> Bundle:
         chosen = dict(program.host_variants)
+        if self.version < (0, 18) and any(f.stack == "user" for e in program.events for f in e.fields):
+            self.d.warning("W504", f"bpftrace {self.version[0]}.{self.version[1]} can exit while it symbolises the "
+                           "user stack of a process that has just exited; probec run restarts it and carries "
+                           "the counts over, but spans and events in flight during a restart are lost. "
+                           "The core backend has no such limit.", None)
         probes_text = []
         used_probes = []
         for p in program.probes:
@@ -176,20 +182,21 @@ class BpftraceBackend(Backend):
             printed.append(self.map_name(m.map.name))
             if m.kind == "histogram":
                 printed.append(self.map_name(m.map.name + "_sum"))
-        for e in program.events:
-            printed += [f"@__ev_{e.name}_seen", f"@__ev_{e.name}_limited"]
         cleared = [self.map_name(s.begin_map.name) for s in program.spans]
         for e in program.events:
-            cleared += [f"@__ev_{e.name}_window", f"@__ev_{e.name}_in_window"]
+            printed.append(f"@__ev_{e.name}_seen")
+            if e.max_per_second:     # these maps exist only where the script rate-limits
+                printed.append(f"@__ev_{e.name}_limited")
+                cleared += [f"@__ev_{e.name}_window", f"@__ev_{e.name}_in_window"]
         script = "\n".join(self.env.get_template("script.bt.j2").render(
             source=program.source, version=f"{self.version[0]}.{self.version[1]}", name=program.name,
             probes=[("\n".join(t)).rstrip() for t in probes_text], interval_ms=self.interval_ms,
-            printed_maps=printed, cleared_maps=cleared).split("\n"))
+            printed_maps=printed, cleared_maps=cleared, ready_mark=READY_MARK).split("\n"))
         script_name = f"{program.name}.bt"
         keys_max = max([m.max_entries for m in program.maps if m.type not in ("RINGBUF", "STACK_TRACE")] + [4096])
         manifest = self.base_manifest(program, files={"script": script_name}, bpftrace={
             "version": f"{self.version[0]}.{self.version[1]}", "interval_ms": self.interval_ms,
-            "map_keys_max": keys_max, "separator": "\x1f", "event_mark": EVENT_MARK,
+            "map_keys_max": keys_max, "separator": "\x1f", "event_mark": EVENT_MARK, "ready_mark": READY_MARK,
             "probes": [p.id for p in used_probes],
         })
         return Bundle(program.name, self.name, {script_name: script.encode()}, manifest)

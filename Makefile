@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`. Both set up what they need.
+PYTHON ?= python3
+export PYTHON
+
+.PHONY: setup workloads demo test check bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+workloads: setup
+	@$(MAKE) -s -C tests/workloads
+	@$(MAKE) -s -C examples/workloads
+
+demo: workloads
+	@bash examples/demo.sh
+
+test: workloads
+	@$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+check: setup
+	@$(PYTHON) -m probec check specs/*.yaml examples/*/spec.yaml
+
+bench: workloads
+	@$(PYTHON) benchmarks/check_speed.py
+
+clean:
+	@$(MAKE) -s -C tests/workloads clean
+	@$(MAKE) -s -C examples/workloads clean
+	rm -rf build *.egg-info .setup-stamp

@@ -1,0 +1,513 @@
+"""The core backend: IR -> libbpf CO-RE C, the header it shares with user space, the manifest, a
+thin loader and, where clang exists, the compiled object.
+
+Every name, size, offset, bucket table and health slot is computed here; the templates in
+`templates/core/` only loop and branch over what this module hands them. Spec strings never reach
+the C source as string literals: they become byte arrays (`probec_str_N`), so no spec can inject C.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+
+from ...diagnostics import Diagnostics, SourceSpan
+from ...ir import nodes as ir
+from ..base import Backend, Bundle, template_environment
+from . import toolchain
+
+U64_MAX = (1 << 64) - 1
+MAX_BUCKET_STEPS = 10                  # probec.bpf.h: PROBEC_MAX_BUCKET_STEPS
+STACK_DEPTH = 127                      # PERF_MAX_STACK_DEPTH: u64 slots per stack-map entry
+COMM_LEN = 16
+HEADER_FIELDS = ("event", "cpu", "ts", "pid", "tid")
+
+# kind -> (SEC() name pattern, type of ctx)
+SECTIONS = {
+    "tracepoint": ("tp/{category}/{name}", "void *"),
+    "uprobe": ("uprobe", "struct pt_regs *"),
+    "uretprobe": ("uretprobe", "struct pt_regs *"),
+    "usdt": ("usdt", "struct pt_regs *"),
+    "kprobe": ("kprobe", "struct pt_regs *"),
+    "kretprobe": ("kretprobe", "struct pt_regs *"),
+    "fentry": ("fentry/{name}", "__u64 *"),
+    "fexit": ("fexit/{name}", "__u64 *"),
+    "profile": ("perf_event", "struct bpf_perf_event_data *"),
+}
+# sys_exit_* tracepoints: `retval` is the `ret` field (verified against tracefs at load time).
+SYSCALL_RET_FIELD = ir.TracepointField("ret", 16, 8, ir.SINT)
+CONTEXT_C = {
+    "pid": "((__u64)(probec_id >> 32))",
+    "tid": "((__u64)(__u32)probec_id)",
+    "cgroup": "bpf_get_current_cgroup_id()",
+    "cpu": "((__u64)bpf_get_smp_processor_id())",
+    "uid": "((__u64)(__u32)bpf_get_current_uid_gid())",
+}
+SCALAR_C = {(1, False): "__u8", (2, False): "__u16", (4, False): "__u32", (8, False): "__u64",
+            (1, True): "__s8", (2, True): "__s16", (4, True): "__s32", (8, True): "__s64"}
+
+
+def c_u64(value: int) -> str:
+    return f"{value:#x}ULL" if value == U64_MAX else f"{value}ULL"
+
+
+def c_comment(text: str) -> str:
+    """Text safe inside /* */: spec addresses are validated, but never trust that here."""
+    return "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text).replace("*/", "*_/")
+
+
+def c_member(layout_field: ir.Field, is_event_member: bool) -> str:
+    """The C member name of a layout field: event fields get `f_` so `pid` cannot clash with the header."""
+    if is_event_member and not layout_field.name.startswith("__pad"):
+        return "f_" + layout_field.name
+    return layout_field.name
+
+
+def bucket_steps(n_edges: int) -> int:
+    """log2 of the padded edge table: at least one ~0 pad after the real edges."""
+    steps = 1
+    while (1 << steps) < n_edges + 1:
+        steps += 1
+    return steps
+
+
+@dataclass
+class HealthSlots:
+    """Slots of the per-CPU health array: what the runtime reads besides the metrics."""
+    slots: list[dict] = field(default_factory=list)
+
+    def add(self, kind: str, name: str = "") -> int:
+        for s in self.slots:
+            if s["kind"] == kind and s["name"] == name:
+                return s["slot"]
+        self.slots.append({"slot": len(self.slots), "kind": kind, "name": name})
+        return len(self.slots) - 1
+
+
+class StringTable:
+    """Spec string constants as byte arrays, numbered in order of first use."""
+
+    def __init__(self):
+        self.names: dict[bytes, str] = {}
+
+    def name(self, value: bytes) -> str:
+        if value not in self.names:
+            self.names[value] = f"probec_str_{len(self.names)}"
+        return self.names[value]
+
+    def definitions(self) -> list[dict]:
+        return [{"name": n, "size": len(v) + 1, "bytes": ", ".join(f"{b:#04x}" for b in v + b"\0")}
+                for v, n in self.names.items()]
+
+
+class CExpression:
+    """Renders IR expressions as C for one probe, noting what its prologue must provide."""
+
+    def __init__(self, probe: ir.Probe, backend: "CoreBackend"):
+        self.probe = probe
+        self.backend = backend
+        self.needs: set[str] = set()                       # comm, now
+        self.tp_strings: dict[str, ir.TracepointField] = {}
+        self.tp_fields: dict[str, ir.TracepointField] = {}  # every field read, for load-time checks
+
+    def where(self) -> str:
+        return self.probe.spec_text or self.probe.id
+
+    def tracepoint_field(self, f: ir.TracepointField) -> ir.TracepointField | None:
+        if f.offset < 0:
+            self.backend.unsupported("tracepoint fields with unknown offsets", where=f"{self.where()}: args.{f.name}")
+            return None
+        self.tp_fields[f.name] = f
+        return f
+
+    def value(self, e: ir.IRExpr) -> str:
+        """A C expression of type __u64 or __s64 (per e.type.signed)."""
+        if isinstance(e, ir.Context):
+            if e.name == "comm":
+                raise AssertionError("comm is a string")  # pragma: no cover - typing keeps it out
+            return CONTEXT_C[e.name]
+        if isinstance(e, ir.Arg):
+            return self.argument(e.index)
+        if isinstance(e, ir.Retval):
+            kind = self.probe.kind
+            if kind in ("uretprobe", "kretprobe"):
+                return "((__s64)PT_REGS_RC(ctx))"
+            if kind == "fexit":
+                return "((__s64)probec_func_ret(ctx))"
+            if kind == "tracepoint":
+                return self.value(SYSCALL_RET_FIELD)
+            self.backend.unsupported("retval here", where=self.where())
+            return "0"
+        if isinstance(e, ir.TracepointField):
+            f = self.tracepoint_field(e)
+            if f is None:
+                return "0"
+            if f.type.kind == "str":
+                raise AssertionError("string field used as a number")  # pragma: no cover
+            ctype = SCALAR_C[(f.size, f.type.signed)]
+            wide = "__s64" if f.type.signed else "__u64"
+            return f"(({wide})*({ctype} *)((char *)ctx + {f.offset}))"
+        if isinstance(e, ir.Duration):
+            self.needs.add("now")
+            return "probec_duration"
+        if isinstance(e, ir.Const):
+            return c_u64(e.value)
+        if isinstance(e, ir.BinOp):
+            left, right = self.value(e.left), self.value(e.right)
+            if e.op in "/%":
+                fn = ("probec_sdiv" if e.op == "/" else "probec_smod") if e.type.signed else \
+                     ("probec_udiv" if e.op == "/" else "probec_umod")
+                cast = "__s64" if e.type.signed else "__u64"
+                return f"{fn}(({cast}){left}, ({cast}){right})"
+            result = f"((__u64){left} {e.op} (__u64){right})"
+            return f"((__s64){result})" if e.type.signed else result
+        if isinstance(e, ir.Neg):
+            return f"((__s64)0 - (__s64){self.value(e.operand)})"
+        if isinstance(e, (ir.Cmp, ir.StrEq, ir.Logic, ir.Not)):
+            return f"((__u64){self.condition(e)})"
+        raise AssertionError(type(e))  # pragma: no cover
+
+    def argument(self, index: int) -> str:
+        kind = self.probe.kind
+        if kind == "uprobe":
+            if index >= 6 and self.probe.offset not in (0, 4):
+                self.backend.unsupported("stack arguments away from a function's entry",
+                                         where=f"{self.where()}: arg{index}")
+            return f"probec_regs_arg(ctx, {index}, true)"
+        if kind == "kprobe":
+            return f"probec_regs_arg(ctx, {index}, false)"
+        if kind == "usdt":
+            return f"((__u64)probec_usdt_arg(ctx, {index}))"
+        if kind == "fentry":
+            return f"probec_func_arg(ctx, {index})"
+        self.backend.unsupported("positional arguments here", where=self.where())
+        return "0"
+
+    def condition(self, e: ir.IRExpr) -> str:
+        if isinstance(e, ir.Cmp):
+            signed = e.left.type.signed or e.right.type.signed
+            cast = "__s64" if signed else "__u64"
+            return f"(({cast}){self.value(e.left)} {e.op} ({cast}){self.value(e.right)})"
+        if isinstance(e, ir.StrEq):
+            source, length = self.string(e.left)
+            literal = self.backend.strings.name(e.right.value)
+            test = f"probec_bytes_eq({source}, {literal}, {len(e.right.value) + 1})"
+            if len(e.right.value) + 1 > length:     # cannot match: typing rejects this, stay safe
+                test = "false"
+            return test if e.op == "==" else f"!{test}"
+        if isinstance(e, ir.Logic):
+            return f"({self.condition(e.left)} {e.op} {self.condition(e.right)})"
+        if isinstance(e, ir.Not):
+            return f"(!{self.condition(e.operand)})"
+        return f"({self.value(e)} != 0)"
+
+    def string(self, e: ir.IRExpr) -> tuple[str, int]:
+        """(pointer expression, bytes available) for a string value."""
+        if isinstance(e, ir.Context) and e.name == "comm":
+            self.needs.add("comm")
+            return "probec_comm", COMM_LEN
+        if isinstance(e, ir.TracepointField):
+            f = self.tracepoint_field(e)
+            if f is None:
+                return "probec_comm", 0
+            self.tp_strings[f.name] = f
+            return f"probec_tp_{f.name}", f.size
+        if isinstance(e, ir.StrConst):
+            return self.backend.strings.name(e.value), len(e.value) + 1
+        raise AssertionError(type(e))  # pragma: no cover
+
+    def copy_string(self, target: str, length: int, e: ir.IRExpr) -> list[str]:
+        """Lines that fill char target[length] from a string value, zero padded."""
+        source, available = self.string(e)
+        n = min(length, available)
+        lines = [f"__builtin_memcpy({target}, {source}, {n});"] if n else []
+        if n < length:
+            lines.append(f"__builtin_memset({target} + {n}, 0, {length - n});")
+        return lines
+
+
+class CoreBackend(Backend):
+    name = "core"
+    FEATURES = {
+        "interval probes": "the runtime reads the maps on its own interval; use a tracepoint or profile:hz:N",
+        "tracepoint fields with unknown offsets": "tracefs was not readable when the spec was checked; "
+                                                  "mount it (mount -t tracefs nodev /sys/kernel/tracing) and rebuild",
+        "stack arguments away from a function's entry": "arguments past arg5 live on the stack, found from the "
+                                                        "stack pointer only at the function's entry",
+        "positional arguments here": "only uprobes, kprobes, fentry and USDT probes have arg0..argN",
+        "retval here": "only return probes and syscallret: have a return value",
+        "bucket tables this large": f"histograms take at most {(1 << MAX_BUCKET_STEPS) - 1} edges",
+        "bucket edges above 2^64-1": "values are 64-bit",
+    }
+
+    def __init__(self, diags: Diagnostics, compile: bool = True, spec_span: SourceSpan | None = None):
+        super().__init__(diags, spec_span)
+        self.compile = compile
+        self.env = template_environment("core")
+        self.strings = StringTable()
+        self.health = HealthSlots()
+
+    def unsupported(self, feature: str, span: SourceSpan | None = None, severity: str = "error",
+                    where: str = "") -> bool:
+        verdict = self.FEATURES.get(feature, True)
+        if verdict is True:
+            return True
+        report = self.d.error if severity == "error" else self.d.warning
+        place = f" ({where})" if where else ""
+        report("E501" if severity == "error" else "W501",
+               f"the {self.name} backend cannot do {feature}{place}: {verdict}", span or self.spec_span)
+        return False
+
+    # -- rendering helpers ---------------------------------------------------------------------
+    def render(self, template: str, **values) -> str:
+        return self.env.get_template(template).render(**values)
+
+    def lines(self, template: str, **values) -> list[str]:
+        return self.render(template, **values).rstrip("\n").split("\n")
+
+    # -- names ---------------------------------------------------------------------------------
+    @staticmethod
+    def struct_name(layout: ir.Layout) -> str:
+        return f"probec_{layout.name}"
+
+    def begin_map(self, program: ir.Program, span: str) -> str:
+        return next(s.begin_map.name for s in program.spans if s.name == span)
+
+    # -- guards and actions --------------------------------------------------------------------
+    def guard(self, g: ir.Guard, em: CExpression, program: ir.Program, extra: ir.IRExpr | None = None) -> str:
+        parts = []
+        for cond in (extra, g.filter):
+            if cond is not None:
+                parts.append(em.condition(cond))
+        parts += [f"probec_within(&{self.begin_map(program, w)}, probec_id)" for w in g.within]
+        return " && ".join(parts)
+
+    def action(self, a: ir.Action, em: CExpression, program: ir.Program) -> list[str]:
+        if isinstance(a, ir.SpanBegin):
+            em.needs.add("now")
+            return self.lines("span_begin.j2", guard=self.guard(a.guard, em, program),
+                              map=self.begin_map(program, a.span), key=em.value(a.key),
+                              overflow_slot=self.health.add("span_overflow", a.span))
+        if isinstance(a, ir.SpanEnd):
+            em.needs.add("now")
+            key = em.value(a.key)
+            then = [line for t in a.then for line in self.action(t, em, program)]
+            return self.lines("span_end.j2", map=self.begin_map(program, a.span), key=key, then=then)
+        if isinstance(a, ir.MetricUpdate):
+            return self.metric_update(a, em, program)
+        if isinstance(a, ir.EmitEvent):
+            return self.emit_event(a, em, program)
+        raise AssertionError(type(a))  # pragma: no cover
+
+    def metric_update(self, a: ir.MetricUpdate, em: CExpression, program: ir.Program) -> list[str]:
+        m = program.metric(a.metric)
+        histogram = m.kind == "histogram"
+        value = em.value(a.value) if a.value is not None else "1ULL"
+        signed = a.value is not None and a.value.type.signed
+        key_lines: list[str] = []
+        labelled = bool(m.labels)
+        if labelled:
+            by_name = {lab.name: lab for lab in m.labels}
+            for f in m.map.key.fields:
+                target = f"probec_k.{f.name}"
+                if f.name.startswith("__pad"):
+                    key_lines.append(f"__builtin_memset({target}, 0, {f.length});")
+                elif f.label:
+                    lab = by_name[f.label]
+                    if f.ctype == "char":
+                        key_lines += em.copy_string(target, f.length, lab.expr)
+                    else:
+                        key_lines.append(f"{target} = ({f.ctype}){em.value(lab.expr)};")
+        return self.lines(
+            "metric_update.j2", guard=self.guard(a.guard, em, program), histogram=histogram,
+            labelled=labelled, value=value, value_ctype="__s64" if signed else "__u64",
+            map=m.map.name, key_struct=self.struct_name(m.map.key), key_lines=key_lines,
+            bucket_fn="probec_bucket_s64" if signed else "probec_bucket_u64",
+            edges=f"probec_edges_{m.name}", steps=bucket_steps(len(m.edges)), sum_slot=m.sum_slot,
+            full_slot=self.health.add("metric_map_full", m.name) if labelled else -1)
+
+    def emit_event(self, a: ir.EmitEvent, em: CExpression, program: ir.Program) -> list[str]:
+        ev = program.event(a.event)
+        em.needs.add("now")
+        fields = {f.name: f for f in ev.fields}
+        field_lines: list[str] = []
+        stacks = next((mp.name for mp in program.maps if mp.type == "STACK_TRACE"), "")
+        for lf in ev.record.fields[len(HEADER_FIELDS):]:
+            target = f"probec_e->{c_member(lf, True)}"
+            if lf.name.startswith("__pad"):
+                field_lines.append(f"__builtin_memset({target}, 0, {lf.length});")
+                continue
+            f = fields[lf.name]
+            if f.stack:
+                flags = "BPF_F_USER_STACK" if f.stack == "user" else "0"
+                field_lines.append(f"{target} = bpf_get_stackid(ctx, &{stacks}, {flags});")
+            elif lf.ctype == "char":
+                field_lines += em.copy_string(target, lf.length, f.expr)
+            else:
+                field_lines.append(f"{target} = ({lf.ctype}){em.value(f.expr)};")
+        ringbuf = next(mp.name for mp in program.maps if mp.type == "RINGBUF")
+        return self.lines(
+            "emit_event.j2", condition=self.guard(a.guard, em, program, extra=a.when) or "1",
+            name=ev.name, index=ev.index, struct=self.struct_name(ev.record), ringbuf=ringbuf,
+            seen_slot=self.health.add("event_seen", ev.name),
+            limited_slot=self.health.add("event_rate_limited", ev.name),
+            lost_slot=self.health.add("events_lost"), field_lines=field_lines)
+
+    # -- whole program -------------------------------------------------------------------------
+    def probe_program(self, p: ir.Probe, program: ir.Program) -> tuple[str, CExpression] | None:
+        if p.kind not in SECTIONS:
+            self.unsupported("interval probes" if p.kind == "interval" else f"{p.kind} probes", where=p.spec_text)
+            return None
+        section, ctx_type = SECTIONS[p.kind]
+        em = CExpression(p, self)
+        actions: list[str] = []
+        for a in p.actions:
+            actions += self.action(a, em, program)
+        text = self.render(
+            "probe.bpf.c.j2", comment=c_comment(p.spec_text or p.id), section=section.format(
+                category=p.category, name=p.name), name=p.id, ctx_type=ctx_type, now="now" in em.needs,
+            comm="comm" in em.needs,
+            tp_strings=[{"name": f"probec_tp_{f.name}", "size": f.size, "offset": f.offset}
+                        for f in sorted(em.tp_strings.values(), key=lambda f: f.offset)],
+            actions=["\t" + line if line else "" for line in actions])
+        return text.rstrip("\n"), em
+
+    def edge_tables(self, program: ir.Program) -> list[dict]:
+        tables = []
+        for m in program.metrics:
+            if m.kind != "histogram":
+                continue
+            steps = bucket_steps(len(m.edges))
+            if steps > MAX_BUCKET_STEPS:
+                self.unsupported("bucket tables this large", where=f"metric '{m.name}' has {len(m.edges)} edges")
+                continue
+            if any(e > U64_MAX for e in m.edges):
+                self.unsupported("bucket edges above 2^64-1", where=f"metric '{m.name}'")
+                continue
+            padded = list(m.edges) + [U64_MAX] * ((1 << steps) - len(m.edges))
+            tables.append({"name": f"probec_edges_{m.name}", "size": len(padded),
+                           "edges": ", ".join(c_u64(v) for v in padded)})
+        return tables
+
+    def map_definitions(self, program: ir.Program) -> list[dict]:
+        out = []
+        for mp in program.maps:
+            d = {"name": mp.name, "type": mp.type, "max_entries": mp.max_entries, "key": "", "value": "",
+                 "key_size": "", "value_size": ""}
+            if mp.type == "STACK_TRACE":
+                d["key_size"], d["value_size"] = "sizeof(__u32)", f"{STACK_DEPTH} * sizeof(__u64)"
+            elif mp.type in ("ARRAY", "PERCPU_ARRAY"):
+                # the kernel wants an array's key typed as a 32-bit int (the layout's one __u32)
+                d["key"] = "__u32"
+                d["value"] = f"struct {self.struct_name(mp.value)}" if mp.value is not None else "__u64"
+            elif mp.type != "RINGBUF":
+                d["key"] = f"struct {self.struct_name(mp.key)}" if mp.key is not None else "__u64"
+                d["value"] = f"struct {self.struct_name(mp.value)}" if mp.value is not None else "__u64"
+            out.append(d)
+        return out
+
+    def layouts(self, program: ir.Program) -> list[dict]:
+        seen: dict[str, ir.Layout] = {}
+        events = {e.record.name for e in program.events}
+        for mp in program.maps:
+            for lay in (mp.key, mp.value):
+                if lay is not None:
+                    seen.setdefault(lay.name, lay)
+        for e in program.events:
+            seen.setdefault(e.record.name, e.record)
+        out = []
+        for lay in seen.values():
+            is_event = lay.name in events
+            members = []
+            for i, f in enumerate(lay.fields):
+                member = c_member(f, is_event and i >= len(HEADER_FIELDS))
+                members.append({"ctype": f.ctype, "name": member, "array": f"[{f.length}]" if f.ctype == "char" else "",
+                                "offset": f.offset})
+            out.append({"struct": self.struct_name(lay), "size": lay.size, "members": members})
+        return out
+
+    def build(self, program: ir.Program) -> Bundle:
+        name = program.name
+        chosen_programs = []
+        probe_texts = []
+        tp_checks = []
+        for p in program.probes:
+            built = self.probe_program(p, program)
+            if built is None:
+                continue
+            text, em = built
+            probe_texts.append(text)
+            section = SECTIONS[p.kind][0].format(category=p.category, name=p.name)
+            chosen_programs.append({"probe": p.id, "program": p.id, "section": section, "kind": p.kind})
+            for f in sorted(em.tp_fields.values(), key=lambda f: f.offset):
+                tp_checks.append({"probe": p.id, "tracepoint": f"{p.category}:{p.name}", "field": f.name,
+                                  "offset": f.offset, "size": f.size})
+        edge_tables = self.edge_tables(program)
+        ringbuf = next((mp for mp in program.maps if mp.type == "RINGBUF"), None)
+        wakeup = max(1, program.ringbuf_bytes // 4) if ringbuf else 0
+        settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0}]
+        if ringbuf is not None:
+            settings.append({"name": "probec_wakeup_bytes", "ctype": "__u64", "size": 8, "value": wakeup})
+        for e in program.events:
+            settings.append({"name": f"probec_sample_every_{e.name}", "ctype": "__u64", "size": 8,
+                             "value": e.sample_every})
+            settings.append({"name": f"probec_max_per_second_{e.name}", "ctype": "__u64", "size": 8,
+                             "value": e.max_per_second})
+        if not self.health.slots:
+            self.health.add("unused")
+        has_usdt = any(p.kind == "usdt" for p in program.probes)
+        header_name, source_name, object_name = f"{name}.h", f"{name}.bpf.c", f"{name}.bpf.o"
+        source = self.render(
+            "program.bpf.c.j2", source=program.source, name=name, header=header_name, usdt=has_usdt,
+            settings=settings, maps=self.map_definitions(program), health_slots=len(self.health.slots),
+            edge_tables=edge_tables, strings=self.strings.definitions(),
+            rates=[e.name for e in program.events], programs=probe_texts)
+        header = self.render("header.h.j2", source=program.source, name=name,
+                             guard=f"PROBEC_{name.upper()}_H", layouts=self.layouts(program),
+                             slots=[{"text": f"{s['slot']}: {s['kind']} {s['name']}".rstrip()}
+                                    for s in self.health.slots])
+        loader = self.render("loader.py.j2", source=program.source, name=name)
+        shared = resources.files("probec.templates").joinpath("core", "probec.bpf.h").read_bytes()
+        files = {source_name: source.encode(), header_name: header.encode(), "probec.bpf.h": shared,
+                 "loader.py": loader.encode()}
+        file_roles = {"source": source_name, "header": header_name, "helpers": "probec.bpf.h", "loader": "loader.py"}
+        if self.compile and not self.d.has_errors():
+            obj = self.compile_object(files, source_name, object_name)
+            if obj is not None:
+                files[object_name] = obj
+                file_roles["object"] = object_name
+        signed = {}
+        for m in program.metrics:
+            signed[m.name] = False
+        for p in program.probes:
+            for a in p.actions:
+                for upd in (a.then if isinstance(a, ir.SpanEnd) else (a,)):
+                    if isinstance(upd, ir.MetricUpdate) and upd.value is not None and upd.value.type.signed:
+                        signed[upd.metric] = True
+        manifest = self.base_manifest(program, files=file_roles, core={
+            "object": file_roles.get("object"),
+            "programs": chosen_programs,
+            "settings": [{k: s[k] for k in ("name", "size", "value")} for s in settings],
+            "health_map": {"name": "probec_health", "slots": len(self.health.slots)},
+            "health": self.health.slots,
+            "tracepoint_fields": tp_checks,
+            "ringbuf": {"map": ringbuf.name, "bytes": ringbuf.max_entries, "wakeup_bytes": wakeup} if ringbuf else None,
+            "stack_map": next((mp.name for mp in program.maps if mp.type == "STACK_TRACE"), None),
+            "stack_depth": STACK_DEPTH,
+            "value_signed": signed,
+        })
+        return Bundle(name, self.name, files, manifest)
+
+    def compile_object(self, files: dict[str, bytes], source_name: str, object_name: str) -> bytes | None:
+        try:
+            result = toolchain.compile_object(files, source_name, object_name)
+        except toolchain.ToolchainError as exc:
+            self.d.warning("W521", f"wrote the C source but no {object_name}: {exc}", None,
+                           "build the bundle where clang and bpftool exist; 'probec run' needs the object")
+            return None
+        if result.object is None:
+            lines = result.error.splitlines()
+            self.d.error("E520", f"clang rejected the generated C for {source_name} (a probec bug; please report it)",
+                         None, *lines[:12])
+            return None
+        return result.object

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian 12 machine, as root: the packages probec and its tests use,
+# tracefs, and the Python package. Safe to run again; does nothing that is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(bpftrace clang llvm libbpf-dev libbpf1 bpftool systemtap-sdt-dev libelf-dev zlib1g-dev
+          gcc g++ make binutils iproute2)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing packages ${missing[*]}; run as root to install them" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -d /sys/kernel/tracing/events/sched ] && [ "$(id -u)" -eq 0 ]; then
+  mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+fi
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c "import probec.compiler, probec.runtime, lark, jinja2, yaml, prometheus_client, pytest" 2>/dev/null \
+   || [ pyproject.toml -nt .setup-stamp ]; then
+  echo "setup: installing the probec Python package" >&2
+  "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "Running pip as the 'root' user" >&2 || true
+  "$PYTHON" -c "import probec.compiler, probec.runtime" 
+  touch .setup-stamp
+fi

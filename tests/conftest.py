@@ -1,0 +1,65 @@
+"""Shared fixtures. Kernel tests need root, tracefs and the tools; under CI=true a missing
+prerequisite fails the test instead of skipping it, so CI can never pass without running them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOADS = ROOT / "tests" / "workloads" / "build"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", help="rewrite golden files from current output")
+
+
+def kernel_unavailable(need_bpftrace: bool = False, need_clang: bool = False) -> str | None:
+    """Why kernel tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "kernel tests need root"
+    if not os.path.isdir("/sys/kernel/tracing/events/sched"):
+        try:
+            subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], check=True,
+                           capture_output=True)
+        except (OSError, subprocess.CalledProcessError):
+            return "tracefs is not mounted and cannot be mounted"
+    if need_bpftrace and shutil.which("bpftrace") is None:
+        return "bpftrace is not installed"
+    if need_clang and shutil.which("clang") is None:
+        return "clang is not installed"
+    return None
+
+
+def require_kernel(need_bpftrace: bool = False, need_clang: bool = False) -> None:
+    reason = kernel_unavailable(need_bpftrace, need_clang)
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"kernel test cannot run under CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def workloads() -> Path:
+    """Build the test workloads once per session."""
+    result = subprocess.run(["make", "-s", "-C", str(ROOT / "tests" / "workloads")], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"building tests/workloads failed:\n{result.stderr}")
+    return WORKLOADS
+
+
+@pytest.fixture
+def bpftrace_kernel():
+    require_kernel(need_bpftrace=True)
+
+
+def probec(*args: str, timeout: float = 120, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run the probec CLI as a user would."""
+    return subprocess.run([sys.executable, "-m", "probec", *args], capture_output=True, text=True,
+                          timeout=timeout, check=check, cwd=kw.pop("cwd", ROOT), **kw)
