@@ -384,9 +384,11 @@ class Lowering:
                 return None
             within = self.within(m.within, "")
             updates.append((build, in_span, MetricUpdate(m.name, value, Guard(filt, within))))
+        if value_type is not None and value_type.dimension == "none" and m.buckets:
+            value_type = ValueType("int", m.buckets.dimension)   # a plain count with byte buckets is bytes
         unit, scale = self.metric_unit(m, value_type)
         edges = m.buckets.edges if m.buckets else ()
-        if m.buckets and value_type is not None and m.buckets.dimension != "none" \
+        if m.buckets and value_type is not None and "none" not in (m.buckets.dimension, value_type.dimension) \
                 and value_type.dimension != m.buckets.dimension:
             self.d.error("E321", f"{what}: buckets are {m.buckets.dimension}s but the value is "
                          f"{value_type.describe()}", m.buckets.span)
