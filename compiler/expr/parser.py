@@ -27,7 +27,9 @@ _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"'}
 @functools.lru_cache(maxsize=1)
 def _parser() -> lark.Lark:
     grammar = resources.files(__package__).joinpath("expr.lark").read_text()
-    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+    # cache=True keeps the LALR tables in a temp file keyed by a hash of the grammar and lark's
+    # version: building them costs more than the rest of a check.
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=False, cache=True)
 
 
 def _unquote(token: str) -> str:
