@@ -32,14 +32,17 @@ class FormatField:
 class HostInfo:
     """Facts about this machine, each read once."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, tracefs_roots: tuple[str, ...] = TRACEFS_ROOTS,
+                 btf_path: str = "/sys/kernel/btf/vmlinux"):
         self.enabled = enabled
+        self.tracefs_roots = tracefs_roots
+        self.btf_path = btf_path
 
     @functools.cached_property
     def tracefs(self) -> Path | None:
         if not self.enabled:
             return None
-        for root in TRACEFS_ROOTS:
+        for root in self.tracefs_roots:
             if os.access(os.path.join(root, "events"), os.R_OK) and os.path.isdir(os.path.join(root, "events", "sched")):
                 return Path(root)
         return None
@@ -54,6 +57,17 @@ class HostInfo:
         except OSError:
             return None
         return set(text.split())
+
+    @functools.cached_property
+    def btf_tracepoints(self) -> set[str] | None:
+        """Tracepoint names (without category) from kernel BTF, where tracefs is not readable:
+        every tracepoint has a `btf_trace_NAME` typedef. None when BTF is not readable either."""
+        if not self.enabled:
+            return None
+        names = btf_strings(self.btf_path)
+        if names is None:
+            return None
+        return {n[len("btf_trace_"):] for n in names if n.startswith("btf_trace_")}
 
     @functools.lru_cache(maxsize=None)
     def tracepoint_format(self, category: str, name: str) -> dict[str, FormatField] | None:
@@ -135,3 +149,22 @@ def parse_format(text: str) -> dict[str, FormatField]:
         fields[name] = FormatField(name, ctype, int(m.group("off")), int(m.group("size")),
                                    m.group("signed") == "1", array_len)
     return fields
+
+
+def btf_strings(path: str) -> set[str] | None:
+    """All names in a BTF blob's string section (header: magic, version, flags, hdr_len,
+    type_off, type_len, str_off, str_len)."""
+    import struct
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if len(data) < 24:
+        return None
+    magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+    if magic != 0xEB9F:
+        return None
+    _type_off, _type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+    start = hdr_len + str_off
+    return {s.decode("ascii", "replace") for s in data[start:start + str_len].split(b"\0") if s}

@@ -44,6 +44,7 @@ class Lowering:
         self.chosen: dict[str, int] = {}
         self.symbols: dict[tuple, tuple[str, int] | None] = {}
         self.failed_symbols: set[tuple[str, str]] = set()
+        self.warned_no_tracefs = False
         self.span_ends: dict[str, list[tuple]] = {}   # span -> [(probe key, end key expr, ctx)]
         self.span_maps: dict[str, MapSpec] = {}
         self.needs_stacks = False
@@ -148,6 +149,18 @@ class Lowering:
     def check_tracepoint(self, addr: ProbeAddress, category: str, name: str) -> bool:
         tps = self.host.tracepoints
         if tps is None:
+            known = self.host.btf_tracepoints
+            if known is None:
+                if self.host.enabled and not self.warned_no_tracefs:
+                    self.warned_no_tracefs = True
+                    self.d.warning("W313", "tracefs and kernel BTF are not readable: tracepoint names and "
+                                   "fields were not checked", addr.span,
+                                   "run as root, or mount tracefs: mount -t tracefs nodev /sys/kernel/tracing")
+                return True
+            if name not in known:
+                self.d.error("E308", f"unknown tracepoint '{addr.text}' (kernel BTF has no btf_trace_{name})",
+                             addr.span, did_you_mean(name, known))
+                return False
             return True
         if f"{category}:{name}" in tps:
             return True
@@ -495,7 +508,8 @@ class Lowering:
             probes.append(replace(build.probe, actions=tuple(build.actions)))
             if build.ctx.notes:
                 self.d.warning("W313", f"{build.ctx.description}: tracefs is not readable, so fields "
-                               f"{', '.join(sorted(set(build.ctx.notes)))} were not checked", None,
+                               f"{', '.join(sorted(set(build.ctx.notes)))} were not checked (BTF names "
+                               "tracepoints but not their fields)", None,
                                "mount tracefs (mount -t tracefs nodev /sys/kernel/tracing) or run as root")
         self.unused_spans()
         if self.d.has_errors():

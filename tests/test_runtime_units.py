@@ -1,0 +1,67 @@
+"""Runtime pieces that need no kernel: quantiles, series caps, bpftrace map decoding, exposition."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from probec.runtime.bpftrace_runner import MapDecoder
+from probec.runtime.exporter import Exporter
+from probec.runtime.store import OVERFLOW, HistogramSeries, MetricStore, quantile
+
+HIST = {"name": "lat_seconds", "kind": "histogram", "help": "h", "unit": "seconds", "scale": 1e-9,
+        "labels": [{"name": "comm", "type": "str"}], "edges": [1000, 2000, 4000], "sum_slot": 4,
+        "map": "m_lat_seconds", "series_limit": 2}
+COUNTER = {"name": "calls_total", "kind": "counter", "help": "c", "unit": "", "scale": 1.0,
+           "labels": [{"name": "comm", "type": "str"}, {"name": "pid", "type": "int"}], "edges": [],
+           "sum_slot": None, "map": "m_calls_total", "series_limit": 10}
+MANIFEST = {"name": "t", "metrics": [HIST, COUNTER], "events": []}
+
+
+def test_quantile_interpolates_like_histogram_quantile():
+    edges = [1.0, 2.0, 4.0]
+    assert quantile(0.5, edges, [0, 10, 0, 0]) == 1.5
+    assert quantile(0.99, edges, [100, 0, 0, 0]) == 0.99
+    assert quantile(0.5, edges, [0, 0, 0, 5]) == 4.0          # +Inf: the last edge
+    assert quantile(0.5, edges, [0, 0, 0, 0]) is None
+
+
+def test_series_cap_folds_the_smallest_into_overflow():
+    store = MetricStore(MANIFEST)
+    store.replace("lat_seconds", {("a",): HistogramSeries([5, 0, 0, 0], 10), ("b",): HistogramSeries([0, 9, 0, 0], 9),
+                                  ("c",): HistogramSeries([1, 0, 0, 0], 1), ("d",): HistogramSeries([0, 0, 2, 0], 6)})
+    snap = store.snapshot()["lat_seconds"]
+    assert set(snap.series) == {("a",), ("b",), (OVERFLOW,)}
+    assert snap.series[(OVERFLOW,)].buckets == [1, 0, 2, 0] and snap.dropped_series == 2
+
+
+def test_bpftrace_keys_with_commas_in_a_string_label():
+    store = MetricStore(MANIFEST)
+    dec = MapDecoder(MANIFEST, store)
+    dec.feed("@m_calls_total", {"a,b,c,42": 3, "plain,7": 1})
+    assert store.snapshot()["calls_total"].series == {("a,b,c", 42): 3, ("plain", 7): 1}
+    dec.feed("@m_lat_seconds", {"x,y,1": 4, "x,y,3": 1})
+    dec.feed("@m_lat_seconds_sum", {"x,y": 9000})
+    series = store.snapshot()["lat_seconds"].series[("x,y",)]
+    assert series.buckets == [0, 4, 0, 1] and series.sum == 9000
+
+
+def test_counts_carry_over_a_restart():
+    store = MetricStore(MANIFEST)
+    dec = MapDecoder(MANIFEST, store)
+    dec.feed("@m_calls_total", {"a,1": 5})
+    dec.carry_over()
+    dec.feed("@m_calls_total", {"a,1": 2, "b,2": 1})
+    assert store.snapshot()["calls_total"].series == {("a", 1): 7, ("b", 2): 1}
+
+
+def test_exposition_uses_le_edges_in_seconds():
+    store = MetricStore(MANIFEST)
+    store.replace("lat_seconds", {("srv",): HistogramSeries([1, 2, 0, 1], 9000)})
+    store.remember()
+    text = Exporter(store, "t", "core").text()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    buckets = {s.labels["le"]: s.value for s in fams["lat_seconds"].samples if s.name.endswith("_bucket")}
+    assert buckets == {"1e-06": 1, "2e-06": 3, "4e-06": 3, "+Inf": 4}
+    total = [s.value for s in fams["lat_seconds"].samples if s.name.endswith("_sum")]
+    assert abs(total[0] - 9e-6) < 1e-15
+    assert "probec_up" in fams and "probec_events_lost" in fams
