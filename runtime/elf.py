@@ -55,12 +55,9 @@ _SHT_NOBITS = 8
 _SHT_DYNSYM = 11
 _SHT_GNU_VERDEF = 0x6FFFFFFD
 _SHT_GNU_VERSYM = 0x6FFFFFFF
-_SHF_ALLOC = 0x2
-_SHF_EXECINSTR = 0x4
 
 _SHN_UNDEF = 0
 _SHN_LORESERVE = 0xFF00
-_SHN_ABS = 0xFFF1
 _SHN_XINDEX = 0xFFFF
 
 _PT_LOAD = 1
@@ -187,13 +184,10 @@ class UsdtProbe:
         parsed = []
         for operand in self.arguments.split():
             size_text, sep, location = operand.partition("@")
-            try:
+            if sep and size_text.lstrip("-").isdigit():
                 size = int(size_text)
-            except ValueError:
-                size, location = 8, operand  # old notes: no size prefix
-            else:
-                if not sep:
-                    size, location = 8, operand
+            else:  # old notes: no size prefix
+                size, location = 8, operand
             parsed.append(UsdtArgument(abs(size), size < 0, location))
         return tuple(parsed)
 
@@ -378,7 +372,7 @@ class ElfFile:
         self.path = os.fspath(path)
         self._map = self._open()
         self.file_size = len(self._map)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._symbol_tables: list[_SymbolTable] | None = None
         self._symbols: tuple[Symbol, ...] | None = None
         self._by_address: tuple[list[int], list[Symbol]] | None = None
@@ -605,7 +599,7 @@ class ElfFile:
         if verdef is not None and 0 < verdef.link < len(self.sections):
             strings = self.sections[verdef.link]
             offset = verdef.offset
-            for _ in range(max(verdef.info, 0)):
+            for _ in range(min(verdef.info, verdef.size // _VERDEF.size)):
                 _, flags, index, _, _, aux, next_off = self._unpack(_VERDEF, offset,
                                                                     ".gnu.version_d")
                 name_idx, _ = self._unpack(_VERDAUX, offset + aux, ".gnu.version_d aux")
@@ -637,7 +631,8 @@ class ElfFile:
     def find_function(self, name: str) -> list[Symbol]:
         """Defined functions called `name`, one per address, sorted by address.
 
-        An exact symbol-name match (C name, mangled name, or `name` without `@VERSION`) wins.
+        An exact symbol-name match wins: C name, mangled name, `name` without `@VERSION`
+        (default versions are preferred), or `name@VERSION` for one version.
         Otherwise demangled C++ names match either in full (`Inference::Warmup(int)`; spaces and
         trailing `const` are not significant) or by qualified name without parameters
         (`Inference::Forward` matches every `Inference::Forward(...)`; template arguments and
@@ -651,6 +646,11 @@ class ElfFile:
             return []
         exact = [table.symbol(i) for table in self._tables()
                  for i in table.functions_named(wanted)]
+        if not exact and "@" in wanted:  # `foo@VER_1` in a stripped file: ask .gnu.version
+            base, _, version = wanted.partition("@")
+            exact = [symbol for table in self._tables() for symbol in
+                     map(table.symbol, table.functions_named(base))
+                     if symbol.version == version.lstrip("@")]
         if exact:
             return _distinct_functions(exact, wanted)
         return _distinct_functions(self._demangled_matches(wanted), wanted)
@@ -661,11 +661,18 @@ class ElfFile:
         # Every mangled name spells out its last identifier, except constructors and
         # destructors of the std classes the ABI abbreviates: a cheap filter before demangling.
         needle = last if last and last not in _ABBREVIATED_STD and "operator" not in wanted else ""
+        # Itanium names spell each plain component as <length><identifier> ("6linear4call"):
+        # requiring all of them skips demangling nearly every symbol of a large C++ library.
+        needles = [f"{len(c)}{c}" for c in _strip_templates(_strip_abi_tags(name_part)).split("::")
+                   if _IDENTIFIER.fullmatch(c) and c != "std" and c not in _ABBREVIATED_STD
+                   and "operator" not in c] if needle else []
         target = _squash(wanted) if params is not None else _squash(name_part)
         matches = []
         for table, i in self._function_refs():
             mangled = table.names[i]
             if not mangled.startswith("_Z") or (needle and needle not in mangled):
+                continue
+            if any(n not in mangled for n in needles):
                 continue
             keys = _match_keys(demangle(mangled))
             if keys is None:
@@ -707,7 +714,8 @@ class ElfFile:
 
     def symbol_at(self, vaddr: int) -> tuple[Symbol, int] | None:
         """The function or object covering link-time address `vaddr` and the offset into it.
-        A symbol of size 0 covers everything up to the next symbol."""
+        A symbol of size 0 (assembler labels such as `_init`) covers everything up to the next
+        symbol in its own section."""
         if self._by_address is None:
             with self._lock:
                 if self._by_address is None:
@@ -717,8 +725,13 @@ class ElfFile:
         if i < 0:
             return None
         symbol = symbols[i]
-        if symbol.size and vaddr >= symbol.value + symbol.size:
-            return None
+        if symbol.size:
+            if vaddr >= symbol.value + symbol.size:
+                return None
+        elif symbol.shndx < len(self.sections):
+            section = self.sections[symbol.shndx]
+            if not section.addr <= vaddr < section.addr + section.size:
+                return None
         return symbol, vaddr - symbol.value
 
     def _address_index(self) -> tuple[list[int], list[Symbol]]:
@@ -890,12 +903,16 @@ class _SymbolTable:
     def symbol(self, i: int) -> Symbol:
         _, info, _, shndx, value, size = self.raw[i]
         typ, bind = info & 0xF, info >> 4
+        name = self.names[i]
         version, hidden = None, False
         if self.versym is not None and shndx != _SHN_UNDEF:
             entry = self.versym[i]
             version = self.version_names.get(entry & 0x7FFF)
             hidden = bool(entry & _VERSYM_HIDDEN)
-        return Symbol(self.names[i], value, size, SYMBOL_TYPES.get(typ) or f"TYPE_{typ}",
+        elif "@" in name:  # .symtab spells versions out: `foo@@VER_2` default, `foo@VER_1` not
+            tail = name.split("@", 1)[1]
+            version, hidden = tail.lstrip("@") or None, not tail.startswith("@")
+        return Symbol(name, value, size, SYMBOL_TYPES.get(typ) or f"TYPE_{typ}",
                       SYMBOL_BINDS.get(bind) or f"BIND_{bind}", shndx, self.label, version,
                       hidden)
 
@@ -936,31 +953,37 @@ def _last_identifier(text: str) -> str:
 
 
 def _alias_rank(symbol: Symbol, wanted: str) -> tuple:
+    """Sort key choosing one name among aliases at one address: the name asked for, a default
+    symbol version, a sized symbol, fewer leading underscores (`getpid` over `__getpid`),
+    GLOBAL over WEAK over LOCAL, then the `.dynsym` copy (it carries the version)."""
     return (symbol.name != wanted and symbol.name.split("@", 1)[0] != wanted,
             symbol.hidden_version,
             symbol.size == 0,
+            len(symbol.name) - len(symbol.name.lstrip("_")),
             _BIND_PREFERENCE.get(symbol.bind, 9),
-            symbol.name.startswith("_"),  # `getpid` over `__getpid`
-            symbol.table != ".symtab",
+            symbol.table != ".dynsym",
             len(symbol.name),
             symbol.name)
 
 
 def _distinct_functions(found: list[Symbol], wanted: str) -> list[Symbol]:
-    """One symbol per address (aliases, .symtab/.dynsym copies), preferring a sized symbol,
-    a default symbol version, and the name asked for; sized functions over size-0 labels and
-    default versions over `name@OLD` ones when both kinds exist."""
-    by_address: dict[int, Symbol] = {}
+    """One symbol per address (aliases, `.symtab`/`.dynsym` copies), sorted by address.
+    Sized functions win over size-0 labels, and default versions over `name@OLD` ones, when
+    both kinds are among the candidates."""
+    groups: dict[int, list[Symbol]] = {}
     for symbol in found:
-        current = by_address.get(symbol.value)
-        if current is None or _alias_rank(symbol, wanted) < _alias_rank(current, wanted):
-            by_address[symbol.value] = symbol
-    chosen = list(by_address.values())
-    if any(s.size for s in chosen):
-        chosen = [s for s in chosen if s.size]
-    if any(not s.hidden_version for s in chosen):
-        chosen = [s for s in chosen if not s.hidden_version]
-    return sorted(chosen, key=lambda s: s.value)
+        groups.setdefault(symbol.value, []).append(symbol)
+    chosen = []
+    for group in groups.values():
+        best = min(group, key=lambda s: _alias_rank(s, wanted))
+        versioned = [s for s in group if s.version is not None or s.hidden_version]
+        hidden = bool(versioned) and all(s.hidden_version for s in versioned)
+        chosen.append((best, hidden))
+    if any(symbol.size for symbol, _ in chosen):
+        chosen = [(symbol, hidden) for symbol, hidden in chosen if symbol.size]
+    if any(not hidden for _, hidden in chosen):
+        chosen = [(symbol, hidden) for symbol, hidden in chosen if not hidden]
+    return sorted((symbol for symbol, _ in chosen), key=lambda s: s.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,31 +77,19 @@ class KernelSymbols:
         except OSError as exc:
             self.unavailable_reason = f"cannot read {self.path}: {exc.strerror or exc}"
             return
-        entries = []
-        nonzero = False
-        for line in data.decode("utf-8", "replace").splitlines():
-            parts = line.split(None, 3)
-            if len(parts) < 3 or parts[1] not in _KERNEL_TEXT_TYPES:
-                continue
-            try:
-                address = int(parts[0], 16)
-            except ValueError:
-                continue
-            if address:
-                nonzero = True
-            module = parts[3].strip().strip("[]") if len(parts) > 3 else None
-            entries.append((address, parts[2], module))
-        if not entries:
+        text = data.decode("utf-8", "replace")
+        addresses, names, modules = _parse_kallsyms(text)
+        if not addresses:
             self.unavailable_reason = f"{self.path} lists no kernel text symbols"
             return
-        if not nonzero:
+        if not any(addresses):
             self.unavailable_reason = (f"{self.path} shows only zero addresses: kernel symbols "
                                        "are hidden (kernel.kptr_restrict, or not running as root)")
             return
-        entries.sort(key=lambda entry: entry[0])
-        self._starts = [address for address, _, _ in entries]
-        self._names = [name for _, name, _ in entries]
-        self._modules = [module for _, _, module in entries]
+        order = sorted(range(len(addresses)), key=addresses.__getitem__)
+        self._starts = [addresses[i] for i in order]
+        self._names = [names[i] for i in order]
+        self._modules = [modules[i] for i in order]
 
     def _index(self, address: int) -> int:
         return bisect.bisect_right(self._starts, address) - 1
@@ -128,6 +116,39 @@ class KernelSymbols:
         text = f"{self._names[i]}+{address - self._starts[i]:#x}"
         module = self._modules[i]
         return f"{text} [{module}]" if module else text
+
+
+def _parse_kallsyms(text: str) -> tuple[list[int], list[str], list[str | None]]:
+    """Text symbols as parallel lists (address, name, module). vmlinux comes first and its
+    lines are exactly three fields, so that part is split in one go; module lines
+    (`addr t name\t[module]`) are parsed one by one."""
+    first_module = text.find("\t[")
+    cut = len(text) if first_module < 0 else text.rfind("\n", 0, first_module) + 1
+    addresses: list[int] = []
+    names: list[str] = []
+    modules: list[str | None] = []
+    tokens = text[:cut].split()
+    if len(tokens) % 3 == 0:
+        for address, kind, name in zip(tokens[0::3], tokens[1::3], tokens[2::3]):
+            if kind in _KERNEL_TEXT_TYPES:
+                addresses.append(int(address, 16))
+                names.append(name)
+        modules.extend([None] * len(addresses))
+        rest = text[cut:]
+    else:
+        rest = text
+    for line in rest.splitlines():
+        parts = line.split(None, 3)
+        if len(parts) < 3 or parts[1] not in _KERNEL_TEXT_TYPES:
+            continue
+        try:
+            address = int(parts[0], 16)
+        except ValueError:
+            continue
+        addresses.append(address)
+        names.append(parts[2])
+        modules.append(parts[3].strip().strip("[]") if len(parts) > 3 else None)
+    return addresses, names, modules
 
 
 # ---------------------------------------------------------------------------------------------

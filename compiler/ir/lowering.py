@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, replace
 
@@ -45,6 +46,7 @@ class Lowering:
         self.symbols: dict[tuple, tuple[str, int] | None] = {}
         self.failed_symbols: set[tuple[str, str]] = set()
         self.warned_no_tracefs = False
+        self.binaries: dict[str, str | None] = {}
         self.span_ends: dict[str, list[tuple]] = {}   # span -> [(probe key, end key expr, ctx)]
         self.span_maps: dict[str, MapSpec] = {}
         self.needs_stacks = False
@@ -52,6 +54,12 @@ class Lowering:
 
     # -- probes --------------------------------------------------------------------------------
     def binary_path(self, addr: ProbeAddress) -> str | None:
+        """The absolute path of a probe's binary; each binary's problems are reported once."""
+        if addr.target not in self.binaries:
+            self.binaries[addr.target] = self._binary_path(addr)
+        return self.binaries[addr.target]
+
+    def _binary_path(self, addr: ProbeAddress) -> str | None:
         target = addr.target
         b = self.spec.binaries.get(target)
         path = b.path if b else target
@@ -61,9 +69,22 @@ class Lowering:
                          addr.span, did_you_mean(target, self.spec.binaries) or
                          "declare it: 'binaries: {NAME: /path/to/file}'")
             return None
+        if "${" in path:
+            from ..spec.loader import ENV_REFERENCE, SAFE_PATH
+            unset = [v for v in ENV_REFERENCE.findall(path) if v not in os.environ]
+            if unset:
+                report = self.d.warning if optional else self.d.error
+                report("W303" if optional else "E303", f"binary '{target}': environment variable "
+                       f"{unset[0]} is not set", b.span if b else addr.span,
+                       f"set it where the spec is built, e.g. {unset[0]}=/path/to/folder")
+                return None
+            path = ENV_REFERENCE.sub(lambda m: os.environ[m.group(1)], path)
+            if not SAFE_PATH.match(path):
+                self.d.error("E111", f"binary '{target}' expands to '{path}', which has characters probec "
+                             "does not accept in a path", b.span if b else addr.span)
+                return None
         if "/" in path and not path.startswith("/"):
             # Relative paths are relative to the spec file, so a spec and its workload travel together.
-            import os.path
             path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(self.spec.file)), path))
         if not self.host.enabled:
             return path
@@ -113,7 +134,7 @@ class Lowering:
         offset = addr.offset
         if offset == 0 and self.opt.placement == "auto" and addr.kind in ("uprobe", "uretprobe"):
             try:
-                if ef.starts_with_endbr64(sym.name):
+                if ef.starts_with_endbr64(sym):
                     offset = 4
             except elf.ElfError:
                 pass
@@ -135,7 +156,7 @@ class Lowering:
                          did_you_mean(f"{addr.provider}:{addr.name}", names) or
                          ("its probes: " + ", ".join(names[:8]) if names else "it has no USDT probes at all"))
             return -1
-        counts = {len(p.arguments) if hasattr(p, "arguments") else len(p.args.split()) for p in match}
+        counts = {len(p.args) for p in match}
         return min(counts)
 
     def kernel_function(self, addr: ProbeAddress) -> bool:

@@ -22,6 +22,8 @@ METRIC_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 # Characters allowed in binary paths and symbols: enough for real files and mangled C++ names,
 # nothing that can break out of a bpftrace probe address or a C string.
 SAFE_PATH = re.compile(r"[A-Za-z0-9_./+@-]+\Z")
+# Binary paths may name environment variables, expanded when the spec is built: ${TORCH_LIB}.
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SAFE_SYMBOL = re.compile(r"[A-Za-z0-9_.$:~<>, *&()\[\]+-]+\Z")
 
 TOP_KEYS = ("version", "name", "description", "binaries", "limits", "spans", "metrics", "events")
@@ -226,9 +228,9 @@ class SpecLoader:
             s = self.expect_scalar(value, f"binary '{key.value}'")
             if s is None:
                 continue
-            if not SAFE_PATH.match(s.value):
+            if not SAFE_PATH.match(ENV_REFERENCE.sub("x", s.value)):
                 self.d.error("E111", f"path '{s.value}' has characters probec does not accept in a path",
-                             s.span, "use letters, digits and ._/+@-")
+                             s.span, "use letters, digits and ._/+@-, and ${VARIABLE} for the environment")
                 continue
             out[key.value] = Binary(key.value, s.value, s.span, optional)
         return out
