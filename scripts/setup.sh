@@ -27,6 +27,11 @@ if [ ! -d /sys/kernel/tracing/events/sched ] && [ "$(id -u)" -eq 0 ]; then
 fi
 
 PYTHON=${PYTHON:-python3}
+# The demo's model server and its test use PyTorch (CPU). A local wheel is used where pip finds one.
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  echo "setup: installing torch 2.13.0 (CPU)" >&2
+  "$PYTHON" -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "Running pip as the 'root' user" >&2 || true
+fi
 if ! "$PYTHON" -c "import probec.compiler, probec.runtime, lark, jinja2, yaml, prometheus_client, pytest" 2>/dev/null \
    || [ pyproject.toml -nt .setup-stamp ]; then
   echo "setup: installing the probec Python package" >&2
