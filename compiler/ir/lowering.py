@@ -47,6 +47,7 @@ class Lowering:
         self.failed_symbols: set[tuple[str, str]] = set()
         self.warned_no_tracefs = False
         self.binaries: dict[str, str | None] = {}
+        self.left_out_binaries: set[str] = set()   # optional binaries that are missing here
         self.span_ends: dict[str, list[tuple]] = {}   # span -> [(probe key, end key expr, ctx)]
         self.span_maps: dict[str, MapSpec] = {}
         self.needs_stacks = False
@@ -77,6 +78,8 @@ class Lowering:
                 report("W303" if optional else "E303", f"binary '{target}': environment variable "
                        f"{unset[0]} is not set", b.span if b else addr.span,
                        f"set it where the spec is built, e.g. {unset[0]}=/path/to/folder")
+                if optional:
+                    self.left_out_binaries.add(target)
                 return None
             path = ENV_REFERENCE.sub(lambda m: os.environ[m.group(1)], path)
             if not SAFE_PATH.match(path):
@@ -97,6 +100,8 @@ class Lowering:
                    (b.span if b else addr.span),
                    "mark it 'optional: true' under binaries to make this a warning" if not optional else
                    "probes on it are left out of this build")
+            if optional:
+                self.left_out_binaries.add(target)
             return None
 
     def resolve_symbol(self, addr: ProbeAddress, path: str) -> tuple[str, int] | None:
@@ -522,6 +527,8 @@ class Lowering:
             for build, key in ends:
                 then = tuple(upd for name, upd in self.pending_end.get(id(build), []) if name == span)
                 build.actions.append(SpanEnd(span, key, then))
+        if self.left_out_binaries and not self.d.has_errors():
+            metrics, events = self.leave_out(metrics, events)
         probes = []
         for build in self.probes.values():
             if not build.actions:
@@ -545,6 +552,49 @@ class Lowering:
                        spans, tuple(metrics), tuple(events), tuple(maps), self.spec.limits.ringbuf_bytes,
                        self.needs_stacks, tuple(self.groups.items()), tuple(self.chosen.items()),
                        tuple(self.notes))
+
+    def leave_out(self, metrics: list[Metric], events: list[Event]) -> tuple[list[Metric], list[Event]]:
+        """Leave out, with a warning, what lost its probes to a missing optional binary: spans
+        that never begin, then whatever is `within` them or runs at their end (repeatedly, since
+        a span within a left-out span is left out too), then metrics and events with no update left."""
+        missing = ", ".join(sorted(self.left_out_binaries))
+        gone: set[str] = set()
+        while True:
+            begun = {a.span for b in self.probes.values() for a in b.actions if isinstance(a, SpanBegin)}
+            newly = set(self.span_maps) - begun - gone
+            if not newly:
+                break
+            gone |= newly
+            for build in self.probes.values():
+                kept = []
+                for a in build.actions:
+                    if isinstance(a, SpanEnd):
+                        if a.span in gone:
+                            continue
+                        a = replace(a, then=tuple(t for t in a.then if not set(t.guard.within) & gone))
+                    elif set(a.guard.within) & gone:
+                        continue
+                    kept.append(a)
+                build.actions[:] = kept
+        for name in self.spec.spans:
+            if name in gone:
+                del self.span_maps[name]
+                self.d.warning("W304", f"span '{name}' is left out of this build: its probes, or a span it "
+                               f"is within, need missing optional binaries ({missing})", self.spec.spans[name].span)
+        updated, emitted = set(), set()
+        for build in self.probes.values():
+            for a in build.actions:
+                for x in (a.then if isinstance(a, SpanEnd) else (a,)):
+                    if isinstance(x, MetricUpdate):
+                        updated.add(x.metric)
+                    elif isinstance(x, EmitEvent):
+                        emitted.add(x.event)
+        for kind, items, active in (("metric", self.spec.metrics, updated), ("event", self.spec.events, emitted)):
+            for name, item in items.items():
+                if name not in active:
+                    self.d.warning("W304", f"{kind} '{name}' is left out of this build: every probe it needs "
+                                   f"is on a missing optional binary ({missing})", item.span)
+        return [m for m in metrics if m.name in updated], [e for e in events if e.name in emitted]
 
     def unused_spans(self) -> None:
         used = set()

@@ -160,15 +160,17 @@ static __always_inline __u64 probec_ringbuf_flags(void *ringbuf, __u64 wakeup_by
 /* --- strings ------------------------------------------------------------------------------------ */
 
 /* `s` equals the literal `lit` of `n` bytes (its NUL included). Literals come from the spec as
- * byte arrays, never as C strings; `n` is a constant, so this unrolls into byte compares. */
+ * byte arrays, never as C strings; `n` is a constant, so this unrolls into byte compares. The
+ * differences are OR-ed rather than returned early so that clang cannot turn the loop into a
+ * call to bcmp, which BPF does not have. */
 static __always_inline bool probec_bytes_eq(const char *s, const unsigned char *lit, const __u32 n)
 {
+	unsigned char diff = 0;
+
 #pragma unroll
-	for (__u32 i = 0; i < n; i++) {
-		if ((unsigned char)s[i] != lit[i])
-			return false;
-	}
-	return true;
+	for (__u32 i = 0; i < n; i++)
+		diff |= (unsigned char)s[i] ^ lit[i];
+	return diff == 0;
 }
 
 /* --- arithmetic --------------------------------------------------------------------------------- */

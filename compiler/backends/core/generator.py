@@ -107,6 +107,7 @@ class CExpression:
         self.probe = probe
         self.backend = backend
         self.needs: set[str] = set()                       # comm, now
+        self.duration_uses = 0
         self.tp_strings: dict[str, ir.TracepointField] = {}
         self.tp_fields: dict[str, ir.TracepointField] = {}  # every field read, for load-time checks
 
@@ -149,6 +150,7 @@ class CExpression:
             return f"(({wide})*({ctype} *)((char *)ctx + {f.offset}))"
         if isinstance(e, ir.Duration):
             self.needs.add("now")
+            self.duration_uses += 1
             return "probec_duration"
         if isinstance(e, ir.Const):
             return c_u64(e.value)
@@ -289,10 +291,11 @@ class CoreBackend(Backend):
                               map=self.begin_map(program, a.span), key=em.value(a.key),
                               overflow_slot=self.health.add("span_overflow", a.span))
         if isinstance(a, ir.SpanEnd):
-            em.needs.add("now")
             key = em.value(a.key)
+            before = em.duration_uses
             then = [line for t in a.then for line in self.action(t, em, program)]
-            return self.lines("span_end.j2", map=self.begin_map(program, a.span), key=key, then=then)
+            return self.lines("span_end.j2", map=self.begin_map(program, a.span), key=key, then=then,
+                              duration=em.duration_uses > before)
         if isinstance(a, ir.MetricUpdate):
             return self.metric_update(a, em, program)
         if isinstance(a, ir.EmitEvent):
@@ -423,7 +426,10 @@ class CoreBackend(Backend):
                 member = c_member(f, is_event and i >= len(HEADER_FIELDS))
                 members.append({"ctype": f.ctype, "name": member, "array": f"[{f.length}]" if f.ctype == "char" else "",
                                 "offset": f.offset})
-            out.append({"struct": self.struct_name(lay), "size": lay.size, "members": members})
+            # 8-byte alignment lets clang copy strings into keys a word at a time; the layouts are
+            # multiples of 8 already, so it changes no size (arrays' 4-byte keys stay 4)
+            out.append({"struct": self.struct_name(lay), "size": lay.size, "members": members,
+                        "align": 8 if lay.size % 8 == 0 else 4})
         return out
 
     def build(self, program: ir.Program) -> Bundle:
