@@ -37,7 +37,7 @@ class ExpressionEmitter:
             return self.args_field("ret") if self.probe.kind == "tracepoint" else "retval"
         if isinstance(e, ir.TracepointField):
             text = self.args_field(e.name)
-            return f"str({text})" if e.type.kind == "str" else text
+            return text   # fixed char[N] fields are strings already; __data_loc ones are refused in typing
         if isinstance(e, ir.Duration):
             return "$duration"
         if isinstance(e, ir.Const):

@@ -1,0 +1,101 @@
+/* Helpers shared by the example workloads: strict number parsing, thread naming with a 1 ns
+ * timer slack, a precise sleep, and write/read-all loops. Header-only, C and C++. */
+#ifndef PROBEC_EXAMPLES_COMMON_H
+#define PROBEC_EXAMPLES_COMMON_H
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+/* A plain unsigned decimal (digits only) that fits in 64 bits; exits with status 2 otherwise. */
+static inline unsigned long long ex_u64(const char *s)
+{
+	const char *p;
+	char *end;
+	unsigned long long v;
+
+	if (s == NULL || *s == '\0')
+		goto bad;
+	for (p = s; *p; p++)
+		if (*p < '0' || *p > '9')
+			goto bad;
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno != 0 || *end != '\0')
+		goto bad;
+	return v;
+bad:
+	fprintf(stderr, "not an unsigned number: '%s'\n", s ? s : "(null)");
+	exit(2);
+}
+
+/* Names the calling thread (its comm) and sets a 1 ns timer slack so nanosleep wakes on time. */
+static inline void ex_thread(const char *comm)
+{
+	prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+	if (comm != NULL && prctl(PR_SET_NAME, (unsigned long)comm, 0UL, 0UL, 0UL) != 0) {
+		perror("prctl(PR_SET_NAME)");
+		exit(1);
+	}
+}
+
+/* Sleeps off-CPU for `us` microseconds measured from the call (absolute deadline, so an EINTR
+ * restart does not drift): one clock_nanosleep, hence one wake-up. */
+static inline void ex_sleep_us(unsigned long us)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	t.tv_sec += (time_t)(us / 1000000UL);
+	t.tv_nsec += (long)(us % 1000000UL) * 1000L;
+	if (t.tv_nsec >= 1000000000L) {
+		t.tv_sec += 1;
+		t.tv_nsec -= 1000000000L;
+	}
+	while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &t, NULL) == EINTR)
+		;
+}
+
+static inline void ex_die(const char *what)
+{
+	perror(what);
+	exit(1);
+}
+
+/* Reads exactly `len` bytes with recv(); exits on EOF or error. */
+static inline void ex_recv_all(int fd, void *buf, size_t len)
+{
+	size_t got = 0;
+
+	while (got < len) {
+		ssize_t n = recv(fd, (char *)buf + got, len - got, 0);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			fprintf(stderr, "recv: %s\n", n == 0 ? "connection closed early" : strerror(errno));
+			exit(1);
+		}
+		got += (size_t)n;
+	}
+}
+
+/* One send() call (the sendto syscall) of `len` bytes; a blocking stream socket sends all of
+ * it or fails, and this exits on failure or a short send so every call is counted once. */
+static inline void ex_send_once(int fd, const void *buf, size_t len)
+{
+	ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+
+	if (n < 0 || (size_t)n != len) {
+		fprintf(stderr, "send of %zu bytes: %s\n", len, n < 0 ? strerror(errno) : "short send");
+		exit(1);
+	}
+}
+
+#endif

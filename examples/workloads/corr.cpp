@@ -1,0 +1,107 @@
+// corr: a C++ "inference" server for the correlation example. Worker threads call
+// Inference::Forward, which sends on a socket and sleeps (off-CPU) inside the call; between
+// calls they also send and sleep outside it, which a spec restricted to inference must not count.
+//
+//   corr THREADS CALLS BYTES INSIDE_US OUTSIDE_US
+//
+// Threads "corr_w0", "corr_w1", ... (their comms) each make CALLS calls of
+// Inference::Forward(BYTES, INSIDE_US): one send() of BYTES bytes (the sendto syscall) on a
+// UNIX stream socket, then one clock_nanosleep of INSIDE_US. After each call, outside Forward:
+// one send() of BYTES bytes and one clock_nanosleep of OUTSIDE_US. Thread "corr_sink" reads
+// everything (recv, never send). Per worker: exactly CALLS sends and CALLS sleeps inside
+// inference, and as many outside.
+#include <pthread.h>
+
+#include <cstdio>
+#include <vector>
+
+#include "common.h"
+
+#define CORR_API __attribute__((visibility("default"), noinline))
+
+class Inference {
+public:
+	explicit Inference(int fd) : fd_(fd) {}
+	// One send() of `bytes` bytes, then sleeps `sleep_us` off-CPU. Returns bytes.
+	CORR_API unsigned long Forward(unsigned long bytes, unsigned long sleep_us);
+
+private:
+	int fd_;
+	char payload_[65536] = {};
+};
+
+unsigned long Inference::Forward(unsigned long bytes, unsigned long sleep_us)
+{
+	ex_send_once(fd_, payload_, bytes);
+	ex_sleep_us(sleep_us);
+	__asm__ volatile("" : "+r"(bytes) : : "memory");
+	return bytes;
+}
+
+struct Worker {
+	int index;
+	int fd;
+	unsigned long calls, bytes, inside_us, outside_us;
+};
+
+static void *work(void *arg)
+{
+	Worker *w = static_cast<Worker *>(arg);
+	char name[16];
+	static char outside[65536];
+
+	std::snprintf(name, sizeof(name), "corr_w%d", w->index);
+	ex_thread(name);
+	Inference model(w->fd);
+	for (unsigned long i = 0; i < w->calls; i++) {
+		model.Forward(w->bytes, w->inside_us);
+		ex_send_once(w->fd, outside, w->bytes);
+		ex_sleep_us(w->outside_us);
+	}
+	return nullptr;
+}
+
+static void *sink(void *arg)
+{
+	int fd = *static_cast<int *>(arg);
+	char buf[65536];
+
+	ex_thread("corr_sink");
+	while (recv(fd, buf, sizeof(buf), 0) > 0)
+		;
+	return nullptr;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 6) {
+		std::fprintf(stderr, "usage: corr THREADS CALLS BYTES INSIDE_US OUTSIDE_US\n");
+		return 2;
+	}
+	unsigned long threads = ex_u64(argv[1]);
+	Worker proto = { 0, -1, ex_u64(argv[2]), ex_u64(argv[3]), ex_u64(argv[4]), ex_u64(argv[5]) };
+	if (threads < 1 || threads > 64 || proto.bytes < 1 || proto.bytes > 65536) {
+		std::fprintf(stderr, "THREADS must be 1..64 and BYTES 1..65536\n");
+		return 2;
+	}
+	ex_thread("corr_main");
+	int pair[2];
+	if (socketpair(AF_UNIX, SOCK_STREAM, 0, pair) != 0)
+		ex_die("socketpair");
+	pthread_t reader;
+	if (pthread_create(&reader, nullptr, sink, &pair[1]) != 0)
+		ex_die("pthread_create");
+	std::vector<Worker> workers(threads, proto);
+	std::vector<pthread_t> ids(threads);
+	for (unsigned long t = 0; t < threads; t++) {
+		workers[t].index = (int)t;
+		workers[t].fd = pair[0];
+		if (pthread_create(&ids[t], nullptr, work, &workers[t]) != 0)
+			ex_die("pthread_create");
+	}
+	for (unsigned long t = 0; t < threads; t++)
+		pthread_join(ids[t], nullptr);
+	shutdown(pair[0], SHUT_WR);
+	pthread_join(reader, nullptr);
+	return 0;
+}

@@ -1,0 +1,231 @@
+"""The examples in examples/: each spec is built and run against its workload in
+examples/workloads/, and the numbers a scrape reports are checked against what the workload did
+(counts exactly where the workload fixes them; durations in the buckets they must fall in).
+Every kernel test runs under each backend that builds the examples."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, probec, require_kernel
+from harness import Run, build, buckets, per_bucket, value
+
+BACKENDS = ["bpftrace", "core"]
+EXAMPLES = ROOT / "examples"
+WORK = EXAMPLES / "workloads" / "build"
+
+
+@pytest.fixture(scope="session")
+def example_workloads() -> Path:
+    """Build examples/workloads once per session."""
+    result = subprocess.run(["make", "-s", "-C", str(EXAMPLES / "workloads")], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"building examples/workloads failed:\n{result.stdout}\n{result.stderr}")
+    return WORK
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    # clang for every backend: the workloads include the retransmits example's tc program.
+    require_kernel(need_bpftrace=request.param == "bpftrace", need_clang=True)
+    request.getfixturevalue("example_workloads")
+    return request.param
+
+
+def run_example(tmp_path: Path, backend: str, name: str, body) -> dict:
+    """Build examples/NAME/spec.yaml, run it, call body() while it runs, return the final scrape."""
+    bundle = build(EXAMPLES / name / "spec.yaml", backend, tmp_path / "bundle")
+    run = Run(bundle, tmp_path)
+    try:
+        body()
+        metrics = run.stop()
+    finally:
+        run.kill()
+    return metrics
+
+
+def work(*args: str, timeout: float = 60) -> str:
+    result = subprocess.run([str(WORK / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} exited {result.returncode}:\n{result.stderr}"
+    return result.stdout
+
+
+def above(hist: dict[str, float], edge: float) -> float:
+    """How many observations of a per-bucket histogram are above `edge` (an edge of it)."""
+    return sum(n for le, n in hist.items() if float(le) > edge)
+
+
+# -- example 2: kernel send latency, which runs on the syscall fallback here ---------------------
+def test_send_latency_check_names_the_fallback():
+    result = probec("check", str(EXAMPLES / "send_latency" / "spec.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "warning[W311]" in result.stderr and "syscall:sendto" in result.stderr
+
+
+@pytest.mark.kernel
+def test_send_latency(tmp_path, backend):
+    n, size, m, pause_ms = 400, 1000, 4, 20
+    metrics = run_example(tmp_path, backend, "send_latency",
+                          lambda: work("sendlat", str(n), str(size), str(m), str(pause_ms)))
+    name = "send_duration_seconds"
+    # Every send() of the workload is one sendto, counted once under its process name.
+    assert value(metrics, f"{name}_count", comm="sl_client") == n + m
+    assert value(metrics, f"{name}_count", comm="sl_server") == m
+    client = per_bucket(buckets(metrics, name, comm="sl_client"))
+    # The n small sends only copy into the socket buffer: microseconds (a VM pause may delay a
+    # few). The m 4 MiB sends wait out the server's 20 ms pause, plus the copy: (16 ms, 65 ms].
+    assert sum(c for le, c in client.items() if float(le) <= 0.001024) >= n - 3
+    assert m <= above(client, 0.016384) <= m + 1
+    assert above(client, 0.065536) <= 1
+    assert value(metrics, f"{name}_sum", comm="sl_client") >= m * (pause_ms - 1) / 1000
+    # The server's 1-byte answers never wait.
+    server = per_bucket(buckets(metrics, name, comm="sl_server"))
+    assert above(server, 0.016384) == 0
+
+
+# -- example 5: run-queue latency keyed from tracepoint fields -----------------------------------
+@pytest.mark.kernel
+def test_runqueue(tmp_path, backend):
+    rounds, pause_us = 200, 1000
+    metrics = run_example(tmp_path, backend, "runqueue", lambda: work("runq", str(rounds), str(pause_us)))
+    name = "runqueue_latency_seconds"
+    # Only the workload's two threads are measured.
+    assert {dict(k)["thread"] for k in metrics[f"{name}_count"]} == {"rq_ping", "rq_pong"}
+    total = 0.0
+    for thread in ("rq_ping", "rq_pong"):
+        count = value(metrics, f"{name}_count", thread=thread)
+        total += count
+        # Each thread is handed the token `rounds` times (a pipe wake-up) and wakes from its
+        # `rounds` sleeps (a timer wake-up); it blocks nowhere else, so it cannot be switched in
+        # after a wake-up more than 2 * rounds times.
+        assert rounds <= count <= 2 * rounds, (thread, count)
+        hist = per_bucket(buckets(metrics, name, thread=thread))
+        assert sum(hist.values()) == count
+        # Two mostly idle CPUs: wake-up to run takes microseconds; nothing waits a second.
+        assert sum(c for le, c in hist.items() if float(le) <= 0.001024) >= 0.9 * count
+        assert hist["+Inf"] == 0 and hist["1e-06"] <= 0.1 * count
+        assert 0 < value(metrics, f"{name}_sum", thread=thread) < 0.001 * count
+    # At least one observed wake-up per hand-off.
+    assert total >= 2 * rounds
+
+
+# -- example 4: retransmits during requests, between two network namespaces ---------------------
+def netns(*args: str) -> str:
+    result = subprocess.run([str(EXAMPLES / "retransmits" / "netns.sh"), *args], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, f"netns.sh {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def drop_programs() -> list[int]:
+    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=True).stdout
+    return [p["id"] for p in json.loads(out or "[]") if p.get("name") == "rtx_drop"]
+
+
+def namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("drop", [True, False], ids=["drops", "no-drops"])
+def test_retransmits(tmp_path, backend, drop):
+    tag = f"rtx{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    rounds, size = 30, 256 * 1024
+    out: list[str] = []
+    try:
+        netns("up", tag, *(["drop"] if drop else []))
+        metrics = run_example(tmp_path, backend, "retransmits",
+                              lambda: out.append(netns("run", tag, str(rounds), str(size))))
+    finally:
+        netns("down", tag)
+    assert f"probec-{tag}" not in namespaces()
+    # Deleting the namespaces removes the veth pair, the qdisc and the tc program; the kernel
+    # frees the program shortly after, from a work queue.
+    deadline = time.monotonic() + 10
+    while drop_programs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not drop_programs(), "the tc drop program outlived its namespace"
+    assert value(metrics, "request_duration_seconds_count") == rounds
+    during = value(metrics, "tcp_retransmits_during_request_total")
+    to_port = value(metrics, "tcp_retransmits_to_port_total")
+    if drop:
+        dropped = int(out[0].split()[-1])
+        assert dropped > 0, out
+        # The client's own thread retransmits most losses while it sends: those are tied to
+        # its request. Timer retransmits run on other threads' time and are only in to_port.
+        assert 0 < during <= to_port, (during, to_port)
+        assert to_port > 0
+    else:
+        assert "dropped" not in out[0]
+        assert during == 0 and to_port == 0
+
+
+# -- example 3: send and off-CPU time inside inference, by thread --------------------------------
+@pytest.mark.kernel
+def test_correlation(tmp_path, backend):
+    threads, calls, size, inside_us, outside_us = 2, 40, 1000, 3000, 6000
+    metrics = run_example(tmp_path, backend, "correlation",
+                          lambda: work("corr", str(threads), str(calls), str(size), str(inside_us), str(outside_us)))
+    workers = [f"corr_w{i}" for i in range(threads)]
+    for name in ("inference_duration_seconds", "inference_send_duration_seconds",
+                 "inference_offcpu_duration_seconds"):
+        # Only the workers ever run Forward: the sink thread and main have no series.
+        assert {dict(k)["thread"] for k in metrics[f"{name}_count"]} == set(workers), name
+    for t in workers:
+        # Forward: a send and a 3 ms sleep, so (2.048 ms, 4.096 ms]: never shorter; on this
+        # shared 2-CPU VM a few may come back late.
+        inference = per_bucket(buckets(metrics, "inference_duration_seconds", thread=t))
+        assert value(metrics, "inference_duration_seconds_count", thread=t) == calls
+        assert above(inference, 0.002048) == calls
+        assert inference["0.004096"] >= 0.9 * calls
+        # One send inside each Forward; the send after each Forward is outside and not counted.
+        send = per_bucket(buckets(metrics, "inference_send_duration_seconds", thread=t))
+        assert value(metrics, "inference_send_duration_seconds_count", thread=t) == calls
+        assert above(send, 0.001024) <= 2
+        # Off-CPU inside Forward: its 3 ms sleep, (2.048 ms, 4.096 ms]; the 6 ms sleeps outside
+        # Forward are not counted (nothing above 4.096 ms but a VM pause). The send wakes the
+        # sink thread, which on two CPUs often preempts the sender: those run-queue waits are
+        # off-CPU stretches too, short ones, so the count may exceed calls but never fall short.
+        offcpu = per_bucket(buckets(metrics, "inference_offcpu_duration_seconds", thread=t))
+        count = value(metrics, "inference_offcpu_duration_seconds_count", thread=t)
+        assert count >= calls
+        assert calls <= above(offcpu, 0.002048) <= calls + 3
+        assert offcpu["0.004096"] >= 0.9 * calls
+        offcpu_sum = value(metrics, "inference_offcpu_duration_seconds_sum", thread=t)
+        assert calls * (inside_us - 100) / 1e6 <= offcpu_sum <= value(metrics, "inference_duration_seconds_sum", thread=t)
+
+
+# -- example 7: CUDA launches and syncs; no GPU here, so check alone -----------------------------
+LIBCUDA = "/usr/local/nvidia/lib64/libcuda.so"
+LIBCUDART = "/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib/libcudart.so.13"
+
+
+def test_gpu_check_warns_about_missing_libraries():
+    result = probec("check", str(EXAMPLES / "gpu" / "spec.yaml"))
+    assert result.returncode == 0, result.stderr
+    err = result.stderr
+    assert "error[" not in err
+    for path in (LIBCUDA, LIBCUDART):
+        if not Path(path).exists():
+            assert "warning[W302]" in err and path in err, err
+    if not Path(LIBCUDA).exists():
+        # Metrics and spans whose every probe is on a missing library are left out, with a warning.
+        assert "metric 'cuda_driver_kernel_launches_ex_total' is left out" in err
+        assert "span 'context_sync' is left out" in err
+
+
+def test_gpu_builds_without_the_libraries(tmp_path):
+    """What is left (the inference span on syscalls) still makes a bundle that bpftrace accepts."""
+    result = probec("build", str(EXAMPLES / "gpu" / "spec.yaml"), "--backend", "bpftrace", "-o", str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr
+    script = (tmp_path / "b" / "gpu_launches.bt").read_text()
+    assert "sys_exit_recvfrom" in script
+    if not Path(LIBCUDA).exists():
+        assert "cuLaunchKernelEx" not in script and "span_context_sync" not in script
