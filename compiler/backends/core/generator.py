@@ -20,6 +20,7 @@ U64_MAX = (1 << 64) - 1
 MAX_BUCKET_STEPS = 10                  # probec.bpf.h: PROBEC_MAX_BUCKET_STEPS
 STACK_DEPTH = 127                      # PERF_MAX_STACK_DEPTH: u64 slots per stack-map entry
 COMM_LEN = 16
+STACK_BUDGET = 448                     # of BPF's 512-byte stack, leaving room for clang's temporaries
 HEADER_FIELDS = ("event", "cpu", "ts", "pid", "tid")
 
 # kind -> (SEC() name pattern, type of ctx)
@@ -71,6 +72,17 @@ def bucket_steps(n_edges: int) -> int:
     return steps
 
 
+def signed_metrics(program: ir.Program) -> dict[str, bool]:
+    """Metrics whose value is signed: the runtime reads their sums as two's complement."""
+    signed = {m.name: False for m in program.metrics}
+    for p in program.probes:
+        for a in p.actions:
+            for upd in (a.then if isinstance(a, ir.SpanEnd) else (a,)):
+                if isinstance(upd, ir.MetricUpdate) and upd.value is not None and upd.value.type.signed:
+                    signed[upd.metric] = True
+    return signed
+
+
 @dataclass
 class HealthSlots:
     """Slots of the per-CPU health array: what the runtime reads besides the metrics."""
@@ -107,6 +119,7 @@ class CExpression:
         self.probe = probe
         self.backend = backend
         self.needs: set[str] = set()                       # comm, now
+        self.metrics: set[str] = set()                     # metrics this probe updates
         self.duration_uses = 0
         self.tp_strings: dict[str, ir.TracepointField] = {}
         self.tp_fields: dict[str, ir.TracepointField] = {}  # every field read, for load-time checks
@@ -124,8 +137,9 @@ class CExpression:
     def value(self, e: ir.IRExpr) -> str:
         """A C expression of type __u64 or __s64 (per e.type.signed)."""
         if isinstance(e, ir.Context):
-            if e.name == "comm":
-                raise AssertionError("comm is a string")  # pragma: no cover - typing keeps it out
+            if e.name not in CONTEXT_C:
+                self.backend.unsupported("this context value", where=f"{self.where()}: {e.name}")
+                return "0"
             return CONTEXT_C[e.name]
         if isinstance(e, ir.Arg):
             return self.argument(e.index)
@@ -232,6 +246,10 @@ class CoreBackend(Backend):
     name = "core"
     FEATURES = {
         "interval probes": "the runtime reads the maps on its own interval; use a tracepoint or profile:hz:N",
+        "this probe kind": "the core backend has no BPF program type for it",
+        "this context value": "it has no BPF helper here",
+        "this much stack": f"strings and keys would need more than the {STACK_BUDGET} bytes of BPF stack "
+                           "probec allows a program; use fewer or shorter string labels",
         "tracepoint fields with unknown offsets": "tracefs was not readable when the spec was checked; "
                                                   "mount it (mount -t tracefs nodev /sys/kernel/tracing) and rebuild",
         "stack arguments away from a function's entry": "arguments past arg5 live on the stack, found from the "
@@ -304,6 +322,7 @@ class CoreBackend(Backend):
 
     def metric_update(self, a: ir.MetricUpdate, em: CExpression, program: ir.Program) -> list[str]:
         m = program.metric(a.metric)
+        em.metrics.add(m.name)
         histogram = m.kind == "histogram"
         value = em.value(a.value) if a.value is not None else "1ULL"
         signed = a.value is not None and a.value.type.signed
@@ -350,7 +369,7 @@ class CoreBackend(Backend):
                 field_lines.append(f"{target} = ({lf.ctype}){em.value(f.expr)};")
         ringbuf = next(mp.name for mp in program.maps if mp.type == "RINGBUF")
         return self.lines(
-            "emit_event.j2", condition=self.guard(a.guard, em, program, extra=a.when) or "1",
+            "emit_event.j2", condition=self.guard(a.guard, em, program, extra=a.when),
             name=ev.name, index=ev.index, struct=self.struct_name(ev.record), ringbuf=ringbuf,
             seen_slot=self.health.add("event_seen", ev.name),
             limited_slot=self.health.add("event_rate_limited", ev.name),
@@ -359,13 +378,18 @@ class CoreBackend(Backend):
     # -- whole program -------------------------------------------------------------------------
     def probe_program(self, p: ir.Probe, program: ir.Program) -> tuple[str, CExpression] | None:
         if p.kind not in SECTIONS:
-            self.unsupported("interval probes" if p.kind == "interval" else f"{p.kind} probes", where=p.spec_text)
+            self.unsupported("interval probes" if p.kind == "interval" else "this probe kind",
+                             where=p.spec_text or p.kind)
             return None
         section, ctx_type = SECTIONS[p.kind]
         em = CExpression(p, self)
         actions: list[str] = []
         for a in p.actions:
             actions += self.action(a, em, program)
+        stack = sum(f.size for f in em.tp_strings.values()) + (COMM_LEN if "comm" in em.needs else 0) \
+            + max([m.map.key.size for m in program.metrics if m.labels and m.name in em.metrics] + [0])
+        if stack > STACK_BUDGET:
+            self.unsupported("this much stack", where=f"{p.spec_text or p.id}: about {stack} bytes")
         text = self.render(
             "probe.bpf.c.j2", comment=c_comment(p.spec_text or p.id), section=section.format(
                 category=p.category, name=p.name), name=p.id, ctx_type=ctx_type, now="now" in em.needs,
@@ -433,8 +457,9 @@ class CoreBackend(Backend):
         return out
 
     def build(self, program: ir.Program) -> Bundle:
+        self.strings, self.health = StringTable(), HealthSlots()
         name = program.name
-        chosen_programs = []
+        programs_meta = []
         probe_texts = []
         tp_checks = []
         for p in program.probes:
@@ -444,7 +469,7 @@ class CoreBackend(Backend):
             text, em = built
             probe_texts.append(text)
             section = SECTIONS[p.kind][0].format(category=p.category, name=p.name)
-            chosen_programs.append({"probe": p.id, "program": p.id, "section": section, "kind": p.kind})
+            programs_meta.append({"probe": p.id, "program": p.id, "section": section, "kind": p.kind})
             for f in sorted(em.tp_fields.values(), key=lambda f: f.offset):
                 tp_checks.append({"probe": p.id, "tracepoint": f"{p.category}:{p.name}", "field": f.name,
                                   "offset": f.offset, "size": f.size})
@@ -482,17 +507,9 @@ class CoreBackend(Backend):
             if obj is not None:
                 files[object_name] = obj
                 file_roles["object"] = object_name
-        signed = {}
-        for m in program.metrics:
-            signed[m.name] = False
-        for p in program.probes:
-            for a in p.actions:
-                for upd in (a.then if isinstance(a, ir.SpanEnd) else (a,)):
-                    if isinstance(upd, ir.MetricUpdate) and upd.value is not None and upd.value.type.signed:
-                        signed[upd.metric] = True
         manifest = self.base_manifest(program, files=file_roles, core={
             "object": file_roles.get("object"),
-            "programs": chosen_programs,
+            "programs": programs_meta,
             "settings": [{k: s[k] for k in ("name", "size", "value")} for s in settings],
             "health_map": {"name": "probec_health", "slots": len(self.health.slots)},
             "health": self.health.slots,
@@ -500,7 +517,7 @@ class CoreBackend(Backend):
             "ringbuf": {"map": ringbuf.name, "bytes": ringbuf.max_entries, "wakeup_bytes": wakeup} if ringbuf else None,
             "stack_map": next((mp.name for mp in program.maps if mp.type == "STACK_TRACE"), None),
             "stack_depth": STACK_DEPTH,
-            "value_signed": signed,
+            "value_signed": signed_metrics(program),
         })
         return Bundle(name, self.name, files, manifest)
 
