@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, require_kernel
 from harness import Run, bpf_program_count, build, buckets, per_bucket, value, workload, write_spec
 
-BACKENDS = ["bpftrace"]  # "core" joins when its backend lands
+BACKENDS = ["bpftrace", "core"]
 pytestmark = pytest.mark.kernel
 
 

@@ -110,17 +110,15 @@ static __always_inline bool probec_within(void *begin_map, __u64 pid_tgid)
 
 /* --- sampling and rate limits ------------------------------------------------------------------- */
 
-/* 1 in `every`: counts the event as seen in this CPU's `seen_slot` and says whether this one is
- * sampled. With every <= 1 each event is. */
-static __always_inline bool probec_sample(void *health, __u32 seen_slot, __u64 every)
+/* 1 in `every` over all CPUs: counts the event as seen in this CPU's `seen_slot` (for the
+ * exported total) and takes a ticket from the shared `sampled` counter, so exactly every
+ * `every`-th event is sampled, as in the bpftrace backend. With every <= 1 each event is. */
+static __always_inline bool probec_sample(void *health, __u32 seen_slot, __u64 *sampled, __u64 every)
 {
-	__u64 *seen = bpf_map_lookup_elem(health, &seen_slot);
-	__u64 n;
-
-	if (!seen)
-		return false;
-	n = ++*seen;
-	return every <= 1 || n % every == 0;
+	probec_health_inc(health, seen_slot);
+	if (every <= 1)
+		return true;
+	return (__sync_fetch_and_add(sampled, 1) + 1) % every == 0;
 }
 
 /* A shared per-second window for an event's rate limit (a global in .bss). */
