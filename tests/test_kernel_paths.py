@@ -32,6 +32,7 @@ def run_spec(tmp_path, backend, spec_text, *workload_calls, extra=()):
         metrics = run.stop()
     finally:
         run.kill()
+        print(f"probec run stderr:\n{run.stderr()}")   # shown by pytest when a test fails
     return metrics, run
 
 
