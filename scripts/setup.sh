@@ -32,8 +32,11 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   echo "setup: installing torch 2.13.0 (CPU)" >&2
   "$PYTHON" -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "Running pip as the 'root' user" >&2 || true
 fi
-if ! "$PYTHON" -c "import probec.compiler, probec.runtime, lark, jinja2, yaml, prometheus_client, pytest" 2>/dev/null \
-   || [ pyproject.toml -nt .setup-stamp ]; then
+# Installed, with its dependencies, and from this checkout (not another clone on the machine).
+here=$(pwd -P)
+installed=$("$PYTHON" -c "import os, probec.compiler, probec.runtime, lark, jinja2, yaml, prometheus_client, pytest, jsonschema
+print(os.path.dirname(os.path.dirname(os.path.realpath(probec.compiler.__file__))))" 2>/dev/null || true)
+if [ "$installed" != "$here" ] || [ pyproject.toml -nt .setup-stamp ]; then
   echo "setup: installing the probec Python package" >&2
   "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "Running pip as the 'root' user" >&2 || true
   "$PYTHON" -c "import probec.compiler, probec.runtime" 

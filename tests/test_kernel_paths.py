@@ -60,8 +60,9 @@ def test_uprobe_span_known_durations(tmp_path, backend):
     # 250 calls, each counted once; a call is never shorter than asked.
     assert value(metrics, "sleep_duration_seconds_count") == 250
     assert b["0.0005"] == 0
-    # The 30 busy-wait calls of 700 us are tight: all in (500us, 1ms].
-    assert b["0.001"] == 30
+    # The 30 busy-wait calls of 700 us are tight: in (500us, 1ms], but for one call that a pause of
+    # this VM (steal time, seen without any probe) may push out.
+    assert b["0.001"] >= 29
     # The 200 sleeps of 1 ms overshoot by 15-80 us; this VM sometimes pauses for a few ms, so
     # allow a few late calls but no early ones.
     assert b["0.002"] >= 196
