@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
+
+from .runtime.options import add_run_arguments
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 
@@ -47,15 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("target", metavar="BUNDLE|SPEC")
     r.add_argument("--backend", choices=("bpftrace", "core"), default=None,
                    help="when TARGET is a spec: build it for this backend first (default bpftrace)")
-    r.add_argument("--port", type=int, default=9435, help="metrics port on 127.0.0.1 (0: no HTTP server)")
-    r.add_argument("--address", default="127.0.0.1")
-    r.add_argument("--interval", type=float, default=1.0, help="seconds between map reads")
-    r.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until signalled)")
-    r.add_argument("--events", metavar="FILE", default="-", help="where sampled events go as JSON lines")
-    r.add_argument("--window", type=float, default=60.0, help="seconds of history for live quantiles")
-    r.add_argument("--show", action="store_true", help="print live histograms and p50/p95/p99")
-    r.add_argument("--pid", type=int, default=-1, help="attach uprobes/USDT to this process only")
-    r.add_argument("--snapshot", metavar="FILE", help="write the final metrics text here on exit")
+    add_run_arguments(r)
 
     sub.add_parser("doctor", help="say what this machine can trace")
     return p

@@ -13,7 +13,7 @@ import threading
 import time
 
 from .events import EventSink
-from .manifest import Bundle, BundleError
+from .manifest import Bundle
 from .store import HistogramSeries, MetricStore
 
 HARMLESS_STDERR = ("couldn't set RLIMIT_MEMLOCK",)

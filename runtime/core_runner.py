@@ -653,22 +653,11 @@ def _stats_enabled() -> bool:
 
 # --- python DIR/loader.py ------------------------------------------------------------------------
 def loader_main(bundle_dir: str, argv: list[str]) -> int:
+    from .options import add_run_arguments
     """What a bundle's loader.py runs: `probec run` for this bundle, without the compiler."""
     p = argparse.ArgumentParser(prog="loader.py", description=f"Run the probec bundle in {bundle_dir}.")
-    p.add_argument("--port", type=int, default=9435, help="metrics port (0: no HTTP server)")
-    p.add_argument("--address", default="127.0.0.1")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between map reads")
-    p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until signalled)")
-    p.add_argument("--events", metavar="FILE", default="-", help="where sampled events go as JSON lines")
-    p.add_argument("--window", type=float, default=60.0, help="seconds of history for live quantiles")
-    p.add_argument("--show", action="store_true", help="print live histograms and p50/p95/p99")
-    p.add_argument("--pid", type=int, default=-1, help="trace this process only")
-    p.add_argument("--snapshot", metavar="FILE", help="write the final metrics text here on exit")
-    p.add_argument("--bpf-stats", action="store_true",
-                   help="turn on the kernel's BPF run-time stats while running (per-probe run time and count)")
+    add_run_arguments(p)
     args = p.parse_args(argv)
-    if args.bpf_stats:
-        os.environ["PROBEC_BPF_STATS"] = "1"
     args.target = bundle_dir
     args.backend = "core"
     from .session import run_target

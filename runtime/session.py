@@ -39,13 +39,13 @@ def build_from_spec(spec: str, backend: str, interval: float) -> Path | None:
     return out
 
 
-def make_runner(bundle, store, sink, pid: int):
+def make_runner(bundle, store, sink, pid: int, bpf_stats: bool = False):
     if bundle.backend == "bpftrace":
         from .bpftrace_runner import BpftraceRunner
         return BpftraceRunner(bundle, store, sink, log=log)
     if bundle.backend == "core":
         from .core_runner import CoreRunner
-        return CoreRunner(bundle, store, sink, log=log, pid=pid)
+        return CoreRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None)
     raise BundleError(f"unknown backend '{bundle.backend}' in {bundle.path}")
 
 
@@ -119,7 +119,7 @@ def run_target(args) -> int:
     exporter = Exporter(store, bundle.name, bundle.backend)
     runner = None
     try:
-        runner = make_runner(bundle, store, sink, args.pid)
+        runner = make_runner(bundle, store, sink, args.pid, args.bpf_stats)
         runner.start(pid=args.pid) if bundle.backend == "bpftrace" else runner.start()
         if args.port:
             try:

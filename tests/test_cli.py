@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import ROOT, probec
+from conftest import probec
 
 GOOD = "specs/pwork_sleep.yaml"
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, WORKLOADS, require_kernel
+from harness import buckets, parse_metrics, per_bucket
 
 from probec.compiler.driver import build_bundle, check_file
 from probec.runtime.manifest import BundleError, load_bundle
@@ -64,39 +65,9 @@ def run_workload(*argv: str, exe: str = "pwork") -> None:
     subprocess.run([str(WORKLOADS / exe), *argv], check=True, timeout=60)
 
 
-def parse_metrics(text: str) -> dict:
-    """{(sample name, frozenset(labels)): value} from Prometheus exposition text."""
-    from prometheus_client.parser import text_string_to_metric_families
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
 def sample(metrics: dict, name: str, **labels) -> float | None:
-    return metrics.get((name, frozenset((k, str(v)) for k, v in labels.items())))
-
-
-def buckets(metrics: dict, name: str, **labels) -> dict[str, float]:
-    """Cumulative bucket counts of one histogram series by `le`."""
-    out = {}
-    for (n, labs), v in metrics.items():
-        d = dict(labs)
-        le = d.pop("le", None)
-        if n == f"{name}_bucket" and d == {k: str(v2) for k, v2 in labels.items()}:
-            out[le] = v
-    return out
-
-
-def per_bucket(cumulative: dict[str, float]) -> dict[str, float]:
-    """Non-cumulative counts from cumulative `le` buckets."""
-    order = sorted(cumulative, key=lambda le: float("inf") if le == "+Inf" else float(le))
-    out, previous = {}, 0.0
-    for le in order:
-        out[le] = cumulative[le] - previous
-        previous = cumulative[le]
-    return out
+    """One sample of a scrape parsed by harness.parse_metrics, or None when it is absent."""
+    return metrics.get(name, {}).get(frozenset((k, str(v)) for k, v in labels.items()))
 
 
 def bpftool_json(*args: str):

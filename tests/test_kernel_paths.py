@@ -5,11 +5,10 @@ production (core) paths must report the same things."""
 from __future__ import annotations
 
 import signal
-import subprocess
 
 import pytest
 
-from conftest import ROOT, require_kernel
+from conftest import require_kernel
 from harness import Run, bpf_program_count, build, buckets, per_bucket, value, workload, write_spec
 
 BACKENDS = ["bpftrace", "core"]

@@ -102,7 +102,7 @@ def parse_expression(text: str, base: SourceSpan, diags: Diagnostics) -> Expr | 
         diags.error("E202", f"{what} in expression", base.shifted(where or 0, len(str(tok)) or 1),
                     "expected " + ", ".join(expected[:6]) if expected else "")
         return None
-    except lark.UnexpectedEOF as exc:  # pragma: no cover - lalr reports UnexpectedToken
+    except lark.UnexpectedEOF:  # pragma: no cover - lalr reports UnexpectedToken
         diags.error("E202", "the expression ends too early", base.shifted(len(text), 1))
         return None
     if isinstance(tree, lark.Token):  # a lone terminal collapsed by `?start`

@@ -6,12 +6,12 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 
-from ..diagnostics import Diagnostics, SourceSpan, did_you_mean
+from ..diagnostics import Diagnostics, did_you_mean
 from ..expr import ast
 from ..spec.model import EventSpec, MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec
 from .host import HostInfo
 from .layout import struct_layout, u32_key, u64_value
-from .nodes import (COMM, INT, Action, Context, EmitEvent, Event, EventField, Guard, Label, MapSpec,
+from .nodes import (INT, Action, Context, EmitEvent, Event, EventField, Guard, Label, MapSpec,
                     Metric, MetricUpdate, Probe, Program, SpanBegin, SpanEnd, SpanInfo, ValueType)
 from .typecheck import ProbeContext, TypeChecker
 

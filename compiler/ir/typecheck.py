@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ..diagnostics import Diagnostics, did_you_mean
 from ..expr import ast
 from .host import FormatField
-from .nodes import (BOOL, COMM, INT, SINT, TIME, Arg, BinOp, Cmp, Const, Context, Duration, IRExpr,
+from .nodes import (COMM, INT, SINT, Arg, BinOp, Cmp, Const, Context, Duration, IRExpr,
                     Logic, Neg, Not, Retval, StrConst, StrEq, TracepointField, ValueType)
 
 CONTEXT_NAMES = {"pid": INT, "tid": INT, "comm": COMM, "cgroup": INT, "cpu": INT, "uid": INT}

@@ -1,0 +1,20 @@
+"""The options of running a bundle, shared by `probec run` and a bundle's own loader.py.
+Imports nothing heavy, so `probec check` does not pay for them."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=9435, help="metrics port (0: no HTTP server)")
+    p.add_argument("--address", default="127.0.0.1", help="metrics address (default 127.0.0.1)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between map reads")
+    p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until signalled)")
+    p.add_argument("--events", metavar="FILE", default="-", help="where sampled events go as JSON lines")
+    p.add_argument("--window", type=float, default=60.0, help="seconds of history for live quantiles")
+    p.add_argument("--show", action="store_true", help="print live histograms and p50/p95/p99")
+    p.add_argument("--pid", type=int, default=-1, help="trace this process only")
+    p.add_argument("--snapshot", metavar="FILE", help="write the final metrics text here on exit")
+    p.add_argument("--bpf-stats", action="store_true",
+                   help="core: turn on the kernel's BPF run-time stats while running (per-probe run time and count)")
