@@ -31,12 +31,12 @@ def build(spec: Path, backend: str, out: Path, *extra: str) -> Path:
 class Run:
     """`probec run BUNDLE` in the background; stop() sends a signal and returns the final scrape."""
 
-    def __init__(self, bundle: Path, tmp: Path, *extra: str):
+    def __init__(self, bundle: Path, tmp: Path, *extra: str, port: int = 0):
         self.snapshot = tmp / "snapshot.txt"
         self.events_path = tmp / "events.jsonl"
         self.stderr_path = tmp / "run.stderr"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "probec", "run", str(bundle), "--port", "0", "--interval", "0.5",
+            [sys.executable, "-m", "probec", "run", str(bundle), "--port", str(port), "--interval", "0.5",
              "--snapshot", str(self.snapshot), "--events", str(self.events_path), *extra],
             stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "w"), cwd=ROOT)
         deadline = time.monotonic() + 90
@@ -47,6 +47,12 @@ class Run:
                 self.proc.kill()
                 raise AssertionError(f"probec run did not attach:\n{self.stderr()}")
             time.sleep(0.1)
+
+    def scrape(self, port: int) -> dict:
+        """GET /metrics over HTTP, as Prometheus does."""
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            return parse_metrics(r.read().decode())
 
     def stderr(self) -> str:
         return self.stderr_path.read_text() if self.stderr_path.exists() else ""

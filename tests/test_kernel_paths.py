@@ -197,3 +197,32 @@ def test_signals_detach_everything(tmp_path, backend):
         assert bpf_program_count() > before
         run.stop(sig)
         assert bpf_program_count() == before, f"programs left attached after {sig.name}"
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_http_scrape_while_running(tmp_path, backend):
+    """Prometheus scrapes a live collector: counts appear while the probes stay attached."""
+    import time
+    spec = write_spec(tmp_path, SYSCALL_SPEC)
+    bundle = build(spec, backend, tmp_path / "bundle")
+    port = free_port()
+    run = Run(bundle, tmp_path, port=port)
+    try:
+        workload("pwork", "--comm", "pw_a", "write", "10", "1")
+        deadline = time.monotonic() + 10
+        while True:
+            metrics = run.scrape(port)
+            if value(metrics, "writes_by_comm_total", comm="pw_a") == 10 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert value(metrics, "writes_by_comm_total", comm="pw_a") == 10
+        assert value(metrics, "probec_up", bundle="writes", backend=backend) == 1
+        run.stop()
+    finally:
+        run.kill()
