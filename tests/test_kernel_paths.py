@@ -226,3 +226,43 @@ def test_http_scrape_while_running(tmp_path, backend):
         run.stop()
     finally:
         run.kill()
+
+
+TOTALS_SPEC = """
+name: totals
+binaries:
+  model: $WORK/libinference.so
+spans:
+  inference:
+    function: model:Inference::Forward
+  alloc:
+    function: model:serving::Allocator::Allocate
+    within: inference
+metrics:
+  allocations_per_inference:
+    histogram: alloc.count
+    on: inference.end
+    buckets: [0, 1, 2]
+  allocation_time_per_inference_seconds:
+    histogram: alloc.total
+    on: inference.end
+    buckets: exp2(1us, 1s)
+events:
+  inference_done:
+    on: inference.end
+    when: alloc.count == 1 && alloc.total < duration
+    fields: [duration, alloc.total, alloc.count]
+"""
+
+
+def test_inner_span_totals_at_the_outer_end(tmp_path, backend):
+    """Each Inference::Forward makes one Allocator::Allocate call: its count and time inside the
+    request are known at the request's end, to histograms and to events."""
+    metrics, run = run_spec(tmp_path, backend, TOTALS_SPEC, ("inference", "forward", "12", "1500"),
+                            ("inference", "forward", "3", "500"))
+    assert per_bucket(buckets(metrics, "allocations_per_inference")) == {"0": 0, "1": 15, "2": 0, "+Inf": 0}
+    assert value(metrics, "allocation_time_per_inference_seconds_count") == 15
+    assert 0 < value(metrics, "allocation_time_per_inference_seconds_sum") < 15 * 0.0005
+    events = run.events()
+    assert len(events) == 15
+    assert all(e["alloc_count"] == 1 and 0 < e["alloc_total_seconds"] < e["duration_seconds"] for e in events)

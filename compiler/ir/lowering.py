@@ -12,7 +12,8 @@ from ..spec.model import EventSpec, MetricSpec, ProbeAddress, SpanEndRef, SpanSi
 from .host import HostInfo
 from .layout import struct_layout, u32_key, u64_value
 from .nodes import (INT, Action, Context, EmitEvent, Event, EventField, Guard, Label, MapSpec,
-                    Metric, MetricUpdate, Probe, Program, SpanBegin, SpanEnd, SpanInfo, ValueType)
+                    Metric, MetricUpdate, Probe, Program, SpanBegin, SpanEnd, SpanInfo, ValueType,
+                    accumulator_maps)
 from .typecheck import ProbeContext, TypeChecker
 
 SYSCALL_ARGS_NOTE = "syscall:NAME is the sys_enter_NAME tracepoint; syscallret:NAME is sys_exit_NAME"
@@ -277,9 +278,11 @@ class Lowering:
         self.used_ids.add(candidate)
         return candidate
 
-    def context_for(self, build: _ProbeBuild, duration: bool) -> ProbeContext:
+    def context_for(self, build: _ProbeBuild, duration: bool, ending: str = "") -> ProbeContext:
         c = build.ctx
-        return ProbeContext(c.kind, c.description, c.fields, c.has_fields, c.arg_count, duration, c.notes)
+        within = {n: (s.within[0] if s.within else "") for n, s in self.spec.spans.items()}
+        return ProbeContext(c.kind, c.description, c.fields, c.has_fields, c.arg_count, duration, ending,
+                            within, c.notes)
 
     # -- spans ---------------------------------------------------------------------------------
     def span_variants(self, s: SpanSpec) -> list[tuple[tuple[str, str], SpanSide, SpanSide]]:
@@ -404,7 +407,7 @@ class Lowering:
         value_type: ValueType | None = None
         updates = []
         for build, _end_key, in_span in sites:
-            ctx = self.context_for(build, in_span)
+            ctx = self.context_for(build, in_span, m.on.span_name if in_span else "")
             these = []
             for lab in m.labels:
                 ir = self.types.value(lab.expr, ctx, f"label '{lab.name}'", allow_string=True)
@@ -480,7 +483,7 @@ class Lowering:
         fields: list[EventField] | None = None
         emits = []
         for build, _k, in_span in sites:
-            ctx = self.context_for(build, in_span)
+            ctx = self.context_for(build, in_span, ev.on.span_name if in_span else "")
             these = []
             for f in ev.fields:
                 if f.stack:
@@ -529,6 +532,7 @@ class Lowering:
                 build.actions.append(SpanEnd(span, key, then))
         if self.left_out_binaries and not self.d.has_errors():
             metrics, events = self.leave_out(metrics, events)
+        accumulators = self.accumulate_totals()
         probes = []
         for build in self.probes.values():
             if not build.actions:
@@ -543,7 +547,7 @@ class Lowering:
         if self.d.has_errors():
             return None
         spans = tuple(SpanInfo(n, self.span_maps[n]) for n in self.spec.spans if n in self.span_maps)
-        maps = [s.begin_map for s in spans] + [m.map for m in metrics]
+        maps = [s.begin_map for s in spans] + accumulators + [m.map for m in metrics]
         if events:
             maps.append(MapSpec("events", "RINGBUF", None, None, self.spec.limits.ringbuf_bytes, "event"))
         if self.needs_stacks:
@@ -596,6 +600,29 @@ class Lowering:
                                    f"is on a missing optional binary ({missing})", item.span)
         return [m for m in metrics if m.name in updated], [e for e in events if e.name in emitted]
 
+    def accumulate_totals(self) -> list[MapSpec]:
+        """Wire up `INNER.total` / `INNER.count`: the outer span's begin resets them, the inner
+        span's end adds to them while the outer is open, the outer's end reads then drops them."""
+        maps: list[MapSpec] = []
+        for inner in sorted(self.types.totals_used):
+            outer = self.spec.spans[inner].within[0]
+            if outer not in self.span_maps:
+                continue
+            for build in self.probes.values():
+                new = []
+                for a in build.actions:
+                    if isinstance(a, SpanBegin) and a.span == outer:
+                        a = replace(a, resets=a.resets + (inner,))
+                    elif isinstance(a, SpanEnd) and a.span == inner:
+                        a = replace(a, accumulate_into=outer)
+                    elif isinstance(a, SpanEnd) and a.span == outer:
+                        a = replace(a, clears=a.clears + (inner,))
+                    new.append(a)
+                build.actions[:] = new
+            capacity = self.span_maps[outer].max_entries
+            maps += [MapSpec(name, "HASH", None, None, capacity, "accumulator") for name in accumulator_maps(inner)]
+        return maps
+
     def unused_spans(self) -> None:
         used = set()
         for m in self.spec.metrics.values():
@@ -609,6 +636,7 @@ class Lowering:
         for s in self.spec.spans.values():
             if s.within:
                 used.add(s.within[0])
+        used |= self.types.totals_used
         for name, s in self.spec.spans.items():
             if name not in used:
                 self.d.warning("W320", f"span '{name}' is measured but no metric or event uses it", s.span,

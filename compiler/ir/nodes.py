@@ -65,6 +65,15 @@ class Duration:
 
 
 @dataclass(frozen=True)
+class SpanTotal:
+    """At the end of an outer span: the time (`total`) or number (`count`) of an inner span's
+    completions on this thread while the outer one was open. Read from `acc_INNER_{total,count}`."""
+    span: str
+    field: str             # total | count
+    type: ValueType = TIME
+
+
+@dataclass(frozen=True)
 class Const:
     value: int
     type: ValueType = INT
@@ -121,8 +130,8 @@ class Neg:
     type: ValueType = SINT
 
 
-IRExpr = Union[Context, Arg, Retval, TracepointField, Duration, Const, StrConst, BinOp, Cmp, StrEq,
-               Logic, Not, Neg]
+IRExpr = Union[Context, Arg, Retval, TracepointField, Duration, SpanTotal, Const, StrConst, BinOp, Cmp,
+               StrEq, Logic, Not, Neg]
 
 
 # --- layouts -----------------------------------------------------------------------------------
@@ -208,6 +217,11 @@ class SpanInfo:
     begin_map: MapSpec
 
 
+def accumulator_maps(inner: str) -> tuple[str, str]:
+    """Names of the per-thread total and count maps of an inner span."""
+    return f"acc_{inner}_total", f"acc_{inner}_count"
+
+
 # --- actions -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Guard:
@@ -221,6 +235,7 @@ class SpanBegin:
     span: str
     key: IRExpr
     guard: Guard
+    resets: tuple[str, ...] = ()   # inner spans whose totals restart when this span begins
 
 
 @dataclass(frozen=True)
@@ -242,6 +257,8 @@ class SpanEnd:
     span: str
     key: IRExpr
     then: tuple[Union[MetricUpdate, EmitEvent], ...]   # run with `duration` bound
+    accumulate_into: str = ""      # the outer span whose totals this span's duration adds to
+    clears: tuple[str, ...] = ()   # inner spans whose totals are dropped after `then`
 
 
 Action = Union[SpanBegin, SpanEnd, MetricUpdate, EmitEvent]

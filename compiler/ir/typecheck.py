@@ -8,7 +8,7 @@ from ..diagnostics import Diagnostics, did_you_mean
 from ..expr import ast
 from .host import FormatField
 from .nodes import (COMM, INT, SINT, Arg, BinOp, Cmp, Const, Context, Duration, IRExpr,
-                    Logic, Neg, Not, Retval, StrConst, StrEq, TracepointField, ValueType)
+                    Logic, Neg, Not, Retval, SpanTotal, StrConst, StrEq, TIME, TracepointField, ValueType)
 
 CONTEXT_NAMES = {"pid": INT, "tid": INT, "comm": COMM, "cgroup": INT, "cpu": INT, "uid": INT}
 ARG_KINDS = {"uprobe": 10, "kprobe": 6, "fentry": 6, "usdt": 12}
@@ -24,6 +24,8 @@ class ProbeContext:
     has_fields: bool = False                   # tracepoint-like context
     arg_count: int | None = None               # usdt: known number of arguments
     duration: bool = False                     # inside a span's end
+    ending: str = ""                           # the span that ends here, if any
+    within: dict = field(default_factory=dict)  # every span -> the span it is `within` ("" if none)
     notes: list[str] = field(default_factory=list)
 
     def names(self) -> list[str]:
@@ -36,12 +38,17 @@ class ProbeContext:
             out += [f"args.{n}" for n in self.fields]
         if self.duration:
             out.append("duration")
-        return out
+        return out + [f"{inner}.total" for inner in self.inner_spans] + [f"{inner}.count" for inner in self.inner_spans]
+
+    @property
+    def inner_spans(self) -> list[str]:
+        return [n for n, outer in self.within.items() if outer == self.ending] if self.ending else []
 
 
 class TypeChecker:
     def __init__(self, diags: Diagnostics):
         self.d = diags
+        self.totals_used: set[str] = set()      # inner spans whose .total/.count something reads
 
     def condition(self, expr: ast.Expr, ctx: ProbeContext, what: str) -> IRExpr | None:
         ir = self.check(expr, ctx)
@@ -212,6 +219,19 @@ class TypeChecker:
                 self.d.error("E221", f"'retval' is only known at a return probe, not in {ctx.description}", e.span,
                              "use uretprobe:, kretprobe:, fexit: or syscallret:")
                 return None
+        if len(e.parts) == 2 and e.parts[1] in ("total", "count") and e.parts[0] in ctx.within:
+            inner, what = e.parts
+            outer = ctx.within[inner]
+            if not outer:
+                self.d.error("E225", f"'{dotted}' needs span '{inner}' to be 'within' another span", e.span,
+                             f"add 'within: OUTER' to span '{inner}' and read '{dotted}' at OUTER.end")
+                return None
+            if ctx.ending != outer:
+                self.d.error("E225", f"'{dotted}' is known where span '{outer}' ends (the span '{inner}' is within), "
+                             f"not in {ctx.description}", e.span, f"put this on '{outer}.end'")
+                return None
+            self.totals_used.add(inner)
+            return SpanTotal(inner, what, TIME if what == "total" else INT)
         if e.parts[0] == "args" and len(e.parts) == 2:
             if not ctx.has_fields:
                 self.d.error("E222", f"{ctx.description} has no named fields",

@@ -108,6 +108,41 @@ static __always_inline bool probec_within(void *begin_map, __u64 pid_tgid)
 	return bpf_map_lookup_elem(begin_map, &key) != NULL;
 }
 
+/* --- totals of inner spans ---------------------------------------------------------------------- */
+
+/* Per thread, the time and number of an inner span's completions while its outer span is open:
+ * reset when the outer span begins, added to at each inner end, read and dropped at the outer end. */
+static __always_inline void probec_acc_reset(void *acc, __u64 key)
+{
+	__u64 zero = 0;
+
+	bpf_map_update_elem(acc, &key, &zero, BPF_ANY);
+}
+
+static __always_inline void probec_acc_add(void *outer_begin, void *total, void *count, __u64 pid_tgid,
+					   __u64 duration)
+{
+	__u64 key = (__u32)pid_tgid;
+	__u64 *v;
+
+	if (!bpf_map_lookup_elem(outer_begin, &key))
+		return;
+	v = bpf_map_lookup_elem(total, &key);
+	if (v)
+		*v += duration;
+	v = bpf_map_lookup_elem(count, &key);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline __u64 probec_acc_read(void *acc, __u64 pid_tgid)
+{
+	__u64 key = (__u32)pid_tgid;
+	__u64 *v = bpf_map_lookup_elem(acc, &key);
+
+	return v ? *v : 0;
+}
+
 /* --- sampling and rate limits ------------------------------------------------------------------- */
 
 /* 1 in `every` over all CPUs: counts the event as seen in this CPU's `seen_slot` (for the

@@ -40,6 +40,9 @@ class ExpressionEmitter:
             return text   # fixed char[N] fields are strings already; __data_loc ones are refused in typing
         if isinstance(e, ir.Duration):
             return "$duration"
+        if isinstance(e, ir.SpanTotal):
+            total, count = ir.accumulator_maps(e.span)
+            return f"@{total if e.field == 'total' else count}[tid]"
         if isinstance(e, ir.Const):
             return str(e.value)
         if isinstance(e, ir.StrConst):
@@ -110,12 +113,17 @@ class BpftraceBackend(Backend):
 
     def action(self, a: ir.Action, em: ExpressionEmitter, program: ir.Program) -> list[str]:
         if isinstance(a, ir.SpanBegin):
+            resets = [self.map_name(m) for inner in a.resets for m in ir.accumulator_maps(inner)]
             return self.render("span_begin.bt.j2", guard=self.guard(a.guard, em),
-                               map=self.map_name(f"span_{a.span}_begin"), key=em.emit(a.key))
+                               map=self.map_name(f"span_{a.span}_begin"), key=em.emit(a.key), resets=resets)
         if isinstance(a, ir.SpanEnd):
             then = [line for t in a.then for line in self.action(t, em, program)]
+            total, count = (self.map_name(m) for m in ir.accumulator_maps(a.span))
             return self.render("span_end.bt.j2", start=self.var("start"), map=self.map_name(f"span_{a.span}_begin"),
-                               key=em.emit(a.key), then=then)
+                               key=em.emit(a.key), then=then,
+                               outer=self.map_name(f"span_{a.accumulate_into}_begin") if a.accumulate_into else "",
+                               total=total, count=count,
+                               clears=[self.map_name(m) for inner in a.clears for m in ir.accumulator_maps(inner)])
         if isinstance(a, ir.MetricUpdate):
             m = program.metric(a.metric)
             labels = [em.emit(lab.expr) for lab in m.labels]
@@ -182,7 +190,7 @@ class BpftraceBackend(Backend):
             printed.append(self.map_name(m.map.name))
             if m.kind == "histogram":
                 printed.append(self.map_name(m.map.name + "_sum"))
-        cleared = [self.map_name(s.begin_map.name) for s in program.spans]
+        cleared = [self.map_name(m.name) for m in program.maps if m.purpose in ("span_begin", "accumulator")]
         for e in program.events:
             printed.append(f"@__ev_{e.name}_seen")
             if e.max_per_second:     # these maps exist only where the script rate-limits

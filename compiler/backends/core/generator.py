@@ -166,6 +166,9 @@ class CExpression:
             self.needs.add("now")
             self.duration_uses += 1
             return "probec_duration"
+        if isinstance(e, ir.SpanTotal):
+            total, count = ir.accumulator_maps(e.span)
+            return f"probec_acc_read(&{total if e.field == 'total' else count}, probec_id)"
         if isinstance(e, ir.Const):
             return c_u64(e.value)
         if isinstance(e, ir.BinOp):
@@ -307,13 +310,21 @@ class CoreBackend(Backend):
             em.needs.add("now")
             return self.lines("span_begin.j2", guard=self.guard(a.guard, em, program),
                               map=self.begin_map(program, a.span), key=em.value(a.key),
-                              overflow_slot=self.health.add("span_overflow", a.span))
+                              overflow_slot=self.health.add("span_overflow", a.span),
+                              resets=[m for inner in a.resets for m in ir.accumulator_maps(inner)])
         if isinstance(a, ir.SpanEnd):
             key = em.value(a.key)
             before = em.duration_uses
             then = [line for t in a.then for line in self.action(t, em, program)]
+            if a.accumulate_into:
+                em.needs.add("now")
+                em.duration_uses += 1
+            total, count = ir.accumulator_maps(a.span)
             return self.lines("span_end.j2", map=self.begin_map(program, a.span), key=key, then=then,
-                              duration=em.duration_uses > before)
+                              duration=em.duration_uses > before,
+                              outer=self.begin_map(program, a.accumulate_into) if a.accumulate_into else "",
+                              total=total, count=count,
+                              clears=[m for inner in a.clears for m in ir.accumulator_maps(inner)])
         if isinstance(a, ir.MetricUpdate):
             return self.metric_update(a, em, program)
         if isinstance(a, ir.EmitEvent):
