@@ -115,7 +115,7 @@ class Lowering:
         if (path, addr.name) in self.failed_symbols:
             return None
         if not self.host.enabled:
-            return addr.name, addr.offset
+            return addr.name, addr.offset or 0
         from ...runtime import elf
         try:
             ef = self.host.binary(path)
@@ -137,8 +137,9 @@ class Lowering:
                          "write one of: " + ", ".join(f"'{n}'" for n in names[:6]))
             return None
         sym = found[0]
-        offset = addr.offset
-        if offset == 0 and self.opt.placement == "auto" and addr.kind in ("uprobe", "uretprobe"):
+        offset = addr.offset or 0
+        # Past endbr64 unless the spec wrote an offset itself (`+0` keeps the entry).
+        if addr.offset is None and self.opt.placement == "auto" and addr.kind in ("uprobe", "uretprobe"):
             try:
                 if ef.starts_with_endbr64(sym):
                     offset = 4
@@ -260,7 +261,8 @@ class Lowering:
             return self.probes[key]
         pid = self.probe_id(kind, name or symbol or provider or str(addr.rate))
         probe = Probe(pid, kind, category, name if kind != "usdt" else addr.name, binary, symbol, offset,
-                      provider, addr.rate, (), group, variant, addr.text)
+                      provider, addr.rate, (), group, variant, addr.text,
+                      past_endbr64=bool(offset) and addr.offset is None)
         if kind == "tracepoint" and fields is None and self.host.enabled and self.host.tracefs is not None:
             fields = {}
         ctx = ProbeContext(ctx_kind, addr.text if addr.kind != "kernel" else f"{kind}:{addr.name}", fields,

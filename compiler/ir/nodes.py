@@ -18,6 +18,7 @@ class ValueType:
     dimension: str = "none"  # time | size | none (ints only)
     length: int = 0        # strings: bytes including the NUL
     signed: bool = False
+    render: str = ""       # how a label shows it: "ipv4" (a __u8[4] address, dotted quad)
 
     def describe(self) -> str:
         if self.kind == "int" and self.dimension != "none":
@@ -279,6 +280,7 @@ class Probe:
     group: str = ""                # alternatives: the loader attaches the first variant that works
     variant: int = 0
     spec_text: str = ""            # the address as the user wrote it (for messages)
+    past_endbr64: bool = False     # `offset` is probec's placement past endbr64, not the spec's
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ class SpecLoader:
             binary, _, symbol = rest.partition(":")
             if not binary or not symbol:
                 return bad(f"'{text}' should be {kind}:BINARY:SYMBOL", "BINARY is a path or a name from 'binaries'")
-            offset = 0
+            offset = None
             m = re.fullmatch(r"(.*?)\+(0x[0-9a-fA-F]+|[0-9]+)", symbol)
             if m:
                 symbol, offset = m.group(1), int(m.group(2), 0)

@@ -30,7 +30,7 @@ class ProbeAddress:
     target: str = ""
     name: str = ""
     provider: str = ""
-    offset: int = 0
+    offset: int | None = None     # uprobe: bytes past the symbol as written (`+0` too); None: not written
     rate: int = 0
 
 

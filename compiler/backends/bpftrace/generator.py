@@ -37,6 +37,8 @@ class ExpressionEmitter:
             return self.args_field("ret") if self.probe.kind == "tracepoint" else "retval"
         if isinstance(e, ir.TracepointField):
             text = self.args_field(e.name)
+            if e.type.render == "ipv4":
+                return f"ntop({text})"    # bpftrace renders the address itself, as a string
             return text   # fixed char[N] fields are strings already; __data_loc ones are refused in typing
         if isinstance(e, ir.Duration):
             return "$duration"
@@ -172,12 +174,16 @@ class BpftraceBackend(Backend):
         for p in program.probes:
             if p.group and chosen.get(p.group, 0) != p.variant:
                 continue
+            if p.offset and not p.past_endbr64:
+                self.d.error("E502", f"{p.spec_text}: Debian's bpftrace {self.version[0]}.{self.version[1]} cannot "
+                             f"probe inside a function (+{p.offset})", None,
+                             "use the core backend, or probe the function's entry")
+                continue
             if p.offset and p.kind == "uprobe":
                 self.d.warning("W502", f"{p.spec_text}: bpftrace {self.version[0]}.{self.version[1]} cannot probe "
                                f"past endbr64 (+{p.offset}); the prototype probes the entry, which costs a "
                                "single-step trap per call. The core backend places it past endbr64.", None)
-            if p.offset and p.kind == "uretprobe":
-                pass  # a return probe's offset only changes its cost, never its numbers
+            # (A return probe placed past endbr64 goes to the entry too: that changes its cost only.)
             em = ExpressionEmitter(p, self.version)
             lines = []
             for a in p.actions:
