@@ -78,7 +78,8 @@ class MapDecoder:
         return tuple(parts[:s] + [",".join(parts[s:s + extra + 1])] + parts[s + extra + 1:])
 
     def typed(self, parts: tuple, types: list[str]) -> tuple:
-        return tuple(int(p) if t == "int" else p for p, t in zip(parts, types))
+        # an "int" that does not parse is a label bpftrace rendered itself (ntop of an address)
+        return tuple(int(p) if t == "int" and p.lstrip("-").isdigit() else p for p, t in zip(parts, types))
 
     def feed(self, map_name: str, data) -> None:
         entry = self.by_map.get(map_name)

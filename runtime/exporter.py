@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -13,6 +16,13 @@ QUANTILES = (0.5, 0.95, 0.99)
 def format_edge(value: float) -> str:
     text = repr(float(f"{value:.12g}"))
     return text[:-2] if text.endswith(".0") else text
+
+
+def label_text(value, spec: dict) -> str:
+    """A label value as text: IPv4 addresses (kept as numbers in network order) as dotted quads."""
+    if spec.get("render") == "ipv4" and isinstance(value, int):
+        return socket.inet_ntoa(struct.pack("<I", value & 0xFFFFFFFF))
+    return str(value)
 
 
 class StoreCollector:
@@ -36,7 +46,7 @@ class StoreCollector:
                     for edge, count in zip(edges + [float("inf")], series.buckets):
                         cumulative += count
                         out.append((format_edge(edge) if edge != float("inf") else "+Inf", cumulative))
-                    fam.add_metric([str(k) for k in key], out, series.sum * scale)
+                    fam.add_metric([label_text(k, s) for k, s in zip(key, meta["labels"])], out, series.sum * scale)
                 yield fam
                 window = self.store.window_buckets(name)
                 qfam = GaugeMetricFamily(f"{name}_quantile", f"{meta['help']} Quantiles over the last "
@@ -52,7 +62,8 @@ class StoreCollector:
                 base = name[:-6] if name.endswith("_total") else name
                 fam = CounterMetricFamily(base, meta["help"], labels=labels)
                 for key, value in sorted(state.series.items(), key=lambda kv: str(kv[0])):
-                    fam.add_metric([str(k) for k in key], value * scale if scale != 1 else value)
+                    fam.add_metric([label_text(k, s) for k, s in zip(key, meta["labels"])],
+                                   value * scale if scale != 1 else value)
                 yield fam
         yield from self.health(snap)
 

@@ -266,3 +266,36 @@ def test_inner_span_totals_at_the_outer_end(tmp_path, backend):
     events = run.events()
     assert len(events) == 15
     assert all(e["alloc_count"] == 1 and 0 < e["alloc_total_seconds"] < e["duration_seconds"] for e in events)
+
+
+ADDRESS_SPEC = """
+name: addresses
+metrics:
+  tcp_state_changes_total:
+    count: tracepoint:sock:inet_sock_set_state
+    labels: [args.daddr, args.dport, args.newstate]
+    filter: args.family == 2 && args.protocol == 6
+"""
+
+
+def test_ipv4_address_labels_render_as_text(tmp_path, backend):
+    """__u8[4] tracepoint fields are addresses: dotted quads in labels, under both backends."""
+    import socket
+    spec = write_spec(tmp_path, ADDRESS_SPEC)
+    bundle = build(spec, backend, tmp_path / "bundle")
+    run = Run(bundle, tmp_path)
+    try:
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            port = server.getsockname()[1]
+            for _ in range(3):
+                client = socket.create_connection(("127.0.0.1", port))
+                conn, _ = server.accept()
+                client.close()
+                conn.close()
+        metrics = run.stop()
+    finally:
+        run.kill()
+    TCP_SYN_SENT = 2
+    assert value(metrics, "tcp_state_changes_total", daddr="127.0.0.1", dport=port, newstate=TCP_SYN_SENT) == 3

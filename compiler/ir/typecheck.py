@@ -252,9 +252,12 @@ class TypeChecker:
                 return None
             if fmt.is_string:
                 return TracepointField(fname, fmt.offset, fmt.size, ValueType("str", length=fmt.array_len))
+            if fmt.array_len == 4 and fmt.size == 4 and fmt.ctype.split()[-1] in ("__u8", "u8", "unsigned char"):
+                # an IPv4 address in network order: a number in the kernel, a dotted quad in labels
+                return TracepointField(fname, fmt.offset, fmt.size, ValueType("int", render="ipv4"))
             if fmt.array_len or fmt.size not in (1, 2, 4, 8):
                 self.d.error("E224", f"field '{fname}' ({fmt.ctype}[{fmt.array_len}]) is an array; "
-                             "probec reads numbers and char arrays", e.span)
+                             "probec reads numbers, char arrays and IPv4 addresses (__u8[4])", e.span)
                 return None
             return TracepointField(fname, fmt.offset, fmt.size, SINT if fmt.signed else INT)
         self.d.error("E220", f"unknown name '{dotted}' in {ctx.description}", e.span,
