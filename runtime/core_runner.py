@@ -354,7 +354,8 @@ class CoreRunner:
         health = self.store.health
         health.attached = {pid: int(pid in self.links) for pid in self.probes}
         for m in self.manifest["maps"]:
-            health.map_capacity[m["name"]] = m["max_entries"]
+            if m["type"] != "TASK_STORAGE":
+                health.map_capacity[m["name"]] = m["max_entries"]
         hm = self.core["health_map"]
         health.map_capacity[hm["name"]] = hm["slots"]
         if self.bpf_stats:
@@ -504,7 +505,8 @@ class CoreRunner:
             health.map_entries[reader.map] = len(items)
             self.store.replace(reader.name, reader.decode(items))
         for span in self.manifest["spans"]:
-            health.map_entries[span["map"]] = len(self.obj.map(span["map"]).items_batch())
+            if not span.get("task_storage"):   # task-local storage cannot be listed; it has no capacity
+                health.map_entries[span["map"]] = len(self.obj.map(span["map"]).items_batch())
         if self.core.get("stack_map"):
             health.map_entries[self.core["stack_map"]] = self.obj.map(self.core["stack_map"]).count_entries()
         self.read_health()

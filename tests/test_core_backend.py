@@ -50,12 +50,12 @@ def write_spec(directory: Path, name: str, text: str) -> Path:
     return path
 
 
-def build(spec: Path, out: Path, kernel: str = "host", compile: bool = True) -> Path:
+def build(spec: Path, out: Path, kernel: str = "host", compile: bool = True, task_storage: bool = True) -> Path:
     """Check and build in-process; fail the test with the rendered diagnostics on errors."""
     from probec.compiler.diagnostics import render_text
     result = check_file(str(spec), kernel=kernel)
     assert result.program is not None, render_text(result.diagnostics.sorted(), result.sources)
-    bundle = build_bundle(result, "core", compile=compile)
+    bundle = build_bundle(result, "core", compile=compile, task_storage=task_storage)
     assert bundle is not None, render_text(result.diagnostics.sorted(), result.sources)
     bundle.write(out)
     return out
@@ -352,7 +352,11 @@ def test_health_reports_maps_and_attach_status(main_run):
     m = main_run["metrics"]
     manifest = main_run["manifest"]
     for mp in manifest["maps"]:
-        assert sample(m, "probec_map_capacity", map=mp["name"]) == mp["max_entries"]
+        if mp["type"] == "TASK_STORAGE":    # a slot per thread: no capacity to report
+            assert sample(m, "probec_map_capacity", map=mp["name"]) is None
+        else:
+            assert sample(m, "probec_map_capacity", map=mp["name"]) == mp["max_entries"]
+    assert any(mp["type"] == "TASK_STORAGE" for mp in manifest["maps"])
     assert sample(m, "probec_map_entries", map="m_core_records_total") == 1
     for p in manifest["probes"]:
         assert sample(m, "probec_probe_attached", probe=p["id"]) == 1
@@ -539,9 +543,10 @@ metrics:
 @pytest.mark.kernel
 def test_full_begin_map_counts_overflows(tmp_path, workloads):
     core_kernel()
-    out = build(write_spec(tmp_path, "core_overflow", OVERFLOW_SPEC), tmp_path / "bundle")
+    # a HASH begin map, sized by limits.concurrency (task storage has a slot per thread instead)
+    out = build(write_spec(tmp_path, "core_overflow", OVERFLOW_SPEC), tmp_path / "bundle", task_storage=False)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["spans"][0]["capacity"] == 2
+    assert manifest["spans"][0]["capacity"] == 2 and not manifest["spans"][0]["task_storage"]
     store, _, _ = run_in_process(out, lambda: run_workload("--comm", "core_ovf", "--threads", "4",
                                                              "sleep", "5", "3000"), bpf_stats=True)
     overflows = store.health.span_overflows["sleep"]

@@ -108,6 +108,28 @@ static __always_inline bool probec_within(void *begin_map, __u64 pid_tgid)
 	return bpf_map_lookup_elem(begin_map, &key) != NULL;
 }
 
+/* Spans keyed by the current thread keep their begin time in task-local storage: one slot per
+ * thread, made on first use, 0 while no span is open. A slot that cannot be made counts as an
+ * overflow, like a full begin map. */
+static __always_inline void probec_task_span_begin(void *storage, __u64 now, void *health, __u32 overflow_slot)
+{
+	__u64 *slot = bpf_task_storage_get(storage, bpf_get_current_task_btf(), 0,
+					   BPF_LOCAL_STORAGE_GET_F_CREATE);
+
+	if (slot)
+		*slot = now;
+	else
+		probec_health_inc(health, overflow_slot);
+}
+
+/* True while the current thread is inside the span whose begin times live in `storage`. */
+static __always_inline bool probec_task_within(void *storage)
+{
+	__u64 *slot = bpf_task_storage_get(storage, bpf_get_current_task_btf(), 0, 0);
+
+	return slot && *slot;
+}
+
 /* --- totals of inner spans ---------------------------------------------------------------------- */
 
 /* Per thread, the time and number of an inner span's completions while its outer span is open:
@@ -119,15 +141,11 @@ static __always_inline void probec_acc_reset(void *acc, __u64 key)
 	bpf_map_update_elem(acc, &key, &zero, BPF_ANY);
 }
 
-static __always_inline void probec_acc_add(void *outer_begin, void *total, void *count, __u64 pid_tgid,
-					   __u64 duration)
+static __always_inline void probec_acc_add(void *total, void *count, __u64 pid_tgid, __u64 duration)
 {
 	__u64 key = (__u32)pid_tgid;
-	__u64 *v;
+	__u64 *v = bpf_map_lookup_elem(total, &key);
 
-	if (!bpf_map_lookup_elem(outer_begin, &key))
-		return;
-	v = bpf_map_lookup_elem(total, &key);
 	if (v)
 		*v += duration;
 	v = bpf_map_lookup_elem(count, &key);

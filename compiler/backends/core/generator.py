@@ -263,9 +263,15 @@ class CoreBackend(Backend):
         "bucket edges above 2^64-1": "values are 64-bit",
     }
 
-    def __init__(self, diags: Diagnostics, compile: bool = True, spec_span: SourceSpan | None = None):
+    def __init__(self, diags: Diagnostics, compile: bool = True, spec_span: SourceSpan | None = None,
+                 task_storage: bool = True):
         super().__init__(diags, spec_span)
         self.compile = compile
+        # Spans keyed by the current thread keep their begin time in task-local storage (kernel
+        # 5.11+): no hash insert, lookup and delete per span. benchmarks/results/span_overhead.md
+        # measured it at 0.6x the HASH begin map on a syscall span.
+        self.task_storage = task_storage
+        self.task_spans: set[str] = set()
         self.env = template_environment("core")
         self.strings = StringTable()
         self.health = HealthSlots()
@@ -296,13 +302,29 @@ class CoreBackend(Backend):
     def begin_map(self, program: ir.Program, span: str) -> str:
         return next(s.begin_map.name for s in program.spans if s.name == span)
 
+    def thread_keyed_spans(self, program: ir.Program) -> set[str]:
+        """Spans whose begin and end are both keyed by the current thread."""
+        tid = ir.Context("tid", ir.INT)
+        spans = {s.name for s in program.spans}
+        for p in program.probes:
+            for a in p.actions:
+                if isinstance(a, (ir.SpanBegin, ir.SpanEnd)) and a.key != tid:
+                    spans.discard(a.span)
+        return spans
+
+    def open_span(self, program: ir.Program, span: str) -> str:
+        """A C condition: `span` is open on the current thread."""
+        if span in self.task_spans:
+            return f"probec_task_within(&{self.begin_map(program, span)})"
+        return f"probec_within(&{self.begin_map(program, span)}, probec_id)"
+
     # -- guards and actions --------------------------------------------------------------------
     def guard(self, g: ir.Guard, em: CExpression, program: ir.Program, extra: ir.IRExpr | None = None) -> str:
         parts = []
         for cond in (extra, g.filter):
             if cond is not None:
                 parts.append(em.condition(cond))
-        parts += [f"probec_within(&{self.begin_map(program, w)}, probec_id)" for w in g.within]
+        parts += [self.open_span(program, w) for w in g.within]
         return " && ".join(parts)
 
     def action(self, a: ir.Action, em: CExpression, program: ir.Program) -> list[str]:
@@ -311,7 +333,8 @@ class CoreBackend(Backend):
             return self.lines("span_begin.j2", guard=self.guard(a.guard, em, program),
                               map=self.begin_map(program, a.span), key=em.value(a.key),
                               overflow_slot=self.health.add("span_overflow", a.span),
-                              resets=[m for inner in a.resets for m in ir.accumulator_maps(inner)])
+                              resets=[m for inner in a.resets for m in ir.accumulator_maps(inner)],
+                              task=a.span in self.task_spans)
         if isinstance(a, ir.SpanEnd):
             key = em.value(a.key)
             before = em.duration_uses
@@ -322,8 +345,8 @@ class CoreBackend(Backend):
             total, count = ir.accumulator_maps(a.span)
             return self.lines("span_end.j2", map=self.begin_map(program, a.span), key=key, then=then,
                               duration=em.duration_uses > before,
-                              outer=self.begin_map(program, a.accumulate_into) if a.accumulate_into else "",
-                              total=total, count=count,
+                              outer_open=self.open_span(program, a.accumulate_into) if a.accumulate_into else "",
+                              total=total, count=count, task=a.span in self.task_spans,
                               clears=[m for inner in a.clears for m in ir.accumulator_maps(inner)])
         if isinstance(a, ir.MetricUpdate):
             return self.metric_update(a, em, program)
@@ -429,10 +452,14 @@ class CoreBackend(Backend):
 
     def map_definitions(self, program: ir.Program) -> list[dict]:
         out = []
+        task_maps = {s.begin_map.name for s in program.spans if s.name in self.task_spans}
         for mp in program.maps:
             d = {"name": mp.name, "type": mp.type, "max_entries": mp.max_entries, "key": "", "value": "",
-                 "key_size": "", "value_size": ""}
-            if mp.type == "STACK_TRACE":
+                 "key_size": "", "value_size": "", "flags": ""}
+            if mp.name in task_maps:
+                # one slot per thread, made on first use; sized by the threads, not by max_entries
+                d.update(type="TASK_STORAGE", max_entries=0, key="int", value="__u64", flags="BPF_F_NO_PREALLOC")
+            elif mp.type == "STACK_TRACE":
                 d["key_size"], d["value_size"] = "sizeof(__u32)", f"{STACK_DEPTH} * sizeof(__u64)"
             elif mp.type in ("ARRAY", "PERCPU_ARRAY"):
                 # the kernel wants an array's key typed as a 32-bit int (the layout's one __u32)
@@ -469,6 +496,7 @@ class CoreBackend(Backend):
 
     def build(self, program: ir.Program) -> Bundle:
         self.strings, self.health = StringTable(), HealthSlots()
+        self.task_spans = self.thread_keyed_spans(program) if self.task_storage else set()
         name = program.name
         programs_meta = []
         probe_texts = []
@@ -530,6 +558,12 @@ class CoreBackend(Backend):
             "stack_depth": STACK_DEPTH,
             "value_signed": signed_metrics(program),
         })
+        task_maps = {s.begin_map.name for s in program.spans if s.name in self.task_spans}
+        for m in manifest["maps"]:
+            if m["name"] in task_maps:
+                m["type"], m["max_entries"] = "TASK_STORAGE", 0
+        for s in manifest["spans"]:
+            s["task_storage"] = s["map"] in task_maps
         return Bundle(name, self.name, files, manifest)
 
     def compile_object(self, files: dict[str, bytes], source_name: str, object_name: str) -> bytes | None:
