@@ -137,6 +137,8 @@ def run_target(args) -> int:
                 break
             stop.wait(min(args.interval, 0.5))
             runner.poll()
+            if sink is not None:
+                sink.flush()
             if getattr(runner, "failure", None):
                 log(f"error: {runner.failure}")
                 return 1
