@@ -132,10 +132,14 @@ def run_target(args) -> int:
             log(f"{bundle.name}: attached ({bundle.backend})")
         deadline = time.monotonic() + args.duration if args.duration else None
         next_show = time.monotonic() + 2
+        next_read = time.monotonic() + args.interval
         while not stop.is_set():
             if deadline and time.monotonic() >= deadline:
                 break
-            stop.wait(min(args.interval, 0.5))
+            stop.wait(max(0.01, min(next_read - time.monotonic(), 0.5)))   # wake for signals, read on time
+            if time.monotonic() < next_read:
+                continue
+            next_read += args.interval
             runner.poll()
             if sink is not None:
                 sink.flush()

@@ -200,12 +200,19 @@ static __always_inline bool probec_rate_ok(struct probec_rate *rate, __u64 now, 
 }
 
 /* Wake the reader only once `wakeup_bytes` are waiting; it also drains on a timer. */
-static __always_inline __u64 probec_ringbuf_flags(void *ringbuf, __u64 wakeup_bytes)
+static __always_inline __u64 probec_ringbuf_flags(void *ringbuf, __u64 wakeup_bytes, __u64 record_bytes)
 {
+	__u64 waiting;
+
 	if (wakeup_bytes <= 1)
 		return 0;
-	return bpf_ringbuf_query(ringbuf, BPF_RB_AVAIL_DATA) >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP
-									      : BPF_RB_NO_WAKEUP;
+	/* Wake the reader once, with the record that carries the waiting data across the threshold
+	 * (the 8-byte ring header included); the reader also drains on its own every 50 ms. Waking on
+	 * every record past the threshold made a slow reader cost the traced program +0.8-1.6 us an
+	 * event (benchmarks/results/ringbuf.md). */
+	waiting = bpf_ringbuf_query(ringbuf, BPF_RB_AVAIL_DATA);
+	return waiting >= wakeup_bytes && waiting < wakeup_bytes + record_bytes + 8 ? BPF_RB_FORCE_WAKEUP
+										    : BPF_RB_NO_WAKEUP;
 }
 
 /* --- strings ------------------------------------------------------------------------------------ */
