@@ -292,69 +292,22 @@ def consumer_capacity(big: Path, loadgen: Path, n: int, rounds: int) -> list[str
             f"of {rounds}.", "", "| consumer | drain rate | per event |", "| --- | --- | --- |"] + rows
 
 
-CROSSING_HELPER = """
-/* benchmark patch: force a wakeup only when this record takes the waiting data across the
- * threshold (once per crossing), instead of on every record while above it */
-static __always_inline __u64 probec_ringbuf_flags_crossing(void *ringbuf, __u64 wakeup_bytes, __u64 size)
-{
-	__u64 step = (size + 8 + 7) & ~7ULL;
-	__u64 avail;
-
-	if (wakeup_bytes <= 1)
-		return 0;
-	avail = bpf_ringbuf_query(ringbuf, BPF_RB_AVAIL_DATA);
-	return avail >= wakeup_bytes && avail - step < wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-}
-"""
-
-
-def crossing_variant(bundle: Path) -> Path:
-    """A copy of BUNDLE whose events wake the reader once per threshold crossing: the generated C
-    with its probec_ringbuf_flags() call replaced, compiled by the core backend's own toolchain."""
-    import re
-    import shutil
-    from probec.compiler.backends.core import toolchain
-    out = C.build_dir() / "bundles" / (bundle.name + ".crossing")    # bundle.name carries its input hash
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    source, obj = manifest["files"]["source"], manifest["files"]["object"]
-    if (out / obj).exists():
-        return out
-    text = (bundle / source).read_text()
-    patched, n = re.subn(r"probec_ringbuf_flags\((&\w+), probec_wakeup_bytes\)",
-                         r"probec_ringbuf_flags_crossing(\1, probec_wakeup_bytes, sizeof(*probec_e))", text)
-    if n == 0:
-        raise RuntimeError(f"{source}: no probec_ringbuf_flags() call to patch (the generator changed)")
-    patched = patched.replace('#include "probec.bpf.h"', '#include "probec.bpf.h"\n' + CROSSING_HELPER, 1)
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(bundle, out)
-    (out / source).write_text(patched)
-    files = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".c", ".h")}
-    result = toolchain.compile_object(files, source, obj)
-    if result.object is None:
-        raise RuntimeError(f"patched {source} does not compile:\n{result.error}")
-    (out / obj).write_bytes(result.object)
-    return out
 
 
 def producer_cost(loadgen: Path, ring_bundle: Path, n: int, rounds: int, paced: int) -> list[str]:
-    crossing = crossing_variant(ring_bundle)
     variants = [
         ("no probes", None),
         ("bulk mmap consumer, generated wakeup batching", lambda: InProcess(ring_bundle, "mmap")),
         ("bulk mmap consumer, wakeup for every event", lambda: InProcess(ring_bundle, "mmap", wakeup_bytes=0)),
         ("bulk mmap consumer, never woken (50 ms poll only)",
          lambda: InProcess(ring_bundle, "mmap", wakeup_bytes=1 << 40)),
-        ("bulk mmap consumer, woken once per threshold crossing (patched helper)",
-         lambda: InProcess(crossing, "mmap")),
         ("libbpf callback consumer, generated wakeup batching", lambda: InProcess(ring_bundle, "callback")),
         ("libbpf callback consumer, wakeup for every event",
          lambda: InProcess(ring_bundle, "callback", wakeup_bytes=0)),
     ]
     if C.QUICK:                   # the smoke test: one policy of each kind
         variants = [v for v in variants if v[0] in ("no probes", "bulk mmap consumer, generated wakeup batching",
-                                                    "bulk mmap consumer, woken once per threshold crossing "
-                                                    "(patched helper)")]
+                                                    "bulk mmap consumer, wakeup for every event")]
     stats: dict[str, list[tuple]] = {v[0]: [] for v in variants}
     for r in range(rounds):
         for name, make in variants[r % len(variants):] + variants[:r % len(variants)]:
@@ -376,10 +329,10 @@ def producer_cost(loadgen: Path, ring_bundle: Path, n: int, rounds: int, paced: 
     rows = ["### What an event costs the producer", "",
             f"loadgen on CPU 0 making N = {n:,} getpid calls, ring_tp.yaml (one event per call, 4 MiB ring), "
             f"paced at {paced:,}/s and flat out, {rounds} alternating rounds, the consumer on CPU 1. 'Generated "
-            "wakeup batching' is what the core backend emits (BPF_RB_FORCE_WAKEUP on every record while at least "
-            "1/4 of the ring waits, BPF_RB_NO_WAKEUP below; the reader also polls every 50 ms); 'every event' sets "
-            "probec_wakeup_bytes to 0 (flags 0: the kernel wakes the reader when it has caught up); 'never woken' "
-            "sets it above the ring size; 'once per crossing' is the generated C with a patched helper (below). "
+            "wakeup batching' is what the core backend emits (BPF_RB_FORCE_WAKEUP on the record that carries the "
+            "waiting data across 1/4 of the ring, BPF_RB_NO_WAKEUP otherwise; the reader also polls every 50 ms); "
+            "'every event' sets probec_wakeup_bytes to 0 (flags 0: the kernel wakes the reader when it has caught "
+            "up); 'never woken' sets it above the ring size. "
             "Producer CPU = loadgen's user+sys per call.", "",
             f"| consumer, wakeup policy | paced {paced // 1000}k/s: producer CPU ns/call | added by the event | lost | "
             "flat out: producer CPU ns/call | added by the event | calls/s reached | lost |",

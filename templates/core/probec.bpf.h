@@ -211,8 +211,9 @@ static __always_inline __u64 probec_ringbuf_flags(void *ringbuf, __u64 wakeup_by
 	 * every record past the threshold made a slow reader cost the traced program +0.8-1.6 us an
 	 * event (benchmarks/results/ringbuf.md). */
 	waiting = bpf_ringbuf_query(ringbuf, BPF_RB_AVAIL_DATA);
-	return waiting >= wakeup_bytes && waiting < wakeup_bytes + record_bytes + 8 ? BPF_RB_FORCE_WAKEUP
-										    : BPF_RB_NO_WAKEUP;
+	record_bytes = (record_bytes + 8 + 7) & ~7ULL;     /* as the ring lays it out */
+	return waiting >= wakeup_bytes && waiting - record_bytes < wakeup_bytes ? BPF_RB_FORCE_WAKEUP
+										: BPF_RB_NO_WAKEUP;
 }
 
 /* --- strings ------------------------------------------------------------------------------------ */
