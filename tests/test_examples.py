@@ -199,7 +199,10 @@ def test_correlation(tmp_path, backend):
         assert calls <= above(offcpu, 0.002048) <= calls + 3
         assert offcpu["0.004096"] >= 0.9 * calls
         offcpu_sum = value(metrics, "inference_offcpu_duration_seconds_sum", thread=t)
-        assert calls * (inside_us - 100) / 1e6 <= offcpu_sum <= value(metrics, "inference_duration_seconds_sum", thread=t)
+        # Off-CPU stretches begin inside Forward; timestamps of the sched_switch and uprobe sides
+        # differ by a few microseconds per stretch, so allow 5 % over the inference total.
+        inference_sum = value(metrics, "inference_duration_seconds_sum", thread=t)
+        assert calls * (inside_us - 100) / 1e6 <= offcpu_sum <= 1.05 * inference_sum
 
 
 # -- example 7: CUDA launches and syncs; no GPU here, so check alone -----------------------------
