@@ -52,3 +52,24 @@ def test_btf_strings_rejects_non_btf(tmp_path):
     junk.write_bytes(b"\x00" * 64)
     assert btf_strings(str(junk)) is None
     assert btf_strings(str(tmp_path / "missing")) is None
+
+
+def test_label_cardinality_and_map_size_warnings():
+    d = check("""
+name: card
+limits:
+  series: 200000
+metrics:
+  writes_total:
+    count: syscall:write
+    labels: [tid, comm]
+  write_bytes:
+    histogram: args.count
+    on: syscall:write
+    buckets: exp2(1B, 1GiB)
+    labels: [comm]
+""", HostInfo())
+    codes = {x.code: x for x in d.items}
+    assert not d.has_errors()
+    assert "label 'tid'" in codes["W403"].message and codes["W403"].span.line == 8   # the leading newline
+    assert "6,600,000 entries" in codes["W404"].message

@@ -438,6 +438,7 @@ class Lowering:
                          f"{value_type.describe()}", m.buckets.span)
             return None
         self.naming(m, unit)
+        self.cardinality(m, labels or [], len(edges))
         members = [(f"l_{lab.name}", lab.expr.type if lab.expr.type.kind == "str" else
                     ValueType("int", signed=lab.expr.type.signed), lab.name) for lab in labels or []]
         hist = m.kind == "histogram"
@@ -475,6 +476,36 @@ class Lowering:
         if unit and not base.endswith("_" + unit):
             self.d.warning("W402", f"metric '{m.name}' is in {unit}; Prometheus names end in '_{unit}'", m.span,
                            f"e.g. '{base}_{unit}{'_total' if m.kind == 'counter' else ''}'")
+
+    # Labels that take a value per thread, process, argument or address: fine for a few, a series
+    # explosion on a busy host.
+    UNBOUNDED_LABELS = ("pid", "tid", "cgroup", "uid")
+    MAP_BYTES_WARNING = 64 << 20
+
+    def cardinality(self, m: MetricSpec, labels: list[Label], n_edges: int) -> None:
+        series = self.spec.limits.series
+        for lab, spec_label in zip(labels, m.labels):
+            e = lab.expr
+            unbounded = (isinstance(e, Context) and e.name in self.UNBOUNDED_LABELS) or \
+                type(e).__name__ in ("Arg", "Retval", "SpanTotal") or \
+                (type(e).__name__ == "TracepointField" and e.type.kind == "int" and e.type.render != "ipv4"
+                 and e.name.endswith(("pid", "addr", "ino", "len", "size", "count", "bytes")))
+            if unbounded:
+                self.d.warning("W403", f"metric '{m.name}': label '{lab.name}' can take a new value per "
+                               f"{'thread or process' if isinstance(e, Context) else 'event'}; past "
+                               f"limits.series ({series}) label sets fold into '__overflow__'", spec_label.span,
+                               "label by something with few values (comm, a state), or raise limits.series "
+                               "knowingly")
+        if labels:
+            slots = series * ((n_edges + 2) if m.kind == "histogram" else 1)
+            cpus = os.cpu_count() or 1
+            key_bytes = 8 * len(labels) + 16 * sum(1 for lab in labels if lab.expr.type.kind == "str") + 8
+            approx = slots * (key_bytes + 8 * cpus + 64)
+            if approx > self.MAP_BYTES_WARNING:
+                self.d.warning("W404", f"metric '{m.name}': its map holds {slots:,} entries "
+                               f"(limits.series {series} x {n_edges + 2} slots), about {approx >> 20} MiB of "
+                               f"kernel memory on {cpus} CPUs", m.span,
+                               "lower limits.series or use fewer buckets")
 
     # -- events --------------------------------------------------------------------------------
     def lower_event(self, ev: EventSpec, index: int) -> Event | None:
