@@ -70,4 +70,32 @@ static __always_inline void hist_record(__u64 ns)
 	h->sum += ns;
 }
 
+/* The four programs every variant attaches: a uprobe/uretprobe pair and the getpid tracepoint
+ * pair, each calling the variant's own begin() and end(). */
+#define BENCH_SPAN_PROGRAMS(begin_fn, end_fn)			\
+	SEC("uprobe")						\
+	int uprobe_begin(struct pt_regs *ctx)			\
+	{							\
+		begin_fn();					\
+		return 0;					\
+	}							\
+	SEC("uretprobe")					\
+	int uprobe_end(struct pt_regs *ctx)			\
+	{							\
+		end_fn();					\
+		return 0;					\
+	}							\
+	SEC("tp/syscalls/sys_enter_getpid")			\
+	int getpid_begin(void *ctx)				\
+	{							\
+		begin_fn();					\
+		return 0;					\
+	}							\
+	SEC("tp/syscalls/sys_exit_getpid")			\
+	int getpid_end(void *ctx)				\
+	{							\
+		end_fn();					\
+		return 0;					\
+	}
+
 #endif

@@ -50,30 +50,4 @@ static __always_inline void end(void)
 	s->ts = 0;
 }
 
-SEC("uprobe")
-int uprobe_begin(struct pt_regs *ctx)
-{
-	begin();
-	return 0;
-}
-
-SEC("uretprobe")
-int uprobe_end(struct pt_regs *ctx)
-{
-	end();
-	return 0;
-}
-
-SEC("tp/syscalls/sys_enter_getpid")
-int getpid_begin(void *ctx)
-{
-	begin();
-	return 0;
-}
-
-SEC("tp/syscalls/sys_exit_getpid")
-int getpid_end(void *ctx)
-{
-	end();
-	return 0;
-}
+BENCH_SPAN_PROGRAMS(begin, end)
