@@ -165,6 +165,13 @@ def test_retransmits(tmp_path, backend, drop):
     else:
         assert "dropped" not in out[0]
         assert during == 0 and to_port == 0
+    # The evidence: an event for each request that retransmitted, carrying how many times it did.
+    # A request spans its last sendto to its answer (a later sendto begins it again), so the
+    # events carry at most the retransmits the counter saw.
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    counts = [e["tcp_retransmits_during_request_total_count"] for e in events]
+    assert all(c > 0 for c in counts) and sum(counts) <= during, (counts, during)
+    assert (len(counts) > 0) == drop
 
 
 # -- example 3: send and off-CPU time inside inference, by thread --------------------------------

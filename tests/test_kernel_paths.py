@@ -248,11 +248,14 @@ metrics:
     histogram: alloc.total
     on: inference.end
     buckets: exp2(1us, 1s)
+  allocate_calls_total:
+    count: uprobe:model:serving::Allocator::Allocate
+    within: inference
 events:
   inference_done:
     on: inference.end
     when: alloc.count == 1 && alloc.total < duration
-    fields: [duration, alloc.total, alloc.count]
+    fields: [duration, alloc.total, alloc.count, allocate_calls_total.count]
 """
 
 
@@ -267,6 +270,9 @@ def test_inner_span_totals_at_the_outer_end(tmp_path, backend):
     events = run.events()
     assert len(events) == 15
     assert all(e["alloc_count"] == 1 and 0 < e["alloc_total_seconds"] < e["duration_seconds"] for e in events)
+    # a counter `within` the request: how many times it fired during each one
+    assert all(e["allocate_calls_total_count"] == 1 for e in events)
+    assert value(metrics, "allocate_calls_total") == 15
 
 
 ADDRESS_SPEC = """

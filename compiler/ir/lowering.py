@@ -283,8 +283,10 @@ class Lowering:
     def context_for(self, build: _ProbeBuild, duration: bool, ending: str = "") -> ProbeContext:
         c = build.ctx
         within = {n: (s.within[0] if s.within else "") for n, s in self.spec.spans.items()}
+        counted = {n: m.within[0] for n, m in self.spec.metrics.items()
+                   if m.kind == "counter" and m.value is None and m.within}
         return ProbeContext(c.kind, c.description, c.fields, c.has_fields, c.arg_count, duration, ending,
-                            within, c.notes)
+                            within, counted, c.notes)
 
     # -- spans ---------------------------------------------------------------------------------
     def span_variants(self, s: SpanSpec) -> list[tuple[tuple[str, str], SpanSide, SpanSide]]:
@@ -638,7 +640,8 @@ class Lowering:
         span's end adds to them while the outer is open, the outer's end reads then drops them."""
         maps: list[MapSpec] = []
         for inner in sorted(self.types.totals_used):
-            outer = self.spec.spans[inner].within[0]
+            is_span = inner in self.spec.spans
+            outer = (self.spec.spans[inner] if is_span else self.spec.metrics[inner]).within[0]
             if outer not in self.span_maps:
                 continue
             for build in self.probes.values():
@@ -646,7 +649,9 @@ class Lowering:
                 for a in build.actions:
                     if isinstance(a, SpanBegin) and a.span == outer:
                         a = replace(a, resets=a.resets + (inner,))
-                    elif isinstance(a, SpanEnd) and a.span == inner:
+                    elif isinstance(a, SpanEnd) and a.span == inner and is_span:
+                        a = replace(a, accumulate_into=outer)
+                    elif isinstance(a, MetricUpdate) and a.metric == inner and not is_span:
                         a = replace(a, accumulate_into=outer)
                     elif isinstance(a, SpanEnd) and a.span == outer:
                         a = replace(a, clears=a.clears + (inner,))

@@ -68,7 +68,8 @@ class Duration:
 @dataclass(frozen=True)
 class SpanTotal:
     """At the end of an outer span: the time (`total`) or number (`count`) of an inner span's
-    completions on this thread while the outer one was open. Read from `acc_INNER_{total,count}`."""
+    completions on this thread while the outer one was open, or (`count`) the updates of a counter
+    `within` it. Read from `acc_INNER_{total,count}`."""
     span: str
     field: str             # total | count
     type: ValueType = TIME
@@ -244,6 +245,7 @@ class MetricUpdate:
     metric: str
     value: IRExpr | None           # None: count 1
     guard: Guard
+    accumulate_into: str = ""      # a counter `within` a span that reads METRIC.count at its end
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ class ProbeContext:
     duration: bool = False                     # inside a span's end
     ending: str = ""                           # the span that ends here, if any
     within: dict = field(default_factory=dict)  # every span -> the span it is `within` ("" if none)
+    counted: dict = field(default_factory=dict)  # counters with `within` -> that span
     notes: list[str] = field(default_factory=list)
 
     def names(self) -> list[str]:
@@ -38,7 +39,8 @@ class ProbeContext:
             out += [f"args.{n}" for n in self.fields]
         if self.duration:
             out.append("duration")
-        return out + [f"{inner}.total" for inner in self.inner_spans] + [f"{inner}.count" for inner in self.inner_spans]
+        return out + [f"{inner}.total" for inner in self.inner_spans] + [f"{inner}.count" for inner in self.inner_spans] \
+            + [f"{c}.count" for c, outer in self.counted.items() if outer == self.ending]
 
     @property
     def inner_spans(self) -> list[str]:
@@ -219,6 +221,14 @@ class TypeChecker:
                 self.d.error("E221", f"'retval' is only known at a return probe, not in {ctx.description}", e.span,
                              "use uretprobe:, kretprobe:, fexit: or syscallret:")
                 return None
+        if len(e.parts) == 2 and e.parts[1] == "count" and e.parts[0] in ctx.counted:
+            counter, outer = e.parts[0], ctx.counted[e.parts[0]]
+            if ctx.ending != outer:
+                self.d.error("E225", f"'{dotted}' is known where span '{outer}' ends (the counter is within it), "
+                             f"not in {ctx.description}", e.span, f"put this on '{outer}.end'")
+                return None
+            self.totals_used.add(counter)
+            return SpanTotal(counter, "count", INT)
         if len(e.parts) == 2 and e.parts[1] in ("total", "count") and e.parts[0] in ctx.within:
             inner, what = e.parts
             outer = ctx.within[inner]

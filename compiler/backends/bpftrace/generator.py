@@ -139,7 +139,8 @@ class BpftraceBackend(Backend):
                 key_prefix="".join(f"{lab}, " for lab in labels),
                 key=f"[{', '.join(labels)}]" if labels else "",
                 sum_map=self.map_name(m.map.name + "_sum"),
-                sum_key=f"[{', '.join(labels)}]" if labels else "")
+                sum_key=f"[{', '.join(labels)}]" if labels else "",
+                counted=self.map_name(ir.accumulator_maps(a.metric)[1]) if a.accumulate_into else "")
         if isinstance(a, ir.EmitEvent):
             ev = program.event(a.event)
             formats, args = [EVENT_MARK, str(ev.index), "%llu", "%d", "%d", "%d"], ["nsecs", "pid", "tid", "cpu"]

@@ -380,7 +380,8 @@ class CoreBackend(Backend):
             map=m.map.name, key_struct=self.struct_name(m.map.key), key_lines=key_lines,
             bucket_fn="probec_bucket_s64" if signed else "probec_bucket_u64",
             edges=f"probec_edges_{m.name}", steps=bucket_steps(len(m.edges)), sum_slot=m.sum_slot,
-            full_slot=self.health.add("metric_map_full", m.name) if labelled else -1)
+            full_slot=self.health.add("metric_map_full", m.name) if labelled else -1,
+            counted=ir.accumulator_maps(a.metric) if a.accumulate_into else ())
 
     def emit_event(self, a: ir.EmitEvent, em: CExpression, program: ir.Program) -> list[str]:
         ev = program.event(a.event)
