@@ -48,6 +48,10 @@ class Lowering:
         self.failed_symbols: set[tuple[str, str]] = set()
         self.warned_no_tracefs = False
         self.binaries: dict[str, str | None] = {}
+        # What `INNER.total` / `COUNTER.count` may name: spans and counters and the span each is within.
+        self.span_within = {n: (s.within[0] if s.within else "") for n, s in spec.spans.items()}
+        self.counted_within = {n: m.within[0] for n, m in spec.metrics.items()
+                               if m.kind == "counter" and m.value is None and m.within}
         self.left_out_binaries: set[str] = set()   # optional binaries that are missing here
         self.span_ends: dict[str, list[tuple]] = {}   # span -> [(probe key, end key expr, ctx)]
         self.span_maps: dict[str, MapSpec] = {}
@@ -282,11 +286,8 @@ class Lowering:
 
     def context_for(self, build: _ProbeBuild, duration: bool, ending: str = "") -> ProbeContext:
         c = build.ctx
-        within = {n: (s.within[0] if s.within else "") for n, s in self.spec.spans.items()}
-        counted = {n: m.within[0] for n, m in self.spec.metrics.items()
-                   if m.kind == "counter" and m.value is None and m.within}
         return ProbeContext(c.kind, c.description, c.fields, c.has_fields, c.arg_count, duration, ending,
-                            within, counted, c.notes)
+                            self.span_within, self.counted_within, c.notes)
 
     # -- spans ---------------------------------------------------------------------------------
     def span_variants(self, s: SpanSpec) -> list[tuple[tuple[str, str], SpanSide, SpanSide]]:
@@ -319,9 +320,8 @@ class Lowering:
                              "tracepoints, syscalls, uprobes and USDT work on this kernel")
                 return
             group = f"span_{s.name}"
-            labels = []
-            for i, ((bk, ek), bside, eside) in enumerate(variants):
-                labels.append(f"{bk}:{bside.probe.name}" if bk == "fentry" or bk == "kprobe" else bside.probe.text)
+            labels = [f"{bk}:{bside.probe.name}" if bk in ("fentry", "kprobe") else bside.probe.text
+                      for (bk, _ek), bside, _eside in variants]
             self.groups[group] = tuple(labels)
             self.chosen[group] = 0
             if self.opt.kernel == "host" and self.host.enabled:
@@ -382,7 +382,7 @@ class Lowering:
         return (name,)
 
     # -- metrics -------------------------------------------------------------------------------
-    def where(self, on, what: str, duration_ok: bool = True) -> list[tuple[_ProbeBuild, object, bool]]:
+    def where(self, on, what: str) -> list[tuple[_ProbeBuild, object, bool]]:
         """The probes an update runs at: (probe, span end key or None, inside a span end)."""
         if isinstance(on, SpanEndRef):
             if on.span_name not in self.spec.spans:
