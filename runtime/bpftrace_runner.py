@@ -145,6 +145,8 @@ class BpftraceRunner:
         self.decoder = MapDecoder(self.manifest, store)
         self.proc: subprocess.Popen | None = None
         self.attached = threading.Event()
+        self.dumped = threading.Condition()      # notified on each map message
+        self.last_dump = 0.0
         self.stopping = False
         self.failure: str | None = None
         self.stderr_tail: list[str] = []
@@ -160,6 +162,7 @@ class BpftraceRunner:
         exe = bpftrace_command()
         env = dict(os.environ)
         env["BPFTRACE_MAP_KEYS_MAX"] = str(self.settings.get("map_keys_max", 4096))
+        env.setdefault("BPFTRACE_CACHE_USER_SYMBOLS", "1")
         env.setdefault("BPFTRACE_STRLEN", "64")
         cmd = [exe, "-f", "json", str(self.script)]
         if pid > 0:
@@ -196,12 +199,15 @@ class BpftraceRunner:
         return f"bpftrace failed to start {self.script.name}:\n  {detail}{hint}"
 
     def _read_stderr(self, proc: subprocess.Popen) -> None:
+        in_warning = False
         for line in proc.stderr:
             line = line.rstrip("\n")
             if not line or any(h in line for h in HARMLESS_STDERR):
                 continue
             self.stderr_tail = (self.stderr_tail + [line])[-50:]
-            if "WARNING" not in line:
+            # a warning quotes the script line and points at it with a caret: indented lines
+            in_warning = "WARNING" in line or (in_warning and line[:1].isspace())
+            if not in_warning:
                 self.store.health.backend_errors += 1
                 if self.attached.is_set():
                     self.log(f"bpftrace: {line}")
@@ -238,6 +244,9 @@ class BpftraceRunner:
             self.store.health.last_read_seconds = time.monotonic() - started
             self.store.health.reads += 1
             self.store.remember()
+            with self.dumped:
+                self.last_dump = time.monotonic()
+                self.dumped.notify_all()
         elif kind == "printf" and isinstance(data, str):
             self.event(data)
         elif kind == "lost_events":
@@ -290,12 +299,26 @@ class BpftraceRunner:
         self.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGINT lets bpftrace detach and print its final maps; then SIGTERM, then SIGKILL."""
+        """Waits for one more periodic dump, then SIGINT lets bpftrace detach and print its final
+        maps; then SIGTERM, then SIGKILL.
+
+        bpftrace 0.17 drops the printf output (events) still queued when SIGINT arrives; what the
+        probes printed before a periodic dump is out by the time that dump is, so waiting for the
+        next one (at most one interval) loses no event."""
         self.stopping = True
         proc = self.proc
         if proc is None or proc.poll() is not None:
             self.store.health.up = 0
             return
+        if self.attached.is_set():
+            asked = time.monotonic()
+            deadline = asked + self.settings.get("interval_ms", 1000) / 1000 + 1.0
+            with self.dumped:
+                while self.last_dump < asked + 0.05 and proc.poll() is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.dumped.wait(left)
         for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 3), (signal.SIGKILL, 3)):
             try:
                 proc.send_signal(sig)
