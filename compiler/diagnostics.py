@@ -6,6 +6,8 @@ collected, never raised one at a time, so that one run of `probec check` reports
 
 from __future__ import annotations
 
+import dataclasses
+
 import difflib
 import json
 from dataclasses import dataclass, field
@@ -70,6 +72,12 @@ class Diagnostics:
 
     def warning(self, code: str, message: str, span: SourceSpan | None, *hints: str) -> None:
         self.items.append(Diagnostic(Severity.WARNING, code, message, span, tuple(h for h in hints if h)))
+
+    def note_last(self, hint: str) -> None:
+        """Add a hint to the latest diagnostic: what the check that failed was for."""
+        if self.items:
+            last = self.items[-1]
+            self.items[-1] = dataclasses.replace(last, hints=last.hints + (hint,))
 
     def extend(self, other: "Diagnostics") -> None:
         self.items.extend(other.items)

@@ -8,7 +8,7 @@ import struct
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from .store import HistogramSeries, MetricStore, quantile
+from .store import HistogramSeries, MetricStore, quantile, quantile_labels
 
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -19,9 +19,13 @@ def format_edge(value: float) -> str:
 
 
 def label_text(value, spec: dict) -> str:
-    """A label value as text: IPv4 addresses (kept as numbers in network order) as dotted quads."""
+    """A label value as text: IPv4 addresses (kept as numbers in network order) as dotted quads,
+    enumerations (the part of a `parts:` histogram, an `active(...)` span) as their names."""
     if spec.get("render") == "ipv4" and isinstance(value, int):
         return socket.inet_ntoa(struct.pack("<I", value & 0xFFFFFFFF))
+    if spec.get("render") == "enum" and isinstance(value, int):
+        names = spec.get("names") or []
+        return names[value] if 0 <= value < len(names) else str(value)
     return str(value)
 
 
@@ -48,15 +52,16 @@ class StoreCollector:
                         out.append((format_edge(edge) if edge != float("inf") else "+Inf", cumulative))
                     fam.add_metric([label_text(k, s) for k, s in zip(key, meta["labels"])], out, series.sum * scale)
                 yield fam
-                window = self.store.window_buckets(name)
+                by = quantile_labels(meta)
                 qfam = GaugeMetricFamily(f"{name}_quantile", f"{meta['help']} Quantiles over the last "
                                          f"{self.store.window_s:g}s, interpolated within buckets.",
-                                         labels=["quantile"])
-                if window:
+                                         labels=[lab["name"] for _, lab in by] + ["quantile"])
+                for group, window in sorted(self.store.window_buckets(name).items(), key=lambda kv: str(kv[0])):
+                    texts = [label_text(v, lab) for v, (_, lab) in zip(group, by)]
                     for q in QUANTILES:
                         v = quantile(q, edges, window)
                         if v is not None:
-                            qfam.add_metric([format_edge(q)], v)
+                            qfam.add_metric(texts + [format_edge(q)], v)
                 yield qfam
             else:
                 base = name[:-6] if name.endswith("_total") else name

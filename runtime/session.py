@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from .events import EventSink
-from .exporter import Exporter, format_edge
+from .exporter import Exporter, format_edge, label_text
 from .manifest import BundleError, load_bundle
-from .store import MetricStore, quantile
+from .store import MetricStore, quantile, quantile_labels
 
 
 def log(message: str) -> None:
@@ -59,22 +59,30 @@ def show(store: MetricStore, stream=sys.stderr) -> None:
             lines.append(f"{name}: {total}")
             continue
         edges = [e * meta["scale"] for e in meta["edges"]]
-        window = store.window_buckets(name)
-        qs = []
-        for q in (0.5, 0.95, 0.99):
-            v = quantile(q, edges, window) if window else None
-            qs.append(f"p{int(q * 100)}={_human(v, meta['unit'])}")
-        lines.append(f"{name}  ({store.window_s:g}s window)  " + "  ".join(qs))
-        if window and sum(window):
-            peak = max(window)
-            for i, count in enumerate(window):
-                if count == 0:
-                    continue
-                le = _human(edges[i], meta["unit"]) if i < len(edges) else "+Inf"
-                bar = "#" * max(1, int(40 * count / peak))
-                lines.append(f"  le {le:>9} {count:>9} {bar}")
+        by = quantile_labels(meta)
+        windows = store.window_buckets(name) or {(): None}
+        for group, window in sorted(windows.items(), key=lambda kv: str(kv[0])):
+            _show_histogram(lines, name, group, by, window, edges, meta, store.window_s)
     stream.write("\n".join(lines) + "\n\n")
     stream.flush()
+
+
+def _show_histogram(lines: list[str], name: str, group: tuple, by: list, window, edges: list, meta: dict,
+                    window_s: float) -> None:
+    qs = []
+    for q in (0.5, 0.95, 0.99):
+        v = quantile(q, edges, window) if window else None
+        qs.append(f"p{int(q * 100)}={_human(v, meta['unit'])}")
+    which = ",".join(f"{lab['name']}={label_text(v, lab)}" for v, (_, lab) in zip(group, by))
+    lines.append(f"{name}{'{' + which + '}' if which else ''}  ({window_s:g}s window)  " + "  ".join(qs))
+    if window and sum(window):
+        peak = max(window)
+        for i, count in enumerate(window):
+            if count == 0:
+                continue
+            le = _human(edges[i], meta["unit"]) if i < len(edges) else "+Inf"
+            bar = "#" * max(1, int(40 * count / peak))
+            lines.append(f"  le {le:>9} {count:>9} {bar}")
 
 
 def _human(v, unit: str) -> str:

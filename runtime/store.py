@@ -80,13 +80,18 @@ class MetricStore:
             return {n: MetricState(s.meta, dict(s.series), s.dropped_series) for n, s in self.metrics.items()}
 
     def remember(self, now: float | None = None) -> None:
-        """Keep histogram totals over time, for quantiles over a window."""
+        """Keep histogram totals over time, for quantiles over a window: one per value of the
+        metric's enumeration labels (`part`, an `active(...)` label), all other labels merged."""
         now = time.monotonic() if now is None else now
         totals = {}
         with self.lock:
             for name, state in self.metrics.items():
                 if state.meta["kind"] == "histogram" and state.series:
-                    totals[name] = _merge(list(state.series.values())).buckets[:]
+                    groups: dict[tuple, list] = {}
+                    by = quantile_labels(state.meta)
+                    for key, series in state.series.items():
+                        groups.setdefault(tuple(key[i] for i, _ in by), []).append(series)
+                    totals[name] = {g: _merge(v).buckets[:] for g, v in groups.items()}
             if len(self.history) > 1 and now - self.history[-1][0] < MERGE_S:
                 self.history[-1] = (now, totals)     # one dump arrives as several map messages
             else:
@@ -94,17 +99,24 @@ class MetricStore:
             while len(self.history) > 2 and now - self.history[1][0] >= self.window_s:
                 self.history.popleft()
 
-    def window_buckets(self, name: str) -> list[int] | None:
+    def window_buckets(self, name: str) -> dict[tuple, list[int]]:
+        """Bucket counts over the window, by the values of the metric's quantile labels."""
         with self.lock:
             if not self.history:
-                return None
-            newest = self.history[-1][1].get(name)
-            oldest = self.history[0][1].get(name) if len(self.history) > 1 else None
-        if newest is None:
-            return None
-        if oldest is None:
-            return newest
-        return [a - b for a, b in zip(newest, oldest)]
+                return {}
+            newest = self.history[-1][1].get(name) or {}
+            oldest = (self.history[0][1].get(name) if len(self.history) > 1 else None) or {}
+        out = {}
+        for group, buckets in newest.items():
+            before = oldest.get(group)
+            out[group] = buckets if before is None else [a - b for a, b in zip(buckets, before)]
+        return out
+
+
+def quantile_labels(meta: dict) -> list[tuple[int, dict]]:
+    """The labels window quantiles are kept apart by: (index, label) of each enumeration label.
+    Quantiles merged over the parts of a request would mean nothing; over threads or hosts they do."""
+    return [(i, lab) for i, lab in enumerate(meta["labels"]) if lab.get("render") == "enum"]
 
 
 def _weight(value) -> int:

@@ -54,3 +54,16 @@ def test_syntax_errors_name_real_tokens_and_columns():
     assert diag.code == "E201" and diag.span.col == 13 + 4
     _, d = parse("(pid == 3")
     assert "__ANON" not in d.items[0].message + "".join(d.items[0].hints)
+
+
+def test_function_calls():
+    e, d = parse("active(send, forward) == 1 and socket(args.fd) != 0")
+    assert not d.items
+    call = e.left.left
+    assert isinstance(call, ast.Call) and call.name == "active"
+    assert [a.parts for a in call.args] == [("send",), ("forward",)]
+    assert (call.name_span.col, call.name_span.end_col) == (13, 13 + len("active"))
+    sock = e.right.left
+    assert sock.name == "socket" and sock.args[0].parts == ("args", "fd")
+    _, d = parse("active(send,)")
+    assert d.items[0].code == "E202" and "','" not in d.items[0].message

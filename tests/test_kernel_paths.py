@@ -306,3 +306,61 @@ def test_ipv4_address_labels_render_as_text(tmp_path, backend):
         run.kill()
     TCP_SYN_SENT = 2
     assert value(metrics, "tcp_state_changes_total", daddr="127.0.0.1", dport=port, newstate=TCP_SYN_SENT) == 3
+
+
+HANDOFF_SPEC = """
+name: handoff
+spans:
+  request:                          # keyed by the server's socket: read on one thread, answered on another
+    begin: {probe: tracepoint:sock:sock_recv_length, key: args.sk}
+    end: {probe: syscall:sendto, key: socket(args.fd)}
+    filter: comm == "ho_reader" && args.ret > 0
+    restart: false                  # from the first read of the request
+  from_last_read:                   # the same, but each read restarts it
+    begin: {probe: tracepoint:sock:sock_recv_length, key: args.sk}
+    end: {probe: syscall:sendto, key: socket(args.fd)}
+    filter: comm == "ho_reader" && args.ret > 0
+  by_thread:                        # keyed by thread: begins on the reader, which never answers
+    begin: tracepoint:sock:sock_recv_length
+    end: syscall:sendto
+    filter: comm == "ho_reader"
+metrics:
+  request_seconds:
+    histogram: request.duration
+    buckets: [2ms, 4ms, 8ms, 16ms, 32ms, 64ms]
+  from_last_read_seconds:
+    histogram: from_last_read.duration
+    buckets: [2ms, 4ms, 8ms, 16ms, 32ms, 64ms]
+  by_thread_seconds:
+    histogram: by_thread.duration
+    buckets: [2ms, 4ms, 8ms, 16ms, 32ms, 64ms]
+"""
+
+
+def test_request_keyed_by_socket_across_threads(tmp_path, backend):
+    """A request read on one thread and answered from another, followed by its socket: socket(fd)
+    where it ends is the sock:sock_recv_length `sk` where it began."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    rounds, pause_us, work_us = 20, 10000, 2000
+    spec = write_spec(tmp_path, HANDOFF_SPEC)
+    run = Run(build(spec, backend, tmp_path / "bundle"), tmp_path)
+    try:
+        subprocess.run([sys.executable, str(ROOT / "tests" / "workloads" / "handoff.py"), str(rounds),
+                        str(pause_us), str(work_us)], check=True, timeout=60)
+        metrics = run.stop()
+    finally:
+        run.kill()
+    # Each request: its first read, a 10 ms pause, the second read, 2 ms of work, the answer. With
+    # restart: false it is timed from the first read: 12 ms, less only the reader's wake-up
+    # latency for the first part, so never 8 ms or less.
+    assert value(metrics, "request_seconds_count") == rounds
+    request = buckets(metrics, "request_seconds")
+    assert request["0.008"] == 0 and request["0.032"] >= rounds - 2
+    # Restarted by the second read: the 2 ms of work and the hand-off, never the pause.
+    assert value(metrics, "from_last_read_seconds_count") == rounds
+    last = buckets(metrics, "from_last_read_seconds")
+    assert last["0.002"] == 0 and last["0.008"] >= rounds - 2
+    # Keyed by thread, the reader's begins never meet an end.
+    assert value(metrics, "by_thread_seconds_count") == 0

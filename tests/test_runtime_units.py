@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from probec.runtime.bpftrace_runner import MapDecoder
@@ -65,3 +66,24 @@ def test_exposition_uses_le_edges_in_seconds():
     total = [s.value for s in fams["lat_seconds"].samples if s.name.endswith("_sum")]
     assert abs(total[0] - 9e-6) < 1e-15
     assert "probec_up" in fams and "probec_events_lost" in fams
+
+
+PARTS = {"name": "parts_seconds", "kind": "histogram", "help": "p", "unit": "seconds", "scale": 1e-9,
+         "labels": [{"name": "part", "type": "int", "render": "enum", "names": ["send", "offcpu"]},
+                    {"name": "thread", "type": "str", "render": ""}],
+         "edges": [1000, 2000, 4000], "sum_slot": 4, "map": "m_parts_seconds", "series_limit": 10}
+
+
+def test_parts_export_their_names_and_keep_quantiles_apart():
+    store = MetricStore({"name": "t", "metrics": [PARTS], "events": []})
+    store.replace("parts_seconds", {(0, "w0"): HistogramSeries([10, 0, 0, 0], 5000),
+                                    (0, "w1"): HistogramSeries([10, 0, 0, 0], 5000),
+                                    (1, "w0"): HistogramSeries([0, 0, 20, 0], 60000)})
+    store.remember()
+    fams = {f.name: f for f in text_string_to_metric_families(Exporter(store, "t", "core").text())}
+    counts = {(s.labels["part"], s.labels["thread"]): s.value for s in fams["parts_seconds"].samples
+              if s.name.endswith("_count")}
+    assert counts == {("send", "w0"): 10, ("send", "w1"): 10, ("offcpu", "w0"): 20}
+    # Quantiles per part (threads merged): a median over both parts would mean nothing.
+    p50 = {s.labels["part"]: s.value for s in fams["parts_seconds_quantile"].samples if s.labels["quantile"] == "0.5"}
+    assert p50 == pytest.approx({"send": 0.5e-6, "offcpu": 3e-6})

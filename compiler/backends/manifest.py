@@ -36,7 +36,8 @@ def manifest_for(program: Program, backend: str, **extra) -> dict:
                   for s in program.spans],
         "metrics": [{
             "name": m.name, "kind": m.kind, "help": m.help, "unit": m.unit, "scale": m.scale,
-            "labels": [{"name": lab.name, "type": lab.expr.type.kind, "render": lab.expr.type.render}
+            "labels": [{"name": lab.name, "type": lab.expr.type.kind, "render": lab.expr.type.render,
+                        **({"names": list(lab.expr.type.names)} if lab.expr.type.render == "enum" else {})}
                        for lab in m.labels],
             "edges": list(m.edges), "sum_slot": m.sum_slot if m.kind == "histogram" else None,
             "map": m.map.name, "series_limit": m.series_limit,

@@ -77,7 +77,16 @@ class Logical:
     span: SourceSpan
 
 
-Expr = Union[Integer, Quantity, String, Name, Unary, Binary, Compare, Logical]
+@dataclass(frozen=True)
+class Call:
+    """`active(send, forward)`: a function of the language applied to its arguments."""
+    name: str
+    args: tuple["Expr", ...]
+    span: SourceSpan
+    name_span: SourceSpan
+
+
+Expr = Union[Integer, Quantity, String, Name, Unary, Binary, Compare, Logical, Call]
 
 
 def walk(expr: Expr):
@@ -88,3 +97,6 @@ def walk(expr: Expr):
     elif isinstance(expr, (Binary, Compare, Logical)):
         yield from walk(expr.left)
         yield from walk(expr.right)
+    elif isinstance(expr, Call):
+        for arg in expr.args:
+            yield from walk(arg)

@@ -9,14 +9,14 @@ from importlib import resources
 import lark
 
 from ..diagnostics import Diagnostics, SourceSpan
-from .ast import (SIZE_UNITS, TIME_UNITS, Binary, Compare, Expr, Integer, Logical, Name,
+from .ast import (SIZE_UNITS, TIME_UNITS, Binary, Call, Compare, Expr, Integer, Logical, Name,
                   Quantity, String, Unary)
 
 # What a person should read instead of lark's terminal names.
 _TERMINAL_WORDS = {
     "OR": "'or'", "AND": "'and'", "NOT": "'not'", "COMPARE": "a comparison",
     "BITOR": "'|'", "BITAND": "'&'", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'",
-    "SLASH": "'/'", "PERCENT": "'%'", "LPAR": "'('", "RPAR": "')'", "DOT": "'.'",
+    "SLASH": "'/'", "PERCENT": "'%'", "LPAR": "'('", "RPAR": "')'", "DOT": "'.'", "COMMA": "','",
     "QUANTITY": "a quantity like 50ms", "INTEGER": "a number", "STRING": "a string",
     "IDENT": "a name", "$END": "the end of the expression",
 }
@@ -67,6 +67,10 @@ class _Builder:
             idents = [k for k in kids if k.type == "IDENT"]
             return Name(tuple(str(k) for k in idents), self.span(kids[0].start_pos, kids[-1].end_pos))
         span = self.span(node.meta.start_pos, node.meta.end_pos)
+        if kind == "call":
+            name = kids[0]
+            args = tuple(self.build(k) for k in kids[1:] if not isinstance(k, lark.Token))
+            return Call(str(name), args, span, self.span(name.start_pos, name.end_pos))
         if kind == "unary":
             op = "!" if kids[0].type == "NOT" else "-"
             return Unary(op, self.build(kids[1]), span)

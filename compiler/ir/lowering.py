@@ -8,12 +8,12 @@ from dataclasses import dataclass, field, replace
 
 from ..diagnostics import Diagnostics, did_you_mean
 from ..expr import ast
-from ..spec.model import EventSpec, MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec
+from ..spec.model import EventSpec, MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef
 from .host import HostInfo
 from .layout import struct_layout, u32_key, u64_value
-from .nodes import (INT, Action, Context, EmitEvent, Event, EventField, Guard, Label, MapSpec,
-                    Metric, MetricUpdate, Probe, Program, SpanBegin, SpanEnd, SpanInfo, ValueType,
-                    accumulator_maps)
+from .nodes import (INT, TID, Action, Const, Context, EmitEvent, Event, EventField, Guard, IRExpr, Label,
+                    MapSpec, Metric, MetricUpdate, Probe, Program, SpanBegin, SpanEnd, SpanInfo, ValueType,
+                    Within, accumulator_maps)
 from .typecheck import ProbeContext, TypeChecker
 
 SYSCALL_ARGS_NOTE = "syscall:NAME is the sys_enter_NAME tracepoint; syscallret:NAME is sys_exit_NAME"
@@ -49,9 +49,12 @@ class Lowering:
         self.warned_no_tracefs = False
         self.binaries: dict[str, str | None] = {}
         # What `INNER.total` / `COUNTER.count` may name: spans and counters and the span each is within.
-        self.span_within = {n: (s.within[0] if s.within else "") for n, s in spec.spans.items()}
-        self.counted_within = {n: m.within[0] for n, m in spec.metrics.items()
+        self.span_within = {n: (s.within.name if s.within else "") for n, s in spec.spans.items()}
+        self.counted_within = {n: m.within.name for n, m in spec.metrics.items()
                                if m.kind == "counter" and m.value is None and m.within}
+        self.thread_spans = frozenset(n for n, s in spec.spans.items() if s.begin.key is None and s.end.key is None
+                                      and (s.fallback is None or (s.fallback[0].key is None and
+                                                                  s.fallback[1].key is None)))
         self.left_out_binaries: set[str] = set()   # optional binaries that are missing here
         self.span_ends: dict[str, list[tuple]] = {}   # span -> [(probe key, end key expr, ctx)]
         self.span_maps: dict[str, MapSpec] = {}
@@ -284,10 +287,11 @@ class Lowering:
         self.used_ids.add(candidate)
         return candidate
 
-    def context_for(self, build: _ProbeBuild, duration: bool, ending: str = "") -> ProbeContext:
+    def context_for(self, build: _ProbeBuild, duration: bool, ending: str = "", ending_key: IRExpr | None = None
+                    ) -> ProbeContext:
         c = build.ctx
         return ProbeContext(c.kind, c.description, c.fields, c.has_fields, c.arg_count, duration, ending,
-                            self.span_within, self.counted_within, c.notes)
+                            self.span_within, self.counted_within, c.notes, ending_key or TID, self.thread_spans)
 
     # -- spans ---------------------------------------------------------------------------------
     def span_variants(self, s: SpanSpec) -> list[tuple[tuple[str, str], SpanSide, SpanSide]]:
@@ -352,10 +356,12 @@ class Lowering:
             bkey = self.key_expr(bside.key, bctx, f"span '{s.name}' begin key")
             ekey = self.key_expr(eside.key, self.context_for(e, False), f"span '{s.name}' end key")
             filt = self.types.condition(s.filter, bctx, f"span '{s.name}' filter") if s.filter else None
-            within = self.within(s.within, s.name)
+            within = self.within(s.within, s.name, bctx)
             if bkey is None or ekey is None or (s.filter is not None and filt is None):
                 continue
-            b.actions.append(SpanBegin(s.name, bkey, Guard(filt, within)))
+            if s.within is not None and not within:
+                continue
+            b.actions.append(SpanBegin(s.name, bkey, Guard(filt, within), restart=s.restart))
             self.span_ends.setdefault(s.name, []).append((e, ekey))
 
     def key_expr(self, expr: ast.Expr | None, ctx: ProbeContext, what: str):
@@ -364,22 +370,26 @@ class Lowering:
         ir = self.types.value(expr, ctx, what)
         return ir
 
-    def within(self, ref, owner: str) -> tuple[str, ...]:
+    def within(self, ref: WithinRef | None, owner: str, ctx: ProbeContext) -> tuple[Within, ...]:
+        """The `within` guard where `ctx` runs: the outer span, and its key computed here."""
         if ref is None:
             return ()
-        name, span = ref
+        name, span = ref.name, ref.span
         if name not in self.spec.spans:
             self.d.error("E330", f"'within' names unknown span '{name}'", span, did_you_mean(name, self.spec.spans))
             return ()
         if name == owner:
             self.d.error("E330", f"span '{owner}' cannot be within itself", span)
             return ()
-        target = self.spec.spans[name]
-        if target.begin.key is not None:
-            self.d.error("E331", f"'within: {name}' needs '{name}' keyed by thread (the default)", span,
-                         f"span '{name}' has its own key")
-            return ()
-        return (name,)
+        if ref.key is None:
+            if name not in self.thread_spans:
+                self.d.error("E331", f"'within: {name}' needs the key of '{name}' here: '{name}' is not keyed "
+                             "by thread", span, f"write 'within: {{span: {name}, key: EXPR}}' with an expression "
+                             f"that gives the same key as span '{name}' (a socket: args.skaddr, say)")
+                return ()
+            return (Within(name),)
+        key = self.key_expr(ref.key, ctx, f"'within: {name}' key")
+        return (Within(name, key),) if key is not None else ()
 
     # -- metrics -------------------------------------------------------------------------------
     def where(self, on, what: str) -> list[tuple[_ProbeBuild, object, bool]]:
@@ -410,26 +420,45 @@ class Lowering:
         labels: list[Label] | None = None
         value_type: ValueType | None = None
         updates = []
-        for build, _end_key, in_span in sites:
-            ctx = self.context_for(build, in_span, m.on.span_name if in_span else "")
+        part_type = ValueType("int", render="enum", names=tuple(p[0] for p in m.parts))
+        for build, end_key, in_span in sites:
+            ctx = self.context_for(build, in_span, m.on.span_name if in_span else "", end_key)
             these = []
             for lab in m.labels:
                 ir = self.types.value(lab.expr, ctx, f"label '{lab.name}'", allow_string=True)
-                if ir is None:
-                    return None
-                these.append(Label(lab.name, ir))
+                if ir is not None:
+                    these.append(Label(lab.name, ir))
+            if len(these) < len(m.labels):
+                return None
+            if m.parts:
+                these.insert(0, Label("part", Const(0, part_type)))
             labels = labels if labels is not None else these
-            value = None
-            if m.value is not None:
-                value = self.types.value(m.value, ctx, f"{what} value")
-                if value is None:
-                    return None
-                value_type = value.type
+            values: list[tuple[IRExpr | None, tuple[IRExpr, ...]]] = []
+            if m.parts:
+                for i, (part, expr, _span) in enumerate(m.parts):
+                    value = self.types.value(expr, ctx, f"{what} part '{part}'")
+                    if value is None:
+                        return None
+                    if value_type is not None and value.type.dimension != value_type.dimension:
+                        self.d.error("E321", f"{what}: part '{part}' is {value.type.describe()} but an earlier "
+                                     f"part is {value_type.describe()}", expr.span, "the parts share one histogram")
+                        return None
+                    value_type = value.type
+                    values.append((value, (Const(i, part_type),) + tuple(lab.expr for lab in these[1:])))
+            else:
+                value = None
+                if m.value is not None:
+                    value = self.types.value(m.value, ctx, f"{what} value")
+                    if value is None:
+                        return None
+                    value_type = value.type
+                values.append((value, tuple(lab.expr for lab in these)))
             filt = self.types.condition(m.filter, ctx, f"{what} filter") if m.filter else None
             if m.filter is not None and filt is None:
                 return None
-            within = self.within(m.within, "")
-            updates.append((build, in_span, MetricUpdate(m.name, value, Guard(filt, within))))
+            within = self.within(m.within, "", ctx)
+            for value, label_exprs in values:
+                updates.append((build, in_span, MetricUpdate(m.name, value, Guard(filt, within), label_exprs)))
         if value_type is not None and value_type.dimension == "none" and m.buckets:
             value_type = ValueType("int", m.buckets.dimension)   # a plain count with byte buckets is bytes
         unit, scale = self.metric_unit(m, value_type)
@@ -489,7 +518,7 @@ class Lowering:
         for lab, spec_label in zip(labels, m.labels):
             e = lab.expr
             unbounded = (isinstance(e, Context) and e.name in self.UNBOUNDED_LABELS) or \
-                type(e).__name__ in ("Arg", "Retval", "SpanTotal") or \
+                type(e).__name__ in ("Arg", "Retval", "SpanTotal", "FdSocket") or \
                 (type(e).__name__ == "TracepointField" and e.type.kind == "int" and e.type.render != "ipv4"
                  and e.name.endswith(("pid", "addr", "ino", "len", "size", "count", "bytes")))
             if unbounded:
@@ -517,8 +546,8 @@ class Lowering:
             return None
         fields: list[EventField] | None = None
         emits = []
-        for build, _k, in_span in sites:
-            ctx = self.context_for(build, in_span, ev.on.span_name if in_span else "")
+        for build, end_key, in_span in sites:
+            ctx = self.context_for(build, in_span, ev.on.span_name if in_span else "", end_key)
             these = []
             for f in ev.fields:
                 if f.stack:
@@ -610,8 +639,8 @@ class Lowering:
                     if isinstance(a, SpanEnd):
                         if a.span in gone:
                             continue
-                        a = replace(a, then=tuple(t for t in a.then if not set(t.guard.within) & gone))
-                    elif set(a.guard.within) & gone:
+                        a = replace(a, then=tuple(t for t in a.then if not {w.span for w in t.guard.within} & gone))
+                    elif {w.span for w in a.guard.within} & gone:
                         continue
                     kept.append(a)
                 build.actions[:] = kept
@@ -641,7 +670,7 @@ class Lowering:
         maps: list[MapSpec] = []
         for inner in sorted(self.types.totals_used):
             is_span = inner in self.spec.spans
-            outer = (self.spec.spans[inner] if is_span else self.spec.metrics[inner]).within[0]
+            outer = (self.spec.spans[inner] if is_span else self.spec.metrics[inner]).within.name
             if outer not in self.span_maps:
                 continue
             for build in self.probes.values():
@@ -650,9 +679,24 @@ class Lowering:
                     if isinstance(a, SpanBegin) and a.span == outer:
                         a = replace(a, resets=a.resets + (inner,))
                     elif isinstance(a, SpanEnd) and a.span == inner and is_span:
-                        a = replace(a, accumulate_into=outer)
+                        # the outer span's key again, now where the inner one ends
+                        ref = self.spec.spans[inner].within
+                        if not ref.key and a.key != TID:
+                            self.d.error("E332", f"span '{inner}' ends at another thread's key, so '{inner}.total' "
+                                         f"cannot be added to the current thread's '{outer}'", ref.span,
+                                         f"say which thread's '{outer}' it belongs to where '{inner}' begins and "
+                                         f"where it ends: 'within: {{span: {outer}, key: EXPR, end_key: EXPR}}'")
+                            continue
+                        at_end = self.within(replace(ref, key=ref.end_key or ref.key), inner,
+                                             self.context_for(build, False)) if ref.key else (Within(outer),)
+                        if not at_end:
+                            self.d.note_last(f"'{inner}.total' and '{inner}.count' add up where span '{inner}' ends, "
+                                             f"so the key of 'within: {outer}' must be known there too: give it "
+                                             "as 'end_key' if it is computed otherwise there")
+                            continue
+                        a = replace(a, accumulate_into=at_end[0])
                     elif isinstance(a, MetricUpdate) and a.metric == inner and not is_span:
-                        a = replace(a, accumulate_into=outer)
+                        a = replace(a, accumulate_into=a.guard.within[0])
                     elif isinstance(a, SpanEnd) and a.span == outer:
                         a = replace(a, clears=a.clears + (inner,))
                     new.append(a)
@@ -667,14 +711,14 @@ class Lowering:
             if isinstance(m.on, SpanEndRef):
                 used.add(m.on.span_name)
             if m.within:
-                used.add(m.within[0])
+                used.add(m.within.name)
         for e in self.spec.events.values():
             if isinstance(e.on, SpanEndRef):
                 used.add(e.on.span_name)
         for s in self.spec.spans.values():
             if s.within:
-                used.add(s.within[0])
-        used |= self.types.totals_used
+                used.add(s.within.name)
+        used |= self.types.totals_used | self.types.active_used
         for name, s in self.spec.spans.items():
             if name not in used:
                 self.d.warning("W320", f"span '{name}' is measured but no metric or event uses it", s.span,

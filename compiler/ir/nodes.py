@@ -18,7 +18,8 @@ class ValueType:
     dimension: str = "none"  # time | size | none (ints only)
     length: int = 0        # strings: bytes including the NUL
     signed: bool = False
-    render: str = ""       # how a label shows it: "ipv4" (a __u8[4] address, dotted quad)
+    render: str = ""       # how a label shows it: "ipv4" (a __u8[4] address, dotted quad), "enum"
+    names: tuple[str, ...] = ()   # enum: the label text of 0, 1, 2, ...
 
     def describe(self) -> str:
         if self.kind == "int" and self.dimension != "none":
@@ -65,14 +66,26 @@ class Duration:
     type: ValueType = TIME
 
 
+TID = Context("tid", INT)
+
+
 @dataclass(frozen=True)
 class SpanTotal:
     """At the end of an outer span: the time (`total`) or number (`count`) of an inner span's
-    completions on this thread while the outer one was open, or (`count`) the updates of a counter
-    `within` it. Read from `acc_INNER_{total,count}`."""
+    completions while the outer one was open, or (`count`) the updates of a counter `within` it.
+    Read from `acc_INNER_{total,count}` at `key`, the outer span's key where it ends."""
     span: str
     field: str             # total | count
     type: ValueType = TIME
+    key: "IRExpr" = TID
+
+
+@dataclass(frozen=True)
+class ActiveSpan:
+    """`active(a, b)`: 1 + the index of the first of `spans` open on the current thread, else 0;
+    a label shows it as that span's name or "none" (type.names)."""
+    spans: tuple[str, ...]
+    type: ValueType
 
 
 @dataclass(frozen=True)
@@ -132,8 +145,17 @@ class Neg:
     type: ValueType = SINT
 
 
-IRExpr = Union[Context, Arg, Retval, TracepointField, Duration, SpanTotal, Const, StrConst, BinOp, Cmp,
-               StrEq, Logic, Not, Neg]
+@dataclass(frozen=True)
+class FdSocket:
+    """`socket(fd)`: the kernel address of the socket (`struct sock`) behind file descriptor `fd`
+    of the current process, 0 if `fd` is not a socket. The same number as the `skaddr`/`sk` fields
+    of the tcp and sock tracepoints, so one request can be followed by its socket."""
+    fd: "IRExpr"
+    type: ValueType = INT
+
+
+IRExpr = Union[Context, Arg, Retval, TracepointField, Duration, SpanTotal, ActiveSpan, FdSocket, Const,
+               StrConst, BinOp, Cmp, StrEq, Logic, Not, Neg]
 
 
 # --- layouts -----------------------------------------------------------------------------------
@@ -226,10 +248,17 @@ def accumulator_maps(inner: str) -> tuple[str, str]:
 
 # --- actions -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Within:
+    """The outer span `span` is open at `key` (computed here; the current thread by default)."""
+    span: str
+    key: IRExpr = TID
+
+
+@dataclass(frozen=True)
 class Guard:
     """Conditions every action may carry: a filter and `within` other open spans."""
     filter: IRExpr | None = None
-    within: tuple[str, ...] = ()
+    within: tuple[Within, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -238,6 +267,7 @@ class SpanBegin:
     key: IRExpr
     guard: Guard
     resets: tuple[str, ...] = ()   # inner spans whose totals restart when this span begins
+    restart: bool = True           # False: a begin while the span is open keeps the first one
 
 
 @dataclass(frozen=True)
@@ -245,7 +275,8 @@ class MetricUpdate:
     metric: str
     value: IRExpr | None           # None: count 1
     guard: Guard
-    accumulate_into: str = ""      # a counter `within` a span that reads METRIC.count at its end
+    labels: tuple[IRExpr, ...] = ()   # one per Metric.labels, typed where this update runs
+    accumulate_into: Within | None = None   # a counter `within` a span that reads METRIC.count at its end
 
 
 @dataclass(frozen=True)
@@ -260,7 +291,7 @@ class SpanEnd:
     span: str
     key: IRExpr
     then: tuple[Union[MetricUpdate, EmitEvent], ...]   # run with `duration` bound
-    accumulate_into: str = ""      # the outer span whose totals this span's duration adds to
+    accumulate_into: Within | None = None   # the outer span whose totals this span's duration adds to
     clears: tuple[str, ...] = ()   # inner spans whose totals are dropped after `then`
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ..diagnostics import Diagnostics, did_you_mean
 from ..expr import ast
 from .host import FormatField
-from .nodes import (COMM, INT, SINT, Arg, BinOp, Cmp, Const, Context, Duration, IRExpr,
+from .nodes import (COMM, INT, SINT, TID, ActiveSpan, Arg, FdSocket, BinOp, Cmp, Const, Context, Duration, IRExpr,
                     Logic, Neg, Not, Retval, SpanTotal, StrConst, StrEq, TIME, TracepointField, ValueType)
 
 CONTEXT_NAMES = {"pid": INT, "tid": INT, "comm": COMM, "cgroup": INT, "cpu": INT, "uid": INT}
@@ -28,6 +28,8 @@ class ProbeContext:
     within: dict = field(default_factory=dict)  # every span -> the span it is `within` ("" if none)
     counted: dict = field(default_factory=dict)  # counters with `within` -> that span
     notes: list[str] = field(default_factory=list)
+    ending_key: IRExpr = TID                   # the key of the span that ends here, as computed here
+    thread_spans: frozenset = frozenset()      # spans keyed by the current thread
 
     def names(self) -> list[str]:
         out = list(CONTEXT_NAMES)
@@ -51,6 +53,7 @@ class TypeChecker:
     def __init__(self, diags: Diagnostics):
         self.d = diags
         self.totals_used: set[str] = set()      # inner spans whose .total/.count something reads
+        self.active_used: set[str] = set()      # spans some active(...) asks about
 
     def condition(self, expr: ast.Expr, ctx: ProbeContext, what: str) -> IRExpr | None:
         ir = self.check(expr, ctx)
@@ -91,6 +94,8 @@ class TypeChecker:
             return StrConst(data, ValueType("str", length=len(data) + 1))
         if isinstance(e, ast.Name):
             return self.name(e, ctx)
+        if isinstance(e, ast.Call):
+            return self.call(e, ctx)
         if isinstance(e, ast.Unary):
             inner = self.check(e.operand, ctx)
             if inner is None:
@@ -190,6 +195,50 @@ class TypeChecker:
             return None
         return Cmp(e.op, left, right)
 
+    FUNCTIONS = ("active", "socket")
+
+    def call(self, e: ast.Call, ctx: ProbeContext) -> IRExpr | None:
+        if e.name not in self.FUNCTIONS:
+            self.d.error("E226", f"unknown function '{e.name}'", e.name_span,
+                         did_you_mean(e.name, self.FUNCTIONS) or "functions: " + ", ".join(self.FUNCTIONS))
+            return None
+        if e.name == "socket":
+            if len(e.args) != 1:
+                self.d.error("E226", f"socket(FD) takes one file descriptor, not {len(e.args)} arguments", e.span,
+                             "e.g. socket(args.fd) at syscall:sendto")
+                return None
+            fd = self.check(e.args[0], ctx)
+            if fd is None:
+                return None
+            if fd.type.kind != "int" or fd.type.dimension != "none" or fd.type.render:
+                self.d.error("E226", f"socket(FD) needs a file descriptor, but this is {fd.type.describe()}",
+                             e.args[0].span)
+                return None
+            return FdSocket(fd)
+        # active(a, b, ...): which of these spans is open on this thread, the first listed winning
+        if not e.args:
+            self.d.error("E226", "active(...) needs the spans to ask about", e.span,
+                         "e.g. active(send, inference): list the innermost first")
+            return None
+        spans: list[str] = []
+        for arg in e.args:
+            if not isinstance(arg, ast.Name) or len(arg.parts) != 1 or arg.parts[0] not in ctx.within:
+                word = arg.dotted if isinstance(arg, ast.Name) else "this"
+                self.d.error("E226", f"active(...) takes span names, and '{word}' is not a span", arg.span,
+                             did_you_mean(word, list(ctx.within)) if isinstance(arg, ast.Name) else "")
+                return None
+            name = arg.parts[0]
+            if name not in ctx.thread_spans:
+                self.d.error("E226", f"active({name}) asks the current thread, but span '{name}' has a key of "
+                             "its own", arg.span, "active(...) names spans keyed by thread (the default)")
+                return None
+            if name in spans:
+                self.d.error("E226", f"span '{name}' is listed twice", arg.span)
+                return None
+            spans.append(name)
+        self.active_used.update(spans)
+        return ActiveSpan(tuple(spans), ValueType("int", render="enum", names=("none", *spans)))
+
     def name(self, e: ast.Name, ctx: ProbeContext) -> IRExpr | None:
         dotted = e.dotted
         if len(e.parts) == 1:
@@ -228,7 +277,7 @@ class TypeChecker:
                              f"not in {ctx.description}", e.span, f"put this on '{outer}.end'")
                 return None
             self.totals_used.add(counter)
-            return SpanTotal(counter, "count", INT)
+            return SpanTotal(counter, "count", INT, ctx.ending_key)
         if len(e.parts) == 2 and e.parts[1] in ("total", "count") and e.parts[0] in ctx.within:
             inner, what = e.parts
             outer = ctx.within[inner]
@@ -241,7 +290,7 @@ class TypeChecker:
                              f"not in {ctx.description}", e.span, f"put this on '{outer}.end'")
                 return None
             self.totals_used.add(inner)
-            return SpanTotal(inner, what, TIME if what == "total" else INT)
+            return SpanTotal(inner, what, TIME if what == "total" else INT, ctx.ending_key)
         if e.parts[0] == "args" and len(e.parts) == 2:
             if not ctx.has_fields:
                 self.d.error("E222", f"{ctx.description} has no named fields",

@@ -14,7 +14,7 @@ from ..diagnostics import Diagnostics, SourceSpan, did_you_mean
 from ..expr.ast import SIZE_UNITS, TIME_UNITS, Expr, Name
 from ..expr.parser import parse_expression
 from .model import (PROBE_KINDS, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
-                    MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec)
+                    MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef)
 from .yaml_source import YMap, YNode, YScalar, YSeq, load_yaml
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -28,9 +28,10 @@ SAFE_SYMBOL = re.compile(r"[A-Za-z0-9_.$:~<>, *&()\[\]+-]+\Z")
 
 TOP_KEYS = ("version", "name", "description", "binaries", "limits", "spans", "metrics", "events")
 SPAN_KEYS = ("begin", "end", "function", "syscall", "kernel", "key", "filter", "within",
-             "fallback", "description")
+             "restart", "fallback", "description")
+WITHIN_KEYS = ("span", "key", "end_key")
 SIDE_KEYS = ("probe", "key")
-METRIC_KEYS = ("help", "histogram", "count", "sum", "on", "filter", "labels", "buckets",
+METRIC_KEYS = ("help", "histogram", "parts", "count", "sum", "on", "filter", "labels", "buckets",
                "within", "unit")
 EVENT_KEYS = ("on", "when", "sample", "fields")
 LIMIT_KEYS = ("concurrency", "series", "ringbuf")
@@ -325,18 +326,70 @@ class SpecLoader:
                         self.d.error("E112", f"{what}.fallback as one address must be syscall:NAME", s.span,
                                      "for other pairs write 'fallback: {begin: ..., end: ...}'")
         filt = self.expression(m.get("filter"), f"{what}.filter") if m.get("filter") is not None else None
-        within = self.span_name_ref(m.get("within"), f"{what}.within")
+        within = self.within_ref(m.get("within"), f"{what}.within")
         desc = self.expect_scalar(m.get("description"), "description")
-        return SpanSpec(key.value, key.span, begin, end, filt, within, fallback, desc.value if desc else "")
+        restart = self.boolean(m.get("restart"), f"{what}.restart", True)
+        return SpanSpec(key.value, key.span, begin, end, filt, within, fallback, desc.value if desc else "",
+                        restart)
 
-    def span_name_ref(self, node, what) -> tuple[str, SourceSpan] | None:
+    def boolean(self, node, what: str, default: bool) -> bool:
+        s = self.expect_scalar(node, what)
+        if s is None:
+            return default
+        word = s.value.strip().lower()
+        if word not in ("true", "false", "yes", "no"):
+            self.d.error("E104", f"{what} must be true or false, not '{s.value}'", s.span)
+            return default
+        return word in ("true", "yes")
+
+    def within_ref(self, node, what) -> WithinRef | None:
+        """`within: SPAN`, or `within: {span: SPAN, key: EXPR}` for a span with a key of its own."""
+        key = end_key = None
+        if isinstance(node, YMap):
+            self.check_keys(node, WITHIN_KEYS, what)
+            if node.get("span") is None:
+                self.d.error("E108", f"{what} needs a 'span'", node.span, "e.g. 'within: {span: request, key: args.sk}'")
+                return None
+            for name in ("key", "end_key"):
+                if node.get(name) is not None:
+                    expr = self.expression(node.get(name), f"{what}.{name}")
+                    if expr is None:
+                        return None
+                    key, end_key = (expr, end_key) if name == "key" else (key, expr)
+            if end_key is not None and key is None:
+                self.d.error("E108", f"{what}: 'end_key' goes with 'key'", node.get("end_key").span)
+                return None
+            node = node.get("span")
         s = self.expect_scalar(node, what)
         if s is None:
             return None
         if not IDENT.match(s.value):
             self.d.error("E107", f"{what} must name a span", s.span)
             return None
-        return s.value, s.span
+        return WithinRef(s.value, s.span, key, end_key)
+
+    def parts(self, node, what: str) -> tuple[tuple[str, Expr, SourceSpan], ...] | None:
+        """`parts: {inference: inference.total, send: send.total}`: one histogram family whose
+        observations are labelled `part`."""
+        m = self.expect_map(node, what)
+        if m is None:
+            return None
+        out = []
+        for key, value in m.entries:
+            if not IDENT.match(key.value):
+                self.d.error("E107", f"{what}: a part is named with letters, digits and '_', not '{key.value}'",
+                             key.span)
+                continue
+            expr = self.expression(value, f"{what}.{key.value}")
+            if expr is not None:
+                out.append((key.value, expr, key.span))
+        if not m.entries:
+            self.d.error("E113", f"{what} needs at least one part", m.span, "e.g. 'parts: {inference: inference.total}'")
+            return None
+        if len(out) > 32:
+            self.d.error("E113", f"{what}: at most 32 parts", m.span)
+            return None
+        return tuple(out) if len(out) == len(m.entries) else None
 
     def buckets(self, node: YNode) -> Buckets | None:
         if isinstance(node, YSeq):
@@ -458,12 +511,13 @@ class SpecLoader:
         if m is None:
             return None
         self.check_keys(m, METRIC_KEYS, what)
-        kinds = [k for k in ("histogram", "count", "sum") if m.get(k) is not None]
+        kinds = [k for k in ("histogram", "parts", "count", "sum") if m.get(k) is not None]
         if len(kinds) != 1:
-            self.d.error("E113", f"{what} needs exactly one of histogram, count or sum", key.span,
+            self.d.error("E113", f"{what} needs exactly one of histogram, parts, count or sum", key.span,
                          "e.g. 'histogram: inference.duration' or 'count: tracepoint:tcp:tcp_retransmit_skb'")
             return None
         kind = kinds[0]
+        parts: tuple = ()
         on_node = m.get("on")
         on = self.probe_address(on_node, f"{what}.on", allow_span_end=True) if on_node is not None else None
         value: Expr | None = None
@@ -471,6 +525,15 @@ class SpecLoader:
             if on_node is not None:
                 self.d.error("E113", f"{what}: 'count' already says where; drop 'on'", on_node.span)
             on = self.probe_address(m.get("count"), f"{what}.count", allow_span_end=True)
+        elif kind == "parts":
+            parts = self.parts(m.get("parts"), f"{what}.parts")
+            if parts is None:
+                return None
+            if on_node is None:
+                self.d.error("E113", f"{what}: say where the parts are measured with 'on'", key.span,
+                             "e.g. 'on: request.end'")
+                return None
+            kind = "histogram"
         else:
             s = self.expect_scalar(m.get(kind), f"{what}.{kind}")
             if s is None:
@@ -503,10 +566,13 @@ class SpecLoader:
         unit = unit_node.value if unit_node else ""
         if unit and unit not in ("seconds", "bytes", "none"):
             self.d.error("E114", f"unknown unit '{unit}'", unit_node.span, "units: seconds, bytes, none")
+        labels = self.labels(m.get("labels"), f"{what}.labels")
+        if parts and any(lab.name == "part" for lab in labels):
+            self.d.error("E122", f"{what}: label 'part' is the name of the part already", next(
+                lab.span for lab in labels if lab.name == "part"), "name this label otherwise")
         return MetricSpec(key.value, key.span, "histogram" if kind == "histogram" else "counter",
-                          help_node.value if help_node else "", on, value, filt,
-                          self.labels(m.get("labels"), f"{what}.labels"), buckets,
-                          self.span_name_ref(m.get("within"), f"{what}.within"), unit)
+                          help_node.value if help_node else "", on, value, filt, labels, buckets,
+                          self.within_ref(m.get("within"), f"{what}.within"), unit, parts)
 
     def sample(self, node) -> tuple[int, int]:
         s = self.expect_scalar(node, "sample")

@@ -48,15 +48,27 @@ class SpanSide:
 
 
 @dataclass(frozen=True)
+class WithinRef:
+    """`within: request`, or `within: {span: request, key: args.skaddr}` where the outer span has
+    a key of its own: the key is computed where the inner span or metric runs, and must equal the
+    outer span's key for the same request."""
+    name: str
+    span: SourceSpan
+    key: Expr | None = None   # None: the current thread
+    end_key: Expr | None = None   # spans: the key where the inner span ends, if not `key`
+
+
+@dataclass(frozen=True)
 class SpanSpec:
     name: str
     span: SourceSpan
     begin: SpanSide
     end: SpanSide
     filter: Expr | None = None
-    within: tuple[str, SourceSpan] | None = None
+    within: WithinRef | None = None
     fallback: tuple[SpanSide, SpanSide] | None = None
     description: str = ""
+    restart: bool = True      # a begin while the span is open restarts it; False keeps the first
 
 
 @dataclass(frozen=True)
@@ -85,8 +97,9 @@ class MetricSpec:
     filter: Expr | None
     labels: tuple[LabelSpec, ...]
     buckets: Buckets | None
-    within: tuple[str, SourceSpan] | None
+    within: WithinRef | None
     unit: str = ""                         # seconds | bytes | "" (derived when not given)
+    parts: tuple[tuple[str, Expr, SourceSpan], ...] = ()   # `parts:` histograms: (part, value, where)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@
 #define PROBEC_BPF_H
 
 #define PROBEC_COMM_LEN 16
+#define PROBEC_EEXIST 17 /* errno's EEXIST: vmlinux.h has no errno values */
 #define PROBEC_MAX_BUCKET_STEPS 10 /* edge tables of up to 2^10 - 1 edges */
 
 /* --- histogram buckets ---------------------------------------------------------------------- */
@@ -93,33 +94,45 @@ static __always_inline void probec_health_inc(void *health, __u32 slot)
 /* --- spans ------------------------------------------------------------------------------------- */
 
 /* Record a span's begin time; a full begin map counts one overflow instead. */
-static __always_inline void probec_span_begin(void *begin_map, __u64 key, __u64 now, void *health,
-					      __u32 overflow_slot)
+/* Records a begin at `key`; true if it did. With `keep_first`, a begin while the span is open at
+ * `key` keeps the first one (and is not an overflow). */
+static __always_inline bool probec_span_begin(void *begin_map, __u64 key, __u64 now, void *health,
+					      __u32 overflow_slot, bool keep_first)
 {
-	if (bpf_map_update_elem(begin_map, &key, &now, BPF_ANY) < 0)
+	long err = bpf_map_update_elem(begin_map, &key, &now, keep_first ? BPF_NOEXIST : BPF_ANY);
+
+	if (err == -PROBEC_EEXIST)
+		return false;
+	if (err < 0) {
 		probec_health_inc(health, overflow_slot);
+		return false;
+	}
+	return true;
 }
 
-/* True while the thread `pid_tgid` is inside the span whose begin map (keyed by tid) is given. */
-static __always_inline bool probec_within(void *begin_map, __u64 pid_tgid)
+/* True while the span whose begin map is given is open at `key`. */
+static __always_inline bool probec_within(void *begin_map, __u64 key)
 {
-	__u64 key = (__u32)pid_tgid;
-
 	return bpf_map_lookup_elem(begin_map, &key) != NULL;
 }
 
 /* Spans keyed by the current thread keep their begin time in task-local storage: one slot per
  * thread, made on first use, 0 while no span is open. A slot that cannot be made counts as an
  * overflow, like a full begin map. */
-static __always_inline void probec_task_span_begin(void *storage, __u64 now, void *health, __u32 overflow_slot)
+static __always_inline bool probec_task_span_begin(void *storage, __u64 now, void *health, __u32 overflow_slot,
+						   bool keep_first)
 {
 	__u64 *slot = bpf_task_storage_get(storage, bpf_get_current_task_btf(), 0,
 					   BPF_LOCAL_STORAGE_GET_F_CREATE);
 
-	if (slot)
-		*slot = now;
-	else
+	if (!slot) {
 		probec_health_inc(health, overflow_slot);
+		return false;
+	}
+	if (keep_first && *slot)
+		return false;
+	*slot = now;
+	return true;
 }
 
 /* True while the current thread is inside the span whose begin times live in `storage`. */
@@ -130,9 +143,37 @@ static __always_inline bool probec_task_within(void *storage)
 	return slot && *slot;
 }
 
+/* --- sockets ----------------------------------------------------------------------------------- */
+
+#define PROBEC_S_IFMT 0170000
+#define PROBEC_S_IFSOCK 0140000
+
+/* The `struct sock` behind file descriptor `fd` of the current process, as a number (what the
+ * tcp and sock tracepoints call skaddr or sk); 0 if fd is out of the table or not a socket.
+ * Reads go through bpf_probe_read_kernel (CO-RE), so a file closed meanwhile reads as 0. */
+static __always_inline __u64 probec_fd_socket(__u64 fd)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds;
+	struct file *file = NULL;
+	struct socket *sock;
+
+	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_probe_read_kernel(&file, sizeof(file), fds + fd) || !file)
+		return 0;
+	if ((BPF_CORE_READ(file, f_inode, i_mode) & PROBEC_S_IFMT) != PROBEC_S_IFSOCK)
+		return 0;
+	sock = BPF_CORE_READ(file, private_data);
+	return sock ? (__u64)BPF_CORE_READ(sock, sk) : 0;
+}
+
 /* --- totals of inner spans ---------------------------------------------------------------------- */
 
-/* Per thread, the time and number of an inner span's completions while its outer span is open:
+/* Per key of the outer span (its thread, by default), the time and number of an inner span's
+ * completions while the outer span is open:
  * reset when the outer span begins, added to at each inner end, read and dropped at the outer end. */
 static __always_inline void probec_acc_reset(void *acc, __u64 key)
 {
@@ -141,9 +182,8 @@ static __always_inline void probec_acc_reset(void *acc, __u64 key)
 	bpf_map_update_elem(acc, &key, &zero, BPF_ANY);
 }
 
-static __always_inline void probec_acc_add(void *total, void *count, __u64 pid_tgid, __u64 duration)
+static __always_inline void probec_acc_add(void *total, void *count, __u64 key, __u64 duration)
 {
-	__u64 key = (__u32)pid_tgid;
 	__u64 *v = bpf_map_lookup_elem(total, &key);
 
 	if (v)
@@ -153,9 +193,8 @@ static __always_inline void probec_acc_add(void *total, void *count, __u64 pid_t
 		*v += 1;
 }
 
-static __always_inline __u64 probec_acc_read(void *acc, __u64 pid_tgid)
+static __always_inline __u64 probec_acc_read(void *acc, __u64 key)
 {
-	__u64 key = (__u32)pid_tgid;
 	__u64 *v = bpf_map_lookup_elem(acc, &key);
 
 	return v ? *v : 0;

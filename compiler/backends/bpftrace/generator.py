@@ -24,6 +24,8 @@ class ExpressionEmitter:
     def __init__(self, probe: ir.Probe, version: tuple[int, int]):
         self.probe = probe
         self.version = version
+        self.prelude: list[str] = []                # statements the probe runs first
+        self.hoisted: dict[ir.IRExpr, str] = {}     # expressions computed once, in the prelude
 
     def args_field(self, name: str) -> str:
         return f"args.{name}" if self.version >= (0, 20) else f"args->{name}"
@@ -39,12 +41,32 @@ class ExpressionEmitter:
             text = self.args_field(e.name)
             if e.type.render == "ipv4":
                 return f"ntop({text})"    # bpftrace renders the address itself, as a string
+            if e.type.kind == "int" and e.size == 8 and not e.type.signed:
+                return f"(uint64){text}"    # pointers (skaddr) are numbers here, as in map keys
             return text   # fixed char[N] fields are strings already; __data_loc ones are refused in typing
         if isinstance(e, ir.Duration):
             return "$duration"
         if isinstance(e, ir.SpanTotal):
             total, count = ir.accumulator_maps(e.span)
-            return f"@{total if e.field == 'total' else count}[tid]"
+            return f"@{total if e.field == 'total' else count}[{self.emit(e.key)}]"
+        if isinstance(e, ir.ActiveSpan):
+            # the first listed span open on this thread wins: (a open ? 1 : (b open ? 2 : 0))
+            text = "0"
+            for i in reversed(range(len(e.spans))):
+                text = f"(@span_{e.spans[i]}_begin[tid] != 0 ? {i + 1} : {text})"
+            return text
+        if isinstance(e, ir.FdSocket):
+            # files->fdt->fd[fd], if fd is in the table and its file is a socket (S_IFSOCK): its
+            # sock. Computed once, at the top of the probe: the fd table is the same throughout.
+            if e not in self.hoisted:
+                fd = f"(uint64){self.emit(e.fd)}"
+                fdt = "curtask->files->fdt"
+                file = f"(*({fdt}->fd + {fd}))"
+                name = f"$__socket{len(self.hoisted)}"
+                self.hoisted[e] = name
+                self.prelude.append(f"{name} = ({fd} < (uint64){fdt}->max_fds && ({file}->f_inode->i_mode & 0xf000)"
+                                    f" == 0xc000 ? (uint64)((struct socket *){file}->private_data)->sk : 0);")
+            return self.hoisted[e]
         if isinstance(e, ir.Const):
             return str(e.value)
         if isinstance(e, ir.StrConst):
@@ -105,7 +127,7 @@ class BpftraceBackend(Backend):
 
     # -- actions -------------------------------------------------------------------------------
     def guard(self, g: ir.Guard, em: ExpressionEmitter) -> str:
-        parts = [f"{self.map_name('span_' + w + '_begin')}[tid] != 0" for w in g.within]
+        parts = [f"{self.map_name('span_' + w.span + '_begin')}[{em.emit(w.key)}] != 0" for w in g.within]
         if g.filter is not None:
             parts.insert(0, em.emit(g.filter))
         return " && ".join(f"({p})" for p in parts) if len(parts) > 1 else (parts[0] if parts else "")
@@ -116,19 +138,25 @@ class BpftraceBackend(Backend):
     def action(self, a: ir.Action, em: ExpressionEmitter, program: ir.Program) -> list[str]:
         if isinstance(a, ir.SpanBegin):
             resets = [self.map_name(m) for inner in a.resets for m in ir.accumulator_maps(inner)]
-            return self.render("span_begin.bt.j2", guard=self.guard(a.guard, em),
-                               map=self.map_name(f"span_{a.span}_begin"), key=em.emit(a.key), resets=resets)
+            guard = self.guard(a.guard, em)
+            key = em.emit(a.key)
+            if not a.restart:      # keep the first begin: only while the span is not open on this key
+                first = f"{self.map_name(f'span_{a.span}_begin')}[{key}] == 0"
+                guard = f"({guard}) && ({first})" if guard else first
+            return self.render("span_begin.bt.j2", guard=guard,
+                               map=self.map_name(f"span_{a.span}_begin"), key=key, resets=resets)
         if isinstance(a, ir.SpanEnd):
             then = [line for t in a.then for line in self.action(t, em, program)]
             total, count = (self.map_name(m) for m in ir.accumulator_maps(a.span))
             return self.render("span_end.bt.j2", start=self.var("start"), map=self.map_name(f"span_{a.span}_begin"),
                                key=em.emit(a.key), then=then,
-                               outer=self.map_name(f"span_{a.accumulate_into}_begin") if a.accumulate_into else "",
+                               outer=self.map_name(f"span_{a.accumulate_into.span}_begin") if a.accumulate_into else "",
+                               outer_key=em.emit(a.accumulate_into.key) if a.accumulate_into else "",
                                total=total, count=count,
                                clears=[self.map_name(m) for inner in a.clears for m in ir.accumulator_maps(inner)])
         if isinstance(a, ir.MetricUpdate):
             m = program.metric(a.metric)
-            labels = [em.emit(lab.expr) for lab in m.labels]
+            labels = [em.emit(lab) for lab in a.labels]
             hist = m.kind == "histogram"
             edges = [{"index": i, "value": v} for i, v in enumerate(m.edges)]
             return self.render(
@@ -140,7 +168,8 @@ class BpftraceBackend(Backend):
                 key=f"[{', '.join(labels)}]" if labels else "",
                 sum_map=self.map_name(m.map.name + "_sum"),
                 sum_key=f"[{', '.join(labels)}]" if labels else "",
-                counted=self.map_name(ir.accumulator_maps(a.metric)[1]) if a.accumulate_into else "")
+                counted=self.map_name(ir.accumulator_maps(a.metric)[1]) if a.accumulate_into else "",
+                counted_key=em.emit(a.accumulate_into.key) if a.accumulate_into else "")
         if isinstance(a, ir.EmitEvent):
             ev = program.event(a.event)
             formats, args = [EVENT_MARK, str(ev.index), "%llu", "%d", "%d", "%d"], ["nsecs", "pid", "tid", "cpu"]
@@ -189,6 +218,7 @@ class BpftraceBackend(Backend):
             lines = []
             for a in p.actions:
                 lines += self.action(a, em, program)
+            lines = em.prelude + lines
             probes_text.append(self.render("probe.bt.j2", address=self.address(p),
                                            actions=["  " + line if line else line for line in lines]))
             used_probes.append(p)

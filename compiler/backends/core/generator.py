@@ -123,6 +123,8 @@ class CExpression:
         self.duration_uses = 0
         self.tp_strings: dict[str, ir.TracepointField] = {}
         self.tp_fields: dict[str, ir.TracepointField] = {}  # every field read, for load-time checks
+        self.prelude: list[str] = []                       # declarations the program computes first
+        self.hoisted: dict[ir.IRExpr, str] = {}
 
     def where(self) -> str:
         return self.probe.spec_text or self.probe.id
@@ -168,7 +170,20 @@ class CExpression:
             return "probec_duration"
         if isinstance(e, ir.SpanTotal):
             total, count = ir.accumulator_maps(e.span)
-            return f"probec_acc_read(&{total if e.field == 'total' else count}, probec_id)"
+            return f"probec_acc_read(&{total if e.field == 'total' else count}, {self.value(e.key)})"
+        if isinstance(e, ir.ActiveSpan):
+            # the first listed span open on this thread wins: (a open ? 1 : (b open ? 2 : 0))
+            text = "0ULL"
+            for i in reversed(range(len(e.spans))):
+                text = f"({self.backend.open_span(ir.Within(e.spans[i]), self)} ? {i + 1}ULL : {text})"
+            return text
+        if isinstance(e, ir.FdSocket):
+            # computed once, at the top of the program: the fd table is the same throughout
+            if e not in self.hoisted:
+                name = f"probec_socket_{len(self.hoisted)}"
+                self.hoisted[e] = name
+                self.prelude.append(f"__u64 {name} = probec_fd_socket({self.value(e.fd)});")
+            return self.hoisted[e]
         if isinstance(e, ir.Const):
             return c_u64(e.value)
         if isinstance(e, ir.BinOp):
@@ -304,19 +319,26 @@ class CoreBackend(Backend):
 
     def thread_keyed_spans(self, program: ir.Program) -> set[str]:
         """Spans whose begin and end are both keyed by the current thread."""
-        tid = ir.Context("tid", ir.INT)
         spans = {s.name for s in program.spans}
         for p in program.probes:
             for a in p.actions:
-                if isinstance(a, (ir.SpanBegin, ir.SpanEnd)) and a.key != tid:
+                if isinstance(a, (ir.SpanBegin, ir.SpanEnd)) and a.key != ir.TID:
                     spans.discard(a.span)
+                # a `within` asked at another thread's id cannot reach this thread's storage
+                for x in (a.then if isinstance(a, ir.SpanEnd) else (a,)):
+                    for w in x.guard.within if not isinstance(x, ir.SpanEnd) else ():
+                        if w.key != ir.TID:
+                            spans.discard(w.span)
+                if isinstance(a, ir.SpanEnd) and a.accumulate_into and a.accumulate_into.key != ir.TID:
+                    spans.discard(a.accumulate_into.span)
         return spans
 
-    def open_span(self, program: ir.Program, span: str) -> str:
-        """A C condition: `span` is open on the current thread."""
-        if span in self.task_spans:
-            return f"probec_task_within(&{self.begin_map(program, span)})"
-        return f"probec_within(&{self.begin_map(program, span)}, probec_id)"
+    def open_span(self, within: ir.Within, em: CExpression) -> str:
+        """A C condition: the span is open at the key (computed here)."""
+        begin_map = self.begin_map(self.program, within.span)
+        if within.span in self.task_spans:
+            return f"probec_task_within(&{begin_map})"
+        return f"probec_within(&{begin_map}, {em.value(within.key)})"
 
     # -- guards and actions --------------------------------------------------------------------
     def guard(self, g: ir.Guard, em: CExpression, program: ir.Program, extra: ir.IRExpr | None = None) -> str:
@@ -324,7 +346,7 @@ class CoreBackend(Backend):
         for cond in (extra, g.filter):
             if cond is not None:
                 parts.append(em.condition(cond))
-        parts += [self.open_span(program, w) for w in g.within]
+        parts += [self.open_span(w, em) for w in g.within]
         return " && ".join(parts)
 
     def action(self, a: ir.Action, em: CExpression, program: ir.Program) -> list[str]:
@@ -334,7 +356,7 @@ class CoreBackend(Backend):
                               map=self.begin_map(program, a.span), key=em.value(a.key),
                               overflow_slot=self.health.add("span_overflow", a.span),
                               resets=[m for inner in a.resets for m in ir.accumulator_maps(inner)],
-                              task=a.span in self.task_spans)
+                              task=a.span in self.task_spans, keep_first=not a.restart)
         if isinstance(a, ir.SpanEnd):
             key = em.value(a.key)
             before = em.duration_uses
@@ -345,7 +367,8 @@ class CoreBackend(Backend):
             total, count = ir.accumulator_maps(a.span)
             return self.lines("span_end.j2", map=self.begin_map(program, a.span), key=key, then=then,
                               duration=em.duration_uses > before,
-                              outer_open=self.open_span(program, a.accumulate_into) if a.accumulate_into else "",
+                              outer_open=self.open_span(a.accumulate_into, em) if a.accumulate_into else "",
+                              outer_key=em.value(a.accumulate_into.key) if a.accumulate_into else "",
                               total=total, count=count, task=a.span in self.task_spans,
                               clears=[m for inner in a.clears for m in ir.accumulator_maps(inner)])
         if isinstance(a, ir.MetricUpdate):
@@ -363,17 +386,17 @@ class CoreBackend(Backend):
         key_lines: list[str] = []
         labelled = bool(m.labels)
         if labelled:
-            by_name = {lab.name: lab for lab in m.labels}
+            by_name = {lab.name: expr for lab, expr in zip(m.labels, a.labels)}
             for f in m.map.key.fields:
                 target = f"probec_k.{f.name}"
                 if f.name.startswith("__pad"):
                     key_lines.append(f"__builtin_memset({target}, 0, {f.length});")
                 elif f.label:
-                    lab = by_name[f.label]
+                    expr = by_name[f.label]
                     if f.ctype == "char":
-                        key_lines += em.copy_string(target, f.length, lab.expr)
+                        key_lines += em.copy_string(target, f.length, expr)
                     else:
-                        key_lines.append(f"{target} = ({f.ctype}){em.value(lab.expr)};")
+                        key_lines.append(f"{target} = ({f.ctype}){em.value(expr)};")
         return self.lines(
             "metric_update.j2", guard=self.guard(a.guard, em, program), histogram=histogram,
             labelled=labelled, value=value, value_ctype="__s64" if signed else "__u64",
@@ -381,7 +404,8 @@ class CoreBackend(Backend):
             bucket_fn="probec_bucket_s64" if signed else "probec_bucket_u64",
             edges=f"probec_edges_{m.name}", steps=bucket_steps(len(m.edges)), sum_slot=m.sum_slot,
             full_slot=self.health.add("metric_map_full", m.name) if labelled else -1,
-            counted=ir.accumulator_maps(a.metric) if a.accumulate_into else ())
+            counted=ir.accumulator_maps(a.metric) if a.accumulate_into else (),
+            counted_key=em.value(a.accumulate_into.key) if a.accumulate_into else "")
 
     def emit_event(self, a: ir.EmitEvent, em: CExpression, program: ir.Program) -> list[str]:
         ev = program.event(a.event)
@@ -431,7 +455,7 @@ class CoreBackend(Backend):
             comm="comm" in em.needs,
             tp_strings=[{"name": f"probec_tp_{f.name}", "size": f.size, "offset": f.offset}
                         for f in sorted(em.tp_strings.values(), key=lambda f: f.offset)],
-            actions=["\t" + line if line else "" for line in actions])
+            actions=["\t" + line if line else "" for line in em.prelude + ([""] if em.prelude else []) + actions])
         return text.rstrip("\n"), em
 
     def edge_tables(self, program: ir.Program) -> list[dict]:
@@ -497,6 +521,7 @@ class CoreBackend(Backend):
 
     def build(self, program: ir.Program) -> Bundle:
         self.strings, self.health = StringTable(), HealthSlots()
+        self.program = program
         self.task_spans = self.thread_keyed_spans(program) if self.task_storage else set()
         name = program.name
         programs_meta = []
