@@ -23,9 +23,10 @@ import re
 import stat
 import struct
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 
 class ElfError(Exception):
@@ -83,6 +84,7 @@ _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _SHDR = struct.Struct("<IIQQQQIIQQ")
 _PHDR = struct.Struct("<IIQQQQQQ")
 _SYM = struct.Struct("<IBBHQQ")
+_WORD = struct.Struct("<I")
 _NHDR = struct.Struct("<III")
 _VERDEF = struct.Struct("<HHHHIII")
 _VERDAUX = struct.Struct("<II")
@@ -275,8 +277,7 @@ def _strip_abi_tags(text: str) -> str:
     return _ABI_TAG.sub("", text) if "[abi:" in text else text
 
 
-_PARENS = re.compile(r"[()]")
-_NESTING_OR_SPACE = re.compile(r"[<>() ]")
+_NOT_NESTING_OR_SPACE = re.compile(r"[^<>() ]+")
 _ANGLES = re.compile(r"[<>]")
 _OPERATOR = re.compile(r"\boperator\b")
 _MEANINGLESS_SPACE = re.compile(r" (?:(?<=\W )|(?!\w))")  # a space not between two words
@@ -288,39 +289,51 @@ def _split_parameters(demangled: str) -> tuple[str, str | None]:
     text = _strip_qualifiers(_strip_clone_suffix(demangled))
     if not text.endswith(")"):
         return text, None
+    # Walk the parentheses from the right, the next ')' and the next '(' each found by rfind
+    # (C code; a demangled name averages 340 characters in libtorch, but only 9 parentheses).
     depth = 0
-    for match in reversed(list(_PARENS.finditer(text))):
-        if match.group() == ")":
+    close = len(text) - 1
+    opening = text.rfind("(", 0, close)
+    while True:
+        if close > opening:
             depth += 1
-            continue
-        depth -= 1
-        if depth == 0:
-            i = match.start()
-            return text[:i], text[i:]
-    return text, None
+            close = text.rfind(")", 0, close)
+        elif opening < 0:
+            return text, None
+        else:
+            depth -= 1
+            if depth == 0:
+                return text[:opening], text[opening:]
+            opening = text.rfind("(", 0, opening)
 
 
 def _split_operator(name: str) -> tuple[str, str]:
     """`ns::Foo::operator<` -> (`ns::Foo::`, `operator<`): operator names hold <, >, ( and
     spaces that are not nesting."""
-    match = _OPERATOR.search(name)
+    match = _OPERATOR.search(name) if "operator" in name else None
     return (name[:match.start()], name[match.start():]) if match else (name, "")
 
 
 def _drop_return_type(name: str) -> str:
     """`int ns::f<int>` -> `ns::f<int>`: cut at the last space outside <> and ()."""
     head, tail = _split_operator(name)
+    if " " not in head:
+        return name
+    # Only the brackets and spaces matter: walk those (a regex drops the rest in C) and count
+    # spaces, so the cut is "after the n-th space".
     depth = 0
+    spaces = 0
     cut = -1
-    for match in _NESTING_OR_SPACE.finditer(head):
-        ch = match.group()
-        if ch in "<(":
+    for ch in _NOT_NESTING_OR_SPACE.sub("", head):
+        if ch == " ":
+            if depth == 0:
+                cut = spaces
+            spaces += 1
+        elif ch == "<" or ch == "(":
             depth += 1
-        elif ch in ">)":
+        else:
             depth -= 1
-        elif depth == 0:
-            cut = match.start()
-    return head[cut + 1:] + tail
+    return head.split(" ", cut + 1)[-1] + tail if cut >= 0 else name
 
 
 def qualified_name(demangled: str) -> str:
@@ -436,9 +449,12 @@ class ElfFile:
             raise self._truncated(what, offset, layout.size)
         return layout.unpack_from(self._map, offset)
 
-    def _bytes(self, offset: int, size: int, what: str) -> bytes:
+    def _check_range(self, offset: int, size: int, what: str) -> None:
         if offset < 0 or size < 0 or offset + size > self.file_size:
             raise self._truncated(what, offset, size)
+
+    def _bytes(self, offset: int, size: int, what: str) -> bytes:
+        self._check_range(offset, size, what)
         return self._map[offset:offset + size]
 
     def _truncated(self, what: str, offset: int, size: int) -> ElfError:
@@ -549,7 +565,7 @@ class ElfFile:
     # -- symbols --------------------------------------------------------------------------
 
     def _tables(self) -> list[_SymbolTable]:
-        """`.symtab` then `.dynsym`, decoded once (names and raw entries only)."""
+        """`.symtab` then `.dynsym`, checked once; names and entries are read as lookups ask."""
         if self._symbol_tables is None:
             with self._lock:
                 if self._symbol_tables is None:
@@ -557,34 +573,48 @@ class ElfFile:
                               if s.type == _SHT_SYMTAB]
                     tables += [self._read_table(s, ".dynsym") for s in self.sections
                                if s.type == _SHT_DYNSYM]
-                    self._symbol_tables = [t for t in tables if t.raw]
+                    self._symbol_tables = [t for t in tables if t is not None]
         return self._symbol_tables
 
-    def _read_table(self, table: Section, label: str) -> _SymbolTable:
+    def _read_table(self, table: Section, label: str) -> _SymbolTable | None:
+        """Check a symbol table and its string table and copy out the name offset of every
+        entry; None for a table without entries. Every check a full read of the table would
+        make happens here, so a corrupt table fails on first use whatever is looked up."""
         if table.is_nobits or table.size == 0:
-            return _SymbolTable(label, [], [], None, {})
+            return None
         if not 0 < table.link < len(self.sections):
             raise ElfError(self.path, f"corrupt ELF file: {table.name} has no string table")
         strings = self.sections[table.link]
-        strtab = self._bytes(strings.offset, strings.size, f"{strings.name} string table")
+        self._check_range(strings.offset, strings.size, f"{strings.name} string table")
         count = table.size // _SYM.size
-        raw = list(_SYM.iter_unpack(self._bytes(table.offset, count * _SYM.size,
-                                                f"{table.name} symbol table")))
-        starts = [entry[0] for entry in raw]
-        if starts and strtab.rfind(b"\0") < max(starts):
-            raise ElfError(self.path, f"corrupt ELF file: a {table.name} symbol name (index "
-                                      f"{max(starts)}) runs past the end of {strings.name} "
-                                      f"({strings.size} bytes)")
-        if strtab.isascii():  # the usual case: find and slice a str, no decode per name
-            text = strtab.decode("ascii")
-            find = text.find
-            names = [text[i:find("\0", i)] for i in starts]
-        else:
-            find = strtab.find
-            names = [strtab[i:find(b"\0", i)].decode("utf-8", "replace") for i in starts]
+        self._check_range(table.offset, count * _SYM.size, f"{table.name} symbol table")
+        name_offsets = self._name_offsets(table.offset, count)
+        if count:
+            last_nul = self._map.rfind(b"\0", strings.offset, strings.offset + strings.size)
+            last_nul = last_nul - strings.offset if last_nul >= 0 else -1
+            highest = max(_words(name_offsets))
+            if last_nul < highest:
+                raise ElfError(self.path, f"corrupt ELF file: a {table.name} symbol name (index "
+                                          f"{highest}) runs past the end of {strings.name} "
+                                          f"({strings.size} bytes)")
         versym, version_names = (self._symbol_versions(count) if label == ".dynsym"
                                  else (None, {}))
-        return _SymbolTable(label, names, raw, versym, version_names)
+        if not count:
+            return None
+        return _SymbolTable(self, label, table.offset, count, strings, name_offsets, versym,
+                            version_names)
+
+    def _name_offsets(self, offset: int, count: int) -> bytes:
+        """The `st_name` field of `count` symbol entries at `offset`, as packed little-endian
+        32-bit words: the first 4 bytes of every 24-byte entry, copied by a strided view of
+        the mapping instead of unpacking every entry (the range is already checked)."""
+        if not count:
+            return b""
+        with memoryview(self._map) as whole, \
+                whole[offset:offset + count * _SYM.size] as entries, \
+                entries.cast("I") as words, \
+                words[::_SYM.size // _WORD.size] as names:
+            return names.tobytes()
 
     def _symbol_versions(self, count: int) -> tuple[tuple[int, ...] | None, dict[int, str]]:
         """The .gnu.version entry of every .dynsym symbol and the names of the versions this
@@ -655,7 +685,18 @@ class ElfFile:
             return _distinct_functions(exact, wanted)
         return _distinct_functions(self._demangled_matches(wanted), wanted)
 
-    def _demangled_matches(self, wanted: str) -> list[Symbol]:
+    def _demangled_matches(self, wanted: str, search: bool | None = None) -> list[Symbol]:
+        """Defined functions whose demangled name matches `wanted`, in table and entry order.
+
+        The candidates come from a search of each string table's bytes for the needles below
+        (`_SymbolTable.mangled_names_with`) or from a walk over every decoded function name.
+        The walk is for names without a needle and for needles so common that even the rarest
+        occurs, by a sampled estimate, more often than once per eight entries of the table
+        (once per sixteen when the names are decoded already; libtorch's .strtab holds
+        `24WrapFunctionIntoFunctor_` 115,000 times): past that, looping over the hits in
+        Python costs more than walking the decoded names. `search` True or False forces one way where
+        there is a needle; both give the same list, the tests compare them. Either way only
+        function names are demangled, each name once."""
         name_part, params = _split_parameters(wanted)
         last = _last_identifier(name_part)
         # Every mangled name spells out its last identifier, except constructors and
@@ -667,45 +708,70 @@ class ElfFile:
                    if _IDENTIFIER.fullmatch(c) and c != "std" and c not in _ABBREVIATED_STD
                    and "operator" not in c] if needle else []
         target = _squash(wanted) if params is not None else _squash(name_part)
-        matches = []
-        for table, i in self._function_refs():
-            mangled = table.names[i]
+
+        verdicts: dict[str, bool] = {}  # .symtab and .dynsym, aliases: the same names
+
+        def matches(mangled: str) -> bool:
             if not mangled.startswith("_Z") or (needle and needle not in mangled):
-                continue
+                return False
             if any(n not in mangled for n in needles):
-                continue
-            keys = _match_keys(demangle(mangled))
-            if keys is None:
-                continue
-            if target in (keys.signatures if params is not None else keys.names):
-                matches.append(table.symbol(i))
-        return matches
+                return False
+            verdict = verdicts.get(mangled)
+            if verdict is None:
+                keys = _match_keys(demangle(mangled))
+                verdict = verdicts[mangled] = keys is not None and target in (
+                    keys.signatures if params is not None else keys.names)
+            return verdict
+
+        found = []
+        terms = [needle, *needles]
+        for table in self._tables():
+            anchor = None
+            if needle and search is not False:
+                anchor, expected = table.rarest(terms)
+                if search is None and expected > table.count / (16 if table.decoded else 8):
+                    anchor = None
+            if anchor is not None:
+                # vtables, typeinfo and undefined entries hold the terms too: filter to
+                # functions before demangling
+                offsets = table.mangled_names_with(anchor, terms)
+                indexes = [i for i in table.entries_named_at(offsets)
+                           if table.is_defined_function(i) and matches(table.name(i))]
+            else:
+                names = table.names
+                indexes = [i for i in table.function_indexes() if matches(names[i])]
+            found += map(table.symbol, indexes)
+        return found
 
     def close_names(self, name: str, n: int = 3) -> list[str]:
         """Up to `n` function names that look like `name`, best first, for "did you mean":
         C names and demangled qualified names (full signatures when `name` has parameters).
         The last `::` component is scored too, so `Froward` finds `Inference::Forward`."""
         with_params = "(" in name
+        # A name that several entries share (.symtab and .dynsym copies, aliases) is
+        # demangled once.
+        symbol_names: set[str] = set()
+        for table in self._tables():
+            names = table.names
+            symbol_names.update(names[i] for i in table.function_indexes())
         candidates: set[str] = set()
-        for table, i in self._function_refs():
-            symbol_name = table.names[i]
+        for symbol_name in symbol_names:
             if symbol_name.startswith("_Z"):
                 full = demangle(symbol_name)
-                keys = _match_keys(full)
-                if keys is None:
-                    continue
-                candidates.add(full if with_params else keys.display)
+                if _is_lookup_name(full):
+                    candidates.add(full if with_params else _display_name(full))
             else:
                 candidates.add(symbol_name.split("@", 1)[0])
         candidates.discard(name)
         matcher = difflib.SequenceMatcher(autojunk=False)
         matcher.set_seq2(name)
+        name_counts = collections.Counter(name)
         scored = []
         for candidate in candidates:
             best = 0.0
             for text in {candidate, candidate.rsplit("::", 1)[-1]}:
-                matcher.set_seq1(text)
-                if matcher.real_quick_ratio() >= 0.6 and matcher.quick_ratio() >= 0.6:
+                if _may_be_close(name_counts, len(name), text, 0.6):
+                    matcher.set_seq1(text)
                     best = max(best, matcher.ratio())
             if best >= 0.6:
                 scored.append((best, candidate))
@@ -845,28 +911,122 @@ class ElfFile:
         return probes
 
 
+# More offsets than this are looked up with one pass over every entry's name offset rather
+# than one bytes.find() each (a find costs about 1/40 of such a pass on libtorch's .symtab).
+_FEW_OFFSETS = 32
+# How `_SymbolTable.rarest` samples a large string table.
+_SAMPLE_WINDOWS = 16
+_SAMPLE_WINDOW = 64 * 1024
+
+
 class _SymbolTable:
-    """One decoded `.symtab` or `.dynsym`: names and raw `Elf64_Sym` tuples, with `Symbol`
-    objects made only for the entries someone asks about (making them all costs more than
-    reading the table)."""
+    """One `.symtab` or `.dynsym`, read from the mapping as it is asked about.
 
-    __slots__ = ("label", "names", "raw", "versym", "version_names", "_known_names",
-                 "_versioned", "_functions")
+    Opening the table copies out only the name offset (`st_name`) of every entry. A lookup by
+    name searches the string table's bytes (the `bytes.find` of a needle is C code, a Python
+    loop over half a million names is not), then unpacks just the entries whose names start
+    where it found something. The lists of every name and every raw `Elf64_Sym` tuple (`names`,
+    `raw`) are decoded on first use, for the callers that walk the whole table (`symbols`,
+    `symbol_at`, `close_names`); `Symbol` objects are made only for the entries someone asks
+    about (making them all costs more than reading the table)."""
 
-    def __init__(self, label: str, names: list[str], raw: list[tuple],
-                 versym: tuple[int, ...] | None, version_names: dict[int, str]) -> None:
+    __slots__ = ("label", "count", "versym", "version_names", "_elf", "_entries_at",
+                 "_strings", "_name_offsets", "_names", "_raw", "_known_names", "_versioned",
+                 "_functions", "_has_at_sign")
+
+    def __init__(self, elf: ElfFile, label: str, entries_at: int, count: int, strings: Section,
+                 name_offsets: bytes, versym: tuple[int, ...] | None,
+                 version_names: dict[int, str]) -> None:
         self.label = label
-        self.names = names
-        self.raw = raw
+        self.count = count
         self.versym = versym
         self.version_names = version_names
+        self._elf = elf
+        self._entries_at = entries_at  # file offset of entry 0
+        self._strings = strings  # the string table section (range checked by _read_table)
+        self._name_offsets = name_offsets  # st_name of entry i at bytes 4*i..4*i+3
+        self._names: list[str] | None = None
+        self._raw: list[tuple] | None = None
         self._known_names: frozenset[str] | None = None
         self._versioned: dict[str, list[int]] | None = None
         self._functions: list[int] | None = None
+        self._has_at_sign: bool | None = None  # whether any name could be `name@VERSION`
 
-    def _is_defined_function(self, i: int) -> bool:
-        _, info, _, shndx, _, _ = self.raw[i]
+    # -- the whole table, decoded once ---------------------------------------------------
+
+    @property
+    def decoded(self) -> bool:
+        """Whether `names` is decoded already."""
+        return self._names is not None
+
+    @property
+    def names(self) -> list[str]:
+        """The name of every entry, in entry order."""
+        if self._names is None:
+            with self._elf._lock:
+                if self._names is None:
+                    self._names = self._decode_names()
+        return self._names
+
+    def _decode_names(self) -> list[str]:
+        strtab = self._elf._bytes(self._strings.offset, self._strings.size,
+                                  f"{self._strings.name} string table")
+        starts = _words(self._name_offsets)
+        if strtab.isascii():  # the usual case: find and slice a str, no decode per name
+            text = strtab.decode("ascii")
+            find = text.find
+            return [text[i:find("\0", i)] for i in starts]
+        find = strtab.find
+        return [strtab[i:find(b"\0", i)].decode("utf-8", "replace") for i in starts]
+
+    @property
+    def raw(self) -> list[tuple]:
+        """The unpacked `Elf64_Sym` tuple of every entry, in entry order."""
+        if self._raw is None:
+            with self._elf._lock:
+                if self._raw is None:
+                    self._raw = list(_SYM.iter_unpack(self._elf._bytes(
+                        self._entries_at, self.count * _SYM.size, f"{self.label} symbol table")))
+        return self._raw
+
+    # -- one entry -------------------------------------------------------------------------
+
+    def entry(self, i: int) -> tuple:
+        """The unpacked `Elf64_Sym` tuple of entry `i`."""
+        if self._raw is not None:
+            return self._raw[i]
+        return _SYM.unpack_from(self._elf._map, self._entries_at + i * _SYM.size)
+
+    def name(self, i: int) -> str:
+        """The name of entry `i`, decoded as `names` decodes it."""
+        if self._names is not None:
+            return self._names[i]
+        start = self._strings.offset + self.entry(i)[0]
+        # _read_table made sure a NUL follows every name
+        end = self._elf._map.find(b"\0", start, self._strings.offset + self._strings.size)
+        return self._elf._map[start:end].decode("utf-8", "replace")
+
+    def is_defined_function(self, i: int) -> bool:
+        _, info, _, shndx, _, _ = self.entry(i)
         return info & 0xF in _FUNCTION_TYPE_IDS and shndx != _SHN_UNDEF
+
+    def symbol(self, i: int) -> Symbol:
+        _, info, _, shndx, value, size = self.entry(i)
+        typ, bind = info & 0xF, info >> 4
+        name = self.name(i)
+        version, hidden = None, False
+        if self.versym is not None and shndx != _SHN_UNDEF:
+            entry = self.versym[i]
+            version = self.version_names.get(entry & 0x7FFF)
+            hidden = bool(entry & _VERSYM_HIDDEN)
+        elif "@" in name:  # .symtab spells versions out: `foo@@VER_2` default, `foo@VER_1` not
+            tail = name.split("@", 1)[1]
+            version, hidden = tail.lstrip("@") or None, not tail.startswith("@")
+        return Symbol(name, value, size, SYMBOL_TYPES.get(typ) or f"TYPE_{typ}",
+                      SYMBOL_BINDS.get(bind) or f"BIND_{bind}", shndx, self.label, version,
+                      hidden)
+
+    # -- lookups ---------------------------------------------------------------------------
 
     def function_indexes(self) -> list[int]:
         """Indexes of the named, defined FUNC and GNU_IFUNC entries."""
@@ -878,7 +1038,17 @@ class _SymbolTable:
         return self._functions
 
     def functions_named(self, name: str) -> list[int]:
-        """Indexes of the defined functions called `name` or `name@VERSION`/`name@@VERSION`."""
+        """Indexes of the defined functions called `name` or `name@VERSION`/`name@@VERSION`:
+        from the decoded names when something decoded them already, else from a search of the
+        string table (`_named_by_search`; both give the same list)."""
+        if self._names is None and _searchable(name):
+            found = self._named_by_search(name)
+        else:
+            found = self._named_in_list(name)
+        return [i for i in found if self.is_defined_function(i)]
+
+    def _named_in_list(self, name: str) -> list[int]:
+        """Entries called `name`, then entries called `name@...`, each in entry order."""
         if self._known_names is None:
             self._known_names = frozenset(self.names)
         found = []
@@ -897,24 +1067,127 @@ class _SymbolTable:
                 for i, n in enumerate(self.names):
                     if "@" in n:
                         self._versioned.setdefault(n.split("@", 1)[0], []).append(i)
-        found += self._versioned.get(name, ())
-        return [i for i in found if self._is_defined_function(i)]
+        return found + self._versioned.get(name, [])
 
-    def symbol(self, i: int) -> Symbol:
-        _, info, _, shndx, value, size = self.raw[i]
-        typ, bind = info & 0xF, info >> 4
-        name = self.names[i]
-        version, hidden = None, False
-        if self.versym is not None and shndx != _SHN_UNDEF:
-            entry = self.versym[i]
-            version = self.version_names.get(entry & 0x7FFF)
-            hidden = bool(entry & _VERSYM_HIDDEN)
-        elif "@" in name:  # .symtab spells versions out: `foo@@VER_2` default, `foo@VER_1` not
-            tail = name.split("@", 1)[1]
-            version, hidden = tail.lstrip("@") or None, not tail.startswith("@")
-        return Symbol(name, value, size, SYMBOL_TYPES.get(typ) or f"TYPE_{typ}",
-                      SYMBOL_BINDS.get(bind) or f"BIND_{bind}", shndx, self.label, version,
-                      hidden)
+    def _named_by_search(self, name: str) -> list[int]:
+        """`_named_in_list` without decoding any name. A name runs from where its entry points
+        up to the next NUL, so wherever `name\\0` occurs in the string table, an entry pointing
+        there is called `name` (linkers share tails: "free" may sit inside "xfree"); where
+        `name@` occurs, one pointing there is `name@VERSION`. `name` is ASCII without NULs."""
+        encoded = name.encode("ascii")
+        found = self.entries_named_at(self._occurrences(encoded + b"\0"))
+        if self._has_at_sign is None:  # one memchr-speed pass instead of a search per lookup
+            self._has_at_sign = bool(self._occurrences(b"@", first_only=True))
+        if self._has_at_sign and "@" not in name:  # `a@b` is never the part before an `@`
+            found += self.entries_named_at(self._occurrences(encoded + b"@"))
+        return found
+
+    def _occurrences(self, needle: bytes, first_only: bool = False) -> list[int]:
+        """String-table offsets of every occurrence of `needle` in the string table (or of
+        the first one only)."""
+        data, start = self._elf._map, self._strings.offset
+        end = start + self._strings.size
+        found = []
+        at = data.find(needle, start, end)
+        while at >= 0:
+            found.append(at - start)
+            if first_only:
+                break
+            at = data.find(needle, at + 1, end)
+        return found
+
+    def entries_named_at(self, offsets: Iterable[int]) -> list[int]:
+        """Indexes, in entry order, of the entries whose name starts at one of `offsets`
+        (string-table offsets)."""
+        wanted = {offset for offset in offsets if 0 <= offset <= 0xFFFFFFFF}
+        if len(wanted) > _FEW_OFFSETS:
+            return [i for i, offset in enumerate(_words(self._name_offsets)) if offset in wanted]
+        packed = self._name_offsets
+        found = []
+        for offset in wanted:
+            word = _WORD.pack(offset)
+            at = packed.find(word)
+            while at >= 0:
+                if at % _WORD.size == 0:  # not the tail of one word and the head of the next
+                    found.append(at // _WORD.size)
+                at = packed.find(word, at + 1)
+        return sorted(found)
+
+    def rarest(self, terms: list[str]) -> tuple[str, float]:
+        """The one of `terms` (ASCII text) that looks rarest in the string table, and about how
+        many times it occurs there: counted over the whole table up to 1 MiB, else over 16
+        windows of 64 KiB spread across it and scaled up (a few milliseconds for libtorch's
+        76 MB). Length is no guide: `6Tensor` is in most of libtorch's names, `3add` in few."""
+        data, start, size = self._elf._map, self._strings.offset, self._strings.size
+        if size <= _SAMPLE_WINDOWS * _SAMPLE_WINDOW:
+            windows = [data[start:start + size]]
+        else:
+            step = size // _SAMPLE_WINDOWS
+            windows = [data[start + k * step:start + k * step + _SAMPLE_WINDOW]
+                       for k in range(_SAMPLE_WINDOWS)]
+        sampled = sum(len(window) for window in windows) or 1
+        counts = {term: sum(window.count(term.encode("ascii")) for window in windows)
+                  for term in terms}
+        # fewest hits first, then the longer term, then the later one (usually more specific)
+        rarest = min(reversed(terms), key=lambda term: (counts[term], -len(term)))
+        return rarest, counts[rarest] * size / sampled
+
+    def mangled_names_with(self, anchor: str, terms: list[str]) -> list[int]:
+        """String-table offsets of every name in the string table that starts with `_Z` and
+        contains each of `terms` (ASCII text), whether or not an entry points at it.
+
+        Only `anchor`, one of the terms, is searched for. Each string that holds it is then
+        read once and checked from its start and from every `_Z` inside it, since an entry
+        may point into the middle of a string whose tail is its name."""
+        encoded = [term.encode("ascii") for term in terms]
+        anchor_bytes = anchor.encode("ascii")
+        data, start = self._elf._map, self._strings.offset
+        end = start + self._strings.size
+        found = []
+        at = data.find(anchor_bytes, start, end)
+        while at >= 0:
+            previous_nul = data.rfind(b"\0", start, at)
+            string_start = previous_nul + 1 if previous_nul >= 0 else start
+            string_end = data.find(b"\0", at, end)
+            if string_end < 0:  # after the last NUL: no entry's name reaches here
+                break
+            string = data[string_start:string_end]
+            head = 0 if string.startswith(b"_Z") else string.find(b"_Z", 1)
+            while head >= 0:
+                if all(string.find(term, head) >= 0 for term in encoded):
+                    found.append(string_start - start + head)
+                head = string.find(b"_Z", head + 1)
+            at = data.find(anchor_bytes, string_end + 1, end)
+        return found
+
+
+def _searchable(name: str) -> bool:
+    """Whether a name can be looked for as bytes: ASCII (the decoded form of other bytes is
+    ambiguous, "\\ufffd" stands for any invalid sequence) and without NUL, the separator."""
+    return name.isascii() and "\0" not in name
+
+
+def _words(packed: bytes) -> Sequence[int]:
+    """Packed little-endian 32-bit words as ints (a view, no copy, on little-endian hosts)."""
+    if sys.byteorder == "little":
+        return memoryview(packed).cast("I")
+    return struct.unpack(f"<{len(packed) // _WORD.size}I", packed)
+
+
+def _may_be_close(counts: collections.Counter[str], length: int, text: str,
+                  cutoff: float) -> bool:
+    """Whether `SequenceMatcher.real_quick_ratio()` and `quick_ratio()` of `text` against the
+    string with character `counts` and `length` both reach `cutoff`, the checks `close_names`
+    makes before the costly `ratio()`: the first looks at the two lengths, the second at the
+    characters the two share, counted with repeats. The same numbers, computed without a
+    Python loop over every character of `text`."""
+    total = length + len(text)
+    if not total:
+        return True  # two empty strings: both ratios are 1.0
+    if 2.0 * min(length, len(text)) / total < cutoff:
+        return False
+    shared = sum(min(count, text.count(char)) for char, count in counts.items())
+    return 2.0 * shared / total >= cutoff
 
 
 class _MatchKeys(NamedTuple):
@@ -924,11 +1197,22 @@ class _MatchKeys(NamedTuple):
     display: str  # qualified name without ABI tags, for suggestions
 
 
+def _is_lookup_name(demangled: str) -> bool:
+    """False for names that were not demangled and for compiler-made fragments
+    (`[clone .cold]`, `[clone .constprop.0]`): lookups and suggestions skip them."""
+    return bool(demangled) and not demangled.startswith("_Z") and " [clone " not in demangled
+
+
+def _display_name(demangled: str) -> str:
+    """`_match_keys(demangled).display`, without working out the other keys."""
+    return _strip_abi_tags(_drop_return_type(_split_parameters(demangled)[0]))
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _match_keys(demangled: str) -> _MatchKeys | None:
-    """What a demangled function name can be looked up by; None for names that were not
-    demangled and for compiler-made fragments (`[clone .cold]`, `[clone .constprop.0]`)."""
-    if not demangled or demangled.startswith("_Z") or " [clone " in demangled:
+    """What a demangled function name can be looked up by; None where `_is_lookup_name` says
+    so."""
+    if not _is_lookup_name(demangled):
         return None
     name, params = _split_parameters(demangled)
     qualified = _drop_return_type(name)

@@ -373,6 +373,66 @@ def test_libstdcxx_lookup():
     assert "std::allocator<char>::allocator()" in [s.demangled for s in ctors]
 
 
+def _lookup_queries(f: ElfFile, every: int) -> list[str]:
+    """Names a spec could use for every `every`-th function of `f`, plus some that miss."""
+    queries = {"nope", "nope@VER_1", "Inference::Nope", "std::nope::join", "operator new",
+               "caf\u00e9", "a\0b"}
+    for symbol in f.defined_functions()[::every]:
+        queries |= {symbol.name, symbol.name.split("@", 1)[0]}
+        if symbol.name.startswith("_Z"):
+            full = demangle(symbol.name)
+            queries |= {full, elf.qualified_name(full), full.rsplit("::", 1)[-1]}
+    return sorted(queries)
+
+
+@pytest.mark.parametrize("key,every", [("workloads:inference", 1), ("workloads:libinference.so", 1),
+                                       ("workloads:pwork", 1), ("workloads:libpwork.so", 1),
+                                       ("inference", 1), ("prog", 1), ("libc", 25),
+                                       ("libstdc++", 150)])
+def test_string_table_search_agrees_with_decoded_names(built, workloads, key, every):
+    """Lookups search the string tables' bytes; walking every decoded name, as the tables
+    were read before (and still are once something decoded them), gives the same answers.
+    The binaries hold names that start inside another string (linkers share tails)."""
+    path = {"libc": Path(LIBC), "libstdc++": Path(LIBSTDCXX)}.get(key) or (
+        workloads / key.split(":", 1)[1] if key.startswith("workloads:") else built[key])
+    searched = ElfFile(path)
+    decoded = ElfFile(path)
+    decoded.symbols  # decodes every name: lookups then use the name lists
+    queries = _lookup_queries(decoded, every)
+    for query in queries:
+        for table in searched._tables():
+            if elf._searchable(query):
+                assert table._named_by_search(query) == table._named_in_list(query), query
+        assert (searched._demangled_matches(query, search=True)
+                == searched._demangled_matches(query, search=False)), query
+    for query in queries:  # a fresh file: nothing decoded on the searching side
+        assert ElfFile(path).find_function(query) == decoded.find_function(query), query
+
+
+TAIL_CPP = r"""
+namespace tail { __attribute__((noinline)) int shared(int x) { return x + 1; } }
+extern "C" __attribute__((noinline)) int x_ZN4tail6sharedEi(int x) { return x + 2; }
+"""
+
+
+def test_mangled_name_inside_another_string(tmp_path):
+    """The linker keeps `_ZN4tail6sharedEi` only as the tail of `x_ZN4tail6sharedEi`, so the
+    entry of tail::shared points into the middle of a string; the search still finds it."""
+    (tmp_path / "tail.cpp").write_text(TAIL_CPP)
+    lib = tmp_path / "libtail.so"
+    _run("g++", "-O1", "-shared", "-fPIC", "-o", lib, tmp_path / "tail.cpp")
+    f = ElfFile(lib)
+    for table in f._tables():
+        (cpp,) = table.functions_named("_ZN4tail6sharedEi")
+        (c,) = table.functions_named("x_ZN4tail6sharedEi")
+        assert table.entry(cpp)[0] == table.entry(c)[0] + 1  # shares the string
+    for query in ("tail::shared", "tail::shared(int)", "_ZN4tail6sharedEi"):
+        assert [s.demangled for s in ElfFile(lib).find_function(query)] == ["tail::shared(int)"]
+        assert (f._demangled_matches(query, search=True)
+                == f._demangled_matches(query, search=False))
+    (c_function,) = ElfFile(lib).find_function("x_ZN4tail6sharedEi")
+    assert c_function.name == "x_ZN4tail6sharedEi"
+
 # -- USDT -----------------------------------------------------------------------------------
 
 
