@@ -147,6 +147,7 @@ class BpftraceRunner:
         self.attached = threading.Event()
         self.dumped = threading.Condition()      # notified on each map message
         self.last_dump = 0.0
+        self.missed_before = 0                   # skipped runs of bpftrace processes before a restart
         self.stopping = False
         self.failure: str | None = None
         self.stderr_tail: list[str] = []
@@ -279,10 +280,38 @@ class BpftraceRunner:
         if self.sink is not None:
             self.sink.write(record)
 
+    def read_missed(self) -> None:
+        """Runs of bpftrace's programs the kernel skipped (another BPF program was running on that
+        CPU), from the fdinfo of its program file descriptors; bpftrace does not name them, so
+        they are summed."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        total, found = 0, False
+        try:
+            fds = os.listdir(f"/proc/{proc.pid}/fd")
+        except OSError:
+            return
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{proc.pid}/fd/{fd}") != "anon_inode:bpf-prog":
+                    continue
+                with open(f"/proc/{proc.pid}/fdinfo/{fd}") as info:
+                    for line in info:
+                        if line.startswith("recursion_misses:"):
+                            total += int(line.split()[1])
+                            found = True
+            except (OSError, ValueError):
+                continue
+        if found:
+            self.store.health.program_missed["bpftrace"] = self.missed_before + total
+
     def poll(self) -> None:
         """Called periodically: restart bpftrace if it died on its own after attaching."""
+        self.read_missed()
         if self.stopping or self.proc is None or self.proc.poll() is None:
             return
+        self.missed_before = self.store.health.program_missed.get("bpftrace", 0)
         self.store.health.up = 0
         if self.thread is not None:
             self.thread.join(5)              # let the final map dump of the dead process land
@@ -319,6 +348,7 @@ class BpftraceRunner:
                     if left <= 0:
                         break
                     self.dumped.wait(left)
+        self.read_missed()
         for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 3), (signal.SIGKILL, 3)):
             try:
                 proc.send_signal(sig)

@@ -539,8 +539,8 @@ class CoreRunner:
         health.backend_errors = full
 
     def read_program_stats(self) -> None:
-        if self.stats_fd is None and not _stats_enabled():
-            return
+        """Runs the kernel skipped (always counted), and run counts and time (with BPF stats on)."""
+        stats = self.stats_fd is not None or _stats_enabled()
         L = _libbpf()
         health = self.store.health
         for p in self.active:
@@ -548,8 +548,12 @@ class CoreRunner:
                 info = L.program_info(self.obj.program(p["program"]))
             except L.BpfError:
                 continue
-            health.program_run_ns[p["probe"]] = info.run_time_ns
-            health.program_runs[p["probe"]] = info.run_cnt
+            # A program is skipped when another one runs on its CPU (a task preempted inside a
+            # uprobe program, say): a span can lose its begin or its end.
+            health.program_missed[p["probe"]] = info.recursion_misses
+            if stats:
+                health.program_run_ns[p["probe"]] = info.run_time_ns
+                health.program_runs[p["probe"]] = info.run_cnt
 
     def poll(self) -> None:
         if self.stopped or self.obj is None or self.failure:

@@ -110,6 +110,10 @@ class StoreCollector:
         yield gauge("probec_map_entries", "Entries in each BPF map at the last read.", "map", h.map_entries)
         yield gauge("probec_map_capacity", "Capacity (max_entries) of each BPF map.", "map", h.map_capacity)
         yield gauge("probec_probe_attached", "1 for each probe attached.", "probe", h.attached)
+        if h.program_missed:
+            yield counter("probec_program_missed", "Runs of each BPF program the kernel skipped because another "
+                          "BPF program was running on that CPU: spans may have lost a begin or an end.", "probe",
+                          h.program_missed)
         if h.program_runs:
             yield counter("probec_program_runs", "Runs of each BPF program (kernel BPF stats).", "probe",
                           h.program_runs)

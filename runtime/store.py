@@ -47,6 +47,7 @@ class Health:
     attached: dict[str, int] = field(default_factory=dict)
     program_run_ns: dict[str, int] = field(default_factory=dict)
     program_runs: dict[str, int] = field(default_factory=dict)
+    program_missed: dict[str, int] = field(default_factory=dict)
     last_read_seconds: float = 0.0
     reads: int = 0
     up: int = 0
