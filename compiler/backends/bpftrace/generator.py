@@ -185,6 +185,7 @@ class BpftraceBackend(Backend):
                     args.append(em.emit(f.expr))
             cond = self.guard(ir.Guard(a.when, a.guard.within), em) or "1"
             return self.render("emit_event.bt.j2", condition=cond, seen=f"@__ev_{ev.name}_seen",
+                               tick=f"@__ev_{ev.name}_tick",
                                sample_every=ev.sample_every, max_per_second=ev.max_per_second,
                                window=f"@__ev_{ev.name}_window", in_window=f"@__ev_{ev.name}_in_window",
                                limited=f"@__ev_{ev.name}_limited", format=SEPARATOR.join(formats),
@@ -230,6 +231,8 @@ class BpftraceBackend(Backend):
         cleared = [self.map_name(m.name) for m in program.maps if m.purpose in ("span_begin", "accumulator")]
         for e in program.events:
             printed.append(f"@__ev_{e.name}_seen")
+            if e.sample_every > 1:
+                cleared.append(f"@__ev_{e.name}_tick")
             if e.max_per_second:     # these maps exist only where the script rate-limits
                 printed.append(f"@__ev_{e.name}_limited")
                 cleared += [f"@__ev_{e.name}_window", f"@__ev_{e.name}_in_window"]
