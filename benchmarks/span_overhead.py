@@ -89,6 +89,8 @@ def make_variants(span: str, bundles: dict[str, Path], objs: dict[str, Path], sc
         out.append(Variant(name, label, lambda: C.Handwritten(obj, programs, attach), lambda ctx: C.hist_count(ctx.obj)))
 
     probec_variant("core", "(a) probec core (generated CO-RE C)", bundles["core"])
+    if bundles.get("core_socket"):
+        probec_variant("core_socket", "(a') probec core, keyed by socket(1) (HASH begin map)", bundles["core_socket"])
     if span == "nop":
         programs, attach = ["uprobe_begin", "uprobe_end"], C.attach_uprobe_pair(LIBPWORK, "pwork_nop")
     else:
@@ -241,6 +243,8 @@ def main() -> int:
              "syscall span: sys_enter_getpid .. sys_exit_getpid (classic tracepoints)"))
     for span, spec, argv, n, title in spans[1:] if quick else spans:
         bundles = {"core": C.build_bundle(C.SPECS / spec, "core")}
+        if span == "getpid":
+            bundles["core_socket"] = C.build_bundle(C.SPECS / "span_getpid_socket.yaml", "core")
         if have_bpftrace:
             bundles["bpftrace"] = C.build_bundle(C.SPECS / spec, "bpftrace")
         variants = make_variants(span, bundles, objs, scratch)
