@@ -142,6 +142,8 @@ class CExpression:
             if e.name not in CONTEXT_C:
                 self.backend.unsupported("this context value", where=f"{self.where()}: {e.name}")
                 return "0"
+            if e.name in ("pid", "tid"):
+                self.needs.add("id")
             return CONTEXT_C[e.name]
         if isinstance(e, ir.Arg):
             return self.argument(e.index)
@@ -352,13 +354,15 @@ class CoreBackend(Backend):
     def action(self, a: ir.Action, em: CExpression, program: ir.Program) -> list[str]:
         if isinstance(a, ir.SpanBegin):
             em.needs.add("now")
+            task = a.span in self.task_spans
             return self.lines("span_begin.j2", guard=self.guard(a.guard, em, program),
-                              map=self.begin_map(program, a.span), key=em.value(a.key),
+                              map=self.begin_map(program, a.span),
+                              key=em.value(a.key) if not task or a.resets else "",
                               overflow_slot=self.health.add("span_overflow", a.span),
                               resets=[m for inner in a.resets for m in ir.accumulator_maps(inner)],
                               task=a.span in self.task_spans, keep_first=not a.restart)
         if isinstance(a, ir.SpanEnd):
-            key = em.value(a.key)
+            key = em.value(a.key) if a.span not in self.task_spans or a.clears else ""
             before = em.duration_uses
             then = [line for t in a.then for line in self.action(t, em, program)]
             if a.accumulate_into:
@@ -409,7 +413,7 @@ class CoreBackend(Backend):
 
     def emit_event(self, a: ir.EmitEvent, em: CExpression, program: ir.Program) -> list[str]:
         ev = program.event(a.event)
-        em.needs.add("now")
+        em.needs.update(("now", "id"))
         fields = {f.name: f for f in ev.fields}
         field_lines: list[str] = []
         stacks = next((mp.name for mp in program.maps if mp.type == "STACK_TRACE"), "")
@@ -452,7 +456,7 @@ class CoreBackend(Backend):
         text = self.render(
             "probe.bpf.c.j2", comment=c_comment(p.spec_text or p.id), section=section.format(
                 category=p.category, name=p.name), name=p.id, ctx_type=ctx_type, now="now" in em.needs,
-            comm="comm" in em.needs,
+            comm="comm" in em.needs, pid_tgid="id" in em.needs,
             tp_strings=[{"name": f"probec_tp_{f.name}", "size": f.size, "offset": f.offset}
                         for f in sorted(em.tp_strings.values(), key=lambda f: f.offset)],
             actions=["\t" + line if line else "" for line in em.prelude + ([""] if em.prelude else []) + actions])
