@@ -334,6 +334,12 @@ metrics:
   by_thread_seconds:
     histogram: by_thread.duration
     buckets: [2ms, 4ms, 8ms, 16ms, 32ms, 64ms]
+  sends_total:                      # every send, labelled by whether its socket has a request open
+    count: syscall:sendto
+    filter: comm == "ho_writer" || comm == "ho_client"
+    labels:
+      - comm
+      - open: active_at(socket(args.fd), request)
 """
 
 
@@ -364,3 +370,9 @@ def test_request_keyed_by_socket_across_threads(tmp_path, backend):
     assert last["0.002"] == 0 and last["0.008"] >= rounds - 2
     # Keyed by thread, the reader's begins never meet an end.
     assert value(metrics, "by_thread_seconds_count") == 0
+    # Labelled by the span open at a key: the writer's answer goes out on the server socket while
+    # its request is open (a probe's metrics run before the spans it ends); the client's two sends
+    # a round go out on the other end of the pair, where no request ever opens.
+    assert value(metrics, "sends_total", comm="ho_writer", open="request") == rounds
+    assert value(metrics, "sends_total", comm="ho_client", open="none") == 2 * rounds
+    assert value(metrics, "sends_total", comm="ho_writer", open="none") == 0

@@ -83,9 +83,11 @@ class SpanTotal:
 @dataclass(frozen=True)
 class ActiveSpan:
     """`active(a, b)`: 1 + the index of the first of `spans` open on the current thread, else 0;
-    a label shows it as that span's name or "none" (type.names)."""
+    a label shows it as that span's name or "none" (type.names). `active_at(KEY, a, b)` asks at
+    KEY (computed here) instead of the thread."""
     spans: tuple[str, ...]
     type: ValueType
+    key: "IRExpr" = TID
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,17 @@ class Event:
 class SpanInfo:
     name: str
     begin_map: MapSpec
+
+
+def walk(node):
+    """Every IR object reachable from `node` (an expression, action or probe), parents first."""
+    yield node
+    if isinstance(node, (tuple, list)):
+        for item in node:
+            yield from walk(item)
+    elif hasattr(node, "__dataclass_fields__"):
+        for name in node.__dataclass_fields__:
+            yield from walk(getattr(node, name))
 
 
 def accumulator_maps(inner: str) -> tuple[str, str]:

@@ -195,7 +195,7 @@ class TypeChecker:
             return None
         return Cmp(e.op, left, right)
 
-    FUNCTIONS = ("active", "socket")
+    FUNCTIONS = ("active", "active_at", "socket")
 
     def call(self, e: ast.Call, ctx: ProbeContext) -> IRExpr | None:
         if e.name not in self.FUNCTIONS:
@@ -215,29 +215,44 @@ class TypeChecker:
                              e.args[0].span)
                 return None
             return FdSocket(fd)
-        # active(a, b, ...): which of these spans is open on this thread, the first listed winning
-        if not e.args:
+        # active(a, b, ...): which of these spans is open on this thread, the first listed winning;
+        # active_at(KEY, a, b, ...): the same at KEY, for spans with a key of their own
+        args, key = list(e.args), None
+        if e.name == "active_at":
+            if len(args) < 2:
+                self.d.error("E226", "active_at(KEY, SPAN, ...) needs a key and the spans to ask about", e.span,
+                             "e.g. active_at(args.skaddr, request)")
+                return None
+            key = self.check(args.pop(0), ctx)
+            if key is None:
+                return None
+            if key.type.kind != "int" or key.type.dimension != "none":
+                self.d.error("E226", f"active_at's key must be a number, but this is {key.type.describe()}",
+                             e.args[0].span)
+                return None
+        if not args:
             self.d.error("E226", "active(...) needs the spans to ask about", e.span,
                          "e.g. active(send, inference): list the innermost first")
             return None
         spans: list[str] = []
-        for arg in e.args:
+        for arg in args:
             if not isinstance(arg, ast.Name) or len(arg.parts) != 1 or arg.parts[0] not in ctx.within:
                 word = arg.dotted if isinstance(arg, ast.Name) else "this"
                 self.d.error("E226", f"active(...) takes span names, and '{word}' is not a span", arg.span,
                              did_you_mean(word, list(ctx.within)) if isinstance(arg, ast.Name) else "")
                 return None
             name = arg.parts[0]
-            if name not in ctx.thread_spans:
+            if key is None and name not in ctx.thread_spans:
                 self.d.error("E226", f"active({name}) asks the current thread, but span '{name}' has a key of "
-                             "its own", arg.span, "active(...) names spans keyed by thread (the default)")
+                             "its own", arg.span, f"ask at its key: active_at(KEY, {name})")
                 return None
             if name in spans:
                 self.d.error("E226", f"span '{name}' is listed twice", arg.span)
                 return None
             spans.append(name)
         self.active_used.update(spans)
-        return ActiveSpan(tuple(spans), ValueType("int", render="enum", names=("none", *spans)))
+        return ActiveSpan(tuple(spans), ValueType("int", render="enum", names=("none", *spans)),
+                          key if key is not None else TID)
 
     def name(self, e: ast.Name, ctx: ProbeContext) -> IRExpr | None:
         dotted = e.dotted

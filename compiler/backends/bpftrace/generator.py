@@ -53,7 +53,7 @@ class ExpressionEmitter:
             # the first listed span open on this thread wins: (a open ? 1 : (b open ? 2 : 0))
             text = "0"
             for i in reversed(range(len(e.spans))):
-                text = f"(@span_{e.spans[i]}_begin[tid] != 0 ? {i + 1} : {text})"
+                text = f"(@span_{e.spans[i]}_begin[{self.emit(e.key)}] != 0 ? {i + 1} : {text})"
             return text
         if isinstance(e, ir.FdSocket):
             # files->fdt->fd[fd], if fd is in the table and its file is a socket (S_IFSOCK): its

@@ -177,7 +177,7 @@ class CExpression:
             # the first listed span open on this thread wins: (a open ? 1 : (b open ? 2 : 0))
             text = "0ULL"
             for i in reversed(range(len(e.spans))):
-                text = f"({self.backend.open_span(ir.Within(e.spans[i]), self)} ? {i + 1}ULL : {text})"
+                text = f"({self.backend.open_span(ir.Within(e.spans[i], e.key), self)} ? {i + 1}ULL : {text})"
             return text
         if isinstance(e, ir.FdSocket):
             # computed once, at the top of the program: the fd table is the same throughout
@@ -333,6 +333,12 @@ class CoreBackend(Backend):
                             spans.discard(w.span)
                 if isinstance(a, ir.SpanEnd) and a.accumulate_into and a.accumulate_into.key != ir.TID:
                     spans.discard(a.accumulate_into.span)
+            for node in ir.walk(p.actions):
+                if isinstance(node, ir.ActiveSpan) and node.key != ir.TID:
+                    spans.difference_update(node.spans)
+        for node in ir.walk(program.events):
+            if isinstance(node, ir.ActiveSpan) and node.key != ir.TID:
+                spans.difference_update(node.spans)
         return spans
 
     def open_span(self, within: ir.Within, em: CExpression) -> str:
