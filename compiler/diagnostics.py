@@ -6,11 +6,10 @@ collected, never raised one at a time, so that one run of `probec check` reports
 
 from __future__ import annotations
 
-import dataclasses
 
 import difflib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Iterable
 
@@ -77,7 +76,7 @@ class Diagnostics:
         """Add a hint to the latest diagnostic: what the check that failed was for."""
         if self.items:
             last = self.items[-1]
-            self.items[-1] = dataclasses.replace(last, hints=last.hints + (hint,))
+            self.items[-1] = replace(last, hints=last.hints + (hint,))
 
     def extend(self, other: "Diagnostics") -> None:
         self.items.extend(other.items)

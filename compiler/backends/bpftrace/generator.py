@@ -139,12 +139,11 @@ class BpftraceBackend(Backend):
         if isinstance(a, ir.SpanBegin):
             resets = [self.map_name(m) for inner in a.resets for m in ir.accumulator_maps(inner)]
             guard = self.guard(a.guard, em)
-            key = em.emit(a.key)
+            begin_map, key = self.map_name(f"span_{a.span}_begin"), em.emit(a.key)
             if not a.restart:      # keep the first begin: only while the span is not open on this key
-                first = f"{self.map_name(f'span_{a.span}_begin')}[{key}] == 0"
+                first = f"{begin_map}[{key}] == 0"
                 guard = f"({guard}) && ({first})" if guard else first
-            return self.render("span_begin.bt.j2", guard=guard,
-                               map=self.map_name(f"span_{a.span}_begin"), key=key, resets=resets)
+            return self.render("span_begin.bt.j2", guard=guard, map=begin_map, key=key, resets=resets)
         if isinstance(a, ir.SpanEnd):
             then = [line for t in a.then for line in self.action(t, em, program)]
             total, count = (self.map_name(m) for m in ir.accumulator_maps(a.span))

@@ -320,24 +320,14 @@ class CoreBackend(Backend):
         return next(s.begin_map.name for s in program.spans if s.name == span)
 
     def thread_keyed_spans(self, program: ir.Program) -> set[str]:
-        """Spans whose begin and end are both keyed by the current thread."""
+        """Spans only ever asked about at the current thread: begun and ended at its tid, and
+        never looked up at another key (a `within` or `active_at` computed elsewhere cannot reach
+        this thread's storage)."""
         spans = {s.name for s in program.spans}
-        for p in program.probes:
-            for a in p.actions:
-                if isinstance(a, (ir.SpanBegin, ir.SpanEnd)) and a.key != ir.TID:
-                    spans.discard(a.span)
-                # a `within` asked at another thread's id cannot reach this thread's storage
-                for x in (a.then if isinstance(a, ir.SpanEnd) else (a,)):
-                    for w in x.guard.within if not isinstance(x, ir.SpanEnd) else ():
-                        if w.key != ir.TID:
-                            spans.discard(w.span)
-                if isinstance(a, ir.SpanEnd) and a.accumulate_into and a.accumulate_into.key != ir.TID:
-                    spans.discard(a.accumulate_into.span)
-            for node in ir.walk(p.actions):
-                if isinstance(node, ir.ActiveSpan) and node.key != ir.TID:
-                    spans.difference_update(node.spans)
-        for node in ir.walk(program.events):
-            if isinstance(node, ir.ActiveSpan) and node.key != ir.TID:
+        for node in ir.walk((program.probes, program.events)):
+            if isinstance(node, (ir.SpanBegin, ir.SpanEnd, ir.Within)) and node.key != ir.TID:
+                spans.discard(node.span)
+            elif isinstance(node, ir.ActiveSpan) and node.key != ir.TID:
                 spans.difference_update(node.spans)
         return spans
 
@@ -366,7 +356,7 @@ class CoreBackend(Backend):
                               key=em.value(a.key) if not task or a.resets else "",
                               overflow_slot=self.health.add("span_overflow", a.span),
                               resets=[m for inner in a.resets for m in ir.accumulator_maps(inner)],
-                              task=a.span in self.task_spans, keep_first=not a.restart)
+                              task=task, keep_first=not a.restart)
         if isinstance(a, ir.SpanEnd):
             key = em.value(a.key) if a.span not in self.task_spans or a.clears else ""
             before = em.duration_uses
