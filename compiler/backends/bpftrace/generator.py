@@ -196,8 +196,9 @@ class BpftraceBackend(Backend):
         chosen = dict(program.host_variants)
         if self.version < (0, 18) and any(f.stack == "user" for e in program.events for f in e.fields):
             self.d.warning("W504", f"bpftrace {self.version[0]}.{self.version[1]} can exit while it symbolises the "
-                           "user stack of a process that has just exited; probec run restarts it and carries "
-                           "the counts over, but spans and events in flight during a restart are lost. "
+                           "user stack of a thread or process that has just exited; probec run restarts it and carries "
+                           "the counts over, but counts since its last dump and spans and events in flight "
+                           "are lost. "
                            "The core backend has no such limit.", None)
         probes_text = []
         used_probes = []
