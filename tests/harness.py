@@ -110,6 +110,35 @@ def per_bucket(cumulative: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def measured_durations(path: Path) -> list[float]:
+    """Seconds per call, as `pwork --durations PATH sleep ...` measured them around each call."""
+    return [int(line.split()[1]) / 1e9 for line in path.read_text().splitlines()]
+
+
+# What a uprobe span adds around a call, between the caller's clock reads and the probes' ones:
+# the two traps (a few microseconds, far more than ever seen), with room for a short preemption.
+PROBE_OVERHEAD = 50e-6
+
+
+def assert_histogram_matches(cumulative: dict[str, float], total: float, measured: list[float],
+                             overhead: float = PROBE_OVERHEAD) -> None:
+    """A span's histogram against the durations its caller measured around the same calls.
+
+    Each probe's duration is the caller's minus the traps around it, so it lies in
+    [measured - overhead, measured]: for every edge, the calls the caller saw at or below it are
+    at or below it in the histogram, and nothing is there that the caller saw above edge +
+    overhead. A pause of this VM lengthens both alike, so this holds however noisy the host is."""
+    assert cumulative["+Inf"] == len(measured), (cumulative, len(measured))
+    for le, count in cumulative.items():
+        if le == "+Inf":
+            continue
+        edge = float(le)
+        at_most = sum(1 for d in measured if d <= edge)
+        within = sum(1 for d in measured if d <= edge + overhead)
+        assert at_most <= count <= within, (le, count, at_most, within, sorted(measured))
+    assert sum(measured) - overhead * len(measured) <= total <= sum(measured) + 1e-6, (total, sum(measured))
+
+
 def workload(*args: str, timeout: float = 120) -> None:
     exe = ROOT / "tests" / "workloads" / "build" / args[0]
     subprocess.run([str(exe), *args[1:]], check=True, timeout=timeout)

@@ -9,7 +9,8 @@ import signal
 import pytest
 
 from conftest import require_kernel
-from harness import Run, bpf_program_count, build, buckets, per_bucket, value, workload, write_spec
+from harness import (Run, assert_histogram_matches, bpf_program_count, build, buckets, measured_durations,
+                     per_bucket, value, workload, write_spec)
 
 BACKENDS = ["bpftrace", "core"]
 pytestmark = pytest.mark.kernel
@@ -53,26 +54,21 @@ metrics:
 
 
 def test_uprobe_span_known_durations(tmp_path, backend):
-    metrics, _ = run_spec(tmp_path, backend, SLEEP_SPEC, ("pwork", "sleep", "200", "1000", "20", "20000"),
-                          ("pwork", "sleep", "30", "700"))
+    first, second = tmp_path / "sleeps.txt", tmp_path / "busy.txt"
+    metrics, _ = run_spec(tmp_path, backend, SLEEP_SPEC,
+                          ("pwork", "--durations", str(first), "sleep", "200", "1000", "20", "20000"),
+                          ("pwork", "--durations", str(second), "sleep", "30", "700"))
+    measured = measured_durations(first) + measured_durations(second)
+    assert len(measured) == 250
+    # Every call counted once, in the bucket its caller's clock puts it in (within the traps' cost).
+    for name in ("sleep_duration_seconds", "sleep_log2_seconds"):
+        assert_histogram_matches(buckets(metrics, name), value(metrics, f"{name}_sum"), measured)
+    # A call is never shorter than asked: nothing at or under 500 us, nor 512 us.
     b = per_bucket(buckets(metrics, "sleep_duration_seconds"))
-    # 250 calls, each counted once; a call is never shorter than asked.
-    assert value(metrics, "sleep_duration_seconds_count") == 250
-    assert b["0.0005"] == 0
-    # The 30 busy-wait calls of 700 us are tight: in (500us, 1ms], but for one call that a pause of
-    # this VM (steal time, seen without any probe) may push out.
-    assert b["0.001"] >= 29
-    # The 200 sleeps of 1 ms overshoot by 15-80 us; this VM sometimes pauses for a few ms (steal
-    # time, seen without any probe, 0.3-4 % of calls under load), so allow late calls but no
-    # early ones.
-    assert b["0.002"] >= 190
-    assert b["0.025"] >= 19 and b["0.025"] + b["0.05"] + b["+Inf"] <= 24
-    total = value(metrics, "sleep_duration_seconds_sum")
-    assert 30 * 700e-6 + 200e-3 + 20 * 20e-3 <= total < 0.75
-    # The log2 histogram over the same span: 700 us calls sit inside (512us, 1.024ms].
-    log2 = per_bucket(buckets(metrics, "sleep_log2_seconds"))
-    assert log2["0.001024"] >= 30 and log2["0.000512"] == 0
-    assert value(metrics, "sleep_log2_seconds_count") == 250
+    assert b["0.0005"] == 0 and per_bucket(buckets(metrics, "sleep_log2_seconds"))["0.000512"] == 0
+    # Most calls are where they were asked to be (a pause of this VM may move a few; the check
+    # above holds whatever it does).
+    assert b["0.001"] >= 20 and b["0.002"] >= 150 and b["0.025"] >= 15
     q = metrics["sleep_duration_seconds_quantile"]
     assert 0.0005 < q[frozenset({"quantile": "0.5"}.items())] <= 0.002
 

@@ -8,13 +8,14 @@
 #include <string.h>
 #include <sys/sdt.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "pwork.h"
 #include "workload_cli.h"
 
 static const char usage_text[] =
-	"usage: pwork [--comm NAME] [--threads T] [--wait-stdin] COMMAND ARGS...\n"
+	"usage: pwork [--comm NAME] [--threads T] [--wait-stdin] [--durations FILE] COMMAND ARGS...\n"
 	"commands (every count is exact; with --threads T each of T threads runs the command):\n"
 	"  sleep N US [N2 US2 ...]  N calls of pwork_sleep_us(US) per pair, in order\n"
 	"  record V1 [V2 ...]       pwork_record(Vi) once each (unsigned 64-bit decimals)\n"
@@ -22,7 +23,10 @@ static const char usage_text[] =
 	"  usdt N                   N x USDT pwork:tick(i) in pwork and N x pwork_lib_tick(i)\n"
 	"                           (USDT pwork:lib_tick in libpwork), i = 0..N-1\n"
 	"  nop N                    N calls of pwork_nop()\n"
-	"  getpid N                 N syscall(SYS_getpid)\n";
+	"  getpid N                 N syscall(SYS_getpid)\n"
+	"--durations FILE: for sleep, write each call's duration as the caller measured it\n"
+	"                  (CLOCK_MONOTONIC around the call, so it includes any probe on it),\n"
+	"                  one line per call: \"US NS\" (asked, measured)\n";
 
 enum command { CMD_SLEEP, CMD_RECORD, CMD_WRITE, CMD_USDT, CMD_NOP, CMD_GETPID };
 
@@ -31,6 +35,7 @@ struct work {
 	const char *comm;
 	unsigned long long *args; /* parsed numbers after the command name */
 	size_t nargs;
+	FILE *durations; /* CMD_SLEEP with --durations */
 	int devnull;  /* CMD_WRITE */
 	char *buffer; /* CMD_WRITE, args[1] bytes */
 };
@@ -39,6 +44,28 @@ static void usage(void)
 {
 	fputs(usage_text, stderr);
 	exit(2);
+}
+
+static unsigned long long monotonic_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (unsigned long long)ts.tv_sec * 1000000000ULL + (unsigned long long)ts.tv_nsec;
+}
+
+/* One pwork_sleep_us call; with --durations, timed from outside and written down. */
+static void timed_sleep(const struct work *w, unsigned long long us)
+{
+	unsigned long long start;
+
+	if (w->durations == NULL) {
+		pwork_sleep_us(us);
+		return;
+	}
+	start = monotonic_ns();
+	pwork_sleep_us(us);
+	fprintf(w->durations, "%llu %llu\n", us, monotonic_ns() - start);
 }
 
 static int run_work(const struct work *w)
@@ -50,7 +77,7 @@ static int run_work(const struct work *w)
 	case CMD_SLEEP:
 		for (k = 0; k + 1 < w->nargs; k += 2)
 			for (i = 0; i < w->args[k]; i++)
-				pwork_sleep_us(w->args[k + 1]);
+				timed_sleep(w, w->args[k + 1]);
 		break;
 	case CMD_RECORD:
 		for (k = 0; k < w->nargs; k++)
@@ -125,6 +152,7 @@ int main(int argc, char **argv)
 {
 	struct work w = { .devnull = -1 };
 	unsigned long long threads = 0;
+	const char *durations_path = NULL;
 	int wait_stdin = 0, argi = 1, k, status = 0;
 
 	while (argi < argc && strncmp(argv[argi], "--", 2) == 0) {
@@ -137,6 +165,9 @@ int main(int argc, char **argv)
 			if (workload_parse_u64(argv[argi + 1], &threads) != 0 || threads == 0 ||
 			    threads > 1024)
 				usage();
+			argi += 2;
+		} else if (strcmp(argv[argi], "--durations") == 0 && argi + 1 < argc) {
+			durations_path = argv[argi + 1];
 			argi += 2;
 		} else if (strcmp(argv[argi], "--wait-stdin") == 0) {
 			wait_stdin = 1;
@@ -159,6 +190,15 @@ int main(int argc, char **argv)
 
 	if (workload_setup_thread(w.comm) != 0)
 		return 1;
+	if (durations_path != NULL) {
+		if (w.cmd != CMD_SLEEP)
+			usage();
+		w.durations = fopen(durations_path, "w");
+		if (w.durations == NULL) {
+			perror(durations_path);
+			return 1;
+		}
+	}
 	if (w.cmd == CMD_WRITE) {
 		w.devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
 		w.buffer = calloc(1, w.args[1] ? w.args[1] : 1);
@@ -200,6 +240,10 @@ int main(int argc, char **argv)
 	}
 	if (w.devnull >= 0)
 		close(w.devnull);
+	if (w.durations != NULL && fclose(w.durations) != 0) {
+		perror(durations_path);
+		status = 1;
+	}
 	free(w.buffer);
 	free(w.args);
 	return status;
