@@ -62,6 +62,15 @@ static inline void ex_sleep_us(unsigned long us)
 		;
 }
 
+/* CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns() and bpftrace's nsecs. */
+static inline unsigned long long ex_now_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (unsigned long long)t.tv_sec * 1000000000ULL + (unsigned long long)t.tv_nsec;
+}
+
 static inline void ex_die(const char *what)
 {
 	perror(what);

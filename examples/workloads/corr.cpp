@@ -10,6 +10,10 @@
 // one send() of BYTES bytes and one clock_nanosleep of OUTSIDE_US. Thread "corr_sink" reads
 // everything (recv, never send). Per worker: exactly CALLS sends and CALLS sleeps inside
 // inference, and as many outside.
+//
+// When all threads are done it prints, per Forward call, "corr_wN NS": the call's duration as its
+// caller measured it (CLOCK_MONOTONIC around the call, the clock the probes read), so a test
+// can hold the probes' numbers against it.
 #include <pthread.h>
 
 #include <cstdio>
@@ -42,7 +46,9 @@ struct Worker {
 	int index;
 	int fd;
 	unsigned long calls, bytes, inside_us, outside_us;
+	std::vector<unsigned long long> forward_ns; // one per call, filled by the worker
 };
+
 
 static void *work(void *arg)
 {
@@ -53,8 +59,12 @@ static void *work(void *arg)
 	std::snprintf(name, sizeof(name), "corr_w%d", w->index);
 	ex_thread(name);
 	Inference model(w->fd);
+	w->forward_ns.reserve(w->calls);
 	for (unsigned long i = 0; i < w->calls; i++) {
+		unsigned long long start = ex_now_ns();
+
 		model.Forward(w->bytes, w->inside_us);
+		w->forward_ns.push_back(ex_now_ns() - start);
 		ex_send_once(w->fd, outside, w->bytes);
 		ex_sleep_us(w->outside_us);
 	}
@@ -79,7 +89,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	unsigned long threads = ex_u64(argv[1]);
-	Worker proto = { 0, -1, ex_u64(argv[2]), ex_u64(argv[3]), ex_u64(argv[4]), ex_u64(argv[5]) };
+	Worker proto = { 0, -1, ex_u64(argv[2]), ex_u64(argv[3]), ex_u64(argv[4]), ex_u64(argv[5]), {} };
 	if (threads < 1 || threads > 64 || proto.bytes < 1 || proto.bytes > 65536) {
 		std::fprintf(stderr, "THREADS must be 1..64 and BYTES 1..65536\n");
 		return 2;
@@ -103,5 +113,8 @@ int main(int argc, char **argv)
 		pthread_join(ids[t], nullptr);
 	shutdown(pair[0], SHUT_WR);
 	pthread_join(reader, nullptr);
-	return 0;
+	for (const Worker &w : workers)
+		for (unsigned long long ns : w.forward_ns)
+			std::printf("corr_w%d %llu\n", w.index, ns);
+	return std::fflush(stdout) == 0 ? 0 : 1;
 }

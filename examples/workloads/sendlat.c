@@ -12,6 +12,8 @@
  *            socket buffers are small (64 KiB asked), so each 4 MiB send blocks until the server
  *            wakes: it takes at least PAUSE_MS (minus a few microseconds) plus the copy.
  * Totals: sl_client calls send() exactly N + M times, sl_server exactly M times.
+ * When done, the client prints each of its N + M send() calls' durations in nanoseconds, one per
+ * line, as it measured them (CLOCK_MONOTONIC around the call, the clock the probes read).
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -35,26 +37,37 @@ static void client(unsigned short port, unsigned long n, unsigned long size, uns
 {
 	struct sockaddr_in addr = { .sin_family = AF_INET, .sin_port = htons(port) };
 	char *buf = calloc(1, BIG > size ? BIG : size);
+	unsigned long long *took = calloc(n + m + 1, sizeof(*took)), start;
 	char answer;
 	int fd;
 
 	ex_thread("sl_client");
 	fd = socket(AF_INET, SOCK_STREAM, 0);
-	if (fd < 0 || buf == NULL)
+	if (buf == NULL || took == NULL)
+		ex_die("calloc");
+	if (fd < 0)
 		ex_die("socket");
 	small_buffers(fd);
 	addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 	if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0)
 		ex_die("connect");
-	for (unsigned long i = 0; i < n; i++)
+	for (unsigned long i = 0; i < n; i++) {
+		start = ex_now_ns();
 		ex_send_once(fd, buf, size);
+		took[i] = ex_now_ns() - start;
+	}
 	for (unsigned long i = 0; i < m; i++) {
+		start = ex_now_ns();
 		ex_send_once(fd, buf, BIG);
+		took[n + i] = ex_now_ns() - start;
 		ex_recv_all(fd, &answer, 1);
 	}
 	close(fd);
+	for (unsigned long i = 0; i < n + m; i++)
+		printf("%llu\n", took[i]);
+	free(took);
 	free(buf);
-	exit(0);
+	exit(fflush(stdout) == 0 ? 0 : 1);
 }
 
 int main(int argc, char **argv)
