@@ -272,7 +272,7 @@ def test_cli_run_stops_cleanly_on_sigint(main_run):
 def test_uprobe_span_durations_land_in_their_log2_buckets(main_run):
     m = main_run["metrics"]
     assert sample(m, "core_sleep_seconds_count", comm="core_sleep") == 24
-    # Each call in the log2 bucket its caller's clock puts it in, within the cost of the traps.
+    # Each call in the log2 bucket its own clocks put it in.
     assert_histogram_matches(buckets(m, "core_sleep_seconds", comm="core_sleep"),
                              sample(m, "core_sleep_seconds_sum", comm="core_sleep"), main_run["sleeps"])
     counts = per_bucket(buckets(m, "core_sleep_seconds", comm="core_sleep"))

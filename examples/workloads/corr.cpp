@@ -11,9 +11,10 @@
 // everything (recv, never send). Per worker: exactly CALLS sends and CALLS sleeps inside
 // inference, and as many outside.
 //
-// When all threads are done it prints, per Forward call, "corr_wN NS": the call's duration as its
-// caller measured it (CLOCK_MONOTONIC around the call, the clock the probes read), so a test
-// can hold the probes' numbers against it.
+// When all threads are done it prints, per Forward call, "corr_wN OUTER INNER": the call's
+// duration in nanoseconds of CLOCK_MONOTONIC (the clock the probes read) as its caller measured
+// it around the call, and as Forward measured it inside its body. A probe's span on Forward lies
+// between the two, so a test can hold the probes' numbers against them.
 #include <pthread.h>
 
 #include <cstdio>
@@ -28,17 +29,23 @@ public:
 	explicit Inference(int fd) : fd_(fd) {}
 	// One send() of `bytes` bytes, then sleeps `sleep_us` off-CPU. Returns bytes.
 	CORR_API unsigned long Forward(unsigned long bytes, unsigned long sleep_us);
+	// How long the last Forward took, timed inside its body.
+	unsigned long long last_ns() const { return last_ns_; }
 
 private:
 	int fd_;
+	unsigned long long last_ns_ = 0;
 	char payload_[65536] = {};
 };
 
 unsigned long Inference::Forward(unsigned long bytes, unsigned long sleep_us)
 {
+	unsigned long long start = ex_now_ns();
+
 	ex_send_once(fd_, payload_, bytes);
 	ex_sleep_us(sleep_us);
 	__asm__ volatile("" : "+r"(bytes) : : "memory");
+	last_ns_ = ex_now_ns() - start;
 	return bytes;
 }
 
@@ -46,7 +53,7 @@ struct Worker {
 	int index;
 	int fd;
 	unsigned long calls, bytes, inside_us, outside_us;
-	std::vector<unsigned long long> forward_ns; // one per call, filled by the worker
+	std::vector<unsigned long long> outer_ns, inner_ns; // one per call, filled by the worker
 };
 
 
@@ -59,12 +66,14 @@ static void *work(void *arg)
 	std::snprintf(name, sizeof(name), "corr_w%d", w->index);
 	ex_thread(name);
 	Inference model(w->fd);
-	w->forward_ns.reserve(w->calls);
+	w->outer_ns.reserve(w->calls);
+	w->inner_ns.reserve(w->calls);
 	for (unsigned long i = 0; i < w->calls; i++) {
 		unsigned long long start = ex_now_ns();
 
 		model.Forward(w->bytes, w->inside_us);
-		w->forward_ns.push_back(ex_now_ns() - start);
+		w->outer_ns.push_back(ex_now_ns() - start);
+		w->inner_ns.push_back(model.last_ns());
 		ex_send_once(w->fd, outside, w->bytes);
 		ex_sleep_us(w->outside_us);
 	}
@@ -89,7 +98,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	unsigned long threads = ex_u64(argv[1]);
-	Worker proto = { 0, -1, ex_u64(argv[2]), ex_u64(argv[3]), ex_u64(argv[4]), ex_u64(argv[5]), {} };
+	Worker proto = { 0, -1, ex_u64(argv[2]), ex_u64(argv[3]), ex_u64(argv[4]), ex_u64(argv[5]), {}, {} };
 	if (threads < 1 || threads > 64 || proto.bytes < 1 || proto.bytes > 65536) {
 		std::fprintf(stderr, "THREADS must be 1..64 and BYTES 1..65536\n");
 		return 2;
@@ -114,7 +123,7 @@ int main(int argc, char **argv)
 	shutdown(pair[0], SHUT_WR);
 	pthread_join(reader, nullptr);
 	for (const Worker &w : workers)
-		for (unsigned long long ns : w.forward_ns)
-			std::printf("corr_w%d %llu\n", w.index, ns);
+		for (size_t i = 0; i < w.outer_ns.size(); i++)
+			std::printf("corr_w%d %llu %llu\n", w.index, w.outer_ns[i], w.inner_ns[i]);
 	return std::fflush(stdout) == 0 ? 0 : 1;
 }

@@ -10,6 +10,9 @@ extern "C" {
 
 /* Takes `us` microseconds: nanosleep for us >= 1000, busy-wait below (see precise_sleep.h). */
 PWORK_API void pwork_sleep_us(unsigned long us);
+/* How long this thread's last pwork_sleep_us call took, timed inside its body (so inside any
+ * probe on it). */
+PWORK_API unsigned long long pwork_last_sleep_ns(void);
 /* Returns v and does nothing else; always a real call (uprobe arg/retval tests). */
 PWORK_API unsigned long pwork_record(unsigned long v);
 /* Returns 0 and does nothing else; always a real call (overhead benchmarks). */

@@ -24,9 +24,9 @@ static const char usage_text[] =
 	"                           (USDT pwork:lib_tick in libpwork), i = 0..N-1\n"
 	"  nop N                    N calls of pwork_nop()\n"
 	"  getpid N                 N syscall(SYS_getpid)\n"
-	"--durations FILE: for sleep, write each call's duration as the caller measured it\n"
-	"                  (CLOCK_MONOTONIC around the call, so it includes any probe on it),\n"
-	"                  one line per call: \"US NS\" (asked, measured)\n";
+	"--durations FILE: for sleep, one line per call: \"US OUTER INNER\": asked (us), then\n"
+	"                  nanoseconds of CLOCK_MONOTONIC around the call (OUTER, the caller's\n"
+	"                  view, so any probe on it is inside) and inside its body (INNER)\n";
 
 enum command { CMD_SLEEP, CMD_RECORD, CMD_WRITE, CMD_USDT, CMD_NOP, CMD_GETPID };
 
@@ -54,7 +54,7 @@ static unsigned long long monotonic_ns(void)
 	return (unsigned long long)ts.tv_sec * 1000000000ULL + (unsigned long long)ts.tv_nsec;
 }
 
-/* One pwork_sleep_us call; with --durations, timed from outside and written down. */
+/* One pwork_sleep_us call; with --durations, timed from outside and inside, written down. */
 static void timed_sleep(const struct work *w, unsigned long long us)
 {
 	unsigned long long start;
@@ -65,7 +65,8 @@ static void timed_sleep(const struct work *w, unsigned long long us)
 	}
 	start = monotonic_ns();
 	pwork_sleep_us(us);
-	fprintf(w->durations, "%llu %llu\n", us, monotonic_ns() - start);
+	start = monotonic_ns() - start;
+	fprintf(w->durations, "%llu %llu %llu\n", us, start, pwork_last_sleep_ns());
 }
 
 static int run_work(const struct work *w)
