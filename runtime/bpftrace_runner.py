@@ -153,9 +153,14 @@ class BpftraceRunner:
         self.stderr_tail: list[str] = []
         self.events_by_index = {e["index"]: e for e in self.manifest["events"]}
         self.counters = {}
+        self.counter_base: dict[str, int] = {}   # health counts of earlier bpftrace processes
         for e in self.manifest["events"]:
             self.counters[f"@__ev_{e['name']}_seen"] = ("seen", e["name"])
             self.counters[f"@__ev_{e['name']}_limited"] = ("limited", e["name"])
+        for s in self.manifest["spans"]:
+            if s.get("checked_at_end"):
+                self.counters[f"@__span_{s['name']}_outside"] = ("outside", s["name"])
+                store.health.span_outside[s["name"]] = 0
         self.thread: threading.Thread | None = None
 
     # -- process -------------------------------------------------------------------------------
@@ -225,6 +230,13 @@ class BpftraceRunner:
                 if self.store.health.decode_errors <= 3:
                     self.log(f"cannot decode bpftrace output ({exc.__class__.__name__}: {exc}): {line[:120]}")
 
+    def counter_target(self, name: str) -> tuple[dict[str, int], str]:
+        """Where a bpftrace health count goes: (the Health dict, its key)."""
+        what, owner = self.counters[name]
+        health = self.store.health
+        return {"seen": health.events_emitted, "limited": health.events_rate_limited,
+                "outside": health.span_outside}[what], owner
+
     def handle(self, msg: dict) -> None:
         kind, data = msg.get("type"), msg.get("data")
         if kind == "printf" and data == self.settings.get("ready_mark", "") + "\n":
@@ -237,9 +249,9 @@ class BpftraceRunner:
             started = time.monotonic()
             for name, value in data.items():
                 if name in self.counters:
-                    what, event = self.counters[name]
-                    target = self.store.health.events_emitted if what == "seen" else self.store.health.events_rate_limited
-                    target[event] = int(value) if not isinstance(value, dict) else 0
+                    target, owner = self.counter_target(name)
+                    count = int(value) if not isinstance(value, dict) else 0
+                    target[owner] = self.counter_base.get(name, 0) + count
                 else:
                     self.decoder.feed(name, value)
             self.store.health.last_read_seconds = time.monotonic() - started
@@ -325,6 +337,9 @@ class BpftraceRunner:
         tail = "; ".join(self.stderr_tail[-3:]) or "no error output"
         self.log(f"bpftrace exited with status {self.proc.returncode} ({tail}); restarting, counts carried over")
         self.decoder.carry_over()
+        for name in self.counters:
+            target, owner = self.counter_target(name)
+            self.counter_base[name] = target.get(owner, 0)
         self.start()
 
     def stop(self, timeout: float = 10.0) -> None:

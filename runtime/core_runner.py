@@ -527,6 +527,8 @@ class CoreRunner:
             kind = slot["kind"]
             if kind == "span_overflow":
                 health.span_overflows[slot["name"]] = value
+            elif kind == "span_outside":
+                health.span_outside[slot["name"]] = value
             elif kind == "events_lost":
                 lost += value
             elif kind == "event_seen":

@@ -105,6 +105,10 @@ class StoreCollector:
                       value=h.decode_errors)
         yield counter("probec_span_begin_overflow", "Span begins dropped because the begin map was full.",
                       "span", h.span_overflows)
+        if h.span_outside:
+            yield counter("probec_span_outside", "Span ends dropped because the span's `within` span had closed "
+                          "before them: the end of an earlier stretch was never delivered (a lost event), "
+                          "so this one would cover time outside it.", "span", h.span_outside)
         yield counter("probec_series_dropped", "Label sets folded into __overflow__ by the series limit.",
                       "metric", {n: s.dropped_series for n, s in snap.items() if s.meta["labels"]})
         yield gauge("probec_map_entries", "Entries in each BPF map at the last read.", "map", h.map_entries)

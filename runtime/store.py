@@ -44,6 +44,7 @@ class Health:
     map_entries: dict[str, int] = field(default_factory=dict)
     map_capacity: dict[str, int] = field(default_factory=dict)
     span_overflows: dict[str, int] = field(default_factory=dict)
+    span_outside: dict[str, int] = field(default_factory=dict)   # ends dropped: outlived their `within`
     attached: dict[str, int] = field(default_factory=dict)
     program_run_ns: dict[str, int] = field(default_factory=dict)
     program_runs: dict[str, int] = field(default_factory=dict)

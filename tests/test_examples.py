@@ -207,13 +207,19 @@ def test_correlation(tmp_path, backend):
         assert e["offcpu_total_seconds"] <= e["duration_seconds"]
         assert 0 < e["send_total_seconds"] < e["duration_seconds"] - e["offcpu_total_seconds"] + 1e-3
         assert any("work(void*)" in frame for frame in e["ustack"]), e["ustack"]   # Forward's caller
-    # Each carries its 3 ms sleep off the CPU (the deadline is taken on the CPU, a little before
-    # the thread leaves it), but for the rare stretch lost to the totals (see the parts below).
-    short = [e for e in events if e["offcpu_total_seconds"] <= 0.002048]
-    assert len(short) <= 1, short
-    workers = [f"corr_w{i}" for i in range(threads)]
-    assert "probec_program_missed_total" in metrics      # both runtimes report skipped runs
+    # Both runtimes report what they could not see. Rarely (about 1 in 10,000 switches on this
+    # VM, either backend, no program run skipped) the kernel delivers no sched_switch for a
+    # thread coming back on the CPU: its stretch never ends, and ends at its next switch-in,
+    # after Forward returned, outside inference. That end is dropped and counted as outside.
+    assert "probec_program_missed_total" in metrics
     missed = sum(metrics["probec_program_missed_total"].values())
+    lost = missed + value(metrics, "probec_span_outside_total", span="offcpu")
+    assert value(metrics, "probec_span_outside_total", span="send") == 0
+    # Each event carries its 3 ms sleep off the CPU (the deadline is taken on the CPU, a little
+    # before the thread leaves it), but for a stretch the kernel lost.
+    short = [e for e in events if e["offcpu_total_seconds"] <= 0.002048]
+    assert len(short) <= lost, short
+    workers = [f"corr_w{i}" for i in range(threads)]
     for name in ("inference_duration_seconds", "inference_send_duration_seconds",
                  "inference_offcpu_duration_seconds"):
         # Only the workers ever run Forward: the sink thread and main have no series.
@@ -235,37 +241,34 @@ def test_correlation(tmp_path, backend):
         # Off-CPU inside Forward: its 3 ms sleep, over 2.048 ms; the 6 ms sleeps outside Forward
         # are not counted. The send wakes the sink thread, which on two CPUs often preempts the
         # sender: those run-queue waits are off-CPU stretches too, short ones, so the count may
-        # exceed calls but never fall short. A stretch lies inside its Forward call, so no call
-        # holds more stretches over an edge than fit in its duration.
+        # exceed calls but never fall short (of those the kernel showed). A stretch lies inside
+        # its Forward call, so no call holds more stretches over an edge than fit in its duration.
         offcpu = per_bucket(buckets(metrics, "inference_offcpu_duration_seconds", thread=t))
         count = value(metrics, "inference_offcpu_duration_seconds_count", thread=t)
-        assert count >= calls
+        assert count >= calls - lost
         fit = {edge: sum(int(d // edge) for d in timed.outer) for edge in (0.002048, 0.004096)}
-        assert calls <= above(offcpu, 0.002048) <= fit[0.002048]
+        assert calls - lost <= above(offcpu, 0.002048) <= fit[0.002048]
         assert above(offcpu, 0.004096) <= fit[0.004096]
         offcpu_sum = value(metrics, "inference_offcpu_duration_seconds_sum", thread=t)
         # Off-CPU stretches begin inside Forward; timestamps of the sched_switch and uprobe sides
         # differ by a few microseconds per stretch, so allow 5 % over the inference total.
         inference_sum = value(metrics, "inference_duration_seconds_sum", thread=t)
-        assert calls * (inside_us - 100) / 1e6 <= offcpu_sum <= 1.05 * inference_sum
+        assert (calls - lost) * (inside_us - 100) / 1e6 <= offcpu_sum <= 1.05 * inference_sum
         # Labelled by the open span: each worker's sendto calls split evenly, one inside each
         # Forward and one after it.
         assert value(metrics, "sendto_by_phase_seconds_count", thread=t, phase="inference") == calls
         assert value(metrics, "sendto_by_phase_seconds_count", thread=t, phase="none") == calls
         # One family, one observation per part per inference; each part adds up the same
-        # durations as its own metric, so the sums agree to the nanosecond.
-        # Off-CPU is the exception, rarely (about 1 run in 15 on this VM, either backend, with no
-        # program run skipped): one stretch, a few ms, is in the histogram and not in the part.
-        # Not explained yet; so the off-CPU sums agree to within one 4 ms stretch.
+        # durations as its own metric, so the sums agree to the nanosecond (a stretch that
+        # outlived its inference is in neither).
         part_sums = {"send": "inference_send_duration_seconds_sum", "offcpu": "inference_offcpu_duration_seconds_sum",
                      "total": "inference_duration_seconds_sum"}
         for part, own in part_sums.items():
             assert value(metrics, "inference_time_by_part_seconds_count", thread=t, part=part) == calls, part
             got = value(metrics, "inference_time_by_part_seconds_sum", thread=t, part=part)
-            slack = 0.004096 * (1 + missed) if part == "offcpu" else 1e-9
-            assert got == pytest.approx(value(metrics, own, thread=t), rel=1e-9, abs=slack), (part, missed)
+            assert got == pytest.approx(value(metrics, own, thread=t), rel=1e-9, abs=1e-9), part
         offcpu_part = per_bucket(buckets(metrics, "inference_time_by_part_seconds", thread=t, part="offcpu"))
-        assert calls - 1 - missed <= above(offcpu_part, 0.002048) <= calls   # each inference sleeps 3 ms off the CPU
+        assert calls - lost <= above(offcpu_part, 0.002048) <= calls   # each inference sleeps 3 ms off the CPU
     # Window quantiles are kept per part: p50 of "total" is a whole call (about 3 ms), of "send" far less.
     p50 = {dict(k)["part"]: v for k, v in metrics["inference_time_by_part_seconds_quantile"].items()
            if dict(k)["quantile"] == "0.5"}

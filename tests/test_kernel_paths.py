@@ -271,6 +271,55 @@ def test_inner_span_totals_at_the_outer_end(tmp_path, backend):
     assert value(metrics, "allocate_calls_total") == 15
 
 
+OUTLIVE_SPEC = """
+name: outlive
+binaries:
+  pwork: $WORK/libpwork.so
+spans:
+  call:
+    function: pwork:pwork_sleep_us
+    filter: comm == "pw_outlive"
+  nap:
+    # begins and ends inside each call: always counted
+    begin: syscall:clock_nanosleep
+    end: syscallret:clock_nanosleep
+    filter: comm == "pw_outlive"
+    within: call
+  tail:
+    # begins inside each call (restarted by the next one) and ends when the process exits,
+    # after the last call has returned: it outlives its `within` span
+    begin: syscallret:clock_nanosleep
+    end: syscall:exit_group
+    filter: comm == "pw_outlive"
+    within: call
+metrics:
+  nap_seconds:
+    histogram: nap.duration
+    buckets: [1ms, 2ms, 1s]
+  tail_seconds:
+    histogram: tail.duration
+    buckets: [1ms, 1s]
+  off_cpu_per_call_seconds:
+    histogram: nap.total
+    on: call.end
+    buckets: [1ms, 2ms, 1s]
+"""
+
+
+def test_span_that_outlives_its_within_span_is_dropped_and_counted(tmp_path, backend):
+    """A span is counted only while its `within` span is open where it begins and where it
+    ends. One that ends after it (here by construction; in the wild when the kernel never
+    delivered the event that should have ended it) is dropped, and counted as such."""
+    metrics, _ = run_spec(tmp_path, backend, OUTLIVE_SPEC, ("pwork", "--comm", "pw_outlive", "sleep", "3", "1500"))
+    assert per_bucket(buckets(metrics, "nap_seconds")) == {"0.001": 0, "0.002": 3, "1": 0, "+Inf": 0}
+    assert value(metrics, "off_cpu_per_call_seconds_count") == 3
+    assert value(metrics, "off_cpu_per_call_seconds_sum") == pytest.approx(value(metrics, "nap_seconds_sum"), abs=1e-9)
+    # the tail of the last call ends at exit_group, after that call returned: not counted
+    assert value(metrics, "tail_seconds_count") == 0
+    assert value(metrics, "probec_span_outside_total", span="tail") == 1
+    assert value(metrics, "probec_span_outside_total", span="nap") == 0
+
+
 ADDRESS_SPEC = """
 name: addresses
 metrics:

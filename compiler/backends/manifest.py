@@ -32,7 +32,8 @@ def manifest_for(program: Program, backend: str, **extra) -> dict:
         "description": program.description,
         "backend": backend,
         "maps": [map_dict(m) for m in program.maps],
-        "spans": [{"name": s.name, "map": s.begin_map.name, "capacity": s.begin_map.max_entries}
+        "spans": [{"name": s.name, "map": s.begin_map.name, "capacity": s.begin_map.max_entries,
+                   "checked_at_end": s.name in program.checked_at_end()}
                   for s in program.spans],
         "metrics": [{
             "name": m.name, "kind": m.kind, "help": m.help, "unit": m.unit, "scale": m.scale,

@@ -596,6 +596,7 @@ class Lowering:
                 build.actions.append(SpanEnd(span, key, then))
         if self.left_out_binaries and not self.d.has_errors():
             metrics, events = self.leave_out(metrics, events)
+        self.check_inside_at_end()
         accumulators = self.accumulate_totals()
         probes = []
         for build in self.probes.values():
@@ -664,6 +665,46 @@ class Lowering:
                                    f"is on a missing optional binary ({missing})", item.span)
         return [m for m in metrics if m.name in updated], [e for e in events if e.name in emitted]
 
+    def check_inside_at_end(self) -> None:
+        """A span `within` S is checked again where it ends: S must still be open there, at the
+        end key (`end_key`, else `key`, else the thread ending it). A begin whose end the kernel
+        never delivered (a lost sched_switch, say) otherwise ends much later, outside S, and
+        lands in the span's metrics though not in S's totals. Where the key cannot be computed at
+        the end the check is left out, unless `INNER.total` needs it (then it is an error)."""
+        for inner, span in self.spec.spans.items():
+            ref = span.within
+            if ref is None or ref.name not in self.span_maps:
+                continue
+            report = inner in self.types.totals_used
+            for build in self.probes.values():
+                for i, a in enumerate(build.actions):
+                    if isinstance(a, SpanEnd) and a.span == inner:
+                        build.actions[i] = replace(a, inside=self.inside_at_end(ref, inner, build, a, report))
+
+    def inside_at_end(self, ref: WithinRef, inner: str, build: _ProbeBuild, end: SpanEnd,
+                      report: bool) -> Within | None:
+        outer = ref.name
+        if not ref.key and end.key != TID:
+            if report:
+                self.d.error("E332", f"span '{inner}' ends at another thread's key, so '{inner}.total' "
+                             f"cannot be added to the current thread's '{outer}'", ref.span,
+                             f"say which thread's '{outer}' it belongs to where '{inner}' begins and "
+                             f"where it ends: 'within: {{span: {outer}, key: EXPR, end_key: EXPR}}'")
+            return None
+        if not ref.key:
+            return Within(outer)
+        mark = len(self.d.items)
+        at_end = self.within(replace(ref, key=ref.end_key or ref.key), inner, self.context_for(build, False))
+        if at_end:
+            return at_end[0]
+        if report:
+            self.d.note_last(f"'{inner}.total' and '{inner}.count' add up where span '{inner}' ends, "
+                             f"so the key of 'within: {outer}' must be known there too: give it "
+                             "as 'end_key' if it is computed otherwise there")
+        else:
+            del self.d.items[mark:]     # not needed here: the end goes unchecked
+        return None
+
     def accumulate_totals(self) -> list[MapSpec]:
         """Wire up `INNER.total` / `INNER.count`: the outer span's begin resets them, the inner
         span's end adds to them while the outer is open, the outer's end reads then drops them."""
@@ -679,22 +720,9 @@ class Lowering:
                     if isinstance(a, SpanBegin) and a.span == outer:
                         a = replace(a, resets=a.resets + (inner,))
                     elif isinstance(a, SpanEnd) and a.span == inner and is_span:
-                        # the outer span's key again, now where the inner one ends
-                        ref = self.spec.spans[inner].within
-                        if not ref.key and a.key != TID:
-                            self.d.error("E332", f"span '{inner}' ends at another thread's key, so '{inner}.total' "
-                                         f"cannot be added to the current thread's '{outer}'", ref.span,
-                                         f"say which thread's '{outer}' it belongs to where '{inner}' begins and "
-                                         f"where it ends: 'within: {{span: {outer}, key: EXPR, end_key: EXPR}}'")
+                        if a.inside is None:      # reported by check_inside_at_end
                             continue
-                        at_end = self.within(replace(ref, key=ref.end_key or ref.key), inner,
-                                             self.context_for(build, False)) if ref.key else (Within(outer),)
-                        if not at_end:
-                            self.d.note_last(f"'{inner}.total' and '{inner}.count' add up where span '{inner}' ends, "
-                                             f"so the key of 'within: {outer}' must be known there too: give it "
-                                             "as 'end_key' if it is computed otherwise there")
-                            continue
-                        a = replace(a, accumulate_into=at_end[0])
+                        a = replace(a, accumulate_into=a.inside)
                     elif isinstance(a, MetricUpdate) and a.metric == inner and not is_span:
                         a = replace(a, accumulate_into=a.guard.within[0])
                     elif isinstance(a, SpanEnd) and a.span == outer:

@@ -304,6 +304,9 @@ class SpanEnd:
     span: str
     key: IRExpr
     then: tuple[Union[MetricUpdate, EmitEvent], ...]   # run with `duration` bound
+    # The span's `within`, checked again where it ends: a span that outlived its outer one is
+    # dropped there (counted as outside) instead of reaching `then` and the totals.
+    inside: Within | None = None
     accumulate_into: Within | None = None   # the outer span whose totals this span's duration adds to
     clears: tuple[str, ...] = ()   # inner spans whose totals are dropped after `then`
 
@@ -350,3 +353,7 @@ class Program:
 
     def event(self, name: str) -> Event:
         return next(e for e in self.events if e.name == name)
+
+    def checked_at_end(self) -> list[str]:
+        """Spans whose ends check their `within` span again (and count those that outlived it)."""
+        return sorted({n.span for n in walk(self.probes) if isinstance(n, SpanEnd) and n.inside})

@@ -147,9 +147,10 @@ class BpftraceBackend(Backend):
         if isinstance(a, ir.SpanEnd):
             then = [line for t in a.then for line in self.action(t, em, program)]
             total, count = (self.map_name(m) for m in ir.accumulator_maps(a.span))
+            inside = self.guard(ir.Guard(within=(a.inside,)), em) if a.inside else ""
             return self.render("span_end.bt.j2", start=self.var("start"), map=self.map_name(f"span_{a.span}_begin"),
-                               key=em.emit(a.key), then=then,
-                               outer=self.map_name(f"span_{a.accumulate_into.span}_begin") if a.accumulate_into else "",
+                               key=em.emit(a.key), then=then, inside=inside, outside=outside_counter(a.span),
+                               accumulate=a.accumulate_into is not None,
                                outer_key=em.emit(a.accumulate_into.key) if a.accumulate_into else "",
                                total=total, count=count,
                                clears=[self.map_name(m) for inner in a.clears for m in ir.accumulator_maps(inner)])
@@ -229,6 +230,7 @@ class BpftraceBackend(Backend):
             if m.kind == "histogram":
                 printed.append(self.map_name(m.map.name + "_sum"))
         cleared = [self.map_name(m.name) for m in program.maps if m.purpose in ("span_begin", "accumulator")]
+        printed += [outside_counter(span) for span in program.checked_at_end()]
         for e in program.events:
             printed.append(f"@__ev_{e.name}_seen")
             if e.sample_every > 1:
@@ -248,6 +250,11 @@ class BpftraceBackend(Backend):
             "probes": [p.id for p in used_probes],
         })
         return Bundle(program.name, self.name, {script_name: script.encode()}, manifest)
+
+
+def outside_counter(span: str) -> str:
+    """The bpftrace count of a span's ends dropped for outliving their `within` span."""
+    return f"@__span_{span}_outside"
 
 
 def parse_version(text: str) -> tuple[int, int] | None:

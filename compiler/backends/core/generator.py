@@ -367,7 +367,9 @@ class CoreBackend(Backend):
             total, count = ir.accumulator_maps(a.span)
             return self.lines("span_end.j2", map=self.begin_map(program, a.span), key=key, then=then,
                               duration=em.duration_uses > before,
-                              outer_open=self.open_span(a.accumulate_into, em) if a.accumulate_into else "",
+                              inside=self.open_span(a.inside, em) if a.inside else "",
+                              outside_slot=self.health.add("span_outside", a.span) if a.inside else -1,
+                              accumulate=a.accumulate_into is not None,
                               outer_key=em.value(a.accumulate_into.key) if a.accumulate_into else "",
                               total=total, count=count, task=a.span in self.task_spans,
                               clears=[m for inner in a.clears for m in ir.accumulator_maps(inner)])
