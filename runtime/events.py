@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import sys
 import threading
+
+
+def rendered(value, spec: dict):
+    """A value as people read it: IPv4 addresses (kept as numbers in network order) as dotted
+    quads, enumerations (the part of a `parts:` histogram, an `active(...)` span) as their
+    names; anything else as it is. Shared by labels and event fields."""
+    if spec.get("render") == "ipv4" and isinstance(value, int):
+        return socket.inet_ntoa(struct.pack("<I", value & 0xFFFFFFFF))
+    if spec.get("render") == "enum" and isinstance(value, int):
+        names = spec.get("names") or []
+        return names[value] if 0 <= value < len(names) else value
+    return value
 
 
 class EventSink:
@@ -23,7 +37,7 @@ class EventSink:
     def value(self, spec: dict, raw):
         if spec.get("unit") == "time" and isinstance(raw, int):
             return raw / 1e9
-        return raw
+        return rendered(raw, spec)
 
     def write(self, record: dict) -> None:
         line = json.dumps(record, separators=(",", ":"))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-import struct
-
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from .events import rendered
 from .store import HistogramSeries, MetricStore, quantile, quantile_labels
 
 QUANTILES = (0.5, 0.95, 0.99)
@@ -19,14 +17,8 @@ def format_edge(value: float) -> str:
 
 
 def label_text(value, spec: dict) -> str:
-    """A label value as text: IPv4 addresses (kept as numbers in network order) as dotted quads,
-    enumerations (the part of a `parts:` histogram, an `active(...)` span) as their names."""
-    if spec.get("render") == "ipv4" and isinstance(value, int):
-        return socket.inet_ntoa(struct.pack("<I", value & 0xFFFFFFFF))
-    if spec.get("render") == "enum" and isinstance(value, int):
-        names = spec.get("names") or []
-        return names[value] if 0 <= value < len(names) else str(value)
-    return str(value)
+    """A label value as text (addresses and enumerations rendered, see events.rendered)."""
+    return str(rendered(value, spec))
 
 
 class StoreCollector:

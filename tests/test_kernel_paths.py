@@ -251,7 +251,13 @@ events:
   inference_done:
     on: inference.end
     when: alloc.count == 1 && alloc.total < duration
-    fields: [duration, alloc.total, alloc.count, allocate_calls_total.count]
+    fields:
+      - duration
+      - alloc.total
+      - alloc.count
+      - allocate_calls_total.count
+      - outside_alloc: duration - alloc.total       # an expression needs a name of its own
+      - phase: active(inference)                    # by name: "none", a span is closed at its own end
 """
 
 
@@ -266,6 +272,8 @@ def test_inner_span_totals_at_the_outer_end(tmp_path, backend):
     events = run.events()
     assert len(events) == 15
     assert all(e["alloc_count"] == 1 and 0 < e["alloc_total_seconds"] < e["duration_seconds"] for e in events)
+    assert all(e["outside_alloc_seconds"] == pytest.approx(e["duration_seconds"] - e["alloc_total_seconds"], abs=1e-9)
+               and e["phase"] == "none" for e in events)
     # a counter `within` the request: how many times it fired during each one
     assert all(e["allocate_calls_total_count"] == 1 for e in events)
     assert value(metrics, "allocate_calls_total") == 15

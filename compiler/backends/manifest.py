@@ -24,6 +24,13 @@ def map_dict(m: MapSpec) -> dict:
             "key": layout_dict(m.key), "value": layout_dict(m.value)}
 
 
+def rendering(t) -> dict:
+    """How the runtime shows a value of type `t`: as an address, by name, or as it is."""
+    if t is None or not t.render:
+        return {}
+    return {"render": t.render, **({"names": list(t.names)} if t.render == "enum" else {})}
+
+
 def manifest_for(program: Program, backend: str, **extra) -> dict:
     manifest = {
         "probec_manifest": MANIFEST_VERSION,
@@ -38,8 +45,7 @@ def manifest_for(program: Program, backend: str, **extra) -> dict:
         "metrics": [{
             "name": m.name, "kind": m.kind, "help": m.help, "unit": m.unit, "scale": m.scale,
             "labels": [{"name": lab.name, "type": lab.expr.type.kind, "render": lab.expr.type.render,
-                        **({"names": list(lab.expr.type.names)} if lab.expr.type.render == "enum" else {})}
-                       for lab in m.labels],
+                        **rendering(lab.expr.type)} for lab in m.labels],
             "edges": list(m.edges), "sum_slot": m.sum_slot if m.kind == "histogram" else None,
             "map": m.map.name, "series_limit": m.series_limit,
         } for m in program.metrics],
@@ -48,7 +54,8 @@ def manifest_for(program: Program, backend: str, **extra) -> dict:
             "max_per_second": e.max_per_second, "record": layout_dict(e.record),
             "fields": [{"name": f.name, "kind": f.stack + "stack" if f.stack else
                         ("str" if f.is_string else "int"),
-                        "unit": (f.expr.type.dimension if f.expr is not None else "none")} for f in e.fields],
+                        "unit": (f.expr.type.dimension if f.expr is not None else "none"),
+                        **rendering(f.expr.type if f.expr is not None else None)} for f in e.fields],
         } for e in program.events],
         "probes": [{
             "id": p.id, "kind": p.kind, "category": p.category, "name": p.name, "binary": p.binary,

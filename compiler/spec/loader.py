@@ -604,6 +604,12 @@ class SpecLoader:
             self.d.error("E104", f"{what}.fields must be a list", fnode.span)
         elif fnode is not None:
             for item in fnode.items:
+                if isinstance(item, YMap):           # - NAME: EXPRESSION
+                    for k, v in item.entries:
+                        expr = self.expression(v, f"event field '{k.value}'")
+                        if expr is not None and self.ident(k, "event field name"):
+                            fields.append(EventField(k.value, expr, "", k.span))
+                    continue
                 s = self.expect_scalar(item, "an event field")
                 if s is None:
                     continue
@@ -613,8 +619,16 @@ class SpecLoader:
                 expr = self.expression(s, "an event field")
                 if expr is None:
                     continue
-                name = expr.dotted.replace(".", "_") if isinstance(expr, Name) else f"field{len(fields)}"
-                fields.append(EventField(name, expr, "", s.span))
+                if not isinstance(expr, Name):
+                    self.d.error("E122", "an event field that is not a plain name needs a name of its own",
+                                 s.span, "write it as '- NAME: EXPRESSION'")
+                    continue
+                fields.append(EventField(expr.dotted.replace(".", "_"), expr, "", s.span))
+            seen = set()
+            for f in fields:
+                if f.name in seen:
+                    self.d.error("E122", f"{what}: field '{f.name}' appears twice", f.span)
+                seen.add(f.name)
         if on is None:
             return None
         return EventSpec(key.value, key.span, on, when, every, rate, tuple(fields))
