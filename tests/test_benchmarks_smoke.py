@@ -1,6 +1,6 @@
 """Smoke test of the kernel benchmarks: each script's --quick mode runs and prints its table.
 
-Not a timing assertion: quick runs are far too short to quote. The four scripts run at the same
+Not a timing assertion: quick runs are far too short to quote. The scripts run at the same
 time (about 10 s together instead of 25 s one after another); each loads its own programs, so they
 do not interfere beyond the noise that --quick ignores. Like every kernel test, run it under the
 project's kernel lock (`flock /tmp/probec-kernel.lock python -m pytest ...`); it never takes the
@@ -24,6 +24,8 @@ BENCHMARKS = {
                   "one batch lookup (Map.items_batch)"],
     "ringbuf": ["## Lossless throughput, one producer", "probec_events_lost_total", "bulk mmap consumer",
                 "A consumer too slow: 16 KiB ring"],
+    "event_cost": ["## busy 200 us calls", "core (CO-RE C): span + an event per call", "bpftrace 0.17: span",
+                   "Event per call, bpftrace / core"],
 }
 TIMEOUT = 120
 
