@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every kernel benchmark of probec for real and write benchmarks/results/*.md.
 #
-#   benchmarks/run_all.sh            full runs (about 12 minutes), results in benchmarks/results/
+#   benchmarks/run_all.sh            full runs (about 15 minutes), results in benchmarks/results/
 #   benchmarks/run_all.sh --quick    smoke runs (seconds), tables in benchmarks/build/*.quick.md
 #
 # The project's kernel lock is taken once and held for the whole run, so no other eBPF work
