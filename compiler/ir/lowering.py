@@ -730,7 +730,8 @@ class Lowering:
                     new.append(a)
                 build.actions[:] = new
             capacity = self.span_maps[outer].max_entries
-            maps += [MapSpec(name, "HASH", None, None, capacity, "accumulator") for name in accumulator_maps(inner)]
+            kept = accumulator_maps(inner) if is_span else accumulator_maps(inner)[1:]   # a counter has no total
+            maps += [MapSpec(name, "HASH", None, None, capacity, "accumulator") for name in kept]
         return maps
 
     def unused_spans(self) -> None:

@@ -354,6 +354,12 @@ class Program:
     def event(self, name: str) -> Event:
         return next(e for e in self.events if e.name == name)
 
+    def accumulators(self, inner: str) -> tuple[str, ...]:
+        """The maps kept per key of the outer span for `inner`: total and count for a span,
+        count alone for a counter (COUNTER.count is all it has)."""
+        total, count = accumulator_maps(inner)
+        return (total, count) if any(s.name == inner for s in self.spans) else (count,)
+
     def checked_at_end(self) -> list[str]:
         """Spans whose ends check their `within` span again (and count those that outlived it)."""
         return sorted({n.span for n in walk(self.probes) if isinstance(n, SpanEnd) and n.inside})

@@ -193,6 +193,15 @@ static __always_inline void probec_acc_add(void *total, void *count, __u64 key, 
 		*v += 1;
 }
 
+/* One more COUNTER.count for the outer span open at `key`. */
+static __always_inline void probec_acc_inc(void *count, __u64 key)
+{
+	__u64 *v = bpf_map_lookup_elem(count, &key);
+
+	if (v)
+		*v += 1;
+}
+
 static __always_inline __u64 probec_acc_read(void *acc, __u64 key)
 {
 	__u64 *v = bpf_map_lookup_elem(acc, &key);

@@ -137,7 +137,7 @@ class BpftraceBackend(Backend):
 
     def action(self, a: ir.Action, em: ExpressionEmitter, program: ir.Program) -> list[str]:
         if isinstance(a, ir.SpanBegin):
-            resets = [self.map_name(m) for inner in a.resets for m in ir.accumulator_maps(inner)]
+            resets = [self.map_name(m) for inner in a.resets for m in program.accumulators(inner)]
             guard = self.guard(a.guard, em)
             begin_map, key = self.map_name(f"span_{a.span}_begin"), em.emit(a.key)
             if not a.restart:      # keep the first begin: only while the span is not open on this key
@@ -153,7 +153,7 @@ class BpftraceBackend(Backend):
                                accumulate=a.accumulate_into is not None,
                                outer_key=em.emit(a.accumulate_into.key) if a.accumulate_into else "",
                                total=total, count=count,
-                               clears=[self.map_name(m) for inner in a.clears for m in ir.accumulator_maps(inner)])
+                               clears=[self.map_name(m) for inner in a.clears for m in program.accumulators(inner)])
         if isinstance(a, ir.MetricUpdate):
             m = program.metric(a.metric)
             labels = [em.emit(lab) for lab in a.labels]

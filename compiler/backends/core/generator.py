@@ -355,7 +355,7 @@ class CoreBackend(Backend):
                               map=self.begin_map(program, a.span),
                               key=em.value(a.key) if not task or a.resets else "",
                               overflow_slot=self.health.add("span_overflow", a.span),
-                              resets=[m for inner in a.resets for m in ir.accumulator_maps(inner)],
+                              resets=[m for inner in a.resets for m in program.accumulators(inner)],
                               task=task, keep_first=not a.restart)
         if isinstance(a, ir.SpanEnd):
             key = em.value(a.key) if a.span not in self.task_spans or a.clears else ""
@@ -372,7 +372,7 @@ class CoreBackend(Backend):
                               accumulate=a.accumulate_into is not None,
                               outer_key=em.value(a.accumulate_into.key) if a.accumulate_into else "",
                               total=total, count=count, task=a.span in self.task_spans,
-                              clears=[m for inner in a.clears for m in ir.accumulator_maps(inner)])
+                              clears=[m for inner in a.clears for m in program.accumulators(inner)])
         if isinstance(a, ir.MetricUpdate):
             return self.metric_update(a, em, program)
         if isinstance(a, ir.EmitEvent):
@@ -406,7 +406,7 @@ class CoreBackend(Backend):
             bucket_fn="probec_bucket_s64" if signed else "probec_bucket_u64",
             edges=f"probec_edges_{m.name}", steps=bucket_steps(len(m.edges)), sum_slot=m.sum_slot,
             full_slot=self.health.add("metric_map_full", m.name) if labelled else -1,
-            counted=ir.accumulator_maps(a.metric) if a.accumulate_into else (),
+            counted=program.accumulators(a.metric)[0] if a.accumulate_into else "",
             counted_key=em.value(a.accumulate_into.key) if a.accumulate_into else "")
 
     def emit_event(self, a: ir.EmitEvent, em: CExpression, program: ir.Program) -> list[str]:
