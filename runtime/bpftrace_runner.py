@@ -230,6 +230,14 @@ class BpftraceRunner:
                 if self.store.health.decode_errors <= 3:
                     self.log(f"cannot decode bpftrace output ({exc.__class__.__name__}: {exc}): {line[:120]}")
 
+    def carry_over(self) -> None:
+        """Before a restart: the new bpftrace starts its maps at zero, so what is shown now (its
+        metrics and its health counts) becomes the base the next one's counts add to."""
+        self.decoder.carry_over()
+        for name in self.counters:
+            target, owner = self.counter_target(name)
+            self.counter_base[name] = target.get(owner, 0)
+
     def counter_target(self, name: str) -> tuple[dict[str, int], str]:
         """Where a bpftrace health count goes: (the Health dict, its key)."""
         what, owner = self.counters[name]
@@ -336,10 +344,7 @@ class BpftraceRunner:
         self.store.health.backend_restarts += 1
         tail = "; ".join(self.stderr_tail[-3:]) or "no error output"
         self.log(f"bpftrace exited with status {self.proc.returncode} ({tail}); restarting, counts carried over")
-        self.decoder.carry_over()
-        for name in self.counters:
-            target, owner = self.counter_target(name)
-            self.counter_base[name] = target.get(owner, 0)
+        self.carry_over()
         self.start()
 
     def stop(self, timeout: float = 10.0) -> None:

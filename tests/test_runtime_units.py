@@ -87,3 +87,21 @@ def test_parts_export_their_names_and_keep_quantiles_apart():
     # Quantiles per part (threads merged): a median over both parts would mean nothing.
     p50 = {s.labels["part"]: s.value for s in fams["parts_seconds_quantile"].samples if s.labels["quantile"] == "0.5"}
     assert p50 == pytest.approx({"send": 0.5e-6, "offcpu": 3e-6})
+
+
+def test_bpftrace_health_counts_carry_over_a_restart(tmp_path):
+    """bpftrace's own counts (events seen, spans dropped for outliving their `within` span)
+    restart at zero with the process; the exported counters must not go down."""
+    from probec.runtime.bpftrace_runner import BpftraceRunner
+    from probec.runtime.manifest import Bundle
+    (tmp_path / "t.bt").write_text("")
+    manifest = {**MANIFEST, "backend": "bpftrace", "files": {"script": "t.bt"},
+                "events": [{"name": "slow", "index": 0, "fields": []}],
+                "spans": [{"name": "offcpu", "checked_at_end": True}, {"name": "req", "checked_at_end": False}]}
+    store = MetricStore(manifest)
+    runner = BpftraceRunner(Bundle(tmp_path, manifest), store, None, log=lambda *_: None)
+    assert store.health.span_outside == {"offcpu": 0}          # exported from the start, as 0
+    runner.handle({"type": "map", "data": {"@__ev_slow_seen": 5, "@__span_offcpu_outside": 2}})
+    runner.carry_over()
+    runner.handle({"type": "map", "data": {"@__ev_slow_seen": 1, "@__span_offcpu_outside": 1}})
+    assert store.health.events_emitted["slow"] == 6 and store.health.span_outside == {"offcpu": 3}
