@@ -152,15 +152,17 @@ class BpftraceRunner:
         self.failure: str | None = None
         self.stderr_tail: list[str] = []
         self.events_by_index = {e["index"]: e for e in self.manifest["events"]}
-        self.counters = {}
+        # bpftrace's own counts: map name -> (the Health dict it feeds, its key there)
+        health = store.health
+        self.counters: dict[str, tuple[dict[str, int], str]] = {}
         self.counter_base: dict[str, int] = {}   # health counts of earlier bpftrace processes
         for e in self.manifest["events"]:
-            self.counters[f"@__ev_{e['name']}_seen"] = ("seen", e["name"])
-            self.counters[f"@__ev_{e['name']}_limited"] = ("limited", e["name"])
+            self.counters[f"@__ev_{e['name']}_seen"] = (health.events_emitted, e["name"])
+            self.counters[f"@__ev_{e['name']}_limited"] = (health.events_rate_limited, e["name"])
         for s in self.manifest["spans"]:
             if s.get("checked_at_end"):
-                self.counters[f"@__span_{s['name']}_outside"] = ("outside", s["name"])
-                store.health.span_outside[s["name"]] = 0
+                self.counters[f"@__span_{s['name']}_outside"] = (health.span_outside, s["name"])
+                health.span_outside[s["name"]] = 0
         self.thread: threading.Thread | None = None
 
     # -- process -------------------------------------------------------------------------------
@@ -234,16 +236,8 @@ class BpftraceRunner:
         """Before a restart: the new bpftrace starts its maps at zero, so what is shown now (its
         metrics and its health counts) becomes the base the next one's counts add to."""
         self.decoder.carry_over()
-        for name in self.counters:
-            target, owner = self.counter_target(name)
+        for name, (target, owner) in self.counters.items():
             self.counter_base[name] = target.get(owner, 0)
-
-    def counter_target(self, name: str) -> tuple[dict[str, int], str]:
-        """Where a bpftrace health count goes: (the Health dict, its key)."""
-        what, owner = self.counters[name]
-        health = self.store.health
-        return {"seen": health.events_emitted, "limited": health.events_rate_limited,
-                "outside": health.span_outside}[what], owner
 
     def handle(self, msg: dict) -> None:
         kind, data = msg.get("type"), msg.get("data")
@@ -257,7 +251,7 @@ class BpftraceRunner:
             started = time.monotonic()
             for name, value in data.items():
                 if name in self.counters:
-                    target, owner = self.counter_target(name)
+                    target, owner = self.counters[name]
                     count = int(value) if not isinstance(value, dict) else 0
                     target[owner] = self.counter_base.get(name, 0) + count
                 else:

@@ -32,6 +32,7 @@ def rendering(t) -> dict:
 
 
 def manifest_for(program: Program, backend: str, **extra) -> dict:
+    checked = set(program.checked_at_end())
     manifest = {
         "probec_manifest": MANIFEST_VERSION,
         "name": program.name,
@@ -40,7 +41,7 @@ def manifest_for(program: Program, backend: str, **extra) -> dict:
         "backend": backend,
         "maps": [map_dict(m) for m in program.maps],
         "spans": [{"name": s.name, "map": s.begin_map.name, "capacity": s.begin_map.max_entries,
-                   "checked_at_end": s.name in program.checked_at_end()}
+                   "checked_at_end": s.name in checked}
                   for s in program.spans],
         "metrics": [{
             "name": m.name, "kind": m.kind, "help": m.help, "unit": m.unit, "scale": m.scale,

@@ -13,7 +13,7 @@ from .host import HostInfo
 from .layout import struct_layout, u32_key, u64_value
 from .nodes import (INT, TID, Action, Const, Context, EmitEvent, Event, EventField, Guard, IRExpr, Label,
                     MapSpec, Metric, MetricUpdate, Probe, Program, SpanBegin, SpanEnd, SpanInfo, ValueType,
-                    Within, accumulator_maps)
+                    Within, kept_accumulators)
 from .typecheck import ProbeContext, TypeChecker
 
 SYSCALL_ARGS_NOTE = "syscall:NAME is the sys_enter_NAME tracepoint; syscallret:NAME is sys_exit_NAME"
@@ -730,8 +730,8 @@ class Lowering:
                     new.append(a)
                 build.actions[:] = new
             capacity = self.span_maps[outer].max_entries
-            kept = accumulator_maps(inner) if is_span else accumulator_maps(inner)[1:]   # a counter has no total
-            maps += [MapSpec(name, "HASH", None, None, capacity, "accumulator") for name in kept]
+            maps += [MapSpec(name, "HASH", None, None, capacity, "accumulator")
+                     for name in kept_accumulators(inner, is_span)]
         return maps
 
     def unused_spans(self) -> None:

@@ -259,6 +259,13 @@ def accumulator_maps(inner: str) -> tuple[str, str]:
     return f"acc_{inner}_total", f"acc_{inner}_count"
 
 
+def kept_accumulators(inner: str, is_span: bool) -> tuple[str, ...]:
+    """The accumulator maps `inner` really has: total and count for a span, count alone for a
+    counter (COUNTER.count is all it offers)."""
+    total, count = accumulator_maps(inner)
+    return (total, count) if is_span else (count,)
+
+
 # --- actions -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Within:
@@ -355,10 +362,8 @@ class Program:
         return next(e for e in self.events if e.name == name)
 
     def accumulators(self, inner: str) -> tuple[str, ...]:
-        """The maps kept per key of the outer span for `inner`: total and count for a span,
-        count alone for a counter (COUNTER.count is all it has)."""
-        total, count = accumulator_maps(inner)
-        return (total, count) if any(s.name == inner for s in self.spans) else (count,)
+        """The maps kept per key of the outer span for `inner` (see kept_accumulators)."""
+        return kept_accumulators(inner, any(s.name == inner for s in self.spans))
 
     def checked_at_end(self) -> list[str]:
         """Spans whose ends check their `within` span again (and count those that outlived it)."""

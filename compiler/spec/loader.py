@@ -476,6 +476,16 @@ class SpecLoader:
         dim = "time" if unit in TIME_UNITS else "size" if unit in SIZE_UNITS else "none"
         return value, dim
 
+    def named_expressions(self, item: YMap, kind: str) -> list[tuple[YScalar, Expr]]:
+        """`- NAME: EXPRESSION` entries of a list (labels, event fields): each valid name with its
+        parsed expression; the others reported."""
+        out = []
+        for k, v in item.entries:
+            expr = self.expression(v, f"{kind} '{k.value}'")
+            if expr is not None and self.ident(k, f"{kind} name"):
+                out.append((k, expr))
+        return out
+
     def labels(self, node, what) -> tuple[LabelSpec, ...]:
         if node is None:
             return ()
@@ -485,10 +495,7 @@ class SpecLoader:
         out: list[LabelSpec] = []
         for item in node.items:
             if isinstance(item, YMap):
-                for k, v in item.entries:
-                    expr = self.expression(v, f"label '{k.value}'")
-                    if expr is not None and self.ident(k, "label name"):
-                        out.append(LabelSpec(k.value, expr, k.span))
+                out += [LabelSpec(k.value, expr, k.span) for k, expr in self.named_expressions(item, "label")]
                 continue
             expr = self.expression(item, "a label")
             if expr is None:
@@ -605,10 +612,8 @@ class SpecLoader:
         elif fnode is not None:
             for item in fnode.items:
                 if isinstance(item, YMap):           # - NAME: EXPRESSION
-                    for k, v in item.entries:
-                        expr = self.expression(v, f"event field '{k.value}'")
-                        if expr is not None and self.ident(k, "event field name"):
-                            fields.append(EventField(k.value, expr, "", k.span))
+                    fields += [EventField(k.value, expr, "", k.span)
+                               for k, expr in self.named_expressions(item, "event field")]
                     continue
                 s = self.expect_scalar(item, "an event field")
                 if s is None:
