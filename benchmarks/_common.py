@@ -379,6 +379,18 @@ def time_workload(argv: list[str]) -> tuple[int, int]:
     return t1 - t0, int((ru.ru_utime + ru.ru_stime) * 1e9)
 
 
+def count_lines(path: Path) -> int:
+    """Lines in a file (0 when it is missing), read in 1 MiB chunks: event files get large."""
+    n = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                n += chunk.count(b"\n")
+    except FileNotFoundError:
+        pass
+    return n
+
+
 def metrics_text(port: int, timeout: float = 10) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
         return r.read().decode()

@@ -51,13 +51,6 @@ def durations(path: Path) -> list[int]:
     return out
 
 
-def count_lines(path: Path) -> int:
-    try:
-        return sum(1 for _ in path.open())
-    except OSError:
-        return 0
-
-
 def one_round(v: Variant, calls: dict[str, int], scratch: Path, r: int) -> None:
     snap, events = scratch / f"{v.name}.{r}.prom", scratch / f"{v.name}.{r}.jsonl"
     run = None
@@ -77,7 +70,7 @@ def one_round(v: Variant, calls: dict[str, int], scratch: Path, r: int) -> None:
         made = sum(calls.values())
         counted = C.metric_value(snap.read_text() if snap.exists() else "", f"{METRIC}_count")
         v.checks.append(f"{int(counted or 0):,}/{made:,} counted" +
-                        (f", {count_lines(events):,} events" if v.events else ""))
+                        (f", {C.count_lines(events):,} events" if v.events else ""))
 
 
 def main() -> None:

@@ -58,17 +58,6 @@ def loadgen_run(loadgen: Path, rate: int, count: int) -> dict:
             "cpu_ns": int((ru.ru_utime + ru.ru_stime) * 1e9)}
 
 
-def count_lines(path: Path) -> int:
-    n = 0
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                n += chunk.count(b"\n")
-    except FileNotFoundError:
-        pass
-    return n
-
-
 def wait_quiet(fn, settle: float | None = None, limit: float = 60) -> int:
     """Poll fn() until it stops growing for `settle` seconds."""
     if settle is None:
@@ -99,7 +88,7 @@ def through_probec(bundle: Path, event: str, loadgen: Path, rate: int, count: in
             wait_quiet(lambda: events.stat().st_size if events.exists() else 0)
             run.stop()
         text = snap.read_text() if snap.exists() else ""
-        written = count_lines(events)
+        written = C.count_lines(events)
     finally:
         events.unlink(missing_ok=True)
     made = C.metric_value(text, "probec_events_total", f'event="{event}"')

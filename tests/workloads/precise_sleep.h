@@ -16,6 +16,15 @@
 
 #define PRECISE_SLEEP_NANOSLEEP_MIN_US 1000UL
 
+/* CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns() and bpftrace's nsecs. */
+static inline unsigned long long precise_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (unsigned long long)ts.tv_sec * 1000000000ULL + (unsigned long long)ts.tv_nsec;
+}
+
 static inline void precise_sleep_add_us(struct timespec *ts, unsigned long us)
 {
 	ts->tv_sec += (time_t)(us / 1000000UL);

@@ -7,7 +7,6 @@
  * `push %rbp` in libpwork.so and `endbr64` in libpwork_cet.so, and the lib_tick USDT nop is
  * not at the entry address of pwork_lib_tick. */
 #include <sys/sdt.h>
-#include <time.h>
 
 #include "precise_sleep.h"
 #include "pwork.h"
@@ -16,22 +15,14 @@
 
 static __thread unsigned long long last_sleep_ns;
 
-static unsigned long long pwork_now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (unsigned long long)ts.tv_sec * 1000000000ULL + (unsigned long long)ts.tv_nsec;
-}
-
 void pwork_sleep_us(unsigned long us)
 {
 	unsigned long long start;
 
 	PWORK_FRAME();
-	start = pwork_now_ns();
+	start = precise_now_ns();
 	precise_sleep_us(us);
-	last_sleep_ns = pwork_now_ns() - start;
+	last_sleep_ns = precise_now_ns() - start;
 }
 
 unsigned long long pwork_last_sleep_ns(void)

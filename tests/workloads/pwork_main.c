@@ -8,9 +8,9 @@
 #include <string.h>
 #include <sys/sdt.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "precise_sleep.h"
 #include "pwork.h"
 #include "workload_cli.h"
 
@@ -46,14 +46,6 @@ static void usage(void)
 	exit(2);
 }
 
-static unsigned long long monotonic_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (unsigned long long)ts.tv_sec * 1000000000ULL + (unsigned long long)ts.tv_nsec;
-}
-
 /* One pwork_sleep_us call; with --durations, timed from outside and inside, written down. */
 static void timed_sleep(const struct work *w, unsigned long long us)
 {
@@ -63,9 +55,9 @@ static void timed_sleep(const struct work *w, unsigned long long us)
 		pwork_sleep_us(us);
 		return;
 	}
-	start = monotonic_ns();
+	start = precise_now_ns();
 	pwork_sleep_us(us);
-	start = monotonic_ns() - start;
+	start = precise_now_ns() - start;
 	fprintf(w->durations, "%llu %llu %llu\n", us, start, pwork_last_sleep_ns());
 }
 
