@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-host", action="store_true",
                    help="skip every check that reads this machine (tracefs, binaries, kernel symbols)")
     c.add_argument("--werror", action="store_true", help="treat warnings as errors")
+    c.add_argument("--target", metavar="FACTS",
+                   help="check the kernel side against another machine's facts, recorded there with "
+                        "'probec doctor --format json > FACTS' (binaries are still read here)")
 
     b = sub.add_parser("build", help="render a spec for a backend")
     b.add_argument("spec", metavar="SPEC")
@@ -52,15 +55,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="when TARGET is a spec: build it for this backend first (default bpftrace)")
     add_run_arguments(r)
 
-    sub.add_parser("doctor", help="say what this machine can trace")
+    d = sub.add_parser("doctor", help="say what this machine can trace")
+    d.add_argument("--format", choices=("text", "json"), default="text",
+                   help="json: the full record (tracepoints and their fields, kernel functions, mechanisms) "
+                        "that 'probec check --target' reads")
     return p
 
 
 def _check(args) -> int:
     from .compiler.diagnostics import render_json, render_text, Severity
     from .compiler.driver import check_file
-    from .compiler.ir.host import HostInfo
-    host = HostInfo(enabled=not args.no_host)
+    from .compiler.ir.host import HostFactsError, HostInfo, RecordedHost
+    if args.target and args.no_host:
+        print("probec: error: --target and --no-host exclude each other", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        host = RecordedHost.from_file(args.target) if args.target else HostInfo(enabled=not args.no_host)
+    except HostFactsError as exc:
+        print(f"probec: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     everything = []
     errors = warnings = 0
     color = sys.stderr.isatty() and args.format == "text"
@@ -116,8 +129,12 @@ def _run(args) -> int:
 
 
 def _doctor(args) -> int:
-    from .runtime.features import doctor_report
-    print(doctor_report())
+    from .runtime.features import doctor_report, host_facts
+    if args.format == "json":
+        import json
+        print(json.dumps(host_facts(), sort_keys=True, separators=(",", ":")))
+    else:
+        print(doctor_report())
     return EXIT_OK
 
 

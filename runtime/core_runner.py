@@ -23,13 +23,12 @@ from pathlib import Path
 from .events import EventSink
 from .manifest import Bundle, BundleError
 from .store import HistogramSeries, MetricStore
+from .tracefs import read_format, tracefs_root
 
 MASK64 = (1 << 64) - 1
-TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 EVENT_POLL_MS = 50          # the reader drains the ring at least this often (the kernel wakes it
                             # only once a quarter of the ring is waiting)
-_FORMAT_FIELD = re.compile(r"field:(?P<decl>[^;]+);\s*offset:(?P<off>\d+);\s*size:(?P<size>\d+);")
 _PROG_IN_LOG = re.compile(r"prog '([^']+)'")
 
 
@@ -80,29 +79,6 @@ def attach_hint(kind: str, err: int | None) -> str:
 
 
 # --- tracepoint field offsets --------------------------------------------------------------------
-def tracefs_root() -> Path | None:
-    for root in TRACEFS_ROOTS:
-        if os.path.isdir(os.path.join(root, "events")):
-            return Path(root)
-    return None
-
-
-def tracepoint_format(root: Path, tracepoint: str) -> dict[str, tuple[int, int]] | None:
-    """field -> (offset, size) from tracefs, or None when the tracepoint has no format file."""
-    category, _, name = tracepoint.partition(":")
-    try:
-        text = (root / "events" / category / name / "format").read_text()
-    except OSError:
-        return None
-    fields = {}
-    for m in _FORMAT_FIELD.finditer(text):
-        decl = re.sub(r"\[[^\]]*\]\s*$", "", m.group("decl").strip())
-        ident = re.search(r"([A-Za-z_][A-Za-z0-9_]*)\s*$", decl)
-        if ident:
-            fields[ident.group(1)] = (int(m.group("off")), int(m.group("size")))
-    return fields
-
-
 def check_tracepoint_fields(checks: list[dict]) -> None:
     """The C reads tracepoint fields at offsets taken on the build host: make sure this kernel's
     tracefs still puts them there, or fail before anything is loaded."""
@@ -117,7 +93,7 @@ def check_tracepoint_fields(checks: list[dict]) -> None:
     for c in checks:
         tp = c["tracepoint"]
         if tp not in formats:
-            formats[tp] = tracepoint_format(root, tp)
+            formats[tp] = read_format(root, *tp.split(":", 1))
         fmt = formats[tp]
         if fmt is None:
             problems.append(f"tracepoint {tp} does not exist on this kernel")
@@ -125,9 +101,9 @@ def check_tracepoint_fields(checks: list[dict]) -> None:
         here = fmt.get(c["field"])
         if here is None:
             problems.append(f"tracepoint {tp} has no field '{c['field']}' on this kernel")
-        elif here != (c["offset"], c["size"]):
-            problems.append(f"tracepoint {tp} field '{c['field']}' is at offset {here[0]} size {here[1]} on this "
-                            f"kernel, but the bundle reads offset {c['offset']} size {c['size']}")
+        elif (here.offset, here.size) != (c["offset"], c["size"]):
+            problems.append(f"tracepoint {tp} field '{c['field']}' is at offset {here.offset} size {here.size} on "
+                            f"this kernel, but the bundle reads offset {c['offset']} size {c['size']}")
     if problems:
         raise BundleError("the bundle was built for another kernel's tracepoint layout:\n  "
                           + "\n  ".join(sorted(set(problems)))

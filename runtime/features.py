@@ -7,6 +7,13 @@ import ctypes.util
 import functools
 import os
 import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+from .tracefs import TRACEFS_ROOTS, available_events, read_format, tracefs_root
+
+HOST_FACTS_VERSION = 1
 
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_FENTRY = 24
@@ -55,13 +62,82 @@ def probe_fentry() -> bool | None:
     return True
 
 
-def kprobes_available() -> bool:
-    return os.path.exists("/sys/bus/event_source/devices/kprobe") or \
-        os.path.exists("/sys/kernel/tracing/kprobe_events")
+def kprobes_available(tracefs: Path | None = None) -> bool:
+    """Kprobes exist when the kernel offers the kprobe PMU or a kprobe_events file in tracefs."""
+    if os.path.exists("/sys/bus/event_source/devices/kprobe"):
+        return True
+    roots = [tracefs] if tracefs is not None else [Path(r) for r in TRACEFS_ROOTS]
+    return any((root / "kprobe_events").exists() for root in roots)
+
+
+def kernel_functions() -> set[str] | None:
+    """Names of kernel text symbols from /proc/kallsyms, or None when they cannot be read."""
+    names: set[str] = set()
+    try:
+        with open("/proc/kallsyms") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[1] in ("t", "T"):
+                    names.add(parts[2])
+    except OSError:
+        return None
+    return names or None
+
+
+def _tool_version(tool: str) -> str | None:
+    exe = shutil.which(tool)
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return exe
+    first = out.strip().splitlines()[0] if out.strip() else exe
+    return first
+
+
+def _libbpf_version() -> str | None:
+    try:
+        lib = ctypes.CDLL("libbpf.so.1")
+    except OSError:
+        return None
+    lib.libbpf_major_version.restype = ctypes.c_uint32
+    lib.libbpf_minor_version.restype = ctypes.c_uint32
+    return f"{lib.libbpf_major_version()}.{lib.libbpf_minor_version()}"
+
+
+def host_facts(kernel_symbols: bool = True) -> dict:
+    """What this machine can trace, as `probec doctor --format json` records it: the facts that
+    `probec check --target FILE` checks a spec against on another machine. Unknown facts are null."""
+    root = tracefs_root()
+    tracepoints: dict[str, list] | None = None
+    if root is not None:
+        names = available_events(root)
+        if names is not None:
+            tracepoints = {}
+            for tp in sorted(names):
+                category, _, name = tp.partition(":")
+                fields = read_format(root, category, name)
+                tracepoints[tp] = None if fields is None else [f.to_list() for f in fields.values()]
+    functions = kernel_functions() if kernel_symbols else None
+    return {
+        "probec_host_facts": HOST_FACTS_VERSION,
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "btf": os.path.exists("/sys/kernel/btf/vmlinux"),
+        "mechanisms": {
+            "tracepoint": True if root is not None else None,
+            "uprobe": os.path.exists("/sys/bus/event_source/devices/uprobe"),
+            "kprobe": kprobes_available(root),
+            "fentry": probe_fentry(),
+        },
+        "tools": {tool: _tool_version(tool) for tool in ("bpftrace", "clang", "bpftool")} | {"libbpf": _libbpf_version()},
+        "tracepoints": tracepoints,
+        "kernel_functions": sorted(functions) if functions is not None else None,
+    }
 
 
 def doctor_report() -> str:
-    import shutil
     rows = [("kernel", platform.release())]
     rows.append(("root", "yes" if os.geteuid() == 0 else "no (check works; run needs root)"))
     rows.append(("BTF (/sys/kernel/btf/vmlinux)", "yes" if os.path.exists("/sys/kernel/btf/vmlinux") else "no"))
@@ -75,12 +151,6 @@ def doctor_report() -> str:
                                   None: "unknown (needs root)"}[fentry]))
     for tool in ("bpftrace", "clang", "bpftool"):
         rows.append((tool, shutil.which(tool) or "not installed"))
-    try:
-        lib = ctypes.CDLL("libbpf.so.1")
-        lib.libbpf_major_version.restype = ctypes.c_uint32
-        lib.libbpf_minor_version.restype = ctypes.c_uint32
-        rows.append(("libbpf", f"{lib.libbpf_major_version()}.{lib.libbpf_minor_version()}"))
-    except OSError:
-        rows.append(("libbpf", "not found: apt-get install libbpf1"))
+    rows.append(("libbpf", _libbpf_version() or "not found: apt-get install libbpf1"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
+from conftest import probec
 from probec.compiler.diagnostics import Diagnostics
-from probec.compiler.ir.host import HostInfo, btf_strings
+from probec.compiler.ir.host import HostInfo, RecordedHost, btf_strings
 from probec.compiler.ir.lowering import LoweringOptions, lower
 from probec.compiler.spec.loader import load_spec_text
 
@@ -73,3 +78,76 @@ metrics:
     assert not d.has_errors()
     assert "label 'tid'" in codes["W403"].message and codes["W403"].span.line == 8   # the leading newline
     assert "6,600,000 entries" in codes["W404"].message
+
+
+# -- recorded host facts (probec doctor --format json, probec check --target) ---------------------
+
+RECORDED = Path(__file__).parent / "hosts" / "firecracker-6.18.json"
+KPROBE_SPEC = """
+name: t
+metrics:
+  sends_total:
+    count: kprobe:tcp_sendmsg
+"""
+
+
+def recorded(**changes) -> RecordedHost:
+    facts = json.loads(RECORDED.read_text())
+    for key, value in changes.items():
+        facts["mechanisms"][key] = value
+    return RecordedHost(facts, "test facts")
+
+
+def test_recorded_host_decides_mechanisms_not_this_kernel():
+    d = check(KPROBE_SPEC, recorded(kprobe=False))
+    [err] = [x for x in d.items if x.code == "E309"]
+    assert "the target kernel (6.18.44-fc-v657)" in err.message
+    assert not check(KPROBE_SPEC, recorded(kprobe=True)).has_errors()
+    d = check(KPROBE_SPEC, recorded(kprobe=None))       # unknown: no claim either way
+    assert not d.has_errors()
+
+
+def test_recorded_host_checks_tracepoints_and_fields():
+    host = recorded()
+    assert not check(SPEC.format(event="sched_switch"), host).has_errors()
+    d = check(SPEC.format(event="sched_swich"), host)
+    [err] = [x for x in d.items if x.code == "E308"]
+    assert "sched_switch" in err.hints[0]
+    d = check(SPEC.replace("next_comm", "next_comm2").format(event="sched_switch"), host)
+    assert any(x.code == "E223" and "next_comm2" in x.message for x in d.items)
+
+
+def test_doctor_json_round_trips_into_a_recorded_host(tmp_path):
+    out = probec("doctor", "--format", "json", check=True).stdout
+    facts = json.loads(out)
+    assert facts["probec_host_facts"] == 1 and set(facts["mechanisms"]) == {"tracepoint", "uprobe", "kprobe", "fentry"}
+    path = tmp_path / "here.json"
+    path.write_text(out)
+    host = RecordedHost.from_file(str(path))
+    assert host.has_kprobes == facts["mechanisms"]["kprobe"]
+    if facts["tracepoints"] is not None:          # readable tracefs: the same fields as read live
+        live = HostInfo()
+        assert host.tracepoints == live.tracepoints
+        assert host.tracepoint_format("sched", "sched_switch") == live.tracepoint_format("sched", "sched_switch")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "are not JSON"),
+    ('{"probec_host_facts": 99}', "not a probec host-facts record of version 1"),
+    ('[1, 2]', "not a probec host-facts record"),
+    ('{"probec_host_facts": 1, "tracepoints": {"a:b": [[1]]}}', "is malformed"),
+    ('{"probec_host_facts": 1, "mechanisms": []}', "is malformed"),
+])
+def test_bad_host_facts_are_clear_errors(tmp_path, content, message):
+    path = tmp_path / "facts.json"
+    path.write_text(content)
+    result = probec("check", "--target", str(path), "tests/errors/unknown_field.yaml")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_host_facts_must_be_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    result = probec("check", "--target", str(fifo), "tests/errors/unknown_field.yaml", timeout=10)
+    assert result.returncode == 2 and "not a regular file" in result.stderr

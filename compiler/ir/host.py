@@ -7,30 +7,18 @@ from __future__ import annotations
 
 import functools
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
+from ...runtime import features
+from ...runtime.tracefs import TRACEFS_ROOTS, FormatField, available_events, parse_format, read_format, tracefs_root
 
-TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-
-
-@dataclass(frozen=True)
-class FormatField:
-    name: str
-    ctype: str
-    offset: int
-    size: int
-    signed: bool
-    array_len: int            # char name[16] -> 16; 0 for scalars
-
-    @property
-    def is_string(self) -> bool:
-        return self.array_len > 0 and self.ctype.split()[-1] == "char"
+__all__ = ["FormatField", "HostFactsError", "HostInfo", "RecordedHost", "btf_strings", "parse_format"]
 
 
 class HostInfo:
     """Facts about this machine, each read once."""
+
+    which = "this kernel"     # how diagnostics name the kernel whose facts these are
 
     def __init__(self, enabled: bool = True, tracefs_roots: tuple[str, ...] = TRACEFS_ROOTS,
                  btf_path: str = "/sys/kernel/btf/vmlinux"):
@@ -40,23 +28,12 @@ class HostInfo:
 
     @functools.cached_property
     def tracefs(self) -> Path | None:
-        if not self.enabled:
-            return None
-        for root in self.tracefs_roots:
-            if os.access(os.path.join(root, "events"), os.R_OK) and os.path.isdir(os.path.join(root, "events", "sched")):
-                return Path(root)
-        return None
+        return tracefs_root(self.tracefs_roots) if self.enabled else None
 
     @functools.cached_property
     def tracepoints(self) -> set[str] | None:
         """`category:name` of every tracepoint, or None where tracefs is not readable."""
-        if self.tracefs is None:
-            return None
-        try:
-            text = (self.tracefs / "available_events").read_text()
-        except OSError:
-            return None
-        return set(text.split())
+        return available_events(self.tracefs) if self.tracefs is not None else None
 
     @functools.cached_property
     def btf_tracepoints(self) -> set[str] | None:
@@ -71,84 +48,114 @@ class HostInfo:
 
     @functools.lru_cache(maxsize=None)
     def tracepoint_format(self, category: str, name: str) -> dict[str, FormatField] | None:
-        if self.tracefs is None:
-            return None
-        try:
-            text = (self.tracefs / "events" / category / name / "format").read_text()
-        except OSError:
-            return None
-        return parse_format(text)
+        return read_format(self.tracefs, category, name) if self.tracefs is not None else None
 
     @functools.cached_property
     def kernel_functions(self) -> set[str] | None:
         """Names of kernel functions (text symbols), or None when they cannot be read."""
-        if not self.enabled:
-            return None
-        names: set[str] = set()
-        try:
-            with open("/proc/kallsyms") as f:
-                for line in f:
-                    parts = line.split()
-                    if len(parts) >= 3 and parts[1] in ("t", "T"):
-                        names.add(parts[2])
-        except OSError:
-            return None
-        return names or None
+        return features.kernel_functions() if self.enabled else None
 
     @functools.cached_property
     def has_kprobes(self) -> bool | None:
-        if not self.enabled:
-            return None
-        if os.path.exists("/sys/bus/event_source/devices/kprobe"):
-            return True
-        if self.tracefs is not None:
-            return (self.tracefs / "kprobe_events").exists()
-        return False
+        return features.kprobes_available(self.tracefs) if self.enabled else None
 
     @functools.cached_property
     def has_fentry(self) -> bool | None:
         """Loading a do-nothing fentry program is the only honest test; needs root and libbpf."""
-        if not self.enabled:
-            return None
-        try:
-            from ...runtime.features import probe_fentry
-        except ImportError:  # pragma: no cover - runtime is part of the package
-            return None
-        return probe_fentry()
+        return features.probe_fentry() if self.enabled else None
 
     def binary(self, path: str):
         return _open_elf(path)
+
+
+class HostFactsError(Exception):
+    """A recorded host-facts file that cannot be used, with a message a person can act on."""
+
+
+class RecordedHost(HostInfo):
+    """The kernel of another machine, as `probec doctor --format json` recorded it there:
+    tracepoints and their fields, kernel functions and mechanisms. Binaries are still read here,
+    where the build has them. A fact the record does not hold is unknown (None), as on a host
+    where it cannot be read."""
+
+    def __init__(self, facts: dict, origin: str = "host facts"):
+        super().__init__(enabled=True)
+        if not isinstance(facts, dict) or facts.get("probec_host_facts") != features.HOST_FACTS_VERSION:
+            raise HostFactsError(f"{origin} is not a probec host-facts record of version "
+                                 f"{features.HOST_FACTS_VERSION}; record one with 'probec doctor --format json'")
+        self.origin = origin
+        self.facts = facts
+        try:
+            tps = _typed(facts, "tracepoints", dict)
+            self._formats = None if tps is None else {
+                str(tp): None if rows is None else {r[0]: FormatField.from_list(r) for r in rows}
+                for tp, rows in tps.items()}
+            functions = _typed(facts, "kernel_functions", list)
+            self._functions = None if functions is None else {str(f) for f in functions}
+            mech = _typed(facts, "mechanisms", dict) or {}
+            self._mechanisms = {k: (None if mech.get(k) is None else bool(mech.get(k))) for k in ("kprobe", "fentry")}
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+            raise HostFactsError(f"{origin} is malformed ({exc}); record it again with "
+                                 "'probec doctor --format json'") from None
+
+    @classmethod
+    def from_file(cls, path: str) -> "RecordedHost":
+        import json
+        import stat
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise HostFactsError(f"host facts '{path}' is not a regular file")
+            with open(path, "rb") as f:
+                facts = json.loads(f.read(64 << 20))
+        except OSError as exc:
+            raise HostFactsError(f"cannot read host facts '{path}': {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise HostFactsError(f"host facts '{path}' are not JSON: {exc}") from None
+        return cls(facts, f"'{path}'")
+
+    @property
+    def which(self) -> str:
+        return f"the target kernel ({self.facts.get('kernel') or 'unknown'})"
+
+    @functools.cached_property
+    def tracefs(self) -> Path | None:
+        return None
+
+    @functools.cached_property
+    def tracepoints(self) -> set[str] | None:
+        return None if self._formats is None else set(self._formats)
+
+    @functools.cached_property
+    def btf_tracepoints(self) -> set[str] | None:
+        return None
+
+    def tracepoint_format(self, category: str, name: str) -> dict[str, FormatField] | None:
+        return None if self._formats is None else self._formats.get(f"{category}:{name}")
+
+    @functools.cached_property
+    def kernel_functions(self) -> set[str] | None:
+        return self._functions
+
+    @functools.cached_property
+    def has_kprobes(self) -> bool | None:
+        return self._mechanisms["kprobe"]
+
+    @functools.cached_property
+    def has_fentry(self) -> bool | None:
+        return self._mechanisms["fentry"]
+
+
+def _typed(facts: dict, key: str, kind: type):
+    value = facts.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise TypeError(f"'{key}' should be a {'JSON object' if kind is dict else 'list'}")
+    return value
 
 
 @functools.lru_cache(maxsize=64)
 def _open_elf(path: str):
     from ...runtime import elf
     return elf.ElfFile(path)
-
-
-_FIELD = re.compile(r"field:(?P<decl>[^;]+);\s*offset:(?P<off>\d+);\s*size:(?P<size>\d+);\s*signed:(?P<signed>\d+);")
-
-
-def parse_format(text: str) -> dict[str, FormatField]:
-    """Fields of a tracefs `format` file, without the common_* header fields."""
-    fields: dict[str, FormatField] = {}
-    for m in _FIELD.finditer(text):
-        decl = m.group("decl").strip()
-        array_len = 0
-        am = re.fullmatch(r"(.*?)\s*\b([A-Za-z_][A-Za-z0-9_]*)\s*\[(\d*)\]", decl)
-        if am:
-            ctype, name = am.group(1), am.group(2)
-            array_len = int(am.group(3) or 0) or int(m.group("size"))
-        else:
-            nm = re.fullmatch(r"(.*?)\s*\*?\s*\b([A-Za-z_][A-Za-z0-9_]*)", decl)
-            if not nm:
-                continue
-            ctype, name = decl[: nm.start(2)].strip(), nm.group(2)
-        if name.startswith("common_"):
-            continue
-        fields[name] = FormatField(name, ctype, int(m.group("off")), int(m.group("size")),
-                                   m.group("signed") == "1", array_len)
-    return fields
 
 
 def btf_strings(path: str) -> set[str] | None:

@@ -270,7 +270,7 @@ class Lowering:
         probe = Probe(pid, kind, category, name if kind != "usdt" else addr.name, binary, symbol, offset,
                       provider, addr.rate, (), group, variant, addr.text,
                       past_endbr64=bool(offset) and addr.offset is None)
-        if kind == "tracepoint" and fields is None and self.host.enabled and self.host.tracefs is not None:
+        if kind == "tracepoint" and fields is None and self.host.enabled and self.host.tracepoints is not None:
             fields = {}
         ctx = ProbeContext(ctx_kind, addr.text if addr.kind != "kernel" else f"{kind}:{addr.name}", fields,
                            has_fields, arg_count)
@@ -318,10 +318,10 @@ class Lowering:
         if len(variants) > 1:
             if self.opt.kernel == "host" and self.host.enabled and not any(a for a in available):
                 has = "kprobes" if self.host.has_kprobes else "neither kprobes nor fentry"
-                self.d.error("E310", f"span '{s.name}': this kernel has {has}, so 'kernel:{s.begin.probe.name}' "
+                self.d.error("E310", f"span '{s.name}': {self.host.which} has {has}, so 'kernel:{s.begin.probe.name}' "
                              "cannot attach here", s.begin.probe.span,
                              "add 'fallback: syscall:NAME' or 'fallback: {begin: tracepoint:..., end: ...}': "
-                             "tracepoints, syscalls, uprobes and USDT work on this kernel")
+                             f"tracepoints, syscalls, uprobes and USDT work on {self.host.which}")
                 return
             group = f"span_{s.name}"
             labels = [f"{bk}:{bside.probe.name}" if bk in ("fentry", "kprobe") else bside.probe.text
@@ -332,7 +332,7 @@ class Lowering:
                 chosen = next(i for i, a in enumerate(available) if a)
                 self.chosen[group] = chosen
                 if chosen:
-                    self.d.warning("W311", f"span '{s.name}' uses its fallback '{labels[chosen]}' on this kernel "
+                    self.d.warning("W311", f"span '{s.name}' uses its fallback '{labels[chosen]}' on {self.host.which} "
                                    f"({', '.join(labels[:chosen])} cannot attach here)", s.span)
         else:
             group = ""
@@ -340,7 +340,7 @@ class Lowering:
             for kind, side in ((bk, s.begin), (ek, s.end)):
                 if self.mechanism_available(kind) is False:
                     alt = "tracepoint:..., syscall:NAME, uprobe: or usdt:"
-                    self.d.error("E309", f"{kind} probes are not available on this kernel "
+                    self.d.error("E309", f"{kind} probes are not available on {self.host.which} "
                                  f"({'no CONFIG_KPROBES' if 'kprobe' in kind else 'BPF function tracing is locked down'})",
                                  side.probe.span, f"use kernel:{side.probe.name} with a 'fallback', or {alt}; "
                                  "build with --kernel any to target another kernel")
@@ -405,8 +405,8 @@ class Lowering:
                          "use it in a span with a fallback, or name tracepoint:/kprobe:/fentry: directly")
             return []
         if self.mechanism_available(on.kind) is False:
-            self.d.error("E309", f"{on.kind} probes are not available on this kernel", on.span,
-                         "tracepoints, syscalls, uprobes and USDT work on this kernel; "
+            self.d.error("E309", f"{on.kind} probes are not available on {self.host.which}", on.span,
+                         f"tracepoints, syscalls, uprobes and USDT work on {self.host.which}; "
                          "build with --kernel any to target another kernel")
             return []
         b = self.probe(on)
