@@ -107,6 +107,15 @@ def test_recorded_host_decides_mechanisms_not_this_kernel():
     assert not d.has_errors()
 
 
+def test_a_spec_checked_against_two_recorded_kernels():
+    """The same spec, judged by the facts of the kernel it targets, not of the one running check."""
+    spec = "tests/errors/kernel_without_fallback.yaml"
+    old = probec("check", "--target", str(RECORDED.with_name("debian-6.1.json")), spec)
+    assert old.returncode == 0 and "0 error(s), 0 warning(s)" in old.stderr, old.stderr
+    here = probec("check", "--target", str(RECORDED), spec)
+    assert here.returncode == 1 and "error[E310]" in here.stderr and "(6.18.44-fc-v657)" in here.stderr
+
+
 def test_recorded_host_checks_tracepoints_and_fields():
     host = recorded()
     assert not check(SPEC.format(event="sched_switch"), host).has_errors()
