@@ -65,13 +65,18 @@ def spec_text(values: dict[str, str] = BENIGN) -> str:
 
 
 def clang_ready() -> bool:
-    return shutil.which("clang") is not None and (
+    """Whether core builds compile here (clang, and bpftool or a vmlinux.h). Without them the
+    object comparisons are left out; CI must have them."""
+    ready = shutil.which("clang") is not None and (
         shutil.which("bpftool") is not None or bool(os.environ.get("PROBEC_VMLINUX_H")))
+    if not ready and os.environ.get("CI") == "true":
+        pytest.fail("clang and bpftool are needed to compile the core builds under CI")
+    return ready
 
 
-def build(spec: Path, backend: str, out: Path, env: dict | None = None, cwd: Path | None = None):
+def build(spec: Path, backend: str, out: Path, env: dict | None = None):
     r = probec("build", str(spec), "--backend", backend, "-o", str(out), "--bpftrace-version", "0.17",
-               env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, cwd=cwd or ROOT)
+               env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     assert "Traceback" not in r.stderr, r.stderr
     return r
 
@@ -89,7 +94,7 @@ def object_sections(path: Path) -> dict[str, bytes]:
     return {s.name: f.section_data(s) for s in f.sections if s.name != ".debug_line"}
 
 
-def assert_inert_comments(text: str, comment: str) -> None:
+def assert_inert_comments(text: str) -> None:
     """Every line is printable ASCII: no outside character ended a comment or a line."""
     for line in text.split("\n"):
         assert all(0x20 <= ord(c) < 0x7F or c == "\t" for c in line), repr(line)
@@ -119,7 +124,7 @@ def test_hostile_spec_file_names_stay_in_their_comments(case, tmp_path, benign_b
     bt = build(spec, "bpftrace", tmp_path / "bt")
     assert bt.returncode == 0, bt.stderr
     script = (tmp_path / "bt" / "inj.bt").read_text()
-    assert_inert_comments(script, "//")
+    assert_inert_comments(script)
     assert code_lines(script) == code_lines((benign["bpftrace"] / "inj.bt").read_text())
     manifest = json.loads((tmp_path / "bt" / "manifest.json").read_text())
     assert manifest["spec"] == spec.name                     # JSON carries it whole
@@ -128,7 +133,7 @@ def test_hostile_spec_file_names_stay_in_their_comments(case, tmp_path, benign_b
     assert core.returncode == 0, core.stderr
     for name in ("inj.bpf.c", "inj.h", "loader.py"):
         text = (tmp_path / "core" / name).read_text()
-        assert_inert_comments(text, "")
+        assert_inert_comments(text)
         assert text.count("\n") == (benign["core"] / name).read_text().count("\n"), name
     loader = (tmp_path / "core" / "loader.py").read_text()
     assert ast.dump(ast.parse(loader)) == ast.dump(ast.parse((benign["core"] / "loader.py").read_text()))
@@ -291,6 +296,8 @@ def test_resolved_paths_are_quoted_or_refused_for_bpftrace(route, case, tmp_path
         spec_line = [line for line in r.stderr.splitlines() if "error[" in line]
         assert spec_line and all(re.match(r".*spec\.yaml:\d+:\d+: error\[E503\]: ", line) for line in spec_line), \
             r.stderr
+        for line in r.stderr.splitlines():     # the path is shown escaped, on the diagnostic's line
+            assert re.match(r".*spec\.yaml:\d+:\d+: error|\s*\d* \| |  help: ", line), line
         assert not (tmp_path / "hostile" / "out").exists()
         return
     assert r.returncode == 0, r.stderr
@@ -302,7 +309,6 @@ def test_resolved_paths_are_quoted_or_refused_for_bpftrace(route, case, tmp_path
     path = os.path.realpath(target)
     written = '"' + path.replace('"', '\\"') + '"' if expected == "quoted" else path
     assert changed[0][1] == changed[0][0].replace(os.path.realpath(plain_target), written)
-    assert not (tmp_path / "hostile" / MARKER).exists()
 
 
 @pytest.mark.parametrize("route", ROUTES)
