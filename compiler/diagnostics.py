@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Iterable
 
+from .escaping import one_line
+
 
 class Severity(str, Enum):
     ERROR = "error"
@@ -112,7 +114,8 @@ def did_you_mean(name: str, candidates: Iterable[str], n: int = 1) -> str:
 
 
 def render_text(diagnostics: Iterable[Diagnostic], sources: dict[str, str], color: bool = False) -> str:
-    """Render as `file:line:col: error[CODE]: message`, the source line, a caret, and help lines."""
+    """Render as `file:line:col: error[CODE]: message`, the source line, a caret, and help lines.
+    File names, messages and hints quote outside text (paths, names): each stays on its line."""
     out: list[str] = []
     for d in diagnostics:
         sev = d.severity.value
@@ -120,10 +123,10 @@ def render_text(diagnostics: Iterable[Diagnostic], sources: dict[str, str], colo
             tint = {"error": "\033[1;31m", "warning": "\033[1;33m", "note": "\033[1;36m"}[sev]
             sev = f"{tint}{sev}\033[0m"
         if d.span is None:
-            out.append(f"{sev}[{d.code}]: {d.message}")
+            out.append(f"{sev}[{d.code}]: {one_line(d.message)}")
         else:
             s = d.span
-            out.append(f"{s.file}:{s.line}:{s.col}: {sev}[{d.code}]: {d.message}")
+            out.append(f"{one_line(s.file)}:{s.line}:{s.col}: {sev}[{d.code}]: {one_line(d.message)}")
             lines = sources.get(s.file, "").splitlines()
             if 1 <= s.line <= len(lines):
                 text = lines[s.line - 1].expandtabs(1)
@@ -135,7 +138,7 @@ def render_text(diagnostics: Iterable[Diagnostic], sources: dict[str, str], colo
                 out.append(f" {gutter} | {text}")
                 out.append(f" {' ' * len(gutter)} | {' ' * (s.col - 1)}{'^' * width}")
         for hint in d.hints:
-            out.append(f"  help: {hint}")
+            out.append(f"  help: {one_line(hint)}")
     return "\n".join(out) + ("\n" if out else "")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jinja2
 
+from .. import escaping
 from ..diagnostics import Diagnostics, SourceSpan
 from ..ir.nodes import Program
 from .manifest import manifest_for
@@ -68,9 +69,14 @@ class Backend:
 
 
 
+# Outside text enters a template only through one of these (see compiler/escaping.py).
+TEMPLATE_FILTERS = {name: getattr(escaping, name) for name in
+                    ("c_comment", "c_string", "python_comment", "bpftrace_comment")}
+
+
 def template_environment(backend: str) -> jinja2.Environment:
     folder = resources.files("probec.templates").joinpath(backend)
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(folder)),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -78,3 +84,5 @@ def template_environment(backend: str) -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
+    env.filters.update(TEMPLATE_FILTERS)
+    return env

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
+from ..diagnostics import SourceSpan
+
 
 # --- types -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -337,6 +339,7 @@ class Probe:
     variant: int = 0
     spec_text: str = ""            # the address as the user wrote it (for messages)
     past_endbr64: bool = False     # `offset` is probec's placement past endbr64, not the spec's
+    span: SourceSpan | None = field(default=None, compare=False)   # where the address is written
 
 
 @dataclass(frozen=True)

@@ -5,17 +5,13 @@ from __future__ import annotations
 import re
 
 from ...diagnostics import Diagnostics, SourceSpan
+from ...escaping import bpftrace_address_part, bpftrace_string, visible
 from ...ir import nodes as ir
 from ..base import Backend, Bundle, template_environment
 
 SEPARATOR = "\\037"          # ASCII unit separator between printf fields: never in a number
 EVENT_MARK = "E"
 READY_MARK = "probec: all probes attached"
-
-
-def bpftrace_string(data: bytes) -> str:
-    """A bpftrace string literal. Input is printable ASCII (checked in typing); escape the rest."""
-    return '"' + data.decode("ascii").replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class ExpressionEmitter:
@@ -97,6 +93,7 @@ class BpftraceBackend(Backend):
         self.interval_ms = interval_ms
         self.env = template_environment("bpftrace")
         self.counter = 0
+        self.unnameable: set[str] = set()      # paths and symbols reported as beyond bpftrace
 
     # -- names ---------------------------------------------------------------------------------
     def var(self, stem: str) -> str:
@@ -107,13 +104,30 @@ class BpftraceBackend(Backend):
     def map_name(name: str) -> str:
         return "@" + name
 
-    def address(self, p: ir.Probe) -> str:
+    def address_part(self, p: ir.Probe, what: str, text: str) -> str | None:
+        """A resolved path or ELF symbol as bpftrace can read it; None where it cannot (an error, once)."""
+        part = bpftrace_address_part(text)
+        if part is None and text not in self.unnameable:
+            self.unnameable.add(text)
+            self.d.error("E503", f"{p.spec_text}: the {what} is '{visible(text)}', which bpftrace "
+                         f"{self.version[0]}.{self.version[1]} cannot name in a probe address", p.span,
+                         "bpftrace reads ':', '\\', '*', '?', '[', ']', '$', control characters and "
+                         "non-ASCII there as something else; the core backend takes any path, or reach "
+                         "the file through folders without them (symlinks are resolved first)")
+        return part
+
+    def address(self, p: ir.Probe) -> str | None:
         if p.kind == "tracepoint":
             return f"tracepoint:{p.category}:{p.name}"
         if p.kind in ("uprobe", "uretprobe"):
-            return f"{p.kind}:{p.binary}:{p.symbol}"
+            # Checked here, after resolution: the spec's spelling was checked at load, but a
+            # symlink, the spec's folder, ${VARIABLE} or a library look-up can lead anywhere.
+            binary = self.address_part(p, "binary after resolution", p.binary)
+            symbol = binary and self.address_part(p, "symbol", p.symbol)
+            return f"{p.kind}:{binary}:{symbol}" if binary and symbol else None
         if p.kind == "usdt":
-            return f"usdt:{p.binary}:{p.provider}:{p.name}"
+            binary = self.address_part(p, "binary after resolution", p.binary)
+            return f"usdt:{binary}:{p.provider}:{p.name}" if binary else None
         if p.kind in ("kprobe", "kretprobe"):
             return f"{p.kind}:{p.name}"
         if p.kind in ("fentry", "fexit"):
@@ -216,12 +230,15 @@ class BpftraceBackend(Backend):
                                f"past endbr64 (+{p.offset}); the prototype probes the entry, which costs a "
                                "single-step trap per call. The core backend places it past endbr64.", None)
             # (A return probe placed past endbr64 goes to the entry too: that changes its cost only.)
+            address = self.address(p)
+            if address is None:
+                continue
             em = ExpressionEmitter(p, self.version)
             lines = []
             for a in p.actions:
                 lines += self.action(a, em, program)
             lines = em.prelude + lines
-            probes_text.append(self.render("probe.bt.j2", address=self.address(p),
+            probes_text.append(self.render("probe.bt.j2", address=address,
                                            actions=["  " + line if line else line for line in lines]))
             used_probes.append(p)
         printed = []

@@ -3,7 +3,8 @@ thin loader and, where clang exists, the compiled object.
 
 Every name, size, offset, bucket table and health slot is computed here; the templates in
 `templates/core/` only loop and branch over what this module hands them. Spec strings never reach
-the C source as string literals: they become byte arrays (`probec_str_N`), so no spec can inject C.
+the C source as string literals: they become byte arrays (`probec_str_N`), so no spec can inject C;
+other outside text (file names, addresses) goes through the filters of `compiler/escaping.py`.
 """
 
 from __future__ import annotations
@@ -50,11 +51,6 @@ SCALAR_C = {(1, False): "__u8", (2, False): "__u16", (4, False): "__u32", (8, Fa
 
 def c_u64(value: int) -> str:
     return f"{value:#x}ULL" if value == U64_MAX else f"{value}ULL"
-
-
-def c_comment(text: str) -> str:
-    """Text safe inside /* */: spec addresses are validated, but never trust that here."""
-    return "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text).replace("*/", "*_/")
 
 
 def c_member(layout_field: ir.Field, is_event_member: bool) -> str:
@@ -452,7 +448,7 @@ class CoreBackend(Backend):
         if stack > STACK_BUDGET:
             self.unsupported("this much stack", where=f"{p.spec_text or p.id}: about {stack} bytes")
         text = self.render(
-            "probe.bpf.c.j2", comment=c_comment(p.spec_text or p.id), section=section.format(
+            "probe.bpf.c.j2", comment=p.spec_text or p.id, section=section.format(
                 category=p.category, name=p.name), name=p.id, ctx_type=ctx_type, now="now" in em.needs,
             comm="comm" in em.needs, pid_tgid="id" in em.needs,
             tp_strings=[{"name": f"probec_tp_{f.name}", "size": f.size, "offset": f.offset}
