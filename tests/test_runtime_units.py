@@ -105,3 +105,31 @@ def test_bpftrace_health_counts_carry_over_a_restart(tmp_path):
     runner.carry_over()
     runner.handle({"type": "map", "data": {"@__ev_slow_seen": 1, "@__span_offcpu_outside": 1}})
     assert store.health.events_emitted["slow"] == 6 and store.health.span_outside == {"offcpu": 3}
+
+
+def test_bpftrace_dump_cut_by_a_kill_is_not_applied(tmp_path):
+    """A dump is applied once its mark arrives: maps of a dump that a kill cut short never reach
+    the store, so what a restart carries over (counters and histograms alike) is one dump."""
+    from probec.runtime.bpftrace_runner import BpftraceRunner
+    from probec.runtime.manifest import Bundle
+    (tmp_path / "t.bt").write_text("")
+    manifest = {**MANIFEST, "backend": "bpftrace", "files": {"script": "t.bt"}, "spans": [],
+                "bpftrace": {"dump_mark": "probec: dump end"}}
+    store = MetricStore(manifest)
+    runner = BpftraceRunner(Bundle(tmp_path, manifest), store, None, log=lambda *_: None)
+    mark = {"type": "printf", "data": "probec: dump end\n"}
+    runner.handle({"type": "map", "data": {"@m_calls_total": {"a,1": 5}}})
+    assert store.snapshot()["calls_total"].series == {}          # not before its mark
+    runner.handle({"type": "map", "data": {"@m_lat_seconds": {"a,0": 5}}})
+    runner.handle({"type": "map", "data": {"@m_lat_seconds_sum": {"a": 500}}})
+    runner.handle(mark)
+    assert store.snapshot()["calls_total"].series == {("a", 1): 5}
+    assert store.snapshot()["lat_seconds"].series[("a",)].count == 5
+    runner.handle({"type": "map", "data": {"@m_calls_total": {"a,1": 9}}})   # then killed: no mark
+    runner.pending = {}                                          # what the reader does at a kill
+    runner.carry_over()
+    runner.handle({"type": "map", "data": {"@m_calls_total": {"a,1": 1}}})
+    runner.handle({"type": "map", "data": {"@m_lat_seconds": {"a,0": 1}}})
+    runner.handle(mark)
+    assert store.snapshot()["calls_total"].series == {("a", 1): 6}
+    assert store.snapshot()["lat_seconds"].series[("a",)].count == 6

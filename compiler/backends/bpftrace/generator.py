@@ -11,6 +11,7 @@ from ..base import Backend, Bundle, template_environment
 SEPARATOR = "\\037"          # ASCII unit separator between printf fields: never in a number
 EVENT_MARK = "E"
 READY_MARK = "probec: all probes attached"
+DUMP_MARK = "probec: dump end"     # printed after the last map of each periodic dump
 
 
 def bpftrace_string(data: bytes) -> str:
@@ -241,12 +242,14 @@ class BpftraceBackend(Backend):
         script = "\n".join(self.env.get_template("script.bt.j2").render(
             source=program.source, version=f"{self.version[0]}.{self.version[1]}", name=program.name,
             probes=[("\n".join(t)).rstrip() for t in probes_text], interval_ms=self.interval_ms,
-            printed_maps=printed, cleared_maps=cleared, ready_mark=READY_MARK).split("\n"))
+            printed_maps=printed, cleared_maps=cleared, ready_mark=READY_MARK,
+            dump_mark=DUMP_MARK).split("\n"))
         script_name = f"{program.name}.bt"
         keys_max = max([m.max_entries for m in program.maps if m.type not in ("RINGBUF", "STACK_TRACE")] + [4096])
         manifest = self.base_manifest(program, files={"script": script_name}, bpftrace={
             "version": f"{self.version[0]}.{self.version[1]}", "interval_ms": self.interval_ms,
             "map_keys_max": keys_max, "separator": "\x1f", "event_mark": EVENT_MARK, "ready_mark": READY_MARK,
+            "dump_mark": DUMP_MARK,
             "probes": [p.id for p in used_probes],
         })
         return Bundle(program.name, self.name, {script_name: script.encode()}, manifest)
