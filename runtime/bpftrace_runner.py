@@ -90,6 +90,11 @@ class MapDecoder:
                 series[labels] = (mine or 0) + base
         self.store.replace(name, series)
 
+    def keyless(self, map_name: str) -> bool:
+        """A map bpftrace prints as a bare number: a counter or histogram sum with no labels."""
+        meta, role = self.by_map.get(map_name, ({"labels": [None]}, "main"))
+        return not meta["labels"] and not (meta.get("kind") == "histogram" and role == "main")
+
     def split_key(self, key: str, types: list[str]) -> tuple | None:
         """bpftrace joins key parts with ','; a string part may itself hold commas."""
         parts = key.split(",")
@@ -175,6 +180,9 @@ class BpftraceRunner:
         # A dump is applied only once its mark arrives (a bundle without a mark: map by map).
         self.dump_mark = self.settings.get("dump_mark")
         self.pending: dict[str, object] = {}     # maps of the dump in progress: name -> data
+        # Metric maps keyed by epoch first: what each epoch held when a dump last froze it.
+        self.epoch_maps = set(self.settings.get("epoch_maps", []))
+        self.frozen: dict[int, dict[str, dict]] = {0: {}, 1: {}}
         self.attached_at = 0.0
         self.missed_before = 0                   # skipped runs of bpftrace processes before a restart
         self.stopping = False
@@ -269,13 +277,14 @@ class BpftraceRunner:
         except subprocess.TimeoutExpired:
             clean = False
         if clean and self.pending:
-            self.apply_dump()
+            self.apply_dump(final=True)
         self.pending = {}
 
     def carry_over(self) -> None:
         """Before a restart: the new bpftrace starts its maps at zero, so what is shown now (its
         metrics and its health counts) becomes the base the next one's counts add to."""
         self.decoder.carry_over()
+        self.frozen = {0: {}, 1: {}}
         for name, (target, owner) in self.counters.items():
             self.counter_base[name] = target.get(owner, 0)
 
@@ -292,18 +301,30 @@ class BpftraceRunner:
             self.pending.update(data)
             if not self.dump_mark:
                 self.apply_dump()
-        elif kind == "printf" and self.dump_mark and data == self.dump_mark + "\n":
-            self.apply_dump()
+        elif kind == "printf" and self.dump_mark and isinstance(data, str) and data.startswith(self.dump_mark):
+            epoch = data[len(self.dump_mark):].strip()
+            self.apply_dump(int(epoch) if epoch.isdigit() else None)
         elif kind == "printf" and isinstance(data, str):
             self.event(data)
         elif kind == "lost_events":
             self.store.health.events_lost += int((data or {}).get("events", 0))
 
-    def apply_dump(self) -> None:
+    def apply_dump(self, frozen: int | None = None, final: bool = False) -> None:
         """Install the maps of one whole dump: a restart carries over what the store shows, so
-        counters and histograms come from the same dump, never one from a dump cut by a kill."""
+        counters and histograms come from the same dump, never one from a dump cut by a kill.
+
+        A metric map's counts are the epoch this dump froze plus the other one as the dump before
+        froze it: both stopped at a flip, so all maps agree. The final dump, printed after the
+        probes detached, holds both epochs complete."""
         started = time.monotonic()
         for name, value in self.pending.items():
+            if name in self.epoch_maps and isinstance(value, dict) and (frozen is not None or final):
+                by_epoch = self.split_epochs(value)
+                if final:
+                    self.frozen = {e: {**self.frozen[e], name: by_epoch.get(e, {})} for e in (0, 1)}
+                else:
+                    self.frozen[frozen][name] = by_epoch.get(frozen, {})
+                value = self.merge_epochs(name)
             if name in self.counters:
                 target, owner = self.counters[name]
                 count = int(value) if not isinstance(value, dict) else 0
@@ -317,6 +338,27 @@ class BpftraceRunner:
         with self.dumped:
             self.last_dump = time.monotonic()
             self.dumped.notify_all()
+
+    @staticmethod
+    def split_epochs(data: dict) -> dict[int, dict[str, int]]:
+        """{"E,rest of key": n} -> {E: {"rest of key": n}} ("" for a map keyed by the epoch alone)."""
+        out: dict[int, dict[str, int]] = {0: {}, 1: {}}
+        for key, value in data.items():
+            epoch, _, rest = str(key).partition(",")
+            if epoch in ("0", "1"):
+                out[int(epoch)][rest] = value
+        return out
+
+    def merge_epochs(self, name: str):
+        """Both epochs' counts of one map, in the shape bpftrace prints it without the epoch key:
+        a number for a map with no other key, else {key: n}."""
+        merged: dict[str, int] = {}
+        for epoch in (0, 1):
+            for key, value in self.frozen[epoch].get(name, {}).items():
+                merged[key] = merged.get(key, 0) + int(value)
+        if self.decoder.keyless(name):
+            return merged.get("", 0)
+        return merged
 
     def event(self, text: str) -> None:
         sep, mark = self.settings.get("separator", "\x1f"), self.settings.get("event_mark", "E")
