@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup workloads demo test check bench clean
+.PHONY: setup workloads demo test check bench soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,11 @@ check: setup
 
 bench: workloads
 	@$(PYTHON) benchmarks/check_speed.py
+
+# An hour of the core collector under load (SOAK_SECONDS=300 for five minutes): exact counts, RSS
+# and fds over time, in benchmarks/results/soak.md. It loads eBPF: it holds the kernel lock throughout.
+soak: workloads
+	@flock /tmp/probec-kernel.lock $(PYTHON) benchmarks/soak.py
 
 clean:
 	@$(MAKE) -s -C tests/workloads clean

@@ -4,6 +4,7 @@ its printf events to the event sink, restarts it if it dies after attaching, and
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -19,6 +20,30 @@ from .store import HistogramSeries, MetricStore
 HARMLESS_STDERR = ("couldn't set RLIMIT_MEMLOCK",)
 MAX_RESTARTS = 5             # within RESTART_WINDOW_S; more than that and the runner gives up
 RESTART_WINDOW_S = 300
+PR_SET_PDEATHSIG = 1
+
+
+def _libc_prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()      # resolved here: the child between fork and exec must not load anything
+
+
+def die_with_parent(parent: int):
+    """A preexec_fn: the child gets SIGKILL when the thread that started it exits, so a `probec run`
+    that is itself SIGKILLed leaves no bpftrace attached. (The kernel detaches a killed bpftrace's
+    probes when its file descriptors close.) Checks the parent afterwards: one that died before
+    the prctl would never send the signal."""
+    def set_death_signal() -> None:
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+    return set_death_signal
 
 
 class BpftraceError(Exception):
@@ -64,6 +89,11 @@ class MapDecoder:
             else:
                 series[labels] = (mine or 0) + base
         self.store.replace(name, series)
+
+    def keyless(self, map_name: str) -> bool:
+        """A map bpftrace prints as a bare number: a counter or histogram sum with no labels."""
+        meta, role = self.by_map.get(map_name, ({"labels": [None]}, "main"))
+        return not meta["labels"] and not (meta.get("kind") == "histogram" and role == "main")
 
     def split_key(self, key: str, types: list[str]) -> tuple | None:
         """bpftrace joins key parts with ','; a string part may itself hold commas."""
@@ -145,8 +175,15 @@ class BpftraceRunner:
         self.decoder = MapDecoder(self.manifest, store)
         self.proc: subprocess.Popen | None = None
         self.attached = threading.Event()
-        self.dumped = threading.Condition()      # notified on each map message
+        self.dumped = threading.Condition()      # notified on each whole dump
         self.last_dump = 0.0
+        # A dump is applied only once its mark arrives (a bundle without a mark: map by map).
+        self.dump_mark = self.settings.get("dump_mark")
+        self.pending: dict[str, object] = {}     # maps of the dump in progress: name -> data
+        # Metric maps keyed by epoch first: what each epoch held when a dump last froze it.
+        self.epoch_maps = set(self.settings.get("epoch_maps", []))
+        self.frozen: dict[int, dict[str, dict]] = {0: {}, 1: {}}
+        self.attached_at = 0.0
         self.missed_before = 0                   # skipped runs of bpftrace processes before a restart
         self.stopping = False
         self.failure: str | None = None
@@ -178,10 +215,12 @@ class BpftraceRunner:
         self.attached.clear()
         self.failure = None
         self.stderr_tail = []
+        # The death signal goes with the thread that forks: start() runs on the session's main
+        # thread (first start and restarts from poll()), which lives as long as `probec run`.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env, text=True, bufsize=1,
                                      encoding="utf-8", errors="replace",
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
         threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True).start()
         self.thread = threading.Thread(target=self._read_stdout, args=(self.proc,), daemon=True)
         self.thread.start()
@@ -231,11 +270,21 @@ class BpftraceRunner:
                 self.store.health.decode_errors += 1
                 if self.store.health.decode_errors <= 3:
                     self.log(f"cannot decode bpftrace output ({exc.__class__.__name__}: {exc}): {line[:120]}")
+        # bpftrace prints its maps once more as it exits, with no mark after them: whole when it
+        # exited cleanly (stopped by us), cut anywhere when it was killed or crashed.
+        try:
+            clean = proc.wait(5) == 0
+        except subprocess.TimeoutExpired:
+            clean = False
+        if clean and self.pending:
+            self.apply_dump(final=True)
+        self.pending = {}
 
     def carry_over(self) -> None:
         """Before a restart: the new bpftrace starts its maps at zero, so what is shown now (its
         metrics and its health counts) becomes the base the next one's counts add to."""
         self.decoder.carry_over()
+        self.frozen = {0: {}, 1: {}}
         for name, (target, owner) in self.counters.items():
             self.counter_base[name] = target.get(owner, 0)
 
@@ -244,28 +293,72 @@ class BpftraceRunner:
         if kind == "printf" and data == self.settings.get("ready_mark", "") + "\n":
             # bpftrace says "attached" before attaching; our last probe firing is the real signal.
             self.store.health.attached = {p: 1 for p in self.settings.get("probes", [])}
+            self.attached_at = time.monotonic()
             self.attached.set()
         elif kind == "map" and isinstance(data, dict):
             if "@__probec_ready" in data:
                 return
-            started = time.monotonic()
-            for name, value in data.items():
-                if name in self.counters:
-                    target, owner = self.counters[name]
-                    count = int(value) if not isinstance(value, dict) else 0
-                    target[owner] = self.counter_base.get(name, 0) + count
-                else:
-                    self.decoder.feed(name, value)
-            self.store.health.last_read_seconds = time.monotonic() - started
-            self.store.health.reads += 1
-            self.store.remember()
-            with self.dumped:
-                self.last_dump = time.monotonic()
-                self.dumped.notify_all()
+            self.pending.update(data)
+            if not self.dump_mark:
+                self.apply_dump()
+        elif kind == "printf" and self.dump_mark and isinstance(data, str) and data.startswith(self.dump_mark):
+            epoch = data[len(self.dump_mark):].strip()
+            self.apply_dump(int(epoch) if epoch.isdigit() else None)
         elif kind == "printf" and isinstance(data, str):
             self.event(data)
         elif kind == "lost_events":
             self.store.health.events_lost += int((data or {}).get("events", 0))
+
+    def apply_dump(self, frozen: int | None = None, final: bool = False) -> None:
+        """Install the maps of one whole dump: a restart carries over what the store shows, so
+        counters and histograms come from the same dump, never one from a dump cut by a kill.
+
+        A metric map's counts are the epoch this dump froze plus the other one as the dump before
+        froze it: both stopped at a flip, so all maps agree. The final dump, printed after the
+        probes detached, holds both epochs complete."""
+        started = time.monotonic()
+        for name, value in self.pending.items():
+            if name in self.epoch_maps and isinstance(value, dict) and (frozen is not None or final):
+                by_epoch = self.split_epochs(value)
+                if final:
+                    self.frozen = {e: {**self.frozen[e], name: by_epoch.get(e, {})} for e in (0, 1)}
+                else:
+                    self.frozen[frozen][name] = by_epoch.get(frozen, {})
+                value = self.merge_epochs(name)
+            if name in self.counters:
+                target, owner = self.counters[name]
+                count = int(value) if not isinstance(value, dict) else 0
+                target[owner] = self.counter_base.get(name, 0) + count
+            else:
+                self.decoder.feed(name, value)
+        self.pending = {}
+        self.store.health.last_read_seconds = time.monotonic() - started
+        self.store.health.reads += 1
+        self.store.remember()
+        with self.dumped:
+            self.last_dump = time.monotonic()
+            self.dumped.notify_all()
+
+    @staticmethod
+    def split_epochs(data: dict) -> dict[int, dict[str, int]]:
+        """{"E,rest of key": n} -> {E: {"rest of key": n}} ("" for a map keyed by the epoch alone)."""
+        out: dict[int, dict[str, int]] = {0: {}, 1: {}}
+        for key, value in data.items():
+            epoch, _, rest = str(key).partition(",")
+            if epoch in ("0", "1"):
+                out[int(epoch)][rest] = value
+        return out
+
+    def merge_epochs(self, name: str):
+        """Both epochs' counts of one map, in the shape bpftrace prints it without the epoch key:
+        a number for a map with no other key, else {key: n}."""
+        merged: dict[str, int] = {}
+        for epoch in (0, 1):
+            for key, value in self.frozen[epoch].get(name, {}).items():
+                merged[key] = merged.get(key, 0) + int(value)
+        if self.decoder.keyless(name):
+            return merged.get("", 0)
+        return merged
 
     def event(self, text: str) -> None:
         sep, mark = self.settings.get("separator", "\x1f"), self.settings.get("event_mark", "E")
@@ -337,9 +430,18 @@ class BpftraceRunner:
             return
         self.store.health.backend_restarts += 1
         tail = "; ".join(self.stderr_tail[-3:]) or "no error output"
-        self.log(f"bpftrace exited with status {self.proc.returncode} ({tail}); restarting, counts carried over")
+        status = self.proc.returncode
+        # Counted up to its last whole dump (or its attachment, with no dump yet); the new one
+        # counts from its attachment. Between the two nothing is counted: that gap is what the
+        # restart cost, though not how many events fell in it.
+        counted_until = max(self.last_dump, self.attached_at)
         self.carry_over()
         self.start()
+        gap = self.attached_at - counted_until
+        self.store.health.backend_gap_seconds += gap
+        self.log(f"bpftrace exited with status {status} ({tail}); restarted: nothing was counted for {gap:.2f}s "
+                 "(from its last whole dump to the new attachment, in probec_backend_gap_seconds_total); "
+                 "counts before that carried over")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Waits for one more periodic dump, then SIGINT lets bpftrace detach and print its final

@@ -91,6 +91,14 @@ class StoreCollector:
         yield counter("probec_events_rate_limited", "Events held back by the spec's rate limit.", "event",
                       h.events_rate_limited)
         yield counter("probec_backend_restarts", "Times the tracing engine was restarted.", value=h.backend_restarts)
+        yield counter("probec_backend_gap_seconds", "Seconds in which nothing was counted because the tracing "
+                      "engine was restarting: from the last whole map dump of the engine that died to the "
+                      "attachment of the next. Events in them are in no metric.", value=h.backend_gap_seconds)
+        dropped = CounterMetricFamily("probec_events_dropped", "Events decoded but not kept, by reason: "
+                                      "write = the --events file could not be written (disk full).",
+                                      labels=["reason"])
+        dropped.add_metric(["write"], h.events_unwritten)
+        yield dropped
         yield counter("probec_backend_errors", "Error lines or failures from the tracing engine.",
                       value=h.backend_errors)
         yield counter("probec_decode_errors", "Map entries or events that could not be decoded.",

@@ -115,7 +115,11 @@ def run_target(args) -> int:
             "'probec check' works without")
         return 1
     store = MetricStore(bundle.manifest, window_s=args.window)
-    sink = EventSink(args.events, bundle.manifest) if bundle.manifest["events"] else None
+    try:
+        sink = EventSink(args.events, bundle.manifest, store.health, log) if bundle.manifest["events"] else None
+    except OSError as exc:
+        log(f"error: cannot write events to {args.events}: {exc.strerror or exc}")
+        return 1
     stop = threading.Event()
     received = []
 

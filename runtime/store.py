@@ -39,6 +39,8 @@ class Health:
     events_rate_limited: dict[str, int] = field(default_factory=collections.Counter)
     events_written: int = 0
     backend_restarts: int = 0
+    backend_gap_seconds: float = 0.0    # time nothing was counted: engine restarts
+    events_unwritten: int = 0           # events decoded but not written to --events
     backend_errors: int = 0
     decode_errors: int = 0
     map_entries: dict[str, int] = field(default_factory=dict)

@@ -26,6 +26,7 @@ BENCHMARKS = {
                 "A consumer too slow: 16 KiB ring"],
     "event_cost": ["## busy 200 us calls", "core (CO-RE C): span + an event per call", "bpftrace 0.17: span",
                    "Event per call, bpftrace / core"],
+    "soak": ["## Counts", "**yes**", "## The collector over time"],
 }
 TIMEOUT = 120
 

@@ -105,3 +105,62 @@ def test_bpftrace_health_counts_carry_over_a_restart(tmp_path):
     runner.carry_over()
     runner.handle({"type": "map", "data": {"@__ev_slow_seen": 1, "@__span_offcpu_outside": 1}})
     assert store.health.events_emitted["slow"] == 6 and store.health.span_outside == {"offcpu": 3}
+
+
+def test_bpftrace_dump_cut_by_a_kill_is_not_applied(tmp_path):
+    """A dump is applied once its mark arrives: maps of a dump that a kill cut short never reach
+    the store, so what a restart carries over (counters and histograms alike) is one dump."""
+    from probec.runtime.bpftrace_runner import BpftraceRunner
+    from probec.runtime.manifest import Bundle
+    (tmp_path / "t.bt").write_text("")
+    manifest = {**MANIFEST, "backend": "bpftrace", "files": {"script": "t.bt"}, "spans": [],
+                "bpftrace": {"dump_mark": "probec: dump end"}}
+    store = MetricStore(manifest)
+    runner = BpftraceRunner(Bundle(tmp_path, manifest), store, None, log=lambda *_: None)
+    mark = {"type": "printf", "data": "probec: dump end\n"}
+    runner.handle({"type": "map", "data": {"@m_calls_total": {"a,1": 5}}})
+    assert store.snapshot()["calls_total"].series == {}          # not before its mark
+    runner.handle({"type": "map", "data": {"@m_lat_seconds": {"a,0": 5}}})
+    runner.handle({"type": "map", "data": {"@m_lat_seconds_sum": {"a": 500}}})
+    runner.handle(mark)
+    assert store.snapshot()["calls_total"].series == {("a", 1): 5}
+    assert store.snapshot()["lat_seconds"].series[("a",)].count == 5
+    runner.handle({"type": "map", "data": {"@m_calls_total": {"a,1": 9}}})   # then killed: no mark
+    runner.pending = {}                                          # what the reader does at a kill
+    runner.carry_over()
+    runner.handle({"type": "map", "data": {"@m_calls_total": {"a,1": 1}}})
+    runner.handle({"type": "map", "data": {"@m_lat_seconds": {"a,0": 1}}})
+    runner.handle(mark)
+    assert store.snapshot()["calls_total"].series == {("a", 1): 6}
+    assert store.snapshot()["lat_seconds"].series[("a",)].count == 6
+
+
+def test_bpftrace_epochs_add_up_to_one_instant(tmp_path):
+    """Metric maps are keyed by an epoch that each dump flips: the runner adds the epoch a dump
+    froze to the other one as the dump before froze it, and ignores the epoch still counting."""
+    from probec.runtime.bpftrace_runner import BpftraceRunner
+    from probec.runtime.manifest import Bundle
+    (tmp_path / "t.bt").write_text("")
+    maps = ["@m_calls_total", "@m_lat_seconds", "@m_lat_seconds_sum"]
+    manifest = {**MANIFEST, "backend": "bpftrace", "files": {"script": "t.bt"}, "spans": [],
+                "bpftrace": {"dump_mark": "probec: dump end", "epoch_maps": maps}}
+    store = MetricStore(manifest)
+    runner = BpftraceRunner(Bundle(tmp_path, manifest), store, None, log=lambda *_: None)
+
+    def dump(frozen, calls, lat, lat_sum):
+        runner.handle({"type": "map", "data": {"@m_calls_total": calls}})
+        runner.handle({"type": "map", "data": {"@m_lat_seconds": lat}})
+        runner.handle({"type": "map", "data": {"@m_lat_seconds_sum": lat_sum}})
+        if frozen is not None:
+            runner.handle({"type": "printf", "data": f"probec: dump end {frozen}\n"})
+
+    def shown():
+        snap = store.snapshot()
+        return snap["calls_total"].series[("a", 1)], snap["lat_seconds"].series[("a",)].count
+    dump(0, {"0,a,1": 5, "1,a,1": 1}, {"0,a,0": 5, "1,a,0": 2}, {"0,a": 50, "1,a": 20})
+    assert shown() == (5, 5)                      # epoch 1 is still counting: not shown yet
+    dump(1, {"0,a,1": 7, "1,a,1": 3}, {"0,a,0": 8, "1,a,0": 3}, {"0,a": 80, "1,a": 30})
+    assert shown() == (8, 8)                      # 5 (epoch 0 at the first flip) + 3
+    dump(None, {"0,a,1": 9, "1,a,1": 3}, {"0,a,0": 9, "1,a,0": 3}, {"0,a": 90, "1,a": 30})
+    runner.apply_dump(final=True)                 # printed at exit, after the probes detached
+    assert shown() == (12, 12)

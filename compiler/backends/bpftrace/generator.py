@@ -12,6 +12,10 @@ from ..base import Backend, Bundle, template_environment
 SEPARATOR = "\\037"          # ASCII unit separator between printf fields: never in a number
 EVENT_MARK = "E"
 READY_MARK = "probec: all probes attached"
+DUMP_MARK = "probec: dump end"     # printed after the last map of each periodic dump, with its epoch
+# Metric maps carry an epoch (0 or 1) as their first key, which each dump flips before printing: the
+# epoch it leaves takes no more updates, so every map printed is read at the same instant, the flip.
+EPOCH = "@__probec_epoch"
 
 
 class ExpressionEmitter:
@@ -173,15 +177,19 @@ class BpftraceBackend(Backend):
             labels = [em.emit(lab) for lab in a.labels]
             hist = m.kind == "histogram"
             edges = [{"index": i, "value": v} for i, v in enumerate(m.edges)]
+            epoch = f"$__epoch = {EPOCH};"      # read once per firing: all its updates in one epoch
+            if epoch not in em.prelude:
+                em.prelude.append(epoch)
+            labels = ["$__epoch"] + labels
             return self.render(
                 "metric_update.bt.j2", guard=self.guard(a.guard, em), histogram=hist,
                 var=self.var("value"), bucket=self.var("bucket"),
                 value=em.emit(a.value) if a.value is not None else "", edges=list(m.edges),
                 edges_descending=list(reversed(edges)), map=self.map_name(m.map.name),
                 key_prefix="".join(f"{lab}, " for lab in labels),
-                key=f"[{', '.join(labels)}]" if labels else "",
+                key=f"[{', '.join(labels)}]",
                 sum_map=self.map_name(m.map.name + "_sum"),
-                sum_key=f"[{', '.join(labels)}]" if labels else "",
+                sum_key=f"[{', '.join(labels)}]",
                 counted=self.map_name(ir.accumulator_maps(a.metric)[1]) if a.accumulate_into else "",
                 counted_key=em.emit(a.accumulate_into.key) if a.accumulate_into else "")
         if isinstance(a, ir.EmitEvent):
@@ -246,7 +254,9 @@ class BpftraceBackend(Backend):
             printed.append(self.map_name(m.map.name))
             if m.kind == "histogram":
                 printed.append(self.map_name(m.map.name + "_sum"))
+        epoch_maps = list(printed)
         cleared = [self.map_name(m.name) for m in program.maps if m.purpose in ("span_begin", "accumulator")]
+        cleared.append(EPOCH)
         printed += [outside_counter(span) for span in program.checked_at_end()]
         for e in program.events:
             printed.append(f"@__ev_{e.name}_seen")
@@ -258,12 +268,15 @@ class BpftraceBackend(Backend):
         script = "\n".join(self.env.get_template("script.bt.j2").render(
             source=program.source, version=f"{self.version[0]}.{self.version[1]}", name=program.name,
             probes=[("\n".join(t)).rstrip() for t in probes_text], interval_ms=self.interval_ms,
-            printed_maps=printed, cleared_maps=cleared, ready_mark=READY_MARK).split("\n"))
+            printed_maps=printed, cleared_maps=cleared, ready_mark=READY_MARK,
+            dump_mark=DUMP_MARK, epoch=EPOCH).split("\n"))
         script_name = f"{program.name}.bt"
         keys_max = max([m.max_entries for m in program.maps if m.type not in ("RINGBUF", "STACK_TRACE")] + [4096])
         manifest = self.base_manifest(program, files={"script": script_name}, bpftrace={
             "version": f"{self.version[0]}.{self.version[1]}", "interval_ms": self.interval_ms,
-            "map_keys_max": keys_max, "separator": "\x1f", "event_mark": EVENT_MARK, "ready_mark": READY_MARK,
+            "map_keys_max": 2 * keys_max, "epoch_maps": epoch_maps,     # two epochs of each label set
+            "separator": "\x1f", "event_mark": EVENT_MARK, "ready_mark": READY_MARK,
+            "dump_mark": DUMP_MARK,
             "probes": [p.id for p in used_probes],
         })
         return Bundle(program.name, self.name, {script_name: script.encode()}, manifest)
