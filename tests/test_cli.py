@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from conftest import probec
 
@@ -48,6 +49,33 @@ def test_bad_paths_are_clear_errors(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00garbage")
     r = probec("check", str(binary))
     assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"{binary}:1:1: error[E100]: spec file '{binary}' is not UTF-8" in r.stderr
+
+
+def test_special_files_are_refused_without_reading_them(tmp_path):
+    """A FIFO blocked `check` forever and /dev/zero read until MemoryError: only regular files
+    are read, as specs and as binaries that host checks open."""
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    r = probec("check", str(fifo), "/dev/zero", str(tmp_path), timeout=20)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"cannot read spec file '{fifo}': not a regular file" in r.stderr
+    assert "cannot read spec file '/dev/zero': not a regular file" in r.stderr
+    assert f"cannot read spec file '{tmp_path}': it is a directory" in r.stderr
+    spec = tmp_path / "s.yaml"
+    for binary in (str(fifo), "/dev/zero"):
+        spec.write_text(f"name: s\nmetrics:\n  calls_total:\n    count: uprobe:{binary}:main\n")
+        r = probec("check", str(spec), timeout=20)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert f"s.yaml:4:12: error[E303]: cannot read '{binary}': {binary}: not a regular file" in r.stderr
+
+
+def test_oversized_spec_is_refused_with_a_position(tmp_path):
+    spec = tmp_path / "big.yaml"
+    spec.write_text("name: big\n" + "# padding\n" * 30_000)
+    r = probec("check", str(spec), timeout=20)
+    assert r.returncode == 1
+    assert f"{spec}:1:1: error[E100]: spec file '{spec}' is larger than 256 KiB" in r.stderr
 
 
 def test_werror_turns_warnings_into_errors(tmp_path):

@@ -457,6 +457,8 @@ class Lowering:
             if m.filter is not None and filt is None:
                 return None
             within = self.within(m.within, "", ctx)
+            if m.within is not None and not within:     # reported by within()
+                return None
             for value, label_exprs in values:
                 updates.append((build, in_span, MetricUpdate(m.name, value, Guard(filt, within), label_exprs)))
         if value_type is not None and value_type.dimension == "none" and m.buckets:

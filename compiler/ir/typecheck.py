@@ -267,7 +267,7 @@ class TypeChecker:
                              e.span, "put this on 'SPAN.end', or use 'SPAN.duration' in a metric")
                 return None
             if n.startswith("arg") and n[3:].isdigit():
-                index = int(n[3:])
+                index = int(n[3:]) if len(n) <= 8 else 1 << 20   # arg9999...: past any probe's count
                 limit = ARG_KINDS.get(ctx.kind)
                 if limit is None:
                     hint = "tracepoints name their fields: args.NAME" if ctx.has_fields else \
