@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup workloads demo test check bench clean
+.PHONY: setup workloads demo test check fuzz bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,11 @@ test: workloads
 
 check: setup
 	@$(PYTHON) -m probec check specs/*.yaml examples/*/spec.yaml
+
+# The spec fuzzer at length: FUZZ_SEED (default 1), FUZZ_CASES (default 5000), FUZZ_JOBS (default: all
+# cores), FUZZ_BPFTRACE_PARSE=1 to parse each built script with `bpftrace -d` (root).
+fuzz: workloads
+	@$(PYTHON) tests/spec_fuzzer.py
 
 bench: workloads
 	@$(PYTHON) benchmarks/check_speed.py

@@ -605,10 +605,10 @@ class Lowering:
             if not build.actions:
                 continue
             probes.append(replace(build.probe, actions=tuple(build.actions)))
-            if build.ctx.notes:
+            if build.ctx.notes and self.host.enabled:     # --no-host: nothing was to be checked
                 self.d.warning("W313", f"{build.ctx.description}: tracefs is not readable, so fields "
-                               f"{', '.join(sorted(set(build.ctx.notes)))} were not checked (BTF names "
-                               "tracepoints but not their fields)", None,
+                               f"{', '.join(sorted({name for name, _ in build.ctx.notes}))} were not checked "
+                               "(BTF names tracepoints but not their fields)", build.ctx.notes[0][1],
                                "mount tracefs (mount -t tracefs nodev /sys/kernel/tracing) or run as root")
         self.unused_spans()
         if self.d.has_errors():
