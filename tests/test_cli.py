@@ -62,6 +62,9 @@ def test_special_files_are_refused_without_reading_them(tmp_path):
     assert f"cannot read spec file '{fifo}': not a regular file" in r.stderr
     assert "cannot read spec file '/dev/zero': not a regular file" in r.stderr
     assert f"cannot read spec file '{tmp_path}': it is a directory" in r.stderr
+    r = probec("check", "/proc/self/mem", timeout=20)      # a regular file that cannot be read
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "cannot read spec file '/proc/self/mem': Input/output error" in r.stderr
     spec = tmp_path / "s.yaml"
     for binary in (str(fifo), "/dev/zero"):
         spec.write_text(f"name: s\nmetrics:\n  calls_total:\n    count: uprobe:{binary}:main\n")
