@@ -120,3 +120,15 @@ def test_doctor_names_mechanisms():
     assert r.returncode == 0
     for word in ("tracepoints", "uprobes", "kprobes", "fentry/fexit", "bpftrace", "libbpf"):
         assert word in r.stdout
+
+
+def test_long_source_lines_are_shown_around_the_caret():
+    r = probec("check", "tests/errors/expression_too_deep.yaml", "tests/errors/yaml_too_deep.yaml")
+    assert r.returncode == 1
+    shown = [line for line in r.stderr.splitlines() if line.startswith((" 5 | ", " 8 | ", "   | "))]
+    assert len(shown) == 6 and all(len(line) <= 112 for line in shown)
+    lines = r.stderr.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(" 5 | ...lp: [[["))
+    source, caret = lines[at:at + 2]
+    assert source.endswith("[...")
+    assert caret.index("^") == source.index("[") + 21      # the 22nd '[' of the line: level 25
