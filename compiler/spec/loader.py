@@ -42,6 +42,9 @@ STACK_FIELDS = {"ustack": "user", "kstack": "kernel"}
 # Every number in a spec ends up in a 64-bit unsigned field in the kernel or the manifest.
 MAX_NUMBER = (1 << 64) - 1
 MAX_DIGITS = len(str(MAX_NUMBER))
+# Spans, metrics or events in one spec: real specs have tens; some checks compare every span with
+# every probe, so thousands would take seconds.
+MAX_SECTION_ENTRIES = 256
 
 
 class SpecLoader:
@@ -224,6 +227,10 @@ class SpecLoader:
         section = self.expect_map(node, what)
         out = {}
         if section is None:
+            return out
+        if len(section.entries) > MAX_SECTION_ENTRIES:
+            self.d.error("E116", f"{len(section.entries)} {what} in one spec; at most {MAX_SECTION_ENTRIES}",
+                         section.span, "split the spec: each is built and run on its own")
             return out
         for key, value in section.entries:
             if not (METRIC_NAME if what == "metrics" else IDENT).match(key.value):
@@ -434,6 +441,9 @@ class SpecLoader:
                 return None
             if not edges:
                 self.d.error("E120", "an explicit bucket list needs at least one edge", node.span)
+                return None
+            if len(edges) > 64:
+                self.d.error("E120", f"{len(edges)} bucket edges; at most 64 are allowed", node.span)
                 return None
             if any(b <= a for a, b in zip(edges, edges[1:])):
                 self.d.error("E120", "bucket edges must be strictly ascending", node.span)
