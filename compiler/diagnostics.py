@@ -103,6 +103,12 @@ class Diagnostics:
         return sorted(self.items, key=place)
 
 
+def shown(text: str, limit: int = 60) -> str:
+    """User text quoted in a message, cut to `limit` characters: a message must stay readable
+    when the spec holds a 5,000-digit number."""
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 1) -> str:
     """A `did you mean` hint for a misspelt name, or an empty string when nothing is close."""
     close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)

@@ -8,7 +8,7 @@ from importlib import resources
 
 import lark
 
-from ..diagnostics import Diagnostics, SourceSpan
+from ..diagnostics import Diagnostics, SourceSpan, shown
 from .ast import (SIZE_UNITS, TIME_UNITS, Binary, Call, Compare, Expr, Integer, Logical, Name,
                   Quantity, String, Unary)
 
@@ -120,7 +120,8 @@ def parse_expression(text: str, base: SourceSpan, diags: Diagnostics) -> Expr | 
             where, what = len(text), "the expression ends too early"
         else:
             word = _TERMINAL_WORDS.get(tok.type, tok.type)
-            where, what = tok.start_pos, (f"unexpected {word}" if word.startswith("'") else f"unexpected {word} '{tok}'")
+            where = tok.start_pos
+            what = f"unexpected {word}" if word.startswith("'") else f"unexpected {word} '{shown(str(tok))}'"
         diags.error("E202", f"{what} in expression", base.shifted(where or 0, len(str(tok)) or 1),
                     "expected " + ", ".join(expected[:6]) if expected else "")
         return None

@@ -12,7 +12,7 @@ import stat
 from dataclasses import replace
 from pathlib import Path
 
-from ..diagnostics import Diagnostics, SourceSpan, did_you_mean
+from ..diagnostics import Diagnostics, SourceSpan, did_you_mean, shown
 from ..expr.ast import SIZE_UNITS, TIME_UNITS, Expr, Name
 from ..expr.parser import parse_expression
 from .model import (PROBE_KINDS, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
@@ -83,14 +83,14 @@ class SpecLoader:
         m = re.fullmatch(r"([0-9][0-9_]*)\s*([A-Za-z]*)", s.value.strip())
         unit = m.group(2) if m else ""
         if not m or (unit and unit not in SIZE_UNITS):
-            self.d.error("E106", f"{what} must be a whole number, got '{s.value}'", s.span)
+            self.d.error("E106", f"{what} must be a whole number, got '{shown(s.value)}'", s.span)
             return None
         value = self.whole_number(m.group(1), what, s.span)
         if value is None:
             return None
         value *= SIZE_UNITS[unit] if unit else 1
         if value > MAX_NUMBER:
-            self.d.error("E106", f"{what} is too large: {s.value.strip()} is past 2^64", s.span)
+            self.d.error("E106", f"{what} is too large: {shown(s.value.strip())} is past 2^64", s.span)
             return None
         if value < minimum:
             self.d.error("E106", f"{what} must be at least {minimum}, got {value}", s.span)
@@ -136,14 +136,14 @@ class SpecLoader:
             m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\.end", text)
             if m:
                 return SpanEndRef(m.group(1), span)
-            self.d.error("E110", f"'{text}' is neither a probe address nor SPAN.end", span,
+            self.d.error("E110", f"'{shown(text)}' is neither a probe address nor SPAN.end", span,
                          "write e.g. 'tracepoint:tcp:tcp_retransmit_skb' or 'inference.end'")
             return None
         kind, sep, rest = text.partition(":")
         if kind == "tp":
             kind = "tracepoint"
         if not sep or kind not in PROBE_KINDS:
-            self.d.error("E110", f"unknown probe kind '{kind}' in '{text}'", span,
+            self.d.error("E110", f"unknown probe kind '{kind}' in '{shown(text)}'", span,
                          did_you_mean(kind, PROBE_KINDS) or "probe kinds: " + ", ".join(PROBE_KINDS))
             return None
         parts = rest.split(":")
@@ -153,16 +153,16 @@ class SpecLoader:
 
         if kind == "tracepoint":
             if len(parts) != 2 or not all(IDENT.match(p) for p in parts):
-                return bad(f"'{text}' should be tracepoint:CATEGORY:NAME", "e.g. tracepoint:sched:sched_switch")
+                return bad(f"'{shown(text)}' should be tracepoint:CATEGORY:NAME", "e.g. tracepoint:sched:sched_switch")
             return ProbeAddress(kind, text, span, target=parts[0], name=parts[1])
         if kind in ("syscall", "syscallret", "kprobe", "kretprobe", "fentry", "fexit", "kernel", "kernelret"):
             if len(parts) != 1 or not IDENT.match(parts[0]):
-                return bad(f"'{text}' should be {kind}:NAME", f"e.g. {kind}:" + ("sendmsg" if "sys" in kind else "tcp_sendmsg"))
+                return bad(f"'{shown(text)}' should be {kind}:NAME", f"e.g. {kind}:" + ("sendmsg" if "sys" in kind else "tcp_sendmsg"))
             return ProbeAddress(kind, text, span, name=parts[0])
         if kind in ("uprobe", "uretprobe"):
             binary, _, symbol = rest.partition(":")
             if not binary or not symbol:
-                return bad(f"'{text}' should be {kind}:BINARY:SYMBOL", "BINARY is a path or a name from 'binaries'")
+                return bad(f"'{shown(text)}' should be {kind}:BINARY:SYMBOL", "BINARY is a path or a name from 'binaries'")
             offset = None
             m = re.fullmatch(r"(.*?)\+(0x[0-9a-fA-F]+|[0-9]+)", symbol)
             if m:
@@ -180,18 +180,18 @@ class SpecLoader:
         if kind == "usdt":
             if len(parts) != 3 or not all(parts) or not SAFE_PATH.match(parts[0]) \
                     or not IDENT.match(parts[1]) or not IDENT.match(parts[2]):
-                return bad(f"'{text}' should be usdt:BINARY:PROVIDER:NAME")
+                return bad(f"'{shown(text)}' should be usdt:BINARY:PROVIDER:NAME")
             return ProbeAddress(kind, text, span, target=parts[0], provider=parts[1], name=parts[2])
         if kind == "profile":
             if len(parts) != 2 or parts[0] != "hz" or not re.fullmatch(r"[0-9]{1,5}", parts[1]) \
                     or not 1 <= int(parts[1]) <= 10_000:
-                return bad(f"'{text}' should be profile:hz:N with 1 <= N <= 10000", "e.g. profile:hz:99")
+                return bad(f"'{shown(text)}' should be profile:hz:N with 1 <= N <= 10000", "e.g. profile:hz:99")
             return ProbeAddress(kind, text, span, rate=int(parts[1]))
         if kind == "interval":
             scale = {"s": 1_000_000_000, "ms": 1_000_000}
             if len(parts) != 2 or parts[0] not in scale or not re.fullmatch(r"[0-9]{1,9}", parts[1]) \
                     or int(parts[1]) == 0:
-                return bad(f"'{text}' should be interval:s:N or interval:ms:N", "e.g. interval:s:1")
+                return bad(f"'{shown(text)}' should be interval:s:N or interval:ms:N", "e.g. interval:s:1")
             return ProbeAddress(kind, text, span, rate=int(parts[1]) * scale[parts[0]])
         raise AssertionError(kind)  # pragma: no cover
 
@@ -263,7 +263,7 @@ class SpecLoader:
             if s is None:
                 continue
             if not SAFE_PATH.match(ENV_REFERENCE.sub("x", s.value)):
-                self.d.error("E111", f"path '{s.value}' has characters probec does not accept in a path",
+                self.d.error("E111", f"path '{shown(s.value)}' has characters probec does not accept in a path",
                              s.span, "use letters, digits and ._/+@-, and ${VARIABLE} for the environment")
                 continue
             out[key.value] = Binary(key.value, s.value, s.span, optional)
@@ -371,7 +371,7 @@ class SpecLoader:
             return default
         word = s.value.strip().lower()
         if word not in ("true", "false", "yes", "no"):
-            self.d.error("E104", f"{what} must be true or false, not '{s.value}'", s.span)
+            self.d.error("E104", f"{what} must be true or false, not '{shown(s.value)}'", s.span)
             return default
         return word in ("true", "yes")
 
@@ -455,7 +455,7 @@ class SpecLoader:
         text = s.value.strip()
         m = re.fullmatch(r"(exp2|linear)\s*\((.*)\)", text)
         if not m:
-            self.d.error("E120", f"buckets '{text}' not understood", s.span,
+            self.d.error("E120", f"buckets '{shown(text)}' not understood", s.span,
                          "write exp2(1us, 16s), linear(0, 5ms, 20) or a list like [1ms, 5ms, 10ms]")
             return None
         args = [a.strip() for a in m.group(2).split(",")]
@@ -499,20 +499,20 @@ class SpecLoader:
     def quantity(self, scalar: YScalar, text: str, span: SourceSpan) -> tuple[int, str] | None:
         m = re.fullmatch(r"([0-9][0-9_]*)(?:\.([0-9]+))?\s*([A-Za-z]*)", text)
         if not m or (m.group(3) and m.group(3) not in TIME_UNITS and m.group(3) not in SIZE_UNITS):
-            self.d.error("E121", f"'{text}' is not a number with an optional unit", span,
+            self.d.error("E121", f"'{shown(text)}' is not a number with an optional unit", span,
                          "units: ns us ms s min h, B KB MB GB KiB MiB GiB")
             return None
         whole, frac, unit = m.group(1).replace("_", ""), m.group(2) or "", m.group(3)
         scale = TIME_UNITS.get(unit) or SIZE_UNITS.get(unit) or 1
         if frac and not unit:
-            self.d.error("E121", f"'{text}': plain numbers must be whole", span)
+            self.d.error("E121", f"'{shown(text)}': plain numbers must be whole", span)
             return None
         frac = frac[:MAX_DIGITS]   # digits past these are below a nanosecond or a byte
         value = MAX_NUMBER + 1
         if len(whole) <= MAX_DIGITS:
             value = int(whole) * scale + ((int(frac) * scale) // 10 ** len(frac) if frac else 0)
         if value > MAX_NUMBER:
-            self.d.error("E121", f"'{text}' is too large: the most a spec can hold is 2^64-1 "
+            self.d.error("E121", f"'{shown(text)}' is too large: the most a spec can hold is 2^64-1 "
                          f"{'nanoseconds' if unit in TIME_UNITS else 'bytes' if unit else ''}".rstrip(), span)
             return None
         dim = "time" if unit in TIME_UNITS else "size" if unit in SIZE_UNITS else "none"
@@ -630,7 +630,7 @@ class SpecLoader:
         text = s.value.strip()
         m = re.fullmatch(r"(?:1\s*/\s*([0-9]+)|all)?\s*(?:,?\s*at most\s+([0-9]+)\s*/\s*s)?", text)
         if not m or not text:
-            self.d.error("E115", f"sample '{text}' not understood", s.span,
+            self.d.error("E115", f"sample '{shown(text)}' not understood", s.span,
                          "write '1/10', 'at most 100/s' or '1/10, at most 100/s'")
             return 1, 0
         every, rate = (self.whole_number(g, "sample", s.span, "E115") if g else None for g in m.groups())

@@ -177,7 +177,8 @@ def load_yaml(text: str, file: str, diags: Diagnostics) -> YNode | None:
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow
         line, col = text_position(text, exc.position)
         diags.error("E101", f"YAML syntax: character {exc.character:#x} is not allowed in YAML",
-                    SourceSpan(file, line, col), "write control characters in a double-quoted string as escapes, e.g. \\t")
+                    SourceSpan(file, line, col),
+                    "write control characters in a double-quoted string as escapes, e.g. \\t")
         return None
     except yaml.YAMLError as exc:  # pragma: no cover - the parser's errors carry marks
         diags.error("E101", f"YAML syntax: {exc}", SourceSpan(file, 1, 1))
