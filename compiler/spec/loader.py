@@ -157,12 +157,14 @@ class SpecLoader:
             return ProbeAddress(kind, text, span, target=parts[0], name=parts[1])
         if kind in ("syscall", "syscallret", "kprobe", "kretprobe", "fentry", "fexit", "kernel", "kernelret"):
             if len(parts) != 1 or not IDENT.match(parts[0]):
-                return bad(f"'{shown(text)}' should be {kind}:NAME", f"e.g. {kind}:" + ("sendmsg" if "sys" in kind else "tcp_sendmsg"))
+                return bad(f"'{shown(text)}' should be {kind}:NAME",
+                           f"e.g. {kind}:" + ("sendmsg" if "sys" in kind else "tcp_sendmsg"))
             return ProbeAddress(kind, text, span, name=parts[0])
         if kind in ("uprobe", "uretprobe"):
             binary, _, symbol = rest.partition(":")
             if not binary or not symbol:
-                return bad(f"'{shown(text)}' should be {kind}:BINARY:SYMBOL", "BINARY is a path or a name from 'binaries'")
+                return bad(f"'{shown(text)}' should be {kind}:BINARY:SYMBOL",
+                           "BINARY is a path or a name from 'binaries'")
             offset = None
             m = re.fullmatch(r"(.*?)\+(0x[0-9a-fA-F]+|[0-9]+)", symbol)
             if m:
