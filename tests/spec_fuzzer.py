@@ -75,7 +75,7 @@ EXPRESSIONS = ["(" * 1000 + "pid" + ")" * 1000, "not " * 1000 + "pid", "not " * 
 SPECIALS = ["exp2(_, 1s)", "exp2(1ns, 1000h)", "exp2(1ns, 18446744073709551615ns)", "linear(0, 1s, 64)",
             "linear(18446744073709551615, 1, 2)", "linear(0, 0, 0)", "[1, 18446744073709551616]",
             "1/18446744073709551615", "1/18446744073709551616", "at most 99999999999999999999/s",
-            f"1/{BIG}", "1/0", "all", "profile:hz:0", "profile:hz:99999", "profile:hz:²", "interval:s:0",
+            f"1/{BIG}", "1/0", "all", "1/2" + " " * 100_000 + "x", "at most" + " " * 100_000 + "1/s", "profile:hz:0", "profile:hz:99999", "profile:hz:²", "interval:s:0",
             f"interval:ms:{BIG}", "uprobe:/bin/true:main+0123", f"uprobe:/bin/true:main+{BIG}",
             "uprobe:/dev/zero:main", "tracepoint:" + "a" * 300 + ":b", "usdt:/bin/true:p:n", "1MiB", "3MiB",
             "4096", "18446744073709551615B", "18446744073709551616B", "0", "1 KiB", "1e3"]

@@ -132,3 +132,13 @@ def test_long_source_lines_are_shown_around_the_caret():
     source, caret = lines[at:at + 2]
     assert source.endswith("[...")
     assert caret.index("^") == source.index("[") + 21      # the 22nd '[' of the line: level 25
+
+
+def test_a_long_run_of_spaces_is_not_a_hang(tmp_path):
+    """`sample` read a 200,000-space run in quadratic time (about 45 s here)."""
+    spec = tmp_path / "spaces.yaml"
+    spec.write_text("name: spaces\nevents:\n  sampled:\n    on: uprobe:/bin/true:main\n"
+                    f"    sample: 1/2{' ' * 200_000}x\n")
+    r = probec("check", "--no-host", str(spec), timeout=30)
+    assert r.returncode == 1
+    assert f"{spec}:5:13: error[E115]: sample '1/2 x' not understood" in r.stderr

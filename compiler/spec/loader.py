@@ -629,8 +629,10 @@ class SpecLoader:
         s = self.expect_scalar(node, "sample")
         if s is None:
             return 1, 0
-        text = s.value.strip()
-        m = re.fullmatch(r"(?:1\s*/\s*([0-9]+)|all)?\s*(?:,?\s*at most\s+([0-9]+)\s*/\s*s)?", text)
+        # Runs of spaces made one first: the pattern's neighbouring optional spaces would otherwise
+        # try every split of a long run (seconds for a few thousand spaces).
+        text = re.sub(r"\s+", " ", s.value.strip())
+        m = re.fullmatch(r"(?:1 ?/ ?([0-9]+)|all)? ?(?:,? ?at most ([0-9]+) ?/ ?s)?", text)
         if not m or not text:
             self.d.error("E115", f"sample '{shown(text)}' not understood", s.span,
                          "write '1/10', 'at most 100/s' or '1/10, at most 100/s'")
