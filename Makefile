@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup workloads demo test check bench soak clean
+.PHONY: setup workloads demo test check fuzz bench soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -20,13 +20,18 @@ test: workloads
 check: setup
 	@$(PYTHON) -m probec check specs/*.yaml examples/*/spec.yaml
 
+# The spec fuzzer at length: FUZZ_SEED (default 1), FUZZ_CASES (default 5000), FUZZ_JOBS (default: all
+# cores), FUZZ_BPFTRACE_PARSE=1 to parse each built script with `bpftrace -d` (root).
+fuzz: workloads
+	@$(PYTHON) tests/spec_fuzzer.py
+
 bench: workloads
 	@$(PYTHON) benchmarks/check_speed.py
 
 # An hour of the core collector under load (SOAK_SECONDS=300 for five minutes): exact counts, RSS
-# and fds over time, in benchmarks/results/soak.md. It loads eBPF: it holds the kernel lock throughout.
+# and fds over time, in benchmarks/results/soak.md.
 soak: workloads
-	@flock /tmp/probec-kernel.lock $(PYTHON) benchmarks/soak.py
+	@$(PYTHON) benchmarks/soak.py
 
 clean:
 	@$(MAKE) -s -C tests/workloads clean

@@ -105,6 +105,12 @@ class Diagnostics:
         return sorted(self.items, key=place)
 
 
+def shown(text: str, limit: int = 60) -> str:
+    """User text quoted in a message, cut to `limit` characters: a message must stay readable
+    when the spec holds a 5,000-digit number."""
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 1) -> str:
     """A `did you mean` hint for a misspelt name, or an empty string when nothing is close."""
     close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
@@ -135,11 +141,27 @@ def render_text(diagnostics: Iterable[Diagnostic], sources: dict[str, str], colo
                 if s.end_line in (0, s.line) and s.end_col > s.col:
                     width = s.end_col - s.col
                 width = max(1, min(width, len(text) - s.col + 1 if len(text) >= s.col else 1))
+                text, col, width = _source_window(text, s.col, width)
                 out.append(f" {gutter} | {text}")
-                out.append(f" {' ' * len(gutter)} | {' ' * (s.col - 1)}{'^' * width}")
+                out.append(f" {' ' * len(gutter)} | {' ' * (col - 1)}{'^' * width}")
         for hint in d.hints:
             out.append(f"  help: {one_line(hint)}")
     return "\n".join(out) + ("\n" if out else "")
+
+
+SOURCE_WIDTH = 100
+
+
+def _source_window(text: str, col: int, width: int) -> tuple[str, int, int]:
+    """At most SOURCE_WIDTH characters of a long source line around `col`, marked '...' where
+    cut, with the column and caret width moved to match."""
+    if len(text) <= SOURCE_WIDTH:
+        return text, col, width
+    start = max(0, min(col - 1 - SOURCE_WIDTH // 4, len(text) - SOURCE_WIDTH))
+    head, tail = ("..." if start else ""), ("..." if start + SOURCE_WIDTH < len(text) else "")
+    shown = head + text[start:start + SOURCE_WIDTH] + tail
+    col = col - start + len(head)
+    return shown, col, max(1, min(width, len(head) + SOURCE_WIDTH - col + 1))
 
 
 def render_json(diagnostics: Iterable[Diagnostic]) -> str:

@@ -403,7 +403,8 @@ class ElfFile:
 
     def _open(self) -> mmap.mmap:
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: a FIFO without a writer would block the open; it is refused below.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise ElfError(self.path, "no such file") from None
         except IsADirectoryError:

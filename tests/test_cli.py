@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from conftest import probec
 
@@ -48,6 +49,36 @@ def test_bad_paths_are_clear_errors(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00garbage")
     r = probec("check", str(binary))
     assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"{binary}:1:1: error[E100]: spec file '{binary}' is not UTF-8" in r.stderr
+
+
+def test_special_files_are_refused_without_reading_them(tmp_path):
+    """A FIFO blocked `check` forever and /dev/zero read until MemoryError: only regular files
+    are read, as specs and as binaries that host checks open."""
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    r = probec("check", str(fifo), "/dev/zero", str(tmp_path), timeout=20)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"cannot read spec file '{fifo}': not a regular file" in r.stderr
+    assert "cannot read spec file '/dev/zero': not a regular file" in r.stderr
+    assert f"cannot read spec file '{tmp_path}': it is a directory" in r.stderr
+    r = probec("check", "/proc/self/mem", timeout=20)      # a regular file that cannot be read
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "cannot read spec file '/proc/self/mem': Input/output error" in r.stderr
+    spec = tmp_path / "s.yaml"
+    for binary in (str(fifo), "/dev/zero"):
+        spec.write_text(f"name: s\nmetrics:\n  calls_total:\n    count: uprobe:{binary}:main\n")
+        r = probec("check", str(spec), timeout=20)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert f"s.yaml:4:12: error[E303]: cannot read '{binary}': {binary}: not a regular file" in r.stderr
+
+
+def test_oversized_spec_is_refused_with_a_position(tmp_path):
+    spec = tmp_path / "big.yaml"
+    spec.write_text("name: big\n" + "# padding\n" * 30_000)
+    r = probec("check", str(spec), timeout=20)
+    assert r.returncode == 1
+    assert f"{spec}:1:1: error[E100]: spec file '{spec}' is larger than 256 KiB" in r.stderr
 
 
 def test_werror_turns_warnings_into_errors(tmp_path):
@@ -89,3 +120,25 @@ def test_doctor_names_mechanisms():
     assert r.returncode == 0
     for word in ("tracepoints", "uprobes", "kprobes", "fentry/fexit", "bpftrace", "libbpf"):
         assert word in r.stdout
+
+
+def test_long_source_lines_are_shown_around_the_caret():
+    r = probec("check", "tests/errors/expression_too_deep.yaml", "tests/errors/yaml_too_deep.yaml")
+    assert r.returncode == 1
+    shown = [line for line in r.stderr.splitlines() if line.startswith((" 5 | ", " 8 | ", "   | "))]
+    assert len(shown) == 6 and all(len(line) <= 112 for line in shown)
+    lines = r.stderr.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(" 5 | ...lp: [[["))
+    source, caret = lines[at:at + 2]
+    assert source.endswith("[...")
+    assert caret.index("^") == source.index("[") + 21      # the 22nd '[' of the line: level 25
+
+
+def test_a_long_run_of_spaces_is_not_a_hang(tmp_path):
+    """`sample` read a 200,000-space run in quadratic time (about 45 s here)."""
+    spec = tmp_path / "spaces.yaml"
+    spec.write_text("name: spaces\nevents:\n  sampled:\n    on: uprobe:/bin/true:main\n"
+                    f"    sample: 1/2{' ' * 200_000}x\n")
+    r = probec("check", "--no-host", str(spec), timeout=30)
+    assert r.returncode == 1
+    assert f"{spec}:5:13: error[E115]: sample '1/2 x' not understood" in r.stderr

@@ -39,7 +39,9 @@ def test_without_tracefs_btf_checks_names_and_warns_about_fields():
     host = HostInfo(tracefs_roots=("/nonexistent",))
     d = check(SPEC.format(event="sched_switch"), host)
     assert not d.has_errors()
-    assert any(x.code == "W313" and "next_comm" in x.message for x in d.items)
+    [w] = [x for x in d.items if x.code == "W313"]
+    assert "next_comm" in w.message
+    assert (w.span.line, w.span.col) == (6, 14)          # the field, where it is read
     d = check(SPEC.format(event="sched_swich"), host)
     [err] = [x for x in d.items if x.code == "E308"]
     assert "btf_trace_sched_swich" in err.message and "sched_switch" in err.hints[0]
@@ -50,6 +52,11 @@ def test_without_tracefs_or_btf_only_warns():
     d = check(SPEC.format(event="anything_at_all"), host)
     assert not d.has_errors()
     assert any(x.code == "W313" and "not checked" in x.message for x in d.items)
+
+
+def test_no_host_says_nothing_about_tracefs():
+    d = check(SPEC.format(event="sched_switch"), HostInfo(enabled=False))
+    assert not d.items
 
 
 def test_btf_strings_rejects_non_btf(tmp_path):

@@ -28,7 +28,7 @@ def essential_lines(output: str) -> list[str]:
 
 
 def check_case(case: Path, *target: str) -> list[str]:
-    result = probec("check", *target, str(case.relative_to(ROOT)))
+    result = probec("check", *target, str(case.relative_to(ROOT)), timeout=30)   # bad input never hangs
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     got = essential_lines(result.stderr)

@@ -8,7 +8,7 @@ from importlib import resources
 
 import lark
 
-from ..diagnostics import Diagnostics, SourceSpan
+from ..diagnostics import Diagnostics, SourceSpan, shown
 from .ast import (SIZE_UNITS, TIME_UNITS, Binary, Call, Compare, Expr, Integer, Logical, Name,
                   Quantity, String, Unary)
 
@@ -22,6 +22,16 @@ _TERMINAL_WORDS = {
 }
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"'}
+
+# Bounds on what an expression may be. Every later stage walks the tree recursively, and the
+# backends nest one level of parentheses per level; a real filter is a few levels deep.
+MAX_DEPTH = 64
+MAX_NUMBER = (1 << 64) - 1
+
+
+class _TooLarge(Exception):
+    def __init__(self, span: SourceSpan, what: str):
+        self.span, self.what = span, what
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,15 +61,23 @@ class _Builder:
         kids = node.children
         if kind == "integer":
             tok = kids[0]
-            return Integer(int(tok.replace("_", ""), 0), self.span(tok.start_pos, tok.end_pos))
+            digits = tok.replace("_", "")
+            span = self.span(tok.start_pos, tok.end_pos)
+            if len(digits) > 20 + 2 * digits.startswith("0x") or int(digits, 0) > MAX_NUMBER:
+                raise _TooLarge(span, "a number")
+            return Integer(int(digits, 0), span)
         if kind == "quantity":
             tok = kids[0]
-            m = re.fullmatch(r"([0-9_]+(?:\.[0-9]+)?)([A-Za-z]+)", str(tok))
-            number, unit = m.group(1).replace("_", ""), m.group(2)
+            span = self.span(tok.start_pos, tok.end_pos)
+            m = re.fullmatch(r"([0-9_]+)(?:\.([0-9]+))?([A-Za-z]+)", str(tok))
+            whole, frac, unit = m.group(1).replace("_", ""), (m.group(2) or "")[:20], m.group(3)
             scale, dim = (TIME_UNITS[unit], "time") if unit in TIME_UNITS else (SIZE_UNITS[unit], "size")
-            whole, _, frac = number.partition(".")
-            value = int(whole) * scale + (int(frac) * scale) // (10 ** len(frac)) if frac else int(whole) * scale
-            return Quantity(value, dim, str(tok), self.span(tok.start_pos, tok.end_pos))
+            if len(whole) > 20:
+                raise _TooLarge(span, "a quantity")
+            value = int(whole) * scale + ((int(frac) * scale) // (10 ** len(frac)) if frac else 0)
+            if value > MAX_NUMBER:
+                raise _TooLarge(span, "a quantity")
+            return Quantity(value, dim, str(tok), span)
         if kind == "string":
             tok = kids[0]
             return String(_unquote(str(tok)), self.span(tok.start_pos, tok.end_pos))
@@ -102,7 +120,8 @@ def parse_expression(text: str, base: SourceSpan, diags: Diagnostics) -> Expr | 
             where, what = len(text), "the expression ends too early"
         else:
             word = _TERMINAL_WORDS.get(tok.type, tok.type)
-            where, what = tok.start_pos, (f"unexpected {word}" if word.startswith("'") else f"unexpected {word} '{tok}'")
+            where = tok.start_pos
+            what = f"unexpected {word}" if word.startswith("'") else f"unexpected {word} '{shown(str(tok))}'"
         diags.error("E202", f"{what} in expression", base.shifted(where or 0, len(str(tok)) or 1),
                     "expected " + ", ".join(expected[:6]) if expected else "")
         return None
@@ -111,4 +130,26 @@ def parse_expression(text: str, base: SourceSpan, diags: Diagnostics) -> Expr | 
         return None
     if isinstance(tree, lark.Token):  # a lone terminal collapsed by `?start`
         tree = lark.Tree({"INTEGER": "integer", "QUANTITY": "quantity", "STRING": "string"}[tree.type], [tree])
-    return _Builder(base).build(tree)
+    deepest = _deepest(tree)
+    if deepest is not None:
+        diags.error("E203", f"expression nested more than {MAX_DEPTH} levels deep", base.shifted(
+                    deepest.meta.start_pos, deepest.meta.end_pos - deepest.meta.start_pos),
+                    "split it: a filter is usually a few comparisons joined by 'and'/'or'")
+        return None
+    try:
+        return _Builder(base).build(tree)
+    except _TooLarge as exc:
+        diags.error("E203", f"{exc.what} past 2^64-1 in expression", exc.span,
+                    "numbers in expressions are 64-bit: at most 18446744073709551615")
+        return None
+
+
+def _deepest(tree: lark.Tree) -> lark.Tree | None:
+    """The first subtree more than MAX_DEPTH levels below the root, found without recursion."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return node
+        stack.extend((k, depth + 1) for k in node.children if isinstance(k, lark.Tree))
+    return None

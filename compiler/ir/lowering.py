@@ -457,6 +457,8 @@ class Lowering:
             if m.filter is not None and filt is None:
                 return None
             within = self.within(m.within, "", ctx)
+            if m.within is not None and not within:     # reported by within()
+                return None
             for value, label_exprs in values:
                 updates.append((build, in_span, MetricUpdate(m.name, value, Guard(filt, within), label_exprs)))
         if value_type is not None and value_type.dimension == "none" and m.buckets:
@@ -603,10 +605,10 @@ class Lowering:
             if not build.actions:
                 continue
             probes.append(replace(build.probe, actions=tuple(build.actions)))
-            if build.ctx.notes:
+            if build.ctx.notes and self.host.enabled:     # --no-host: nothing was to be checked
                 self.d.warning("W313", f"{build.ctx.description}: tracefs is not readable, so fields "
-                               f"{', '.join(sorted(set(build.ctx.notes)))} were not checked (BTF names "
-                               "tracepoints but not their fields)", None,
+                               f"{', '.join(sorted({name for name, _ in build.ctx.notes}))} were not checked "
+                               "(BTF names tracepoints but not their fields)", build.ctx.notes[0][1],
                                "mount tracefs (mount -t tracefs nodev /sys/kernel/tracing) or run as root")
         self.unused_spans()
         if self.d.has_errors():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..diagnostics import Diagnostics, did_you_mean
+from ..diagnostics import Diagnostics, SourceSpan, did_you_mean
 from ..expr import ast
 from .host import FormatField
 from .nodes import (COMM, INT, SINT, TID, ActiveSpan, Arg, FdSocket, BinOp, Cmp, Const, Context, Duration, IRExpr,
@@ -27,7 +27,7 @@ class ProbeContext:
     ending: str = ""                           # the span that ends here, if any
     within: dict = field(default_factory=dict)  # every span -> the span it is `within` ("" if none)
     counted: dict = field(default_factory=dict)  # counters with `within` -> that span
-    notes: list[str] = field(default_factory=list)
+    notes: list[tuple[str, SourceSpan]] = field(default_factory=list)   # fields not checked, and where
     ending_key: IRExpr = TID                   # the key of the span that ends here, as computed here
     thread_spans: frozenset = frozenset()      # spans keyed by the current thread
 
@@ -267,7 +267,7 @@ class TypeChecker:
                              e.span, "put this on 'SPAN.end', or use 'SPAN.duration' in a metric")
                 return None
             if n.startswith("arg") and n[3:].isdigit():
-                index = int(n[3:])
+                index = int(n[3:]) if len(n) <= 8 else 1 << 20   # arg9999...: past any probe's count
                 limit = ARG_KINDS.get(ctx.kind)
                 if limit is None:
                     hint = "tracepoints name their fields: args.NAME" if ctx.has_fields else \
@@ -313,7 +313,7 @@ class TypeChecker:
                 return None
             fname = e.parts[1]
             if ctx.fields is None:
-                ctx.notes.append(fname)
+                ctx.notes.append((fname, e.span))
                 return TracepointField(fname, -1, 8, INT)
             fmt = ctx.fields.get(fname)
             if fmt is None:

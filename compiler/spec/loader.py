@@ -6,16 +6,18 @@ lowering; this module only needs the file itself.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import replace
 from pathlib import Path
 
-from ..diagnostics import Diagnostics, SourceSpan, did_you_mean
+from ..diagnostics import Diagnostics, SourceSpan, did_you_mean, shown
 from ..expr.ast import SIZE_UNITS, TIME_UNITS, Expr, Name
 from ..expr.parser import parse_expression
 from .model import (PROBE_KINDS, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
                     MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef)
-from .yaml_source import YMap, YNode, YScalar, YSeq, load_yaml
+from .yaml_source import MAX_SPEC_BYTES, YMap, YNode, YScalar, YSeq, load_yaml
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 METRIC_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
@@ -37,6 +39,12 @@ EVENT_KEYS = ("on", "when", "sample", "fields")
 LIMIT_KEYS = ("concurrency", "series", "ringbuf")
 BINARY_KEYS = ("path", "optional")
 STACK_FIELDS = {"ustack": "user", "kstack": "kernel"}
+# Every number in a spec ends up in a 64-bit unsigned field in the kernel or the manifest.
+MAX_NUMBER = (1 << 64) - 1
+MAX_DIGITS = len(str(MAX_NUMBER))
+# Spans, metrics or events in one spec: real specs have tens; some checks compare every span with
+# every probe, so thousands would take seconds.
+MAX_SECTION_ENTRIES = 256
 
 
 class SpecLoader:
@@ -72,14 +80,29 @@ class SpecLoader:
         s = self.expect_scalar(node, what)
         if s is None:
             return None
-        m = re.fullmatch(r"([0-9_]+)\s*([A-Za-z]*)", s.value.strip())
+        m = re.fullmatch(r"([0-9][0-9_]*)\s*([A-Za-z]*)", s.value.strip())
         unit = m.group(2) if m else ""
         if not m or (unit and unit not in SIZE_UNITS):
-            self.d.error("E106", f"{what} must be a whole number, got '{s.value}'", s.span)
+            self.d.error("E106", f"{what} must be a whole number, got '{shown(s.value)}'", s.span)
             return None
-        value = int(m.group(1).replace("_", "")) * (SIZE_UNITS[unit] if unit else 1)
+        value = self.whole_number(m.group(1), what, s.span)
+        if value is None:
+            return None
+        value *= SIZE_UNITS[unit] if unit else 1
+        if value > MAX_NUMBER:
+            self.d.error("E106", f"{what} is too large: {shown(s.value.strip())} is past 2^64", s.span)
+            return None
         if value < minimum:
             self.d.error("E106", f"{what} must be at least {minimum}, got {value}", s.span)
+            return None
+        return value
+
+    def whole_number(self, digits: str, what: str, span: SourceSpan, code: str = "E106") -> int | None:
+        """The value of decimal digits (with '_' separators), or None when it is past 2^64."""
+        digits = digits.replace("_", "")
+        value = int(digits) if len(digits) <= MAX_DIGITS else MAX_NUMBER + 1
+        if value > MAX_NUMBER:
+            self.d.error(code, f"{what} is too large: the most a spec can hold is 2^64-1", span)
             return None
         return value
 
@@ -113,14 +136,14 @@ class SpecLoader:
             m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\.end", text)
             if m:
                 return SpanEndRef(m.group(1), span)
-            self.d.error("E110", f"'{text}' is neither a probe address nor SPAN.end", span,
+            self.d.error("E110", f"'{shown(text)}' is neither a probe address nor SPAN.end", span,
                          "write e.g. 'tracepoint:tcp:tcp_retransmit_skb' or 'inference.end'")
             return None
         kind, sep, rest = text.partition(":")
         if kind == "tp":
             kind = "tracepoint"
         if not sep or kind not in PROBE_KINDS:
-            self.d.error("E110", f"unknown probe kind '{kind}' in '{text}'", span,
+            self.d.error("E110", f"unknown probe kind '{kind}' in '{shown(text)}'", span,
                          did_you_mean(kind, PROBE_KINDS) or "probe kinds: " + ", ".join(PROBE_KINDS))
             return None
         parts = rest.split(":")
@@ -130,20 +153,26 @@ class SpecLoader:
 
         if kind == "tracepoint":
             if len(parts) != 2 or not all(IDENT.match(p) for p in parts):
-                return bad(f"'{text}' should be tracepoint:CATEGORY:NAME", "e.g. tracepoint:sched:sched_switch")
+                return bad(f"'{shown(text)}' should be tracepoint:CATEGORY:NAME", "e.g. tracepoint:sched:sched_switch")
             return ProbeAddress(kind, text, span, target=parts[0], name=parts[1])
         if kind in ("syscall", "syscallret", "kprobe", "kretprobe", "fentry", "fexit", "kernel", "kernelret"):
             if len(parts) != 1 or not IDENT.match(parts[0]):
-                return bad(f"'{text}' should be {kind}:NAME", f"e.g. {kind}:" + ("sendmsg" if "sys" in kind else "tcp_sendmsg"))
+                return bad(f"'{shown(text)}' should be {kind}:NAME",
+                           f"e.g. {kind}:" + ("sendmsg" if "sys" in kind else "tcp_sendmsg"))
             return ProbeAddress(kind, text, span, name=parts[0])
         if kind in ("uprobe", "uretprobe"):
             binary, _, symbol = rest.partition(":")
             if not binary or not symbol:
-                return bad(f"'{text}' should be {kind}:BINARY:SYMBOL", "BINARY is a path or a name from 'binaries'")
+                return bad(f"'{shown(text)}' should be {kind}:BINARY:SYMBOL",
+                           "BINARY is a path or a name from 'binaries'")
             offset = None
             m = re.fullmatch(r"(.*?)\+(0x[0-9a-fA-F]+|[0-9]+)", symbol)
             if m:
-                symbol, offset = m.group(1), int(m.group(2), 0)
+                symbol, digits = m.group(1), m.group(2)
+                offset = int(digits, 16) if digits.startswith("0x") else int(digits) if len(digits) <= 10 else -1
+                if not 0 <= offset < 1 << 32:
+                    return bad(f"offset +{digits if len(digits) <= 24 else digits[:20] + '...'} is too large "
+                               "for an offset into a function", "offsets are bytes past the symbol's start")
             if not SAFE_PATH.match(binary):
                 return bad(f"binary '{binary}' has characters probec does not accept in a path",
                            "use letters, digits and ._/+@-")
@@ -153,16 +182,18 @@ class SpecLoader:
         if kind == "usdt":
             if len(parts) != 3 or not all(parts) or not SAFE_PATH.match(parts[0]) \
                     or not IDENT.match(parts[1]) or not IDENT.match(parts[2]):
-                return bad(f"'{text}' should be usdt:BINARY:PROVIDER:NAME")
+                return bad(f"'{shown(text)}' should be usdt:BINARY:PROVIDER:NAME")
             return ProbeAddress(kind, text, span, target=parts[0], provider=parts[1], name=parts[2])
         if kind == "profile":
-            if len(parts) != 2 or parts[0] != "hz" or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 10_000:
-                return bad(f"'{text}' should be profile:hz:N with 1 <= N <= 10000", "e.g. profile:hz:99")
+            if len(parts) != 2 or parts[0] != "hz" or not re.fullmatch(r"[0-9]{1,5}", parts[1]) \
+                    or not 1 <= int(parts[1]) <= 10_000:
+                return bad(f"'{shown(text)}' should be profile:hz:N with 1 <= N <= 10000", "e.g. profile:hz:99")
             return ProbeAddress(kind, text, span, rate=int(parts[1]))
         if kind == "interval":
             scale = {"s": 1_000_000_000, "ms": 1_000_000}
-            if len(parts) != 2 or parts[0] not in scale or not parts[1].isdigit() or int(parts[1]) == 0:
-                return bad(f"'{text}' should be interval:s:N or interval:ms:N", "e.g. interval:s:1")
+            if len(parts) != 2 or parts[0] not in scale or not re.fullmatch(r"[0-9]{1,9}", parts[1]) \
+                    or int(parts[1]) == 0:
+                return bad(f"'{shown(text)}' should be interval:s:N or interval:ms:N", "e.g. interval:s:1")
             return ProbeAddress(kind, text, span, rate=int(parts[1]) * scale[parts[0]])
         raise AssertionError(kind)  # pragma: no cover
 
@@ -199,6 +230,10 @@ class SpecLoader:
         out = {}
         if section is None:
             return out
+        if len(section.entries) > MAX_SECTION_ENTRIES:
+            self.d.error("E116", f"{len(section.entries)} {what} in one spec; at most {MAX_SECTION_ENTRIES}",
+                         section.span, "split the spec: each is built and run on its own")
+            return out
         for key, value in section.entries:
             if not (METRIC_NAME if what == "metrics" else IDENT).match(key.value):
                 self.d.error("E107", f"'{key.value}' is not a valid name for {what}", key.span,
@@ -230,7 +265,7 @@ class SpecLoader:
             if s is None:
                 continue
             if not SAFE_PATH.match(ENV_REFERENCE.sub("x", s.value)):
-                self.d.error("E111", f"path '{s.value}' has characters probec does not accept in a path",
+                self.d.error("E111", f"path '{shown(s.value)}' has characters probec does not accept in a path",
                              s.span, "use letters, digits and ._/+@-, and ${VARIABLE} for the environment")
                 continue
             out[key.value] = Binary(key.value, s.value, s.span, optional)
@@ -338,7 +373,7 @@ class SpecLoader:
             return default
         word = s.value.strip().lower()
         if word not in ("true", "false", "yes", "no"):
-            self.d.error("E104", f"{what} must be true or false, not '{s.value}'", s.span)
+            self.d.error("E104", f"{what} must be true or false, not '{shown(s.value)}'", s.span)
             return default
         return word in ("true", "yes")
 
@@ -409,6 +444,9 @@ class SpecLoader:
             if not edges:
                 self.d.error("E120", "an explicit bucket list needs at least one edge", node.span)
                 return None
+            if len(edges) > 64:
+                self.d.error("E120", f"{len(edges)} bucket edges; at most 64 are allowed", node.span)
+                return None
             if any(b <= a for a, b in zip(edges, edges[1:])):
                 self.d.error("E120", "bucket edges must be strictly ascending", node.span)
                 return None
@@ -419,7 +457,7 @@ class SpecLoader:
         text = s.value.strip()
         m = re.fullmatch(r"(exp2|linear)\s*\((.*)\)", text)
         if not m:
-            self.d.error("E120", f"buckets '{text}' not understood", s.span,
+            self.d.error("E120", f"buckets '{shown(text)}' not understood", s.span,
                          "write exp2(1us, 16s), linear(0, 5ms, 20) or a list like [1ms, 5ms, 10ms]")
             return None
         args = [a.strip() for a in m.group(2).split(",")]
@@ -461,17 +499,23 @@ class SpecLoader:
         return Buckets("linear", tuple(edges), dims.pop() if dims else "none", s.span)
 
     def quantity(self, scalar: YScalar, text: str, span: SourceSpan) -> tuple[int, str] | None:
-        m = re.fullmatch(r"([0-9_]+(?:\.[0-9]+)?)\s*([A-Za-z]*)", text)
-        if not m or (m.group(2) and m.group(2) not in TIME_UNITS and m.group(2) not in SIZE_UNITS):
-            self.d.error("E121", f"'{text}' is not a number with an optional unit", span,
+        m = re.fullmatch(r"([0-9][0-9_]*)(?:\.([0-9]+))?\s*([A-Za-z]*)", text)
+        if not m or (m.group(3) and m.group(3) not in TIME_UNITS and m.group(3) not in SIZE_UNITS):
+            self.d.error("E121", f"'{shown(text)}' is not a number with an optional unit", span,
                          "units: ns us ms s min h, B KB MB GB KiB MiB GiB")
             return None
-        number, unit = m.group(1).replace("_", ""), m.group(2)
+        whole, frac, unit = m.group(1).replace("_", ""), m.group(2) or "", m.group(3)
         scale = TIME_UNITS.get(unit) or SIZE_UNITS.get(unit) or 1
-        whole, _, frac = number.partition(".")
-        value = int(whole) * scale + ((int(frac) * scale) // 10 ** len(frac) if frac else 0)
         if frac and not unit:
-            self.d.error("E121", f"'{text}': plain numbers must be whole", span)
+            self.d.error("E121", f"'{shown(text)}': plain numbers must be whole", span)
+            return None
+        frac = frac[:MAX_DIGITS]   # digits past these are below a nanosecond or a byte
+        value = MAX_NUMBER + 1
+        if len(whole) <= MAX_DIGITS:
+            value = int(whole) * scale + ((int(frac) * scale) // 10 ** len(frac) if frac else 0)
+        if value > MAX_NUMBER:
+            self.d.error("E121", f"'{shown(text)}' is too large: the most a spec can hold is 2^64-1 "
+                         f"{'nanoseconds' if unit in TIME_UNITS else 'bytes' if unit else ''}".rstrip(), span)
             return None
         dim = "time" if unit in TIME_UNITS else "size" if unit in SIZE_UNITS else "none"
         return value, dim
@@ -585,13 +629,19 @@ class SpecLoader:
         s = self.expect_scalar(node, "sample")
         if s is None:
             return 1, 0
-        text = s.value.strip()
-        m = re.fullmatch(r"(?:1\s*/\s*([0-9]+)|all)?\s*(?:,?\s*at most\s+([0-9]+)\s*/\s*s)?", text)
-        if not m or not text or (m.group(1) is not None and int(m.group(1)) == 0):
-            self.d.error("E115", f"sample '{text}' not understood", s.span,
+        # Runs of spaces made one first: the pattern's neighbouring optional spaces would otherwise
+        # try every split of a long run (seconds for a few thousand spaces).
+        text = re.sub(r"\s+", " ", s.value.strip())
+        m = re.fullmatch(r"(?:1 ?/ ?([0-9]+)|all)? ?(?:,? ?at most ([0-9]+) ?/ ?s)?", text)
+        if not m or not text:
+            self.d.error("E115", f"sample '{shown(text)}' not understood", s.span,
                          "write '1/10', 'at most 100/s' or '1/10, at most 100/s'")
             return 1, 0
-        return int(m.group(1) or 1), int(m.group(2) or 0)
+        every, rate = (self.whole_number(g, "sample", s.span, "E115") if g else None for g in m.groups())
+        if every == 0:
+            self.d.error("E115", "sample '1/0' would keep nothing", s.span, "write '1/N' with N >= 1")
+            return 1, 0
+        return every or 1, rate or 0
 
     def event_spec(self, key: YScalar, node: YNode) -> EventSpec | None:
         what = f"event '{key.value}'"
@@ -646,15 +696,56 @@ def load_spec_text(text: str, file: str, diags: Diagnostics) -> Spec | None:
     return SpecLoader(file, diags).load(root)
 
 
-def load_spec_file(path: str | Path, diags: Diagnostics) -> tuple[Spec | None, str]:
-    """Load a spec file; returns the spec (None on fatal problems) and its text for rendering."""
-    p = Path(path)
+def read_spec_source(path: str | Path, diags: Diagnostics) -> str | None:
+    """The text of a spec file, or None with a diagnostic: only a regular file of at most
+    MAX_SPEC_BYTES of UTF-8 is read (a FIFO would block, /dev/zero would never end)."""
     try:
-        text = p.read_text(encoding="utf-8")
+        # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         diags.error("E100", f"spec file '{path}' does not exist", None)
-        return None, ""
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        diags.error("E100", f"cannot read spec file '{path}': {exc.__class__.__name__}: {exc}", None)
+        return None
+    except OSError as exc:
+        diags.error("E100", f"cannot read spec file '{path}': {exc.strerror or exc}", None)
+        return None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = "it is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            diags.error("E100", f"cannot read spec file '{path}': {what}", None, "give the path of a .yaml file")
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_SPEC_BYTES:
+            chunk = os.read(fd, MAX_SPEC_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+    except OSError as exc:
+        diags.error("E100", f"cannot read spec file '{path}': {exc.strerror or exc}", None)
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SPEC_BYTES:
+        diags.error("E100", f"spec file '{path}' is larger than {MAX_SPEC_BYTES // 1024} KiB",
+                    SourceSpan(str(path), 1, 1), "a spec is a few kilobytes; is this the right file?")
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[:exc.start]
+        line = before.count(b"\n") + 1
+        col = len(before[before.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
+        diags.error("E100", f"spec file '{path}' is not UTF-8: byte {data[exc.start]:#04x} cannot start or "
+                    "continue a character here", SourceSpan(str(path), line, col), "save the file as UTF-8")
+        return None
+
+
+def load_spec_file(path: str | Path, diags: Diagnostics) -> tuple[Spec | None, str]:
+    """Load a spec file; returns the spec (None on fatal problems) and its text for rendering."""
+    text = read_spec_source(path, diags)
+    if text is None:
         return None, ""
     return load_spec_text(text, str(path), diags), text
