@@ -429,3 +429,73 @@ def test_request_keyed_by_socket_across_threads(tmp_path, backend):
     assert value(metrics, "sends_total", comm="ho_writer", open="request") == rounds
     assert value(metrics, "sends_total", comm="ho_client", open="none") == 2 * rounds
     assert value(metrics, "sends_total", comm="ho_writer", open="none") == 0
+
+
+SERIES_SPEC = """
+name: series_fold
+binaries:
+  pwork: $WORK/libpwork.so
+limits:
+  series: 2
+metrics:
+  folded_calls_total:
+    count: uprobe:pwork:pwork_record
+    labels: [comm]
+    filter: comm == "sf_0" or comm == "sf_1" or comm == "sf_2" or comm == "sf_3" or comm == "sf_4" or comm == "sf_5"
+  folded_values:
+    histogram: arg0
+    on: uprobe:pwork:pwork_record
+    labels: [comm]
+    filter: comm == "sf_0" or comm == "sf_1" or comm == "sf_2" or comm == "sf_3" or comm == "sf_4" or comm == "sf_5"
+    buckets: [1, 10, 100]
+"""
+
+
+@pytest.mark.parametrize("backends", [BACKENDS])
+def test_series_past_the_limit_fold_into_overflow_alike(tmp_path, backends, workloads):
+    """Six label values where limits.series is 2, under both backends at once: the first two seen
+    stay, the other four fold into __overflow__, every call is still counted, and both report the
+    same four label sets dropped. The core kernel side folds (its maps hold only 2 label sets);
+    bpftrace's maps hold them all and the runtime folds."""
+    import time
+    require_kernel(need_bpftrace=True, need_clang=True)
+    spec = write_spec(tmp_path, SERIES_SPEC)
+    runs = {}
+    try:
+        for b in backends:
+            (tmp_path / b).mkdir()
+            extra = ("--interval", "0.2") if b == "bpftrace" else ()
+            runs[b] = Run(build(spec, b, tmp_path / b / "bundle", *extra), tmp_path / b)
+        calls = {f"sf_{i}": [str(v) for v in range(5 * (i + 1))] for i in range(6)}   # 5, 10, ... 30 calls
+        for i, (comm, values) in enumerate(calls.items()):
+            workload("pwork", "--comm", comm, "record", *values)
+            if i < 2:
+                time.sleep(1.0)     # seen first under both backends: the bpftrace runner reads every 0.2 s
+        got = {b: run.stop() for b, run in runs.items()}
+    finally:
+        for run in runs.values():
+            run.kill()
+            print(f"probec run stderr:\n{run.stderr()}")
+    overflow = "__overflow__"
+    for b, metrics in got.items():
+        assert value(metrics, "folded_calls_total", comm="sf_0") == 5, b
+        assert value(metrics, "folded_calls_total", comm="sf_1") == 10, b
+        assert value(metrics, "folded_calls_total", comm=overflow) == 15 + 20 + 25 + 30, b
+        assert len(metrics["folded_calls_total"]) == 3, (b, metrics["folded_calls_total"])
+        assert sum(metrics["folded_calls_total"].values()) == sum(len(v) for v in calls.values()), b
+        # the histogram: the same label sets, every observation in its bucket and its sum
+        assert per_bucket(buckets(metrics, "folded_values", comm="sf_0")) == {"1": 2, "10": 3, "100": 0, "+Inf": 0}
+        folded = [v for comm, values in calls.items() if comm not in ("sf_0", "sf_1") for v in map(int, values)]
+        assert per_bucket(buckets(metrics, "folded_values", comm=overflow)) == {
+            "1": sum(v <= 1 for v in folded), "10": sum(1 < v <= 10 for v in folded),
+            "100": sum(10 < v <= 100 for v in folded), "+Inf": 0}, b
+        assert value(metrics, "folded_values_sum", comm=overflow) == sum(folded), b
+        assert sum(v for k, v in metrics["folded_values_count"].items()) == 105, b
+        for name in ("folded_calls_total", "folded_values"):
+            assert value(metrics, "probec_series_dropped_total", metric=name) == 4, (b, name)
+        assert value(metrics, "probec_backend_errors_total") == 0, b
+    for b, run in runs.items():
+        said = [line for line in run.stderr().splitlines() if "__overflow__" in line]
+        assert len(said) == 2, (b, said)          # once per metric
+    assert got["core"]["folded_calls_total"] == got["bpftrace"]["folded_calls_total"]
+    assert got["core"]["folded_values_bucket"] == got["bpftrace"]["folded_values_bucket"]

@@ -105,3 +105,20 @@ def test_bpftrace_health_counts_carry_over_a_restart(tmp_path):
     runner.carry_over()
     runner.handle({"type": "map", "data": {"@__ev_slow_seen": 1, "@__span_offcpu_outside": 1}})
     assert store.health.events_emitted["slow"] == 6 and store.health.span_outside == {"offcpu": 3}
+
+
+def test_series_cap_keeps_the_first_label_sets_seen():
+    """Once in, a label set stays: a later, heavier one folds instead (as the core kernel does)."""
+    store = MetricStore(MANIFEST)
+    said = []
+    store.log = said.append
+    state = store.metrics["calls_total"]
+    state.meta = dict(state.meta, series_limit=2)
+    store.replace("calls_total", {("a", 1): 1, ("b", 1): 2})
+    store.replace("calls_total", {("a", 1): 1, ("b", 1): 2, ("c", 1): 50, ("d", 1): 1}, overflow=7, folded=3)
+    snap = store.snapshot()["calls_total"]
+    assert snap.series == {("a", 1): 1, ("b", 1): 2, (OVERFLOW, OVERFLOW): 50 + 1 + 7}
+    assert snap.dropped_series == 2 + 3          # folded here, and folded by the kernel
+    assert len(said) == 1 and "calls_total" in said[0]
+    store.replace("calls_total", {("a", 1): 2, ("b", 1): 2, ("c", 1): 60, ("d", 1): 1}, overflow=7, folded=3)
+    assert len(said) == 1 and store.snapshot()["calls_total"].series[(OVERFLOW, OVERFLOW)] == 68

@@ -85,6 +85,35 @@ static __always_inline bool probec_hash_add(void *map, const void *key, __u64 de
 	return true;
 }
 
+/* --- the series limit --------------------------------------------------------------------------- */
+
+/* A metric keeps at most limits.series label sets, the first ones seen; the maps are sized so
+ * that they always fit. A later label set's updates go to the metric's __overflow__ array
+ * instead, and the label set itself to a set of folded ones, whose size the runtime exports as
+ * probec_series_dropped_total. Nothing is lost: the sum over all series stays exact. */
+
+/* True when the label set at `key` (bucket 0) is, or now becomes, one of a histogram's admitted
+ * label sets; false when `sets` is full without it. */
+static __always_inline bool probec_series_admit(void *sets, const void *key)
+{
+	__u64 one = 1;
+	long err;
+
+	if (bpf_map_lookup_elem(sets, key))
+		return true;
+	err = bpf_map_update_elem(sets, key, &one, BPF_NOEXIST);
+	return err == 0 || err == -PROBEC_EEXIST;
+}
+
+/* Remember a label set folded into __overflow__ (a full set of them stops counting, no more). */
+static __always_inline void probec_series_fold(void *folded, const void *key)
+{
+	__u64 one = 1;
+
+	if (!bpf_map_lookup_elem(folded, key))
+		bpf_map_update_elem(folded, key, &one, BPF_NOEXIST);
+}
+
 /* One count in the per-CPU health map (overflows, drops, events seen). */
 static __always_inline void probec_health_inc(void *health, __u32 slot)
 {
