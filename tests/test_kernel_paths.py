@@ -69,7 +69,7 @@ def test_uprobe_span_known_durations(tmp_path, backend):
     # Most calls are where they were asked to be (a pause of this VM may move a few; the check
     # above holds whatever it does).
     assert b["0.001"] >= 20 and b["0.002"] >= 150 and b["0.025"] >= 15
-    q = metrics["sleep_duration_seconds_quantile"]
+    q = metrics["sleep_duration_seconds_window"]
     assert 0.0005 < q[frozenset({"quantile": "0.5"}.items())] <= 0.002
 
 
@@ -499,3 +499,73 @@ def test_series_past_the_limit_fold_into_overflow_alike(tmp_path, backends, work
         assert len(said) == 2, (b, said)          # once per metric
     assert got["core"]["folded_calls_total"] == got["bpftrace"]["folded_calls_total"]
     assert got["core"]["folded_values_bucket"] == got["bpftrace"]["folded_values_bucket"]
+
+
+LINT_SPEC = """
+name: lint_clean
+binaries:
+  pwork: $WORK/pwork
+  lib: $WORK/libpwork.so
+limits:
+  series: 2
+spans:
+  sleep:
+    function: lib:pwork_sleep_us
+metrics:
+  sleep_by_comm_seconds:
+    histogram: sleep.duration
+    labels: [comm]
+    buckets: exp2(64us, 1s)
+  ticks:
+    count: usdt:pwork:pwork:tick
+    labels: [comm]
+  recorded:
+    histogram: arg0
+    on: uprobe:lib:pwork_record
+    buckets: [1, 10]
+events:
+  slow_sleep:
+    on: sleep.end
+    when: duration > 1ms
+    sample: 1/2
+    fields: [comm, duration]
+"""
+
+
+def test_promtool_finds_nothing_to_lint_in_a_live_scrape(tmp_path, backend):
+    """A scrape of a running collector, with every kind of family it exports (histograms and
+    their window quantiles, counters, labels folded into __overflow__, events, health), passes
+    `promtool check metrics` without a single line."""
+    import shutil
+    import subprocess
+    import time
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed (Debian package prometheus; scripts/setup.sh installs it)"
+    spec = write_spec(tmp_path, LINT_SPEC)
+    port = free_port()
+    run = Run(build(spec, backend, tmp_path / "bundle"), tmp_path, "--bpf-stats", port=port)
+    try:
+        for comm in ("lint_a", "lint_b", "lint_c"):
+            workload("pwork", "--comm", comm, "sleep", "4", "2000")
+            workload("pwork", "--comm", comm, "usdt", "5")
+        workload("pwork", "record", "1", "5", "50")
+        deadline = time.monotonic() + 10
+        while True:
+            metrics = run.scrape(port)
+            if value(metrics, "ticks_total", comm="__overflow__") == 5 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        run.stop()
+    finally:
+        run.kill()
+        print(f"probec run stderr:\n{run.stderr()}")
+    # every family is there, with samples
+    for family in ("sleep_by_comm_seconds_bucket", "sleep_by_comm_seconds_window", "ticks_total",
+                   "recorded_bucket", "probec_series_dropped_total", "probec_events_total"):
+        assert family in metrics, family
+    assert value(metrics, "probec_series_dropped_total", metric="ticks") == 1
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert (lint.returncode, lint.stdout + lint.stderr) == (0, ""), text
