@@ -30,6 +30,7 @@ class MetricState:
     series: dict[tuple, object] = field(default_factory=dict)   # labels -> int | HistogramSeries
     dropped_series: int = 0
     kept: set = field(default_factory=set)        # the label sets within limits.series, once in, kept
+    folded: set = field(default_factory=set)      # the label sets past it that the runtime folded
 
 
 @dataclass
@@ -85,7 +86,10 @@ class MetricStore:
             rest += [v for k, v in series.items() if k not in kept]
             if overflow is not None:
                 rest.append(overflow)
-            folded += len(series) - len(series.keys() & kept)
+            # ever folded, not folded now: a restarted bpftrace shows a label set again only when it
+            # comes back, and the count must not go down meanwhile
+            state.folded.update(k for k in series if k not in kept)
+            folded += len(state.folded)
             series = {k: v for k, v in series.items() if k in kept}
             if rest:
                 series[overflow_key] = _merge(rest)
@@ -98,7 +102,7 @@ class MetricStore:
 
     def snapshot(self) -> dict[str, MetricState]:
         with self.lock:
-            return {n: MetricState(s.meta, dict(s.series), s.dropped_series, s.kept) for n, s in self.metrics.items()}
+            return {n: MetricState(s.meta, dict(s.series), s.dropped_series, s.kept, s.folded) for n, s in self.metrics.items()}
 
     def remember(self, now: float | None = None) -> None:
         """Keep histogram totals over time, for quantiles over a window: one per value of the

@@ -122,6 +122,11 @@ def test_series_cap_keeps_the_first_label_sets_seen():
     assert len(said) == 1 and "calls_total" in said[0]
     store.replace("calls_total", {("a", 1): 2, ("b", 1): 2, ("c", 1): 60, ("d", 1): 1}, overflow=7, folded=3)
     assert len(said) == 1 and store.snapshot()["calls_total"].series[(OVERFLOW, OVERFLOW)] == 68
+    # after a bpftrace restart: the folded counts come back carried in __overflow__, and a folded
+    # label set not seen again since is still counted
+    store.replace("calls_total", {("a", 1): 2, ("b", 1): 2, (OVERFLOW, OVERFLOW): 61, ("c", 1): 1})
+    snap = store.snapshot()["calls_total"]
+    assert snap.series[(OVERFLOW, OVERFLOW)] == 62 and snap.dropped_series == 2
 
 
 def test_window_quantiles_are_a_summary_that_promtool_accepts():
