@@ -136,6 +136,8 @@ class MetricReader:
         self.meta = meta
         self.name = meta["name"]
         self.map = meta["map"]
+        self.overflow_map = meta.get("overflow_map")     # labelled metrics: the kernel's __overflow__
+        self.folded_map = meta.get("folded_map")         # and the label sets folded into it
         self.histogram = meta["kind"] == "histogram"
         self.nb = len(meta["edges"]) + 1
         self.sum_slot = meta["sum_slot"]
@@ -195,6 +197,18 @@ class MetricReader:
             elif bucket < self.nb:
                 series.buckets[bucket] += _percpu_total(values)
         return out
+
+    def decode_overflow(self, items):
+        """The kernel's __overflow__ series, from its per-CPU array (None while it is empty): the
+        same slots as an unlabelled metric's map."""
+        slots = {int.from_bytes(k[:4], "little"): v for k, v in items}
+        if not self.histogram:
+            value = self.total(slots[0]) if 0 in slots else 0
+            return value or None
+        buckets = [_percpu_total(slots[i]) if i in slots else 0 for i in range(self.nb)]
+        if not any(buckets):
+            return None
+        return HistogramSeries(buckets, self.total(slots[self.sum_slot]) if self.sum_slot in slots else 0)
 
 
 # --- events --------------------------------------------------------------------------------------
@@ -479,7 +493,12 @@ class CoreRunner:
             bmap = self.obj.map(reader.map)
             items = bmap.items_batch()
             health.map_entries[reader.map] = len(items)
-            self.store.replace(reader.name, reader.decode(items))
+            overflow, folded = None, 0
+            if reader.overflow_map:
+                overflow = reader.decode_overflow(self.obj.map(reader.overflow_map).items_batch())
+                folded = len(self.obj.map(reader.folded_map).items_batch())
+                health.map_entries[reader.folded_map] = folded
+            self.store.replace(reader.name, reader.decode(items), overflow, folded)
         for span in self.manifest["spans"]:
             if not span.get("task_storage"):   # task-local storage cannot be listed; it has no capacity
                 health.map_entries[span["map"]] = len(self.obj.map(span["map"]).items_batch())

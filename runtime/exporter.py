@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from .events import rendered
 from .store import HistogramSeries, MetricStore, quantile, quantile_labels
 
 QUANTILES = (0.5, 0.95, 0.99)
+LISTEN_BACKLOG = 128        # connections the kernel queues before accept(); Python's default is 5,
+                            # and past it a scraper's connection waits a second for its SYN again
 
 
 def format_edge(value: float) -> str:
@@ -44,17 +51,7 @@ class StoreCollector:
                         out.append((format_edge(edge) if edge != float("inf") else "+Inf", cumulative))
                     fam.add_metric([label_text(k, s) for k, s in zip(key, meta["labels"])], out, series.sum * scale)
                 yield fam
-                by = quantile_labels(meta)
-                qfam = GaugeMetricFamily(f"{name}_quantile", f"{meta['help']} Quantiles over the last "
-                                         f"{self.store.window_s:g}s, interpolated within buckets.",
-                                         labels=[lab["name"] for _, lab in by] + ["quantile"])
-                for group, window in sorted(self.store.window_buckets(name).items(), key=lambda kv: str(kv[0])):
-                    texts = [label_text(v, lab) for v, (_, lab) in zip(group, by)]
-                    for q in QUANTILES:
-                        v = quantile(q, edges, window)
-                        if v is not None:
-                            qfam.add_metric(texts + [format_edge(q)], v)
-                yield qfam
+                yield self.window(name, meta, edges)
             else:
                 base = name[:-6] if name.endswith("_total") else name
                 fam = CounterMetricFamily(base, meta["help"], labels=labels)
@@ -63,6 +60,21 @@ class StoreCollector:
                                    value * scale if scale != 1 else value)
                 yield fam
         yield from self.health(snap)
+
+    def window(self, name: str, meta: dict, edges: list[float]) -> Metric:
+        """The histogram's quantiles over the last `--window` seconds, as a summary family
+        NAME_window{quantile=...}: Prometheus reserves the `quantile` label for summaries. It
+        carries quantiles only; the counts and sums are the histogram's own."""
+        by = quantile_labels(meta)
+        fam = Metric(f"{name}_window", f"{meta['help']} (quantiles over the last {self.store.window_s:g}s, "
+                     "interpolated within buckets)", "summary")
+        for group, window in sorted(self.store.window_buckets(name).items(), key=lambda kv: str(kv[0])):
+            labels = {lab["name"]: label_text(v, lab) for v, (_, lab) in zip(group, by)}
+            for q in QUANTILES:
+                v = quantile(q, edges, window)
+                if v is not None:
+                    fam.add_sample(fam.name, {**labels, "quantile": format_edge(q)}, v)
+        return fam
 
     def health(self, snap):
         h = self.store.health
@@ -127,15 +139,31 @@ class StoreCollector:
                                 value=h.last_read_seconds)
 
 
+class MetricsServer(ThreadingMixIn, WSGIServer):
+    """/metrics over HTTP: a thread per request, and a listen backlog that takes a burst of
+    scrapers at once."""
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+
+class QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):   # a scrape is not news
+        pass
+
+
 class Exporter:
     def __init__(self, store: MetricStore, bundle_name: str, backend: str):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StoreCollector(store, bundle_name, backend))
-        self.server = None
+        self.server: MetricsServer | None = None
 
     def serve(self, address: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port (useful with port 0)."""
-        self.server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("MetricsServer", (MetricsServer,), {"address_family": family})
+        self.server = make_server(address, port, make_wsgi_app(self.registry), server_class,
+                                  handler_class=QuietHandler)
+        threading.Thread(target=self.server.serve_forever, name="probec-http", daemon=True).start()
         return self.server.server_address[1]
 
     def text(self) -> str:

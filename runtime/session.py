@@ -114,7 +114,7 @@ def run_target(args) -> int:
         log("error: loading eBPF programs needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); "
             "'probec check' works without")
         return 1
-    store = MetricStore(bundle.manifest, window_s=args.window)
+    store = MetricStore(bundle.manifest, window_s=args.window, log=log)
     try:
         sink = EventSink(args.events, bundle.manifest, store.health, log) if bundle.manifest["events"] else None
     except OSError as exc:

@@ -29,6 +29,8 @@ class MetricState:
     meta: dict
     series: dict[tuple, object] = field(default_factory=dict)   # labels -> int | HistogramSeries
     dropped_series: int = 0
+    kept: set = field(default_factory=set)        # the label sets within limits.series, once in, kept
+    folded: set = field(default_factory=set)      # the label sets past it that the runtime folded
 
 
 @dataclass
@@ -57,31 +59,52 @@ class Health:
 
 
 class MetricStore:
-    def __init__(self, manifest: dict, window_s: float = 60.0):
+    def __init__(self, manifest: dict, window_s: float = 60.0, log=None):
         self.lock = threading.Lock()
+        self.log = log
         self.metrics = {m["name"]: MetricState(m) for m in manifest["metrics"]}
         self.health = Health()
         self.window_s = window_s
         # Starts with an empty baseline, so a window shorter than the run so far covers everything.
         self.history: collections.deque = collections.deque([(time.monotonic(), {})])
 
-    def replace(self, name: str, series: dict[tuple, object]) -> None:
-        """Install a full snapshot of one metric, capping the number of label sets."""
+    def replace(self, name: str, series: dict[tuple, object], overflow=None, folded: int = 0) -> None:
+        """Install a full snapshot of one metric, holding it to limits.series label sets.
+
+        The first label sets seen stay (those first seen in one read, heaviest first); the later
+        ones fold into one series labelled __overflow__, and their number is dropped_series. The
+        core backend's kernel side does the same before the runtime sees them: it hands over its
+        `overflow` series and the number of label sets it `folded`.
+        """
         state = self.metrics[name]
         limit = state.meta["series_limit"]
-        if state.meta["labels"] and len(series) > limit:
-            kept = dict(sorted(series.items(), key=lambda kv: _weight(kv[1]), reverse=True)[: limit])
+        if state.meta["labels"]:
             overflow_key = tuple(OVERFLOW for _ in state.meta["labels"])
-            rest = [v for k, v in series.items() if k not in kept]
-            kept[overflow_key] = _merge(rest)
-            state.dropped_series = len(rest)
-            series = kept
+            kept = state.kept
+            series = dict(series)
+            rest = [series.pop(overflow_key)] if overflow_key in series else []   # carried over a restart
+            fresh = sorted((k for k in series if k not in kept), key=lambda k: (-_weight(series[k]), str(k)))
+            kept.update(fresh[: max(0, limit - len(kept))])
+            rest += [v for k, v in series.items() if k not in kept]
+            if overflow is not None:
+                rest.append(overflow)
+            # ever folded, not folded now: a restarted bpftrace shows a label set again only when it
+            # comes back, and the count must not go down meanwhile
+            state.folded.update(k for k in series if k not in kept)
+            folded += len(state.folded)
+            series = {k: v for k, v in series.items() if k in kept}
+            if rest:
+                series[overflow_key] = _merge(rest)
+            if folded and not state.dropped_series and self.log is not None:
+                self.log(f"metric {name}: more than limits.series ({limit}) label sets; the rest fold into "
+                         f"'{OVERFLOW}' (counted in probec_series_dropped_total)")
+            state.dropped_series = folded
         with self.lock:
             state.series = series
 
     def snapshot(self) -> dict[str, MetricState]:
         with self.lock:
-            return {n: MetricState(s.meta, dict(s.series), s.dropped_series) for n, s in self.metrics.items()}
+            return {n: MetricState(s.meta, dict(s.series), s.dropped_series, s.kept, s.folded) for n, s in self.metrics.items()}
 
     def remember(self, now: float | None = None) -> None:
         """Keep histogram totals over time, for quantiles over a window: one per value of the

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(bpftrace clang llvm libbpf-dev libbpf1 bpftool systemtap-sdt-dev libelf-dev zlib1g-dev
-          gcc g++ make binutils iproute2)
+          gcc g++ make binutils iproute2
+          prometheus)   # promtool: the exposition lint test
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -559,6 +559,51 @@ def test_full_begin_map_counts_overflows(tmp_path, workloads):
     assert store.health.program_run_ns["uprobe_pwork_sleep_us"] > 0
 
 
+THREAD_SERIES_SPEC = """
+name: core_thread_series
+binaries:
+  pwork: @W@/libpwork.so
+limits:
+  series: 3
+metrics:
+  core_ts_calls_total:
+    count: uprobe:pwork:pwork_record
+    labels: [tid]
+    filter: comm == "core_ts"
+  core_ts_values:
+    histogram: arg0
+    on: uprobe:pwork:pwork_record
+    labels: [tid]
+    filter: comm == "core_ts"
+    buckets: [1, 10, 100]
+"""
+
+
+@pytest.mark.kernel
+def test_label_sets_past_the_limit_fold_in_the_kernel_under_contention(tmp_path, workloads):
+    """8 threads on 2 CPUs, a label set each, 3 allowed: the maps fill while threads race to add
+    label sets; every call is still counted, in a kept series or in __overflow__, and the 5 label
+    sets folded are counted once each."""
+    from probec.runtime.store import OVERFLOW
+    core_kernel()
+    out = build(write_spec(tmp_path, "core_thread_series", THREAD_SERIES_SPEC), tmp_path / "bundle")
+    values = [str(v % 200) for v in range(400)]
+    store, _, log = run_in_process(out, lambda: run_workload("--comm", "core_ts", "--threads", "8", "record",
+                                                             *values))
+    snap = store.snapshot()
+    calls, hist = snap["core_ts_calls_total"], snap["core_ts_values"]
+    assert sum(calls.series.values()) == 8 * len(values)
+    assert len(calls.series) == 4 and calls.series[(OVERFLOW,)] == 5 * len(values)
+    assert calls.dropped_series == 5 and hist.dropped_series == 5
+    assert len(hist.series) == 4 and sum(h.count for h in hist.series.values()) == 8 * len(values)
+    assert sum(h.sum for h in hist.series.values()) == 8 * sum(map(int, values))
+    assert hist.series[(OVERFLOW,)].buckets == [5 * sum(int(v) <= 1 for v in values),
+                                                 5 * sum(1 < int(v) <= 10 for v in values),
+                                                 5 * sum(10 < int(v) <= 100 for v in values),
+                                                 5 * sum(int(v) > 100 for v in values)]
+    assert store.health.backend_errors == 0
+
+
 FALLBACK_SPEC = """
 name: core_fallback
 spans:

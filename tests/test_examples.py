@@ -270,7 +270,7 @@ def test_correlation(tmp_path, backend):
         offcpu_part = per_bucket(buckets(metrics, "inference_time_by_part_seconds", thread=t, part="offcpu"))
         assert calls - lost <= above(offcpu_part, 0.002048) <= calls   # each inference sleeps 3 ms off the CPU
     # Window quantiles are kept per part: p50 of "total" is a whole call (about 3 ms), of "send" far less.
-    p50 = {dict(k)["part"]: v for k, v in metrics["inference_time_by_part_seconds_quantile"].items()
+    p50 = {dict(k)["part"]: v for k, v in metrics["inference_time_by_part_seconds_window"].items()
            if dict(k)["quantile"] == "0.5"}
     assert set(p50) == {"send", "offcpu", "total"}
     assert p50["send"] < 0.001 < 0.002048 <= p50["total"]

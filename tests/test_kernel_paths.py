@@ -69,7 +69,7 @@ def test_uprobe_span_known_durations(tmp_path, backend):
     # Most calls are where they were asked to be (a pause of this VM may move a few; the check
     # above holds whatever it does).
     assert b["0.001"] >= 20 and b["0.002"] >= 150 and b["0.025"] >= 15
-    q = metrics["sleep_duration_seconds_quantile"]
+    q = metrics["sleep_duration_seconds_window"]
     assert 0.0005 < q[frozenset({"quantile": "0.5"}.items())] <= 0.002
 
 
@@ -429,3 +429,143 @@ def test_request_keyed_by_socket_across_threads(tmp_path, backend):
     assert value(metrics, "sends_total", comm="ho_writer", open="request") == rounds
     assert value(metrics, "sends_total", comm="ho_client", open="none") == 2 * rounds
     assert value(metrics, "sends_total", comm="ho_writer", open="none") == 0
+
+
+SERIES_SPEC = """
+name: series_fold
+binaries:
+  pwork: $WORK/libpwork.so
+limits:
+  series: 2
+metrics:
+  folded_calls_total:
+    count: uprobe:pwork:pwork_record
+    labels: [comm]
+    filter: comm == "sf_0" or comm == "sf_1" or comm == "sf_2" or comm == "sf_3" or comm == "sf_4" or comm == "sf_5"
+  folded_values:
+    histogram: arg0
+    on: uprobe:pwork:pwork_record
+    labels: [comm]
+    filter: comm == "sf_0" or comm == "sf_1" or comm == "sf_2" or comm == "sf_3" or comm == "sf_4" or comm == "sf_5"
+    buckets: [1, 10, 100]
+"""
+
+
+@pytest.mark.parametrize("backends", [BACKENDS])
+def test_series_past_the_limit_fold_into_overflow_alike(tmp_path, backends, workloads):
+    """Six label values where limits.series is 2, under both backends at once: the first two seen
+    stay, the other four fold into __overflow__, every call is still counted, and both report the
+    same four label sets dropped. The core kernel side folds (its maps hold only 2 label sets);
+    bpftrace's maps hold them all and the runtime folds."""
+    import time
+    require_kernel(need_bpftrace=True, need_clang=True)
+    spec = write_spec(tmp_path, SERIES_SPEC)
+    runs = {}
+    try:
+        for b in backends:
+            (tmp_path / b).mkdir()
+            extra = ("--interval", "0.2") if b == "bpftrace" else ()
+            runs[b] = Run(build(spec, b, tmp_path / b / "bundle", *extra), tmp_path / b)
+        calls = {f"sf_{i}": [str(v) for v in range(5 * (i + 1))] for i in range(6)}   # 5, 10, ... 30 calls
+        for i, (comm, values) in enumerate(calls.items()):
+            workload("pwork", "--comm", comm, "record", *values)
+            if i < 2:
+                time.sleep(1.0)     # seen first under both backends: the bpftrace runner reads every 0.2 s
+        got = {b: run.stop() for b, run in runs.items()}
+    finally:
+        for run in runs.values():
+            run.kill()
+            print(f"probec run stderr:\n{run.stderr()}")
+    overflow = "__overflow__"
+    for b, metrics in got.items():
+        assert value(metrics, "folded_calls_total", comm="sf_0") == 5, b
+        assert value(metrics, "folded_calls_total", comm="sf_1") == 10, b
+        assert value(metrics, "folded_calls_total", comm=overflow) == 15 + 20 + 25 + 30, b
+        assert len(metrics["folded_calls_total"]) == 3, (b, metrics["folded_calls_total"])
+        assert sum(metrics["folded_calls_total"].values()) == sum(len(v) for v in calls.values()), b
+        # the histogram: the same label sets, every observation in its bucket and its sum
+        assert per_bucket(buckets(metrics, "folded_values", comm="sf_0")) == {"1": 2, "10": 3, "100": 0, "+Inf": 0}
+        folded = [v for comm, values in calls.items() if comm not in ("sf_0", "sf_1") for v in map(int, values)]
+        assert per_bucket(buckets(metrics, "folded_values", comm=overflow)) == {
+            "1": sum(v <= 1 for v in folded), "10": sum(1 < v <= 10 for v in folded),
+            "100": sum(10 < v <= 100 for v in folded), "+Inf": 0}, b
+        assert value(metrics, "folded_values_sum", comm=overflow) == sum(folded), b
+        assert sum(v for k, v in metrics["folded_values_count"].items()) == 105, b
+        for name in ("folded_calls_total", "folded_values"):
+            assert value(metrics, "probec_series_dropped_total", metric=name) == 4, (b, name)
+        assert value(metrics, "probec_backend_errors_total") == 0, b
+    for b, run in runs.items():
+        said = [line for line in run.stderr().splitlines() if "__overflow__" in line]
+        assert len(said) == 2, (b, said)          # once per metric
+    assert got["core"]["folded_calls_total"] == got["bpftrace"]["folded_calls_total"]
+    assert got["core"]["folded_values_bucket"] == got["bpftrace"]["folded_values_bucket"]
+
+
+LINT_SPEC = """
+name: lint_clean
+binaries:
+  pwork: $WORK/pwork
+  lib: $WORK/libpwork.so
+limits:
+  series: 2
+spans:
+  sleep:
+    function: lib:pwork_sleep_us
+metrics:
+  sleep_by_comm_seconds:
+    histogram: sleep.duration
+    labels: [comm]
+    buckets: exp2(64us, 1s)
+  ticks:
+    count: usdt:pwork:pwork:tick
+    labels: [comm]
+  recorded:
+    histogram: arg0
+    on: uprobe:lib:pwork_record
+    buckets: [1, 10]
+events:
+  slow_sleep:
+    on: sleep.end
+    when: duration > 1ms
+    sample: 1/2
+    fields: [comm, duration]
+"""
+
+
+def test_promtool_finds_nothing_to_lint_in_a_live_scrape(tmp_path, backend):
+    """A scrape of a running collector, with every kind of family it exports (histograms and
+    their window quantiles, counters, labels folded into __overflow__, events, health), passes
+    `promtool check metrics` without a single line."""
+    import shutil
+    import subprocess
+    import time
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed (Debian package prometheus; scripts/setup.sh installs it)"
+    spec = write_spec(tmp_path, LINT_SPEC)
+    port = free_port()
+    run = Run(build(spec, backend, tmp_path / "bundle"), tmp_path, "--bpf-stats", port=port)
+    try:
+        for comm in ("lint_a", "lint_b", "lint_c"):
+            workload("pwork", "--comm", comm, "sleep", "4", "2000")
+            workload("pwork", "--comm", comm, "usdt", "5")
+        workload("pwork", "record", "1", "5", "50")
+        deadline = time.monotonic() + 10
+        while True:
+            metrics = run.scrape(port)
+            if value(metrics, "ticks_total", comm="__overflow__") == 5 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        run.stop()
+    finally:
+        run.kill()
+        print(f"probec run stderr:\n{run.stderr()}")
+    # every family is there, with samples
+    for family in ("sleep_by_comm_seconds_bucket", "sleep_by_comm_seconds_window", "ticks_total",
+                   "recorded_bucket", "probec_series_dropped_total", "probec_events_total"):
+        assert family in metrics, family
+    assert value(metrics, "probec_series_dropped_total", metric="ticks") == 1
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert (lint.returncode, lint.stdout + lint.stderr) == (0, ""), text

@@ -85,7 +85,7 @@ def test_parts_export_their_names_and_keep_quantiles_apart():
               if s.name.endswith("_count")}
     assert counts == {("send", "w0"): 10, ("send", "w1"): 10, ("offcpu", "w0"): 20}
     # Quantiles per part (threads merged): a median over both parts would mean nothing.
-    p50 = {s.labels["part"]: s.value for s in fams["parts_seconds_quantile"].samples if s.labels["quantile"] == "0.5"}
+    p50 = {s.labels["part"]: s.value for s in fams["parts_seconds_window"].samples if s.labels["quantile"] == "0.5"}
     assert p50 == pytest.approx({"send": 0.5e-6, "offcpu": 3e-6})
 
 
@@ -164,3 +164,80 @@ def test_bpftrace_epochs_add_up_to_one_instant(tmp_path):
     dump(None, {"0,a,1": 9, "1,a,1": 3}, {"0,a,0": 9, "1,a,0": 3}, {"0,a": 90, "1,a": 30})
     runner.apply_dump(final=True)                 # printed at exit, after the probes detached
     assert shown() == (12, 12)
+
+
+def test_series_cap_keeps_the_first_label_sets_seen():
+    """Once in, a label set stays: a later, heavier one folds instead (as the core kernel does)."""
+    store = MetricStore(MANIFEST)
+    said = []
+    store.log = said.append
+    state = store.metrics["calls_total"]
+    state.meta = dict(state.meta, series_limit=2)
+    store.replace("calls_total", {("a", 1): 1, ("b", 1): 2})
+    store.replace("calls_total", {("a", 1): 1, ("b", 1): 2, ("c", 1): 50, ("d", 1): 1}, overflow=7, folded=3)
+    snap = store.snapshot()["calls_total"]
+    assert snap.series == {("a", 1): 1, ("b", 1): 2, (OVERFLOW, OVERFLOW): 50 + 1 + 7}
+    assert snap.dropped_series == 2 + 3          # folded here, and folded by the kernel
+    assert len(said) == 1 and "calls_total" in said[0]
+    store.replace("calls_total", {("a", 1): 2, ("b", 1): 2, ("c", 1): 60, ("d", 1): 1}, overflow=7, folded=3)
+    assert len(said) == 1 and store.snapshot()["calls_total"].series[(OVERFLOW, OVERFLOW)] == 68
+    # after a bpftrace restart: the folded counts come back carried in __overflow__, and a folded
+    # label set not seen again since is still counted
+    store.replace("calls_total", {("a", 1): 2, ("b", 1): 2, (OVERFLOW, OVERFLOW): 61, ("c", 1): 1})
+    snap = store.snapshot()["calls_total"]
+    assert snap.series[(OVERFLOW, OVERFLOW)] == 62 and snap.dropped_series == 2
+
+
+def test_window_quantiles_are_a_summary_that_promtool_accepts():
+    """Prometheus reserves the `quantile` label for summaries: `promtool check metrics` flagged
+    every histogram's quantile gauges."""
+    import shutil
+    import subprocess
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    store = MetricStore({"name": "t", "metrics": [PARTS, COUNTER], "events": []})
+    store.replace("parts_seconds", {(0, "w0"): HistogramSeries([10, 0, 0, 0], 5000)})
+    store.replace("calls_total", {("a", 1): 3})
+    store.remember()
+    text = Exporter(store, "t", "core").text()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert fams["parts_seconds_window"].type == "summary"
+    lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert (lint.returncode, lint.stdout + lint.stderr) == (0, "")
+
+
+def test_a_burst_of_scrapers_connects_at_once():
+    """64 scrapers connecting at the same moment all get through the handshake without waiting
+    for a SYN to be sent again (1 s): the listen backlog holds them until they are accepted."""
+    import select
+    import socket
+    import time
+    store = MetricStore(MANIFEST)
+    store.replace("calls_total", {("a", 1): 3})
+    exporter = Exporter(store, "t", "core")
+    port = exporter.serve("127.0.0.1", 0)
+    socks = [socket.socket() for _ in range(64)]
+    try:
+        started = time.monotonic()
+        for s in socks:
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+        pending = set(socks)
+        while pending and time.monotonic() - started < 3:
+            _, writable, _ = select.select([], list(pending), [], 0.1)
+            pending -= set(writable)
+        # a SYN dropped from a full queue is sent again after 1 s: none may need it
+        assert not pending and time.monotonic() - started < 0.9, (len(pending), time.monotonic() - started)
+        for s in socks:
+            s.setblocking(True)
+            s.settimeout(10)
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        for s in socks:
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.0 200") and b'calls_total{comm="a",pid="1"} 3.0' in reply
+    finally:
+        for s in socks:
+            s.close()
+        exporter.close()

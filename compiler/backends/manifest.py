@@ -49,6 +49,8 @@ def manifest_for(program: Program, backend: str, **extra) -> dict:
                         **rendering(lab.expr.type)} for lab in m.labels],
             "edges": list(m.edges), "sum_slot": m.sum_slot if m.kind == "histogram" else None,
             "map": m.map.name, "series_limit": m.series_limit,
+            "overflow_map": m.overflow_map.name if m.overflow_map else None,
+            "folded_map": m.folded_map.name if m.folded_map else None,
         } for m in program.metrics],
         "events": [{
             "name": e.name, "index": e.index, "sample_every": e.sample_every,

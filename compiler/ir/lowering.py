@@ -16,6 +16,9 @@ from .nodes import (INT, TID, Action, Const, Context, EmitEvent, Event, EventFie
                     Within, kept_accumulators)
 from .typecheck import ProbeContext, TypeChecker
 
+# Label sets folded into __overflow__ that the core backend's kernel side tells apart (and counts)
+# per metric; past that many, probec_series_dropped_total stops growing (a lower bound).
+FOLDED_TRACKED = 1024
 SYSCALL_ARGS_NOTE = "syscall:NAME is the sys_enter_NAME tracepoint; syscallret:NAME is sys_exit_NAME"
 
 
@@ -484,13 +487,26 @@ class Lowering:
             entries = len(edges) + 2 if hist else 1
             mtype = "PERCPU_ARRAY"
         mp = MapSpec(f"m_{m.name}", mtype, key, u64_value(f"{m.name}_value"), entries, "metric")
+        fold: dict[str, MapSpec] = {}
+        if members:
+            # Past limits.series label sets, updates go to a per-CPU array that is the __overflow__
+            # series, and the label set is remembered (up to FOLDED_TRACKED of them) to be counted.
+            fold["overflow_map"] = MapSpec(f"m_{m.name}_overflow", "PERCPU_ARRAY", u32_key(f"{m.name}_overflow_key"),
+                                           u64_value(f"{m.name}_value"), len(edges) + 2 if hist else 1,
+                                           "metric_overflow")
+            fold["folded_map"] = MapSpec(f"m_{m.name}_folded", "HASH", key, u64_value(f"{m.name}_value"),
+                                         FOLDED_TRACKED, "metric_folded")
+            if hist:
+                # a histogram's label set takes a slot per bucket used: admit label sets, not slots
+                fold["sets_map"] = MapSpec(f"m_{m.name}_sets", "HASH", key, u64_value(f"{m.name}_value"),
+                                           self.spec.limits.series, "metric_sets")
         for build, in_span, upd in updates:
             if in_span:
                 self.pending_end.setdefault(id(build), []).append((m.on.span_name, upd))
             else:
                 build.actions.append(upd)
         return Metric(m.name, m.kind, m.help or f"{m.kind} from {m.on.span_name + '.end' if isinstance(m.on, SpanEndRef) else m.on.text}",
-                      unit, scale, tuple(labels or ()), edges, mp, self.spec.limits.series)
+                      unit, scale, tuple(labels or ()), edges, mp, self.spec.limits.series, **fold)
 
     def metric_unit(self, m: MetricSpec, vt: ValueType | None) -> tuple[str, float]:
         dim = vt.dimension if vt is not None else "none"
@@ -615,6 +631,7 @@ class Lowering:
             return None
         spans = tuple(SpanInfo(n, self.span_maps[n]) for n in self.spec.spans if n in self.span_maps)
         maps = [s.begin_map for s in spans] + accumulators + [m.map for m in metrics]
+        maps += [mp for m in metrics for mp in (m.sets_map, m.overflow_map, m.folded_map) if mp is not None]
         if events:
             maps.append(MapSpec("events", "RINGBUF", None, None, self.spec.limits.ringbuf_bytes, "event"))
         if self.needs_stacks:

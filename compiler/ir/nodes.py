@@ -214,6 +214,13 @@ class Metric:
     edges: tuple[int, ...]         # histogram upper edges in raw units; le=+Inf is index len(edges)
     map: MapSpec
     series_limit: int
+    # Labelled metrics only (core): what keeps the kernel from losing an update past the series
+    # limit. `overflow_map` holds the __overflow__ series (slots as an unlabelled metric's map),
+    # `folded_map` the label sets folded into it (their number is probec_series_dropped_total),
+    # `sets_map` the label sets a histogram admitted (its main map holds a slot per bucket).
+    overflow_map: MapSpec | None = None
+    folded_map: MapSpec | None = None
+    sets_map: MapSpec | None = None
 
     @property
     def sum_slot(self) -> int:

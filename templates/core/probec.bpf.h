@@ -85,6 +85,40 @@ static __always_inline bool probec_hash_add(void *map, const void *key, __u64 de
 	return true;
 }
 
+/* --- the series limit --------------------------------------------------------------------------- */
+
+/* A metric keeps at most limits.series label sets, the first ones seen; the maps are sized so
+ * that they always fit. A later label set's updates go to the metric's __overflow__ array
+ * instead, and the label set itself to a set of folded ones, whose size the runtime exports as
+ * probec_series_dropped_total. Nothing is lost: the sum over all series stays exact. */
+
+/* True when the label set of `key` is, or now becomes, one of a histogram's admitted label
+ * sets; false when `sets` is full without it. `sets` is keyed by the label set with bucket 0:
+ * `bucket` points into `key`, and is put back. Called only when the bucket's slot is missing, so
+ * an update of a slot already there costs no more than before the series limit. */
+static __always_inline bool probec_series_admit(void *sets, void *key, __u32 *bucket)
+{
+	__u32 b = *bucket;
+	__u64 one = 1;
+	long err = 0;
+
+	*bucket = 0;
+	if (!bpf_map_lookup_elem(sets, key))
+		err = bpf_map_update_elem(sets, key, &one, BPF_NOEXIST);
+	*bucket = b;
+	/* -EEXIST: another CPU admitted it meanwhile; -E2BIG: limits.series label sets are in */
+	return err == 0 || err == -PROBEC_EEXIST;
+}
+
+/* Remember a label set folded into __overflow__ (a full set of them stops counting, no more). */
+static __always_inline void probec_series_fold(void *folded, const void *key)
+{
+	__u64 one = 1;
+
+	if (!bpf_map_lookup_elem(folded, key))
+		bpf_map_update_elem(folded, key, &one, BPF_NOEXIST);
+}
+
 /* One count in the per-CPU health map (overflows, drops, events seen). */
 static __always_inline void probec_health_inc(void *health, __u32 slot)
 {

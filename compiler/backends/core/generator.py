@@ -401,7 +401,10 @@ class CoreBackend(Backend):
             map=m.map.name, key_struct=self.struct_name(m.map.key), key_lines=key_lines,
             bucket_fn="probec_bucket_s64" if signed else "probec_bucket_u64",
             edges=f"probec_edges_{m.name}", steps=bucket_steps(len(m.edges)), sum_slot=m.sum_slot,
-            full_slot=self.health.add("metric_map_full", m.name) if labelled else -1,
+            full_slot=self.health.add("metric_map_full", m.name) if labelled and histogram else -1,
+            overflow_map=m.overflow_map.name if m.overflow_map else "",
+            folded_map=m.folded_map.name if m.folded_map else "",
+            sets_map=m.sets_map.name if m.sets_map else "",
             counted=program.accumulators(a.metric)[0] if a.accumulate_into else "",
             counted_key=em.value(a.accumulate_into.key) if a.accumulate_into else "")
 
