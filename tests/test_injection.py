@@ -312,11 +312,18 @@ def test_resolved_paths_are_quoted_or_refused_for_bpftrace(route, case, tmp_path
 
 
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("case", ["forged_probe", "colon", "backslash", "non_utf8", "dollar"])
+@pytest.mark.parametrize("case", ["forged_probe", "colon", "backslash", "non_utf8", "dollar", "braces_and_comma",
+                                  "double_quote"])
 def test_resolved_paths_reach_core_only_through_the_manifest(route, case, tmp_path, workloads):
+    """Core passes any path to libbpf, but check refuses what the bpftrace backend cannot name:
+    whatever check accepts, every backend builds."""
     plain, _, _ = route_build(route, tmp_path / "plain", "plain", "core")
     assert plain.returncode == 0, plain.stderr
     r, spec, target = route_build(route, tmp_path / "hostile", FOLDER_NAMES[case], "core")
+    if HOSTILE_FOLDERS[case] == "refused":
+        assert r.returncode == 1 and re.search(r"spec\.yaml:\d+:\d+: error\[E503\]", r.stderr), r.stderr
+        assert not (tmp_path / "hostile" / "out").exists()
+        return
     assert r.returncode == 0, r.stderr
     out, ref = tmp_path / "hostile" / "out", tmp_path / "plain" / "out"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -349,9 +356,10 @@ def test_an_elf_symbol_bpftrace_cannot_name_is_refused(tmp_path, workloads):
     spec.write_text("name: sym\nmetrics:\n  sym_calls_total:\n    count: uprobe:./libsym.so:pwork$record\n")
     r = build(spec, "bpftrace", tmp_path / "bt")
     assert r.returncode == 1 and re.search(r"spec\.yaml:4:12: error\[E503\]", r.stderr), r.stderr
-    r = build(spec, "core", tmp_path / "core")
-    assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "core" / "manifest.json").read_text())["probes"][0]["symbol"] == "pwork$record"
+    r = build(spec, "core", tmp_path / "core")            # refused by check, for every backend
+    assert r.returncode == 1 and re.search(r"spec\.yaml:4:12: error\[E503\]", r.stderr), r.stderr
+    r = probec("check", str(spec))
+    assert r.returncode == 1 and "error[E503]" in r.stderr, r.stderr
 
 
 # --- bpftrace itself reads what was written ----------------------------------------------------

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from ..diagnostics import Diagnostics, did_you_mean
+from ..escaping import bpftrace_address_part, visible
 from ..expr import ast
 from ..spec.model import EventSpec, MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef
 from .host import HostInfo
@@ -59,6 +60,7 @@ class Lowering:
                                       and (s.fallback is None or (s.fallback[0].key is None and
                                                                   s.fallback[1].key is None)))
         self.left_out_binaries: set[str] = set()   # optional binaries that are missing here
+        self.unnameable: set[str] = set()          # resolved paths and symbols reported with E503
         self.span_ends: dict[str, list[tuple]] = {}   # span -> [(probe key, end key expr, ctx)]
         self.span_maps: dict[str, MapSpec] = {}
         self.needs_stacks = False
@@ -250,10 +252,12 @@ class Lowering:
             if resolved is None:
                 return None
             symbol, offset = resolved
+            if not (self.nameable(addr, "binary after resolution", binary) and self.nameable(addr, "symbol", symbol)):
+                return None
             ctx_kind = kind
         elif kind == "usdt":
             binary = self.binary_path(addr)
-            if binary is None:
+            if binary is None or not self.nameable(addr, "binary after resolution", binary):
                 return None
             arg_count = self.usdt_args(addr, binary)
             if arg_count == -1:
@@ -280,6 +284,21 @@ class Lowering:
         build = _ProbeBuild(probe, [], ctx)
         self.probes[key] = build
         return build
+
+    def nameable(self, addr: ProbeAddress, what: str, text: str) -> bool:
+        """Whether every backend can write a resolved path or ELF symbol: what check accepts, every
+        backend builds, and bpftrace 0.17 cannot name some of them in a probe address (the core
+        backend passes any path to libbpf). Each one is reported once."""
+        if bpftrace_address_part(text) is not None:
+            return True
+        if text not in self.unnameable:
+            self.unnameable.add(text)
+            self.d.error("E503", f"{addr.text}: the {what} is '{visible(text)}', which the bpftrace backend "
+                         "cannot name in a probe address", addr.span,
+                         "bpftrace reads ':', '\\', '*', '?', '[', ']', '$', control characters and non-ASCII "
+                         "there as something else; reach the file through folders without them (symlinks "
+                         "are resolved first)")
+        return False
 
     def probe_id(self, kind: str, name: str) -> str:
         stem = re.sub(r"[^A-Za-z0-9_]", "_", f"{kind}_{name}")[:48]

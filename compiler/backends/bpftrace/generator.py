@@ -97,7 +97,6 @@ class BpftraceBackend(Backend):
         self.interval_ms = interval_ms
         self.env = template_environment("bpftrace")
         self.counter = 0
-        self.unnameable: set[str] = set()      # paths and symbols reported as beyond bpftrace
 
     # -- names ---------------------------------------------------------------------------------
     def var(self, stem: str) -> str:
@@ -109,15 +108,12 @@ class BpftraceBackend(Backend):
         return "@" + name
 
     def address_part(self, p: ir.Probe, what: str, text: str) -> str | None:
-        """A resolved path or ELF symbol as bpftrace can read it; None where it cannot (an error, once)."""
+        """A resolved path or ELF symbol as bpftrace can read it: as it is, or quoted. Lowering
+        refuses the ones bpftrace cannot name (E503), so that check accepts only what builds."""
         part = bpftrace_address_part(text)
-        if part is None and text not in self.unnameable:
-            self.unnameable.add(text)
-            self.d.error("E503", f"{p.spec_text}: the {what} is '{visible(text)}', which bpftrace "
-                         f"{self.version[0]}.{self.version[1]} cannot name in a probe address", p.span,
-                         "bpftrace reads ':', '\\', '*', '?', '[', ']', '$', control characters and "
-                         "non-ASCII there as something else; the core backend takes any path, or reach "
-                         "the file through folders without them (symlinks are resolved first)")
+        if part is None:
+            self.d.error("E520", f"a probec bug: the {what} '{visible(text)}' reached the bpftrace backend "
+                         "unchecked", p.span)
         return part
 
     def address(self, p: ir.Probe) -> str | None:
