@@ -313,6 +313,18 @@ class CoreBackend(Backend):
 
     # -- names ---------------------------------------------------------------------------------
     @staticmethod
+    def generated_names(kind: str, name: str, histogram: bool = False) -> tuple[str, ...]:
+        """Maps (span_X_begin, m_X, acc_X_*), structs (the layouts' names) and globals."""
+        total, count = ir.accumulator_maps(name)
+        if kind == "span":
+            return (f"span_{name}_begin", total, count)
+        if kind == "metric":
+            return (f"m_{name}", count, f"struct probec_{name}_key", f"struct probec_{name}_value",
+                    f"probec_edges_{name}")
+        return (f"struct probec_event_{name}", f"probec_sample_every_{name}", f"probec_max_per_second_{name}",
+                f"probec_rate_{name}", f"probec_sampled_{name}")
+
+    @staticmethod
     def struct_name(layout: ir.Layout) -> str:
         return f"probec_{layout.name}"
 
