@@ -34,6 +34,19 @@ LIMITS = {
     "map entries": Limit(1, (1 << 31) - 1, "a BPF map's max_entries is a 32-bit number"),
 }
 
+# Bytes of BPF's 512-byte stack a generated program may use, leaving room for the compilers'
+# temporaries. Measured with clang and bpftrace 0.17 (`bpftrace -d`): 32 comm labels (a 512-byte
+# map key) or 30 comm event fields (a 520-byte printf record) fail there; 28 of either build.
+STACK_BUDGET = 448
+# What a bpftrace printf record holds besides the event's fields: its id, then nsecs, pid, tid, cpu.
+BPFTRACE_PRINTF_HEADER = 8 + 4 * 8
+# A stack in a bpftrace printf record (its id and the pid it belongs to).
+BPFTRACE_STACK_BYTES = 16
+# bpftrace 0.17 attaches at most this many probes (BPFTRACE_MAX_PROBES); histograms take at most
+# 64 edges in every form (exp2, linear, a list).
+MAX_PROBES = 512
+MAX_BUCKETS = 64
+
 # Expressions nest at most this deep: clang stops at 256 nested brackets, and each level of an
 # expression is one to three brackets in the generated C.
 MAX_EXPRESSION_DEPTH = 64

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..diagnostics import Diagnostics, SourceSpan, did_you_mean
 from ..expr.ast import SIZE_UNITS, TIME_UNITS, Expr, Name
 from ..expr.parser import parse_expression
-from .limits import (HISTOGRAM_LABELS, LIMITS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH, RESERVED_METRIC_PREFIX,
+from .limits import (HISTOGRAM_LABELS, LIMITS, MAX_BUCKETS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH, RESERVED_METRIC_PREFIX,
                      RESERVED_SPEC_NAMES, exposed_names, expression_depth, out_of_range)
 from .model import (PROBE_KINDS, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
                     MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef)
@@ -453,6 +453,9 @@ class SpecLoader:
 
     def buckets(self, node: YNode) -> Buckets | None:
         buckets = self.bucket_edges(node)
+        if buckets is not None and len(buckets.edges) > MAX_BUCKETS:
+            self.d.error("E120", f"{len(buckets.edges)} bucket edges; at most {MAX_BUCKETS} are allowed", buckets.span)
+            return None
         if buckets is not None and buckets.edges[-1] > LIMITS["bucket edge"].high:
             self.d.error("E130", f"buckets: the edge {buckets.edges[-1]:,} is past the largest one both backends "
                          f"compare with, {LIMITS['bucket edge'].high:,}", buckets.span, LIMITS["bucket edge"].why)

@@ -27,6 +27,11 @@ class ExpressionEmitter:
         self.prelude: list[str] = []                # statements the probe runs first
         self.hoisted: dict[ir.IRExpr, str] = {}     # expressions computed once, in the prelude
 
+    def reads_args(self) -> bool:
+        """Whether the probe reads tracepoint args (args->NAME) anywhere."""
+        return self.probe.kind == "tracepoint" and any(
+            isinstance(n, (ir.TracepointField, ir.Retval)) for n in ir.walk(self.probe.actions))
+
     def args_field(self, name: str) -> str:
         return f"args.{name}" if self.version >= (0, 20) else f"args->{name}"
 
@@ -62,6 +67,10 @@ class ExpressionEmitter:
                 fd = f"(uint64){self.emit(e.fd)}"
                 fdt = "curtask->files->fdt"
                 file = f"(*({fdt}->fd + {fd}))"
+                if not self.reads_args():
+                    # bpftrace 0.17 knows struct file's members only once the probe has loaded
+                    # kernel types for tracepoint args; elsewhere the type must be named
+                    file = f"((struct file *)*({fdt}->fd + {fd}))"
                 name = f"$__socket{len(self.hoisted)}"
                 self.hoisted[e] = name
                 self.prelude.append(f"{name} = ({fd} < (uint64){fdt}->max_fds && ({file}->f_inode->i_mode & 0xf000)"

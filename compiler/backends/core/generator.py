@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from ...diagnostics import Diagnostics, SourceSpan
+from ...spec.limits import STACK_BUDGET
 from ...ir import nodes as ir
 from ..base import Backend, Bundle, template_environment
 from . import toolchain
@@ -20,7 +21,6 @@ U64_MAX = (1 << 64) - 1
 MAX_BUCKET_STEPS = 10                  # probec.bpf.h: PROBEC_MAX_BUCKET_STEPS
 STACK_DEPTH = 127                      # PERF_MAX_STACK_DEPTH: u64 slots per stack-map entry
 COMM_LEN = 16
-STACK_BUDGET = 448                     # of BPF's 512-byte stack, leaving room for clang's temporaries
 HEADER_FIELDS = ("event", "cpu", "ts", "pid", "tid")
 
 # kind -> (SEC() name pattern, type of ctx)
