@@ -122,7 +122,7 @@ class SpecLoader:
         length, and `__` is probec's own prefix (its padding fields, its bpftrace maps)."""
         if len(key.value) > MAX_NAME_LENGTH:
             self.d.error("E131", f"{what} '{key.value[:20]}...' has {len(key.value)} characters; at most "
-                         f"{MAX_NAME_LENGTH} are allowed", key.span)
+                         f"{MAX_NAME_LENGTH} are allowed", key.span, "shorten it")
             return False
         if key.value.startswith("__"):
             self.d.error("E131", f"{what} '{key.value}' starts with '__', which probec keeps for names it "
@@ -258,7 +258,7 @@ class SpecLoader:
                 self.d.error("E107", f"'{key.value}' is not a valid name for {what}", key.span,
                              "names are letters, digits and '_', not starting with a digit")
                 continue
-            if not self.name_rules(key, f"name in {what}"):
+            if not self.name_rules(key, f"{what[:-1]} name"):
                 continue
             if what == "metrics" and key.value.startswith(RESERVED_METRIC_PREFIX):
                 self.d.error("E131", f"metric '{key.value}': names starting with '{RESERVED_METRIC_PREFIX}' "
