@@ -26,12 +26,11 @@ LIMITS = {
     "sample": Limit(1, INT_MAX, "the event counter is a signed 64-bit number in bpftrace"),
     "rate": Limit(0, INT_MAX, "the per-second counter is a signed 64-bit number in bpftrace"),
     # A BPF map's max_entries is a 32-bit number; begin maps hold 2 x concurrency, a histogram's
-    # map series x (buckets + 2). Kept well below 2^32 so that the products fit too.
+    # map series x (buckets + 2): 2^24 x 66 stays below 2^31.
     "limits.concurrency": Limit(1, 1 << 24, "begin maps hold twice this many entries, in kernel memory"),
     "limits.series": Limit(1, 1 << 24, "metric maps hold this many label sets (times the buckets), "
                                        "in kernel memory"),
     "limits.ringbuf": Limit(4096, 1 << 30, "the kernel's ring buffer holds at most 1 GiB here"),
-    "map entries": Limit(1, (1 << 31) - 1, "a BPF map's max_entries is a 32-bit number"),
 }
 
 # Bytes of BPF's 512-byte stack a generated program may use, leaving room for the compilers'
@@ -58,6 +57,10 @@ MAX_NAME_LENGTH = 64
 
 # Spec names that would clash with files of the bundle or the build folder (vmlinux.h).
 RESERVED_SPEC_NAMES = ("vmlinux", "probec", "loader", "manifest")
+
+# Keys every event's JSON record carries (runtime/core_runner.py, bpftrace_runner.py): a field
+# may have one of these names only as that very value (`fields: [pid]`).
+EVENT_RECORD_KEYS = ("event", "ts_ns", "pid", "tid", "cpu")
 
 # Prometheus: the health metrics' prefix, and labels with a meaning of their own.
 RESERVED_METRIC_PREFIX = "probec_"

@@ -13,8 +13,8 @@ from pathlib import Path
 from ..diagnostics import Diagnostics, SourceSpan, did_you_mean
 from ..expr.ast import SIZE_UNITS, TIME_UNITS, Expr, Name
 from ..expr.parser import parse_expression
-from .limits import (HISTOGRAM_LABELS, LIMITS, MAX_BUCKETS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH, RESERVED_METRIC_PREFIX,
-                     RESERVED_SPEC_NAMES, exposed_names, expression_depth, out_of_range)
+from .limits import (EVENT_RECORD_KEYS, HISTOGRAM_LABELS, LIMITS, MAX_BUCKETS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH,
+                     RESERVED_METRIC_PREFIX, RESERVED_SPEC_NAMES, exposed_names, expression_depth, out_of_range)
 from .model import (PROBE_KINDS, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
                     MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef)
 from .yaml_source import YMap, YNode, YScalar, YSeq, load_yaml
@@ -716,6 +716,10 @@ class SpecLoader:
                 if f.name in seen:
                     self.d.error("E122", f"{what}: field '{f.name}' appears twice", f.span)
                 seen.add(f.name)
+                plain = isinstance(f.expr, Name) and f.expr.dotted == f.name
+                if f.name in EVENT_RECORD_KEYS and not plain:
+                    self.d.error("E131", f"{what}: field '{f.name}' would replace the '{f.name}' every event "
+                                 "record carries", f.span, "name this field otherwise")
         if on is None:
             return None
         return EventSpec(key.value, key.span, on, when, every, rate, tuple(fields))
