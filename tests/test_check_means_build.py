@@ -99,6 +99,11 @@ def edge_cases() -> list[Case]:
                   lim["rate"].high + 1)
     cases += both("rate-20-digits", lambda v: span_spec(events=event(sample=f"1/3, at most {v}/s")), 10 ** 18,
                   10 ** 20 - 1)
+    # probe addresses with numbers (an interval probe itself is a backend choice: core has none)
+    cases.append(Case("interval-past-a-day", span_spec(metrics=counter("", on="interval:s:86401")), "reject"))
+    cases.append(Case("interval-20-digits", span_spec(metrics=counter("", on=f"interval:ms:{10 ** 20}")), "reject"))
+    cases.append(Case("uprobe-offset-past-end", span_spec(metrics=counter(
+        "", on=f"uprobe:{WORKLOADS / 'libpwork.so'}:pwork_nop+{1 << 20}")), "reject"))
     # limits
     for key, unit in (("series", ""), ("concurrency", ""), ("ringbuf", "")):
         hi = lim[f"limits.{key}"].high

@@ -146,6 +146,10 @@ class Lowering:
             return None
         sym = found[0]
         offset = addr.offset or 0
+        if addr.offset is not None and sym.size and offset >= sym.size:
+            self.d.error("E313", f"'{addr.name}' in '{path}' is {sym.size} bytes long; +{offset} is past its end",
+                         addr.span, f"an offset inside the function: +0 .. +{sym.size - 1}")
+            return None
         # Past endbr64 unless the spec wrote an offset itself (`+0` keeps the entry).
         if addr.offset is None and self.opt.placement == "auto" and addr.kind in ("uprobe", "uretprobe"):
             try:

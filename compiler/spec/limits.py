@@ -27,6 +27,7 @@ LIMITS = {
     "rate": Limit(0, INT_MAX, "the per-second counter is a signed 64-bit number in bpftrace"),
     # A BPF map's max_entries is a 32-bit number; begin maps hold 2 x concurrency, a histogram's
     # map series x (buckets + 2): 2^24 x 66 stays below 2^31.
+    "interval": Limit(1_000_000, 86_400 * 10**9, "bpftrace reads an interval as a 64-bit count of ms"),
     "limits.concurrency": Limit(1, 1 << 24, "begin maps hold twice this many entries, in kernel memory"),
     "limits.series": Limit(1, 1 << 24, "metric maps hold this many label sets (times the buckets), "
                                        "in kernel memory"),

@@ -192,7 +192,11 @@ class SpecLoader:
             scale = {"s": 1_000_000_000, "ms": 1_000_000}
             if len(parts) != 2 or parts[0] not in scale or not parts[1].isdigit() or int(parts[1]) == 0:
                 return bad(f"'{text}' should be interval:s:N or interval:ms:N", "e.g. interval:s:1")
-            return ProbeAddress(kind, text, span, rate=int(parts[1]) * scale[parts[0]])
+            period = int(parts[1]) * scale[parts[0]] if len(parts[1]) <= 20 else LIMITS["interval"].high + 1
+            if out_of_range("interval", period):
+                self.d.error("E130", f"'{text}': an interval is at most a day", span, LIMITS["interval"].why)
+                return None
+            return ProbeAddress(kind, text, span, rate=period)
         raise AssertionError(kind)  # pragma: no cover
 
     # -- sections ------------------------------------------------------------------------------
