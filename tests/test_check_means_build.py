@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,3 +244,39 @@ def test_check_means_bpftrace_accepts(case: Case, tmp_path: Path, workloads, bpf
               if re.search(r"\berror\b", line, re.I) and "RLIMIT_MEMLOCK" not in line
               and "available_filter_functions" not in line]
     assert run.returncode == 0 and not errors, f"bpftrace rejected the script:\n" + "\n".join(errors[:10])
+
+
+LOADED = ("comm-labels-inside", "histogram-labels-inside", "comm-fields-inside", "int-fields-inside",
+          "stack-fields-inside", "socket-uretprobe")
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("name", LOADED)
+def test_specs_at_the_stack_budget_load_in_bpftrace(name: str, tmp_path: Path, workloads, bpftrace_kernel):
+    """`bpftrace -d` stops before the kernel's verifier: the largest keys and records check
+    accepts are loaded and attached for real here, until bpftrace says every probe is attached."""
+    from probec.compiler.backends.bpftrace.generator import READY_MARK
+    case = next(c for c in CASES if c.name == name)
+    result = check_or_build(case, tmp_path)
+    bundle = build_bundle(result, "bpftrace", "0.17")
+    assert bundle is not None
+    bundle.write(tmp_path / "bt")
+    script = next((tmp_path / "bt").glob("*.bt"))
+    proc = subprocess.Popen(["bpftrace", str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    watchdog = threading.Timer(60, proc.kill)     # a bpftrace that neither loads nor exits
+    watchdog.start()
+    try:
+        for line in proc.stdout:           # ends when bpftrace exits (it fails to load) or is ready
+            lines.append(line.rstrip("\n"))
+            if READY_MARK in line:
+                break
+    finally:
+        watchdog.cancel()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert any(READY_MARK in line for line in lines), "bpftrace did not load the script:\n" + "\n".join(lines[-10:])
