@@ -137,6 +137,8 @@ def edge_cases() -> list[Case]:
     cases.append(Case("label-le-counter", span_spec(metrics=counter("", labels="{le: pid}")), "ok"))
     cases.append(Case("label-le-histogram", span_spec(metrics=histogram("[1ms]", labels="{le: pid}")), "reject"))
     cases.append(Case("label-quantile", span_spec(metrics=histogram("[1ms]", labels="{quantile: pid}")), "reject"))
+    cases.append(Case("only-total", span_spec(metrics=counter("", name="_total")), "reject"))
+    cases.append(Case("underscore-name", span_spec(metrics=counter("", name="_x_total")), "ok"))
     cases.append(Case("health-prefix", span_spec(metrics=counter("", name="probec_events_total")), "reject"))
     cases.append(Case("calls-and-calls_total", span_spec(
         metrics=counter("", name="calls") + counter("", name="calls_total")), "reject"))
@@ -226,6 +228,40 @@ def test_check_means_core_builds(case: Case, tmp_path: Path, workloads, clang):
     shown = render_text(result.diagnostics.sorted(), result.sources)
     assert bundle is not None, f"core build failed after check accepted:\n{shown}"
     assert any(name.endswith(".bpf.o") for name in bundle.files), shown
+    assert_exposition_parses(bundle.manifest)
+
+
+def assert_exposition_parses(manifest: dict) -> None:
+    """The runtime's exposition of every metric (one series each) parses as Prometheus reads it:
+    no family or sample name twice, no label Prometheus keeps for itself. promtool, where it is
+    installed, parses it too (its lint warnings are naming advice, not a rejected scrape)."""
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_text
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+    from prometheus_client.parser import text_string_to_metric_families
+    from probec.runtime.exporter import Exporter
+    from probec.runtime.store import HistogramSeries, MetricStore
+    store = MetricStore(manifest)
+    for m in manifest["metrics"]:
+        key = tuple("x" if lab["type"] == "str" else 0 for lab in m["labels"])
+        value = HistogramSeries([1] * (len(m["edges"]) + 1), 5) if m["kind"] == "histogram" else 3
+        store.replace(m["name"], {key: value})
+    store.remember()
+    exporter = Exporter(store, manifest["name"], "core")
+    text = exporter.text()
+    families = list(text_string_to_metric_families(text))
+    # OpenMetrics, which Prometheus asks for first, forbids what the older text format lets pass
+    # (a histogram x beside a counter x_count); its parser checks every family against the others
+    list(openmetrics_families(openmetrics_text(exporter.registry).decode()))
+    names = [f.name for f in families]
+    assert len(names) == len(set(names)), f"a metric family twice: {sorted(names)}"
+    owner: dict[str, str] = {}
+    for f in families:
+        for sample in {s.name for s in f.samples}:
+            assert owner.setdefault(sample, f.name) == f.name, f"'{sample}' in '{f.name}' and '{owner[sample]}'"
+    if shutil.which("promtool"):
+        run = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+                             timeout=30)
+        assert "error while linting" not in run.stdout + run.stderr, run.stdout + run.stderr
 
 
 @pytest.mark.kernel

@@ -238,6 +238,10 @@ class SpecLoader:
         owner: dict[str, str] = {}
         for m in metrics.values():
             names = exposed_names(m.name, m.kind)
+            if not names[0]:
+                self.d.error("E107", f"metric '{m.name}' has no name before '_total'", m.span,
+                             "e.g. 'writes_total'")
+                continue
             clash = next((owner[n] for n in names if n in owner), None)
             if clash is not None:
                 other = metrics[clash]
