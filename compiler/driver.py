@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
+from .backends.base import check_generated_names
 from .diagnostics import Diagnostics
 from .ir.host import HostInfo
 from .ir.lowering import LoweringOptions, lower
@@ -29,6 +30,9 @@ def check_file(path: str, host: HostInfo | None = None, kernel: str = "host") ->
     spec, text = load_spec_file(path, diags)
     result = CheckResult(path, diags, text, spec, sources={path: text})
     if spec is None or diags.has_errors():
+        return result
+    check_generated_names(spec, diags)
+    if diags.has_errors():
         return result
     result.program = lower(spec, diags, LoweringOptions(host=host or HostInfo(), kernel=kernel))
     return result

@@ -66,7 +66,31 @@ class Backend:
     def base_manifest(self, program: Program, **extra) -> dict:
         return manifest_for(program, self.name, **extra)
 
+    @staticmethod
+    def generated_names(kind: str, name: str, histogram: bool = False) -> tuple[str, ...]:
+        """The identifiers this backend makes from a span, metric or event's name."""
+        return ()
 
+
+def check_generated_names(spec, diags: Diagnostics) -> None:
+    """Two spec names must not make one identifier in any backend (a bpftrace map, a C struct or
+    global): the second would silently share the first one's storage, or fail to compile."""
+    from .bpftrace.generator import BpftraceBackend
+    from .core.generator import CoreBackend
+    items = [("span", n, s.span, False) for n, s in spec.spans.items()] + \
+        [("metric", n, m.span, m.kind == "histogram") for n, m in spec.metrics.items()] + \
+        [("event", n, e.span, False) for n, e in spec.events.items()]
+    for backend in (BpftraceBackend, CoreBackend):
+        owner: dict[str, tuple[str, str]] = {}
+        for kind, name, span, histogram in items:
+            names = backend.generated_names(kind, name, histogram)
+            clash = next((n for n in names if n in owner and owner[n] != (kind, name)), None)
+            if clash is not None:
+                okind, oname = owner[clash]
+                diags.error("E135", f"{kind} '{name}' and {okind} '{oname}' would both be '{clash}' in the "
+                            f"{backend.name} backend's output", span, f"rename one of them")
+                break
+            owner.update((n, (kind, name)) for n in names)
 
 
 # Outside text enters a template only through one of these (see compiler/escaping.py).

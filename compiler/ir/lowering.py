@@ -9,12 +9,13 @@ from dataclasses import dataclass, field, replace
 from ..diagnostics import Diagnostics, did_you_mean
 from ..escaping import bpftrace_address_part, visible
 from ..expr import ast
+from ..spec.limits import BPFTRACE_PRINTF_HEADER, BPFTRACE_STACK_BYTES, MAX_PROBES, STACK_BUDGET
 from ..spec.model import EventSpec, MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef
 from .host import HostInfo
 from .layout import struct_layout, u32_key, u64_value
 from .nodes import (INT, TID, Action, Const, Context, EmitEvent, Event, EventField, Guard, IRExpr, Label,
-                    MapSpec, Metric, MetricUpdate, Probe, Program, SpanBegin, SpanEnd, SpanInfo, ValueType,
-                    Within, kept_accumulators)
+                    MapSpec, Metric, MetricUpdate, Probe, Program, SpanBegin, SpanEnd, SpanInfo, TracepointField,
+                    ValueType, Within, kept_accumulators, walk)
 from .typecheck import ProbeContext, TypeChecker
 
 # Label sets folded into __overflow__ that the core backend's kernel side tells apart (and counts)
@@ -150,6 +151,10 @@ class Lowering:
             return None
         sym = found[0]
         offset = addr.offset or 0
+        if addr.offset is not None and sym.size and offset >= sym.size:
+            self.d.error("E313", f"'{addr.name}' in '{path}' is {sym.size} bytes long; +{offset} is past its end",
+                         addr.span, f"an offset inside the function: +0 .. +{sym.size - 1}")
+            return None
         # Past endbr64 unless the spec wrote an offset itself (`+0` keeps the entry).
         if addr.offset is None and self.opt.placement == "auto" and addr.kind in ("uprobe", "uretprobe"):
             try:
@@ -646,6 +651,8 @@ class Lowering:
                                "(BTF names tracepoints but not their fields)", build.ctx.notes[0][1],
                                "mount tracefs (mount -t tracefs nodev /sys/kernel/tracing) or run as root")
         self.unused_spans()
+        if not self.d.has_errors():
+            self.check_budgets(probes, metrics, events)
         if self.d.has_errors():
             return None
         spans = tuple(SpanInfo(n, self.span_maps[n]) for n in self.spec.spans if n in self.span_maps)
@@ -659,6 +666,45 @@ class Lowering:
                        spans, tuple(metrics), tuple(events), tuple(maps), self.spec.limits.ringbuf_bytes,
                        self.needs_stacks, tuple(self.groups.items()), tuple(self.chosen.items()),
                        tuple(self.notes))
+
+    def check_budgets(self, probes: list[Probe], metrics: list[Metric], events: list[Event]) -> None:
+        """What clang and bpftrace would refuse for size, found here with the spec's places: the BPF
+        stack a probe's program needs in either backend, and the number of probes."""
+        if len(probes) > MAX_PROBES:
+            self.d.error("E350", f"the spec needs {len(probes)} probes; bpftrace attaches at most {MAX_PROBES}",
+                         self.spec.span, "split it into several specs")
+        by_metric = {m.name: m for m in metrics}
+        by_event = {e.name: e for e in events}
+        for p in probes:
+            nodes = list(walk(p.actions))
+            updates = [n for n in nodes if isinstance(n, MetricUpdate)]
+            emits = [n for n in nodes if isinstance(n, EmitEvent)]
+            # core: strings read from the tracepoint, comm, and the largest map key (probe.bpf.c.j2)
+            strings = sum({n.name: n.size for n in nodes if isinstance(n, TracepointField) and n.type.kind == "str"}
+                          .values())
+            comm = 16 if any(isinstance(n, Context) and n.name == "comm" for n in nodes) else 0
+            # bpftrace: each map key and each printf record on the stack, one at a time
+            needs: list[tuple[int, int, str, object]] = []    # (core bytes, bpftrace bytes, what, span)
+            for upd in updates:
+                m = by_metric[upd.metric]
+                if not m.labels:
+                    continue
+                key = sum(8 if lab.expr.type.kind != "str" else lab.expr.type.length for lab in m.labels)
+                needs.append((strings + comm + m.map.key.size, key + (8 if m.kind == "histogram" else 0),
+                              f"metric '{m.name}'", self.spec.metrics[m.name].span))
+            for emit in emits:
+                ev = by_event[emit.event]
+                record = BPFTRACE_PRINTF_HEADER + sum(
+                    BPFTRACE_STACK_BYTES if f.stack else f.expr.type.length if f.is_string else 8 for f in ev.fields)
+                needs.append((strings + comm, record, f"event '{ev.name}'", self.spec.events[ev.name].span))
+            for core, bpftrace, what, span in needs:
+                worst = max(core, bpftrace)
+                if worst > STACK_BUDGET:
+                    self.d.error("E351", f"{what} needs about {worst} bytes of BPF stack at {p.spec_text or p.id} "
+                                 f"({'bpftrace' if bpftrace >= core else 'core'}); at most {STACK_BUDGET} are "
+                                 "available", span, "use fewer or shorter string labels and event fields "
+                                 "(comm is 16 bytes, a number 8)")
+                    break
 
     def leave_out(self, metrics: list[Metric], events: list[Event]) -> tuple[list[Metric], list[Event]]:
         """Leave out, with a warning, what lost its probes to a missing optional binary: spans

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..diagnostics import Diagnostics, SourceSpan, did_you_mean
 from ..expr import ast
+from ..spec.limits import LIMITS
 from .host import FormatField
 from .nodes import (COMM, INT, SINT, TID, ActiveSpan, Arg, FdSocket, BinOp, Cmp, Const, Context, Duration, IRExpr,
                     Logic, Neg, Not, Retval, SpanTotal, StrConst, StrEq, TIME, TracepointField, ValueType)
@@ -75,13 +76,16 @@ class TypeChecker:
         return ir
 
     def check(self, e: ast.Expr, ctx: ProbeContext) -> IRExpr | None:
-        if isinstance(e, ast.Integer):
-            if e.value >= 1 << 64:
-                self.d.error("E212", "integer does not fit in 64 bits", e.span)
+        if isinstance(e, (ast.Integer, ast.Quantity)):
+            if e.value > LIMITS["integer"].high:
+                self.d.error("E212", f"{e.value:,} is past the largest number both backends represent, "
+                             f"{LIMITS['integer'].high:,}" + (f" ({e.text} in base units)"
+                                                               if isinstance(e, ast.Quantity) else ""),
+                             e.span, LIMITS["integer"].why)
                 return None
+            if isinstance(e, ast.Quantity):
+                return Const(e.value, ValueType("int", e.dimension))
             return Const(e.value)
-        if isinstance(e, ast.Quantity):
-            return Const(e.value, ValueType("int", e.dimension))
         if isinstance(e, ast.String):
             try:
                 data = e.value.encode("ascii")

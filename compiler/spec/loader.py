@@ -15,6 +15,8 @@ from pathlib import Path
 from ..diagnostics import Diagnostics, SourceSpan, did_you_mean, shown
 from ..expr.ast import SIZE_UNITS, TIME_UNITS, Expr, Name
 from ..expr.parser import parse_expression
+from .limits import (EVENT_RECORD_KEYS, HISTOGRAM_LABELS, LIMITS, MAX_BUCKETS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH,
+                     RESERVED_METRIC_PREFIX, RESERVED_SPEC_NAMES, exposed_names, expression_depth, out_of_range)
 from .model import (PROBE_KINDS, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
                     MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef)
 from .yaml_source import MAX_SPEC_BYTES, YMap, YNode, YScalar, YSeq, load_yaml
@@ -95,6 +97,8 @@ class SpecLoader:
         if value < minimum:
             self.d.error("E106", f"{what} must be at least {minimum}, got {value}", s.span)
             return None
+        if what in LIMITS and out_of_range(what, value):
+            return self.out_of_range(what, value, s.span)
         return value
 
     def whole_number(self, digits: str, what: str, span: SourceSpan, code: str = "E106") -> int | None:
@@ -106,6 +110,11 @@ class SpecLoader:
             return None
         return value
 
+    def out_of_range(self, what: str, value: int, span: SourceSpan) -> None:
+        """Report a number outside what both backends represent (limits.LIMITS)."""
+        self.d.error("E130", out_of_range(what, value), span, LIMITS[what].why)
+        return None
+
     def expression(self, node: YNode | None, what: str) -> Expr | None:
         s = self.expect_scalar(node, what)
         if s is None:
@@ -116,12 +125,32 @@ class SpecLoader:
         if "\n" in s.value:
             self.d.error("E201", f"{what} must fit on one line", s.span)
             return None
-        return parse_expression(s.value, s.text_span(0, 1), self.d)
+        expr = parse_expression(s.value, s.text_span(0, 1), self.d)
+        if expr is not None and expression_depth(expr) > MAX_EXPRESSION_DEPTH:
+            self.d.error("E134", f"{what} nests {expression_depth(expr)} levels deep; at most "
+                         f"{MAX_EXPRESSION_DEPTH} are allowed", s.span,
+                         "clang refuses deeper nesting in the generated C; split or simplify the expression")
+            return None
+        return expr
 
     def ident(self, key: YScalar, what: str) -> bool:
         if not IDENT.match(key.value):
             self.d.error("E107", f"{what} '{key.value}' is not a valid name", key.span,
                          "names are letters, digits and '_', not starting with a digit")
+            return False
+        return self.name_rules(key, what)
+
+    def name_rules(self, key: YScalar, what: str) -> bool:
+        """Names become C identifiers, bpftrace maps, files and Prometheus names: bounded in
+        length, and `__` is probec's own prefix (its padding fields, its bpftrace maps)."""
+        if len(key.value) > MAX_NAME_LENGTH:
+            self.d.error("E131", f"{what} '{key.value[:20]}...' has {len(key.value)} characters; at most "
+                         f"{MAX_NAME_LENGTH} are allowed", key.span, "shorten it")
+            return False
+        if key.value.startswith("__"):
+            self.d.error("E131", f"{what} '{key.value}' starts with '__', which probec keeps for names it "
+                         "generates", key.span,
+                         "drop the leading underscores (Prometheus keeps '__' labels for itself too)")
             return False
         return True
 
@@ -191,10 +220,13 @@ class SpecLoader:
             return ProbeAddress(kind, text, span, rate=int(parts[1]))
         if kind == "interval":
             scale = {"s": 1_000_000_000, "ms": 1_000_000}
-            if len(parts) != 2 or parts[0] not in scale or not re.fullmatch(r"[0-9]{1,9}", parts[1]) \
-                    or int(parts[1]) == 0:
+            if len(parts) != 2 or parts[0] not in scale or not parts[1].isdigit() or int(parts[1]) == 0:
                 return bad(f"'{shown(text)}' should be interval:s:N or interval:ms:N", "e.g. interval:s:1")
-            return ProbeAddress(kind, text, span, rate=int(parts[1]) * scale[parts[0]])
+            period = int(parts[1]) * scale[parts[0]] if len(parts[1]) <= 20 else LIMITS["interval"].high + 1
+            if out_of_range("interval", period):
+                self.d.error("E130", f"'{shown(text)}': an interval is at most a day", span, LIMITS["interval"].why)
+                return None
+            return ProbeAddress(kind, text, span, rate=period)
         raise AssertionError(kind)  # pragma: no cover
 
     # -- sections ------------------------------------------------------------------------------
@@ -214,6 +246,9 @@ class SpecLoader:
             self.d.error("E108", "the spec needs a 'name'", top.span, "add e.g. 'name: inference_latency'")
         elif self.ident(name_node, "spec name"):
             name = name_node.value
+            if name in RESERVED_SPEC_NAMES:
+                self.d.error("E131", f"spec name '{name}' is the name of a file probec writes or reads when it "
+                             "builds", name_node.span, "choose another name")
         desc = self.expect_scalar(top.get("description"), "description")
         binaries = self.binaries(top.get("binaries"))
         limits = self.limits(top.get("limits"))
@@ -223,7 +258,34 @@ class SpecLoader:
         if top.get("metrics") is None and top.get("events") is None:
             self.d.error("E109", "the spec defines no metrics and no events: nothing would be exported",
                          top.span, "add a 'metrics:' section")
+        self.prometheus_names(metrics)
         return Spec(self.file, name, desc.value if desc else "", binaries, limits, spans, metrics, events, top.span)
+
+    def prometheus_names(self, metrics: dict[str, MetricSpec]) -> None:
+        """Refuse what makes Prometheus drop the whole scrape: two metrics whose exported names
+        meet (a counter `calls` beside `calls_total`, a histogram X beside X_sum), and histogram
+        labels its own series carry (`le`, and `quantile` of its NAME_quantile gauges). Labels
+        starting with `__` are refused with every other such name (name_rules)."""
+        owner: dict[str, str] = {}
+        for m in metrics.values():
+            names = exposed_names(m.name, m.kind)
+            if not names[0]:
+                self.d.error("E107", f"metric '{m.name}' has no name before '_total'", m.span,
+                             "e.g. 'writes_total'")
+                continue
+            clash = next((owner[n] for n in names if n in owner), None)
+            if clash is not None:
+                other = metrics[clash]
+                self.d.error("E132", f"metric '{m.name}' and metric '{clash}' would both export "
+                             f"'{next(n for n in names if owner.get(n) == clash)}'", m.span,
+                             f"a {other.kind} '{clash}' exports {', '.join(exposed_names(clash, other.kind))}; "
+                             "rename one of them")
+                continue
+            owner.update((n, m.name) for n in names)
+            for lab in m.labels:
+                if m.kind == "histogram" and lab.name in HISTOGRAM_LABELS:
+                    self.d.error("E133", f"metric '{m.name}': label '{lab.name}' is one the histogram's own "
+                                 "series carry", lab.span, "name this label otherwise")
 
     def named_section(self, node, what, build):
         section = self.expect_map(node, what)
@@ -238,6 +300,12 @@ class SpecLoader:
             if not (METRIC_NAME if what == "metrics" else IDENT).match(key.value):
                 self.d.error("E107", f"'{key.value}' is not a valid name for {what}", key.span,
                              "names are letters, digits and '_', not starting with a digit")
+                continue
+            if not self.name_rules(key, f"{what[:-1]} name"):
+                continue
+            if what == "metrics" and key.value.startswith(RESERVED_METRIC_PREFIX):
+                self.d.error("E131", f"metric '{key.value}': names starting with '{RESERVED_METRIC_PREFIX}' "
+                             "are probec's health metrics", key.span, "choose another prefix")
                 continue
             item = build(key, value)
             if item is not None:
@@ -427,6 +495,17 @@ class SpecLoader:
         return tuple(out) if len(out) == len(m.entries) else None
 
     def buckets(self, node: YNode) -> Buckets | None:
+        buckets = self.bucket_edges(node)
+        if buckets is not None and len(buckets.edges) > MAX_BUCKETS:
+            self.d.error("E120", f"{len(buckets.edges)} bucket edges; at most {MAX_BUCKETS} are allowed", buckets.span)
+            return None
+        if buckets is not None and buckets.edges[-1] > LIMITS["bucket edge"].high:
+            self.d.error("E130", f"buckets: the edge {buckets.edges[-1]:,} is past the largest one both backends "
+                         f"compare with, {LIMITS['bucket edge'].high:,}", buckets.span, LIMITS["bucket edge"].why)
+            return None
+        return buckets
+
+    def bucket_edges(self, node: YNode) -> Buckets | None:
         if isinstance(node, YSeq):
             edges, dims = [], set()
             for item in node.items:
@@ -637,11 +716,21 @@ class SpecLoader:
             self.d.error("E115", f"sample '{shown(text)}' not understood", s.span,
                          "write '1/10', 'at most 100/s' or '1/10, at most 100/s'")
             return 1, 0
-        every, rate = (self.whole_number(g, "sample", s.span, "E115") if g else None for g in m.groups())
-        if every == 0:
+        if m.group(1) is not None and int(m.group(1)[:21]) == 0:
             self.d.error("E115", "sample '1/0' would keep nothing", s.span, "write '1/N' with N >= 1")
             return 1, 0
-        return every or 1, rate or 0
+        numbers = []
+        for group, what, default in ((1, "sample", 1), (2, "rate", 0)):
+            digits = m.group(group)
+            value = int(digits) if digits is not None and len(digits) <= 20 else LIMITS[what].high + 1 \
+                if digits is not None else default
+            if out_of_range(what, value):
+                where = s.text_span(s.value.find(digits), len(digits))
+                self.d.error("E130", f"sample: {'1/N' if what == 'sample' else 'at most N/s'} with N = {digits}: "
+                             f"N must be at most {LIMITS[what].high:,}", where, LIMITS[what].why)
+                return 1, 0
+            numbers.append(value)
+        return numbers[0], numbers[1]
 
     def event_spec(self, key: YScalar, node: YNode) -> EventSpec | None:
         what = f"event '{key.value}'"
@@ -684,6 +773,10 @@ class SpecLoader:
                 if f.name in seen:
                     self.d.error("E122", f"{what}: field '{f.name}' appears twice", f.span)
                 seen.add(f.name)
+                plain = isinstance(f.expr, Name) and f.expr.dotted == f.name
+                if f.name in EVENT_RECORD_KEYS and not plain:
+                    self.d.error("E131", f"{what}: field '{f.name}' would replace the '{f.name}' every event "
+                                 "record carries", f.span, "name this field otherwise")
         if on is None:
             return None
         return EventSpec(key.value, key.span, on, when, every, rate, tuple(fields))

@@ -27,6 +27,11 @@ class ExpressionEmitter:
         self.prelude: list[str] = []                # statements the probe runs first
         self.hoisted: dict[ir.IRExpr, str] = {}     # expressions computed once, in the prelude
 
+    def reads_args(self) -> bool:
+        """Whether the probe reads tracepoint args (args->NAME) anywhere."""
+        return self.probe.kind == "tracepoint" and any(
+            isinstance(n, (ir.TracepointField, ir.Retval)) for n in ir.walk(self.probe.actions))
+
     def args_field(self, name: str) -> str:
         return f"args.{name}" if self.version >= (0, 20) else f"args->{name}"
 
@@ -62,6 +67,10 @@ class ExpressionEmitter:
                 fd = f"(uint64){self.emit(e.fd)}"
                 fdt = "curtask->files->fdt"
                 file = f"(*({fdt}->fd + {fd}))"
+                if not self.reads_args():
+                    # bpftrace 0.17 knows struct file's members only once the probe has loaded
+                    # kernel types for tracepoint args; elsewhere the type must be named
+                    file = f"((struct file *)*({fdt}->fd + {fd}))"
                 name = f"$__socket{len(self.hoisted)}"
                 self.hoisted[e] = name
                 self.prelude.append(f"{name} = ({fd} < (uint64){fdt}->max_fds && ({file}->f_inode->i_mode & 0xf000)"
@@ -99,6 +108,15 @@ class BpftraceBackend(Backend):
         self.counter = 0
 
     # -- names ---------------------------------------------------------------------------------
+    @staticmethod
+    def generated_names(kind: str, name: str, histogram: bool = False) -> tuple[str, ...]:
+        total, count = ir.accumulator_maps(name)
+        if kind == "span":
+            return (f"@span_{name}_begin", outside_counter(name), "@" + total, "@" + count)
+        if kind == "metric":
+            return (f"@m_{name}", "@" + count) + ((f"@m_{name}_sum",) if histogram else ())
+        return tuple(event_maps(name).values())
+
     def var(self, stem: str) -> str:
         self.counter += 1
         return f"$__{stem}{self.counter}"
@@ -202,11 +220,11 @@ class BpftraceBackend(Backend):
                     formats.append("%lld" if f.expr.type.signed else "%llu")
                     args.append(em.emit(f.expr))
             cond = self.guard(ir.Guard(a.when, a.guard.within), em) or "1"
-            return self.render("emit_event.bt.j2", condition=cond, seen=f"@__ev_{ev.name}_seen",
-                               tick=f"@__ev_{ev.name}_tick",
+            maps = event_maps(ev.name)
+            return self.render("emit_event.bt.j2", condition=cond, seen=maps["seen"], tick=maps["tick"],
                                sample_every=ev.sample_every, max_per_second=ev.max_per_second,
-                               window=f"@__ev_{ev.name}_window", in_window=f"@__ev_{ev.name}_in_window",
-                               limited=f"@__ev_{ev.name}_limited", format=SEPARATOR.join(formats),
+                               window=maps["window"], in_window=maps["in_window"],
+                               limited=maps["limited"], format=SEPARATOR.join(formats),
                                arguments=", ".join(args))
         raise AssertionError(type(a))  # pragma: no cover
 
@@ -255,12 +273,13 @@ class BpftraceBackend(Backend):
         cleared.append(EPOCH)
         printed += [outside_counter(span) for span in program.checked_at_end()]
         for e in program.events:
-            printed.append(f"@__ev_{e.name}_seen")
+            maps = event_maps(e.name)
+            printed.append(maps["seen"])
             if e.sample_every > 1:
-                cleared.append(f"@__ev_{e.name}_tick")
+                cleared.append(maps["tick"])
             if e.max_per_second:     # these maps exist only where the script rate-limits
-                printed.append(f"@__ev_{e.name}_limited")
-                cleared += [f"@__ev_{e.name}_window", f"@__ev_{e.name}_in_window"]
+                printed.append(maps["limited"])
+                cleared += [maps["window"], maps["in_window"]]
         script = "\n".join(self.env.get_template("script.bt.j2").render(
             source=program.source, version=f"{self.version[0]}.{self.version[1]}", name=program.name,
             probes=[("\n".join(t)).rstrip() for t in probes_text], interval_ms=self.interval_ms,
@@ -276,6 +295,11 @@ class BpftraceBackend(Backend):
             "probes": [p.id for p in used_probes],
         })
         return Bundle(program.name, self.name, {script_name: script.encode()}, manifest)
+
+
+def event_maps(event: str) -> dict[str, str]:
+    """The bpftrace maps of one event: conditions met, the sampling tick, the rate window."""
+    return {role: f"@__ev_{event}_{role}" for role in ("seen", "tick", "window", "in_window", "limited")}
 
 
 def outside_counter(span: str) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from ...diagnostics import Diagnostics, SourceSpan
+from ...spec.limits import STACK_BUDGET
 from ...ir import nodes as ir
 from ..base import Backend, Bundle, template_environment
 from . import toolchain
@@ -21,7 +22,6 @@ U64_MAX = (1 << 64) - 1
 MAX_BUCKET_STEPS = 10                  # probec.bpf.h: PROBEC_MAX_BUCKET_STEPS
 STACK_DEPTH = 127                      # PERF_MAX_STACK_DEPTH: u64 slots per stack-map entry
 COMM_LEN = 16
-STACK_BUDGET = 448                     # of BPF's 512-byte stack, leaving room for clang's temporaries
 HEADER_FIELDS = ("event", "cpu", "ts", "pid", "tid")
 
 # kind -> (SEC() name pattern, type of ctx)
@@ -308,6 +308,18 @@ class CoreBackend(Backend):
         return self.render(template, **values).rstrip("\n").split("\n")
 
     # -- names ---------------------------------------------------------------------------------
+    @staticmethod
+    def generated_names(kind: str, name: str, histogram: bool = False) -> tuple[str, ...]:
+        """Maps (span_X_begin, m_X, acc_X_*), structs (the layouts' names) and globals."""
+        total, count = ir.accumulator_maps(name)
+        if kind == "span":
+            return (f"span_{name}_begin", total, count)
+        if kind == "metric":
+            return (f"m_{name}", count, f"struct probec_{name}_key", f"struct probec_{name}_value",
+                    f"probec_edges_{name}")
+        return (f"struct probec_event_{name}", f"probec_sample_every_{name}", f"probec_max_per_second_{name}",
+                f"probec_rate_{name}", f"probec_sampled_{name}")
+
     @staticmethod
     def struct_name(layout: ir.Layout) -> str:
         return f"probec_{layout.name}"
