@@ -16,11 +16,7 @@ CASES = 300
 # Specs that `check` accepts but a backend cannot build yet: range checks that belong in
 # lowering/typecheck (issue 8, "check said yes, then the build failed"), worked on in another
 # branch. Remove each entry once that branch is merged: the test fails on an entry that builds.
-KNOWN_BUILD_FAILURES: dict[str, str] = {
-    "20261129-191": "name: vmlinux: core's build raises FileExistsError (the spec's header is named like "
-                    "the kernel's vmlinux.h)",
-    "20261129-233": "name: bpf: clang rejects the generated bpf.bpf.c (E520)",
-}
+KNOWN_BUILD_FAILURES: dict[str, str] = {}    # case id -> why; none left
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,11 @@ _TERMINAL_WORDS = {
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"'}
 
-# Bounds on what an expression may be. Every later stage walks the tree recursively, and the
-# backends nest one level of parentheses per level; a real filter is a few levels deep.
-MAX_DEPTH = 64
-MAX_NUMBER = (1 << 64) - 1
+# Bounds on what the parser hands on. Every later stage walks the tree recursively, so a parse
+# tree deeper than this is refused here; the loader then holds expressions to what clang compiles
+# (limits.MAX_EXPRESSION_DEPTH, E134). A real filter is a few levels deep.
+MAX_DEPTH = 256
+MAX_DIGITS = 40          # read as a number at all; typing then holds values to what backends represent
 
 
 class _TooLarge(Exception):
@@ -63,20 +64,18 @@ class _Builder:
             tok = kids[0]
             digits = tok.replace("_", "")
             span = self.span(tok.start_pos, tok.end_pos)
-            if len(digits) > 20 + 2 * digits.startswith("0x") or int(digits, 0) > MAX_NUMBER:
+            if len(digits) > MAX_DIGITS:
                 raise _TooLarge(span, "a number")
             return Integer(int(digits, 0), span)
         if kind == "quantity":
             tok = kids[0]
             span = self.span(tok.start_pos, tok.end_pos)
             m = re.fullmatch(r"([0-9_]+)(?:\.([0-9]+))?([A-Za-z]+)", str(tok))
-            whole, frac, unit = m.group(1).replace("_", ""), (m.group(2) or "")[:20], m.group(3)
+            whole, frac, unit = m.group(1).replace("_", ""), (m.group(2) or "")[:MAX_DIGITS], m.group(3)
             scale, dim = (TIME_UNITS[unit], "time") if unit in TIME_UNITS else (SIZE_UNITS[unit], "size")
-            if len(whole) > 20:
+            if len(whole) > MAX_DIGITS:
                 raise _TooLarge(span, "a quantity")
             value = int(whole) * scale + ((int(frac) * scale) // (10 ** len(frac)) if frac else 0)
-            if value > MAX_NUMBER:
-                raise _TooLarge(span, "a quantity")
             return Quantity(value, dim, str(tok), span)
         if kind == "string":
             tok = kids[0]
@@ -139,8 +138,8 @@ def parse_expression(text: str, base: SourceSpan, diags: Diagnostics) -> Expr | 
     try:
         return _Builder(base).build(tree)
     except _TooLarge as exc:
-        diags.error("E203", f"{exc.what} past 2^64-1 in expression", exc.span,
-                    "numbers in expressions are 64-bit: at most 18446744073709551615")
+        diags.error("E203", f"{exc.what} of more than {MAX_DIGITS} digits in expression", exc.span,
+                    "numbers are signed 64-bit in bpftrace: at most 9,223,372,036,854,775,807")
         return None
 
 

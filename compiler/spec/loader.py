@@ -15,7 +15,7 @@ from pathlib import Path
 from ..diagnostics import Diagnostics, SourceSpan, did_you_mean, shown
 from ..expr.ast import SIZE_UNITS, TIME_UNITS, Expr, Name
 from ..expr.parser import parse_expression
-from .limits import (EVENT_RECORD_KEYS, HISTOGRAM_LABELS, LIMITS, MAX_BUCKETS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH,
+from .limits import (EVENT_RECORD_KEYS, HISTOGRAM_LABELS, INT_MAX, LIMITS, MAX_BUCKETS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH,
                      RESERVED_METRIC_PREFIX, RESERVED_SPEC_NAMES, exposed_names, expression_depth, out_of_range)
 from .model import (PROBE_KINDS, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
                     MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef)
@@ -42,8 +42,9 @@ LIMIT_KEYS = ("concurrency", "series", "ringbuf")
 BINARY_KEYS = ("path", "optional")
 STACK_FIELDS = {"ustack": "user", "kstack": "kernel"}
 # Every number in a spec ends up in a 64-bit unsigned field in the kernel or the manifest.
-MAX_NUMBER = (1 << 64) - 1
-MAX_DIGITS = len(str(MAX_NUMBER))
+# Digits read as a number at all; what fits is then held to limits.LIMITS (E130, E212), which
+# tells the value it refuses. Past this many digits there is no value worth telling.
+MAX_DIGITS = 40
 # Spans, metrics or events in one spec: real specs have tens; some checks compare every span with
 # every probe, so thousands would take seconds.
 MAX_SECTION_ENTRIES = 256
@@ -91,9 +92,6 @@ class SpecLoader:
         if value is None:
             return None
         value *= SIZE_UNITS[unit] if unit else 1
-        if value > MAX_NUMBER:
-            self.d.error("E106", f"{what} is too large: {shown(s.value.strip())} is past 2^64", s.span)
-            return None
         if value < minimum:
             self.d.error("E106", f"{what} must be at least {minimum}, got {value}", s.span)
             return None
@@ -101,14 +99,14 @@ class SpecLoader:
             return self.out_of_range(what, value, s.span)
         return value
 
-    def whole_number(self, digits: str, what: str, span: SourceSpan, code: str = "E106") -> int | None:
-        """The value of decimal digits (with '_' separators), or None when it is past 2^64."""
+    def whole_number(self, digits: str, what: str, span: SourceSpan, code: str = "E130") -> int | None:
+        """The value of decimal digits (with '_' separators), or None when there are too many."""
         digits = digits.replace("_", "")
-        value = int(digits) if len(digits) <= MAX_DIGITS else MAX_NUMBER + 1
-        if value > MAX_NUMBER:
-            self.d.error(code, f"{what} is too large: the most a spec can hold is 2^64-1", span)
+        if len(digits) > MAX_DIGITS:
+            self.d.error(code, f"{what} is too large: {len(digits)} digits, and the largest number both "
+                         f"backends represent is {INT_MAX:,}", span)
             return None
-        return value
+        return int(digits)
 
     def out_of_range(self, what: str, value: int, span: SourceSpan) -> None:
         """Report a number outside what both backends represent (limits.LIMITS)."""
@@ -589,13 +587,11 @@ class SpecLoader:
             self.d.error("E121", f"'{shown(text)}': plain numbers must be whole", span)
             return None
         frac = frac[:MAX_DIGITS]   # digits past these are below a nanosecond or a byte
-        value = MAX_NUMBER + 1
-        if len(whole) <= MAX_DIGITS:
-            value = int(whole) * scale + ((int(frac) * scale) // 10 ** len(frac) if frac else 0)
-        if value > MAX_NUMBER:
-            self.d.error("E121", f"'{shown(text)}' is too large: the most a spec can hold is 2^64-1 "
-                         f"{'nanoseconds' if unit in TIME_UNITS else 'bytes' if unit else ''}".rstrip(), span)
+        if len(whole) > MAX_DIGITS:
+            self.d.error("E121", f"'{shown(text)}' is too large: the largest number both backends represent "
+                         f"is {INT_MAX:,}", span)
             return None
+        value = int(whole) * scale + ((int(frac) * scale) // 10 ** len(frac) if frac else 0)
         dim = "time" if unit in TIME_UNITS else "size" if unit in SIZE_UNITS else "none"
         return value, dim
 
@@ -726,7 +722,7 @@ class SpecLoader:
                 if digits is not None else default
             if out_of_range(what, value):
                 where = s.text_span(s.value.find(digits), len(digits))
-                self.d.error("E130", f"sample: {'1/N' if what == 'sample' else 'at most N/s'} with N = {digits}: "
+                self.d.error("E130", f"sample: {'1/N' if what == 'sample' else 'at most N/s'} with N = {shown(digits)}: "
                              f"N must be at most {LIMITS[what].high:,}", where, LIMITS[what].why)
                 return 1, 0
             numbers.append(value)
