@@ -480,6 +480,8 @@ class CoreRunner:
             return prog.attach()
         if kind == "profile":
             return prog.attach_cpu_clock(probe["rate"])
+        if kind == "interval":
+            return prog.attach_interval(probe["rate"])
         raise BundleError(f"manifest names a probe kind this runtime cannot attach: {kind}")
 
     # -- reading -------------------------------------------------------------------------------

@@ -703,8 +703,10 @@ def enable_stats() -> int:
     return call.check_int(_lib().bpf_enable_stats(BPF_STATS_RUN_TIME))
 
 
-def perf_event_open_cpu_clock(cpu: int, frequency_hz: int) -> int:
-    """perf_event_open for the software cpu-clock event on one CPU, all tasks."""
+def perf_event_open_cpu_clock(cpu: int, frequency_hz: int = 0, period_ns: int = 0) -> int:
+    """perf_event_open for the software cpu-clock event on one CPU, all tasks: sampled
+    `frequency_hz` times a second (profile), or once every `period_ns` of that CPU's clock
+    (interval)."""
     nr = _SYS_PERF_EVENT_OPEN.get(platform.machine())
     if nr is None:
         raise BpfError(f"perf_event_open: unknown syscall number on {platform.machine()}")
@@ -712,12 +714,13 @@ def perf_event_open_cpu_clock(cpu: int, frequency_hz: int) -> int:
     attr.type = PERF_TYPE_SOFTWARE
     attr.size = sizeof(attr)
     attr.config = PERF_COUNT_SW_CPU_CLOCK
-    attr.sample_period_or_freq = frequency_hz
-    attr.flags = _PERF_ATTR_FREQ
+    attr.sample_period_or_freq = period_ns or frequency_hz
+    attr.flags = 0 if period_ns else _PERF_ATTR_FREQ
     fd = _libc.syscall(nr, ctypes.addressof(attr), -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
     if fd < 0:
         err = ctypes.get_errno()
-        raise BpfError(f"perf_event_open(cpu-clock, cpu {cpu}, {frequency_hz} Hz)", err)
+        what = f"every {period_ns} ns" if period_ns else f"{frequency_hz} Hz"
+        raise BpfError(f"perf_event_open(cpu-clock, cpu {cpu}, {what})", err)
     return fd
 
 
@@ -910,6 +913,18 @@ class Program:
                 link.destroy()
             raise
         return LinkGroup(links, f"{self.name}@profile:{frequency_hz}Hz")
+
+    def attach_interval(self, period_ns: int) -> LinkGroup:
+        """``interval``: the cpu-clock event once every ``period_ns`` on one CPU (the first
+        online), as bpftrace's interval probes fire on one CPU."""
+        cpu = online_cpus()[0]
+        pfd = perf_event_open_cpu_clock(cpu, period_ns=period_ns)
+        try:
+            link = self.attach_perf_event(pfd, f"{self.name}@interval:{period_ns}ns:cpu{cpu}")
+        except BaseException:
+            os.close(pfd)
+            raise
+        return LinkGroup([link], f"{self.name}@interval:{period_ns}ns")
 
     def __repr__(self) -> str:
         return f"<Program {self.name} SEC {self.section_name!r}>"

@@ -878,18 +878,21 @@ metrics:
 
 
 def test_unsupported_constructs_are_diagnostics_not_crashes(tmp_path):
-    spec = write_spec(tmp_path, "core_interval", """
-name: core_interval
+    """Tracepoint fields whose offsets were never read (tracefs unreadable at check) are a core
+    diagnostic, not a crash."""
+    from probec.compiler.ir.host import HostInfo
+    spec = write_spec(tmp_path, "core_unknown_offsets", """
+name: core_unknown_offsets
 metrics:
-  core_ticks_total:
-    count: interval:s:1
+  core_switches_total:
+    count: tracepoint:sched:sched_switch
+    labels: [args.next_pid]
 """)
-    result = check_file(str(spec))
+    result = check_file(str(spec), HostInfo(tracefs_roots=("/nonexistent",), btf_path="/nonexistent"))
     assert result.program is not None
     assert build_bundle(result, "core", compile=False) is None
-    codes = {d.code for d in result.diagnostics.items}
-    assert "E501" in codes, result.diagnostics.items
-    assert any("interval probes" in d.message for d in result.diagnostics.items)
+    errors = [d for d in result.diagnostics.items if d.code == "E501"]
+    assert errors and "tracepoint fields with unknown offsets" in errors[0].message, result.diagnostics.items
 
 
 def test_runner_refuses_a_bundle_without_its_object(tmp_path, workloads):

@@ -569,3 +569,31 @@ def test_promtool_finds_nothing_to_lint_in_a_live_scrape(tmp_path, backend):
     assert value(metrics, "probec_series_dropped_total", metric="ticks") == 1
     lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert (lint.returncode, lint.stdout + lint.stderr) == (0, ""), text
+
+
+def test_interval_probes_tick_on_one_cpu(tmp_path, backend):
+    """`interval:ms:N` fires once every N ms on one CPU in both backends (core: a cpu-clock perf
+    event with that period). The count is bracketed by how long the probes were attached."""
+    import time
+    spec = write_spec(tmp_path, """
+name: ticks
+metrics:
+  ticks_total:
+    count: interval:ms:100
+""")
+    bundle = build(spec, backend, tmp_path / "bundle")
+    started = time.monotonic()
+    run = Run(bundle, tmp_path)
+    attached = time.monotonic()
+    try:
+        time.sleep(3)
+        stopping = time.monotonic()
+        metrics = run.stop()
+        stopped = time.monotonic()
+    finally:
+        run.kill()
+        print(f"probec run stderr:\n{run.stderr()}")
+    ticks = value(metrics, "ticks_total")
+    # At most one tick per 100 ms from the start of the run to its end; at least one per 100 ms
+    # of the time the probes were surely attached, less the tick in flight at each end.
+    assert (stopping - attached) / 0.1 - 2 <= ticks <= (stopped - started) / 0.1 + 1, ticks

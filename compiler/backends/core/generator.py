@@ -35,6 +35,7 @@ SECTIONS = {
     "fentry": ("fentry/{name}", "__u64 *"),
     "fexit": ("fexit/{name}", "__u64 *"),
     "profile": ("perf_event", "struct bpf_perf_event_data *"),
+    "interval": ("perf_event", "struct bpf_perf_event_data *"),
 }
 # sys_exit_* tracepoints: `retval` is the `ret` field (verified against tracefs at load time).
 SYSCALL_RET_FIELD = ir.TracepointField("ret", 16, 8, ir.SINT)
@@ -261,7 +262,6 @@ class CExpression:
 class CoreBackend(Backend):
     name = "core"
     FEATURES = {
-        "interval probes": "the runtime reads the maps on its own interval; use a tracepoint or profile:hz:N",
         "this probe kind": "the core backend has no BPF program type for it",
         "this context value": "it has no BPF helper here",
         "this much stack": f"strings and keys would need more than the {STACK_BUDGET} bytes of BPF stack "
@@ -450,8 +450,7 @@ class CoreBackend(Backend):
     # -- whole program -------------------------------------------------------------------------
     def probe_program(self, p: ir.Probe, program: ir.Program) -> tuple[str, CExpression] | None:
         if p.kind not in SECTIONS:
-            self.unsupported("interval probes" if p.kind == "interval" else "this probe kind",
-                             where=p.spec_text or p.kind)
+            self.unsupported("this probe kind", where=p.spec_text or p.kind)
             return None
         section, ctx_type = SECTIONS[p.kind]
         em = CExpression(p, self)
