@@ -101,11 +101,16 @@ def edge_cases() -> list[Case]:
                   lim["rate"].high + 1)
     cases += both("rate-20-digits", lambda v: span_spec(events=event(sample=f"1/3, at most {v}/s")), 10 ** 18,
                   10 ** 20 - 1)
-    # probe addresses with numbers (an interval probe itself is a backend choice: core has none)
+    # probe addresses with numbers
+    cases += both("interval", lambda s: span_spec(metrics=counter("", on=f"interval:s:{s}")), 86400, 86401)
     cases.append(Case("interval-past-a-day", span_spec(metrics=counter("", on="interval:s:86401")), "reject"))
     cases.append(Case("interval-20-digits", span_spec(metrics=counter("", on=f"interval:ms:{10 ** 20}")), "reject"))
     cases.append(Case("uprobe-offset-past-end", span_spec(metrics=counter(
         "", on=f"uprobe:{WORKLOADS / 'libpwork.so'}:pwork_nop+{1 << 20}")), "reject"))
+    cases.append(Case("uprobe-offset-inside", span_spec(metrics=counter(      # bpftrace 0.17 places none
+        "", on=f"uprobe:{WORKLOADS / 'libpwork.so'}:pwork_nop+1")), "reject"))
+    cases.append(Case("uprobe-offset-zero", span_spec(metrics=counter(
+        "", on=f"uprobe:{WORKLOADS / 'libpwork.so'}:pwork_nop+0")), "ok"))
     # limits
     for key, unit in (("series", ""), ("concurrency", ""), ("ringbuf", "")):
         hi = lim[f"limits.{key}"].high

@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 
-from ..diagnostics import Diagnostics, did_you_mean
+from ..diagnostics import Diagnostics, did_you_mean, shown
 from ..escaping import bpftrace_address_part, visible
 from ..expr import ast
 from ..spec.limits import BPFTRACE_PRINTF_HEADER, BPFTRACE_STACK_BYTES, MAX_PROBES, STACK_BUDGET
@@ -119,6 +119,14 @@ class Lowering:
             return None
 
     def resolve_symbol(self, addr: ProbeAddress, path: str) -> tuple[str, int] | None:
+        if addr.offset:
+            # Whatever check accepts, every backend builds: Debian's bpftrace 0.17 is built without
+            # the disassembler that checks an offset lands on an instruction, and refuses them all.
+            self.d.error("E502", f"'{shown(addr.text)}': the bpftrace backend cannot probe inside a function "
+                         f"(+{addr.offset}): Debian's bpftrace 0.17 has no uprobe offset support", addr.span,
+                         "probe the function's entry (probec places it past endbr64 where that is cheaper), "
+                         "or a USDT note at that point")
+            return None
         key = (path, addr.name, addr.offset, addr.kind == "uretprobe")
         if key not in self.symbols:
             self.symbols[key] = self._resolve_symbol(addr, path)

@@ -242,10 +242,9 @@ class BpftraceBackend(Backend):
         for p in program.probes:
             if p.group and chosen.get(p.group, 0) != p.variant:
                 continue
-            if p.offset and not p.past_endbr64:
-                self.d.error("E502", f"{p.spec_text}: Debian's bpftrace {self.version[0]}.{self.version[1]} cannot "
-                             f"probe inside a function (+{p.offset})", None,
-                             "use the core backend, or probe the function's entry")
+            if p.offset and not p.past_endbr64:      # refused in check (E502)
+                self.d.error("E520", f"a probec bug: {p.spec_text} reached the bpftrace backend with an offset "
+                             f"(+{p.offset})", None)
                 continue
             if p.offset and p.kind == "uprobe":
                 self.d.warning("W502", f"{p.spec_text}: bpftrace {self.version[0]}.{self.version[1]} cannot probe "
