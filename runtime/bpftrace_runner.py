@@ -15,6 +15,7 @@ import time
 from .events import EventSink
 from .manifest import Bundle
 from .store import HistogramSeries, MetricStore
+from .watch import FileIdentity, process_start
 
 HARMLESS_STDERR = ("couldn't set RLIMIT_MEMLOCK",)
 MAX_RESTARTS = 5             # within RESTART_WINDOW_S; more than that and the runner gives up
@@ -144,6 +145,7 @@ class BpftraceRunner:
         self.script = bundle.file("script")
         self.decoder = MapDecoder(self.manifest, store)
         self.proc: subprocess.Popen | None = None
+        self.pid = -1                            # -p: bpftrace exits when this process does
         self.attached = threading.Event()
         self.dumped = threading.Condition()      # notified on each map message
         self.last_dump = 0.0
@@ -172,7 +174,9 @@ class BpftraceRunner:
         env["BPFTRACE_MAP_KEYS_MAX"] = str(self.settings.get("map_keys_max", 4096))
         env.setdefault("BPFTRACE_CACHE_USER_SYMBOLS", "1")
         env.setdefault("BPFTRACE_STRLEN", "64")
-        cmd = [exe, "-f", "json", str(self.script)]
+        cmd = [exe, "-f", "json", str(self.script), str(max(pid, 0))]   # $1: the script's pid filter
+        self.pid = pid
+        self.stopping = False
         if pid > 0:
             cmd[1:1] = ["-p", str(pid)]
         self.attached.clear()
@@ -325,6 +329,13 @@ class BpftraceRunner:
         self.read_missed()
         if self.stopping or self.proc is None or self.proc.poll() is None:
             return
+        if self.pid > 0 and process_start(self.pid) is None:
+            # bpftrace -p exits with its target: nothing to restart until retarget() names another
+            if self.thread is not None:
+                self.thread.join(5)          # its final map dump
+            self.missed_before = self.store.health.program_missed.get("bpftrace", 0)
+            self.proc = None
+            return
         self.missed_before = self.store.health.program_missed.get("bpftrace", 0)
         self.store.health.up = 0
         if self.thread is not None:
@@ -339,7 +350,31 @@ class BpftraceRunner:
         tail = "; ".join(self.stderr_tail[-3:]) or "no error output"
         self.log(f"bpftrace exited with status {self.proc.returncode} ({tail}); restarting, counts carried over")
         self.carry_over()
-        self.start()
+        self.start(pid=self.pid)
+
+    def restart(self, pid: int) -> None:
+        """Stop bpftrace after its last dump and start a new one: its counts carry over."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        elif self.thread is not None:
+            self.thread.join(5)
+        self.missed_before = self.store.health.program_missed.get("bpftrace", 0)
+        self.carry_over()
+        self.start(pid=pid)
+
+    def reattach(self, path: str, old: FileIdentity | None) -> list[str]:
+        """`path` is a new file (a deploy replaced it). bpftrace attaches by path only at start, so
+        it is restarted: its uprobes then sit in the new file, and processes still running the old
+        one are no longer counted (the core backend keeps counting them)."""
+        probes = [p["id"] for p in self.manifest["probes"]
+                  if p["binary"] == path and p["kind"] in ("uprobe", "uretprobe", "usdt")]
+        if probes and self.proc is not None:
+            self.restart(self.pid)
+        return sorted(probes)
+
+    def retarget(self, pid: int) -> None:
+        """Follow another process (--pid-file): bpftrace -p takes one pid, so start a new one."""
+        self.restart(pid)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Waits for one more periodic dump, then SIGINT lets bpftrace detach and print its final
