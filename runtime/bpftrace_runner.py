@@ -15,7 +15,7 @@ import time
 from .events import EventSink
 from .manifest import Bundle
 from .store import HistogramSeries, MetricStore
-from .watch import FileIdentity, process_start
+from .watch import FileIdentity, inodes_mapped, process_start
 
 HARMLESS_STDERR = ("couldn't set RLIMIT_MEMLOCK",)
 MAX_RESTARTS = 5             # within RESTART_WINDOW_S; more than that and the runner gives up
@@ -370,6 +370,9 @@ class BpftraceRunner:
                   if p["binary"] == path and p["kind"] in ("uprobe", "uretprobe", "usdt")]
         if probes and self.proc is not None:
             self.restart(self.pid)
+            if old is not None and inodes_mapped({old.inode}):
+                self.log(f"warning: processes still running the old {path} are no longer counted: bpftrace "
+                         "attaches to one file per path (the core backend keeps counting them)")
         return sorted(probes)
 
     def retarget(self, pid: int) -> None:

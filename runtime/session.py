@@ -143,6 +143,8 @@ def check_binaries(runner, watch: BinaryWatch, store: MetricStore, failed: dict)
             continue
         watch.accept(path)
         failed.pop(path, None)
+        if not probes:         # only probes of variants not in use sit there
+            continue
         for probe in probes:
             store.health.probe_reattached[probe] = store.health.probe_reattached.get(probe, 0) + 1
         log(f"{path} was replaced on disk; {', '.join(probes)} re-attached to the new file")

@@ -4,6 +4,7 @@ and say what happened in the health metrics and, once, in the log."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -159,3 +160,55 @@ def test_pid_file_follows_a_restarted_target(tmp_path, backend):
     assert log.count(f"target process {first_pid} exited") == 1
     assert log.count(f"following process {second_pid}") == 1
     assert "Traceback" not in log
+
+
+def perf_links(pid: int) -> int:
+    """Perf-event file descriptors of a process (one per uprobe a core runner holds)."""
+    fd_dir = f"/proc/{pid}/fd"
+    count = 0
+    for fd in os.listdir(fd_dir):
+        try:
+            count += os.readlink(f"{fd_dir}/{fd}") == "anon_inode:[perf_event]"
+        except OSError:
+            continue
+    return count
+
+
+def test_processes_on_the_replaced_library(tmp_path, backend):
+    """A process that loaded the library before the deploy runs the old file to its end: core keeps
+    its probes there and counts it; bpftrace attaches to one file per path and says it no longer can."""
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()
+    for name in ("pwork", "libpwork.so"):
+        shutil.copy2(WORKLOADS / name, deploy / name)
+    lib = deploy / "libpwork.so"
+    bundle = build(write_spec(tmp_path, NOP_SPEC.format(lib=lib)), backend, tmp_path / "bundle")
+    port = free_port()
+    run = Run(bundle, tmp_path, port=port)
+    old = subprocess.Popen([str(deploy / "pwork"), "--wait-stdin", "nop", "700"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert old.stdout.readline().startswith("PID ")
+        lib.unlink()
+        shutil.copy2(WORKLOADS / "libpwork.so", lib)
+        wait_for(run, port, "probec_probe_reattached_total", 1, probe="uprobe_pwork_nop")
+        links_before = perf_links(run.proc.pid)
+        release(old)
+        subprocess.run([str(deploy / "pwork"), "nop", "500"], check=True, timeout=60)
+        deadline = time.monotonic() + 10
+        while perf_links(run.proc.pid) >= links_before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        links_after = perf_links(run.proc.pid)
+        metrics = run.stop()
+    finally:
+        run.kill()
+        if old.poll() is None:
+            old.kill()
+        print(f"probec run stderr:\n{run.stderr()}")
+    assert value(metrics, "probec_probe_reattached_total", probe="uprobe_pwork_nop") == 1
+    if backend == "core":
+        assert value(metrics, "nop_calls_total") == 1200
+        assert links_after == links_before - 1, "the old file's probe outlived the last process running it"
+    else:
+        assert value(metrics, "nop_calls_total") == 500
+        assert run.stderr().count("processes still running the old") == 1
