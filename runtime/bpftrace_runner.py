@@ -15,7 +15,7 @@ import time
 from .events import EventSink
 from .manifest import Bundle
 from .store import HistogramSeries, MetricStore
-from .watch import FileIdentity, inodes_mapped, process_start
+from .watch import FileIdentity, inodes_mapped, missing_in, process_start
 
 HARMLESS_STDERR = ("couldn't set RLIMIT_MEMLOCK",)
 MAX_RESTARTS = 5             # within RESTART_WINDOW_S; more than that and the runner gives up
@@ -360,14 +360,26 @@ class BpftraceRunner:
             self.thread.join(5)
         self.missed_before = self.store.health.program_missed.get("bpftrace", 0)
         self.carry_over()
-        self.start(pid=pid)
+        try:
+            self.start(pid=pid)
+        except BpftraceError:
+            self.proc = None     # poll() leaves it be: the next reattach() or retarget() tries again
+            self.store.health.up = 0
+            self.store.health.attached = {p: 0 for p in self.store.health.attached}
+            raise
 
     def reattach(self, path: str, old: FileIdentity | None) -> list[str]:
         """`path` is a new file (a deploy replaced it). bpftrace attaches by path only at start, so
         it is restarted: its uprobes then sit in the new file, and processes still running the old
         one are no longer counted (the core backend keeps counting them)."""
-        probes = [p["id"] for p in self.manifest["probes"]
-                  if p["binary"] == path and p["kind"] in ("uprobe", "uretprobe", "usdt")]
+        mine = [p for p in self.manifest["probes"] if p["id"] in self.settings.get("probes", [])
+                and p["binary"] == path and p["kind"] in ("uprobe", "uretprobe", "usdt")]
+        missing = missing_in(path, mine)
+        if missing:      # the running bpftrace keeps the old file's probes meanwhile
+            for p in mine:
+                self.store.health.attached[p["id"]] = 0
+            raise BpftraceError(f"the new {path} has no {', '.join(missing)}")
+        probes = [p["id"] for p in mine]
         if probes and self.proc is not None:
             self.restart(self.pid)
             if old is not None and inodes_mapped({old.inode}):

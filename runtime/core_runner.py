@@ -584,14 +584,16 @@ class CoreRunner:
         mine = [(p, self.probes[p["probe"]]) for p in self.active
                 if self.probes[p["probe"]]["binary"] == path
                 and self.probes[p["probe"]]["kind"] in ("uprobe", "uretprobe", "usdt")]
-        check_uprobe_placement([probe for _, probe in mine])
         new: dict[str, object] = {}
         try:
+            check_uprobe_placement([probe for _, probe in mine])
             for p, probe in mine:
                 new[probe["id"]] = self.attach(self.obj, p["program"], probe)
         except BaseException:
             for link in new.values():
                 _destroy(link)
+            for _, probe in mine:      # still on the old file only: new processes are not counted
+                self.store.health.attached[probe["id"]] = 0
             raise
         for probe_id, link in new.items():
             before = self.links.get(probe_id)

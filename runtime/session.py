@@ -139,7 +139,7 @@ def check_binaries(runner, watch: BinaryWatch, store: MetricStore, failed: dict)
             if failed.get(path) != new:      # once per new file, retried at every interval
                 failed[path] = new
                 log(f"error: {path} was replaced on disk, and its probes cannot be attached to the new file "
-                    f"(retrying while it changes): {exc}")
+                    f"(retried at every interval): {exc}")
             continue
         watch.accept(path)
         failed.pop(path, None)

@@ -212,3 +212,35 @@ def test_processes_on_the_replaced_library(tmp_path, backend):
     else:
         assert value(metrics, "nop_calls_total") == 500
         assert run.stderr().count("processes still running the old") == 1
+
+
+def test_a_replacement_without_the_symbol_is_reported_and_retried(tmp_path, backend):
+    """A deploy puts a file without the probed function at the path: the probe reads as detached,
+    the log says why once, and the next file there is attached to."""
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()
+    for name in ("pwork", "libpwork.so"):
+        shutil.copy2(WORKLOADS / name, deploy / name)
+    lib = deploy / "libpwork.so"
+    bundle = build(write_spec(tmp_path, NOP_SPEC.format(lib=lib)), backend, tmp_path / "bundle")
+    port = free_port()
+    run = Run(bundle, tmp_path, port=port)
+    try:
+        subprocess.run([str(deploy / "pwork"), "nop", "100"], check=True, timeout=60)
+        lib.unlink()
+        shutil.copy2(WORKLOADS / "libinference.so", lib)        # no pwork_nop in it
+        metrics = wait_for(run, port, "probec_probe_attached", 0, probe="uprobe_pwork_nop")
+        assert value(metrics, "probec_probe_attached", probe="uprobe_pwork_nop") == 0
+        time.sleep(1.5)                                           # retried at every interval, said once
+        lib.unlink()
+        shutil.copy2(WORKLOADS / "libpwork.so", lib)
+        wait_for(run, port, "probec_probe_reattached_total", 1, probe="uprobe_pwork_nop")
+        subprocess.run([str(deploy / "pwork"), "nop", "50"], check=True, timeout=60)
+        metrics = run.stop()
+    finally:
+        run.kill()
+        print(f"probec run stderr:\n{run.stderr()}")
+    assert value(metrics, "nop_calls_total") == 150
+    assert value(metrics, "probec_probe_attached", probe="uprobe_pwork_nop") == 1
+    assert value(metrics, "probec_probe_reattached_total", probe="uprobe_pwork_nop") == 1
+    assert run.stderr().count("cannot be attached to the new file") == 1
