@@ -150,7 +150,7 @@ def check_binaries(runner, watch: BinaryWatch, store: MetricStore, failed: dict)
         log(f"{path} was replaced on disk; {', '.join(probes)} re-attached to the new file")
 
 
-def check_target(runner, target: ProcessTarget, store: MetricStore) -> None:
+def check_target(runner, target: ProcessTarget, store: MetricStore, failed: dict) -> None:
     exited, new = target.check()
     health = store.health
     if exited:
@@ -161,13 +161,15 @@ def check_target(runner, target: ProcessTarget, store: MetricStore) -> None:
                "; nothing is traced until probec is restarted (--pid-file follows restarts)"))
     if new is not None:
         pid, started = new
-        target.follow(pid, started)
-        health.target_pid, health.target_up = pid, 1
         try:
             runner.retarget(pid)
-        except known_errors() as exc:   # it exits before the probes reach it, say: the next one is followed
-            log(f"error: cannot follow process {pid} (from {target.pid_file}): {exc}")
+        except known_errors() as exc:   # it exited before the probes reached it, say: tried at every interval
+            if failed.get(pid) != started:
+                failed[pid] = started
+                log(f"error: cannot follow process {pid} (from {target.pid_file}): {exc}")
             return
+        target.follow(pid, started)
+        health.target_pid, health.target_up = pid, 1
         log(f"following process {pid} (from {target.pid_file})")
 
 
@@ -206,6 +208,7 @@ def run_target(args) -> int:
         store.health.target_pid, store.health.target_up = target.pid, 1
     watch = binary_watch(bundle, store)
     failed_reattach: dict = {}
+    failed_retarget: dict = {}
     sink = EventSink(args.events, bundle.manifest) if bundle.manifest["events"] else None
     stop = threading.Event()
     received = []
@@ -240,7 +243,7 @@ def run_target(args) -> int:
                 continue
             next_read += args.interval
             if target is not None:
-                check_target(runner, target, store)
+                check_target(runner, target, store, failed_retarget)
             check_binaries(runner, watch, store, failed_reattach)
             runner.poll()
             if sink is not None:
