@@ -265,3 +265,30 @@ def test_a_replacement_without_the_symbol_is_reported_and_retried(tmp_path, back
     assert value(metrics, "probec_probe_attached", probe="uprobe_pwork_nop") == 1
     assert value(metrics, "probec_probe_reattached_total", probe="uprobe_pwork_nop") == 1
     assert run.stderr().count("cannot be attached to the new file") == 1
+
+
+def test_pid_target_exit_is_reported_and_nothing_else_is_traced(tmp_path, backend):
+    """--pid: when the process exits, that is said (metric, one log line), and the probes do not
+    fall back to tracing every process (bpftrace -p exits with its target and was restarted without it)."""
+    bundle = build(write_spec(tmp_path, FOLLOW_SPEC.format(fields="[arg0]")), backend, tmp_path / "bundle")
+    target, pid = start_target("record", "7", "8", "9")
+    port = free_port()
+    run = Run(bundle, tmp_path, "--pid", str(pid), port=port)
+    try:
+        release(target)
+        metrics = wait_for(run, port, "probec_target_exits_total", 1)
+        assert value(metrics, "probec_target_up") == 0
+        time.sleep(1.5)      # a few intervals: a restarted bpftrace would be attached by now
+        subprocess.run([str(WORKLOADS / "pwork"), "record", "1", "2"], check=True, timeout=60)
+        metrics = run.stop()
+    finally:
+        run.kill()
+        if target.poll() is None:
+            target.kill()
+        print(f"probec run stderr:\n{run.stderr()}")
+    assert value(metrics, "record_calls_total") == 3
+    assert value(metrics, "probec_target_exits_total") == 1
+    assert value(metrics, "probec_target_pid") == pid
+    assert value(metrics, "probec_backend_restarts_total") == 0
+    assert sorted(e["arg0"] for e in run.events()) == [7, 8, 9]
+    assert run.stderr().count(f"target process {pid} exited") == 1
