@@ -7,6 +7,7 @@ Both backends share these; each runner decides what re-attaching means for it.
 from __future__ import annotations
 
 import os
+import stat
 from typing import NamedTuple
 
 
@@ -148,8 +149,14 @@ class ProcessTarget:
 
     def read_pid_file(self) -> int | None:
         try:
-            with open(self.pid_file, "rb") as f:
-                text = f.read(64).decode("ascii", "replace").strip()
+            fd = os.open(self.pid_file, os.O_RDONLY | os.O_NONBLOCK)    # a FIFO must not hang the run
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    self.problem = "it is not a regular file"
+                    return None
+                text = os.read(fd, 64).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
         except OSError as exc:
             self.problem = f"cannot read it ({exc.strerror})"
             return None

@@ -134,6 +134,7 @@ def test_binary_watch_tells_a_replaced_file_from_one_changed_in_place(tmp_path):
 
 
 def test_process_target_follows_the_pid_file(tmp_path):
+    import os
     import subprocess
     from probec.runtime.watch import ProcessTarget, TargetError
     pid_file = tmp_path / "svc.pid"
@@ -143,6 +144,9 @@ def test_process_target_follows_the_pid_file(tmp_path):
             ProcessTarget(-1, str(pid_file))
     with pytest.raises(TargetError, match="cannot read it"):
         ProcessTarget(-1, str(tmp_path / "missing.pid"))
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(TargetError, match="not a regular file"):
+        ProcessTarget(-1, str(tmp_path / "fifo"))
     first = subprocess.Popen(["sleep", "30"])
     second = subprocess.Popen(["sleep", "30"])
     try:
