@@ -16,6 +16,7 @@ import time
 from .events import EventSink
 from .manifest import Bundle
 from .store import HistogramSeries, MetricStore
+from .watch import FileIdentity, inodes_mapped, missing_in, process_start
 
 HARMLESS_STDERR = ("couldn't set RLIMIT_MEMLOCK",)
 MAX_RESTARTS = 5             # within RESTART_WINDOW_S; more than that and the runner gives up
@@ -174,6 +175,7 @@ class BpftraceRunner:
         self.script = bundle.file("script")
         self.decoder = MapDecoder(self.manifest, store)
         self.proc: subprocess.Popen | None = None
+        self.pid = -1                            # -p: bpftrace exits when this process does
         self.attached = threading.Event()
         self.dumped = threading.Condition()      # notified on each whole dump
         self.last_dump = 0.0
@@ -209,7 +211,9 @@ class BpftraceRunner:
         env["BPFTRACE_MAP_KEYS_MAX"] = str(self.settings.get("map_keys_max", 4096))
         env.setdefault("BPFTRACE_CACHE_USER_SYMBOLS", "1")
         env.setdefault("BPFTRACE_STRLEN", "64")
-        cmd = [exe, "-f", "json", str(self.script)]
+        cmd = [exe, "-f", "json", str(self.script), str(max(pid, 0))]   # $1: the script's pid filter
+        self.pid = pid
+        self.stopping = False
         if pid > 0:
             cmd[1:1] = ["-p", str(pid)]
         self.attached.clear()
@@ -418,6 +422,13 @@ class BpftraceRunner:
         self.read_missed()
         if self.stopping or self.proc is None or self.proc.poll() is None:
             return
+        if self.pid > 0 and process_start(self.pid) is None:
+            # bpftrace -p exits with its target: nothing to restart until retarget() names another
+            if self.thread is not None:
+                self.thread.join(5)          # its final map dump
+            self.missed_before = self.store.health.program_missed.get("bpftrace", 0)
+            self.proc = None
+            return
         self.missed_before = self.store.health.program_missed.get("bpftrace", 0)
         self.store.health.up = 0
         if self.thread is not None:
@@ -436,12 +447,53 @@ class BpftraceRunner:
         # restart cost, though not how many events fell in it.
         counted_until = max(self.last_dump, self.attached_at)
         self.carry_over()
-        self.start()
+        self.start(pid=self.pid)
         gap = self.attached_at - counted_until
         self.store.health.backend_gap_seconds += gap
         self.log(f"bpftrace exited with status {status} ({tail}); restarted: nothing was counted for {gap:.2f}s "
                  "(from its last whole dump to the new attachment, in probec_backend_gap_seconds_total); "
                  "counts before that carried over")
+
+    def restart(self, pid: int) -> None:
+        """Stop bpftrace after its last dump and start a new one: its counts carry over."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        elif self.thread is not None:
+            self.thread.join(5)
+        self.missed_before = self.store.health.program_missed.get("bpftrace", 0)
+        counted_until = max(self.last_dump, self.attached_at)
+        self.carry_over()
+        try:
+            self.start(pid=pid)
+            self.store.health.backend_gap_seconds += self.attached_at - counted_until
+        except BpftraceError:
+            self.proc = None     # poll() leaves it be: the next reattach() or retarget() tries again
+            self.store.health.up = 0
+            self.store.health.attached = {p: 0 for p in self.store.health.attached}
+            raise
+
+    def reattach(self, path: str, old: FileIdentity | None) -> list[str]:
+        """`path` is a new file (a deploy replaced it). bpftrace attaches by path only at start, so
+        it is restarted: its uprobes then sit in the new file, and processes still running the old
+        one are no longer counted (the core backend keeps counting them)."""
+        mine = [p for p in self.manifest["probes"] if p["id"] in self.settings.get("probes", [])
+                and p["binary"] == path and p["kind"] in ("uprobe", "uretprobe", "usdt")]
+        missing = missing_in(path, mine)
+        if missing:      # the running bpftrace keeps the old file's probes meanwhile
+            for p in mine:
+                self.store.health.attached[p["id"]] = 0
+            raise BpftraceError(f"the new {path} has no {', '.join(missing)}")
+        probes = [p["id"] for p in mine]
+        if probes and self.proc is not None:
+            self.restart(self.pid)
+            if old is not None and inodes_mapped({old.inode}):
+                self.log(f"warning: processes still running the old {path} are no longer counted: bpftrace "
+                         "attaches to one file per path (the core backend keeps counting them)")
+        return sorted(probes)
+
+    def retarget(self, pid: int) -> None:
+        """Follow another process (--pid-file): bpftrace -p takes one pid, so start a new one."""
+        self.restart(pid)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Waits for one more periodic dump, then SIGINT lets bpftrace detach and print its final

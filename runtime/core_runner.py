@@ -24,6 +24,7 @@ from .events import EventSink
 from .manifest import Bundle, BundleError
 from .store import HistogramSeries, MetricStore
 from .tracefs import read_format, tracefs_root
+from .watch import FileIdentity, inodes_mapped
 
 MASK64 = (1 << 64) - 1
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
@@ -310,7 +311,11 @@ class CoreRunner:
                               f"({type(exc).__name__}: {exc}); rebuild the bundle") from None
         self.obj = None
         self.links: dict[str, object] = {}
+        # Links left on a binary's old inode after it was replaced on disk, kept while a process
+        # still maps that inode (it keeps running the old code, and is counted): (dev, ino), link
+        self.retired: list[tuple[tuple[int, int], object]] = []
         self.active: list[dict] = []
+        self.stats_base: dict[str, tuple[int, int, int]] = {}   # program stats of objects retargeting replaced
         self.ring = None
         self.stacks: StackSymbols | None = None
         self.thread: threading.Thread | None = None
@@ -549,10 +554,11 @@ class CoreRunner:
                 continue
             # A program is skipped when another one runs on its CPU (a task preempted inside a
             # uprobe program, say): a span can lose its begin or its end.
-            health.program_missed[p["probe"]] = info.recursion_misses
+            missed, runs, ns = self.stats_base.get(p["probe"], (0, 0, 0))
+            health.program_missed[p["probe"]] = missed + info.recursion_misses
             if stats:
-                health.program_run_ns[p["probe"]] = info.run_time_ns
-                health.program_runs[p["probe"]] = info.run_cnt
+                health.program_run_ns[p["probe"]] = ns + info.run_time_ns
+                health.program_runs[p["probe"]] = runs + info.run_cnt
 
     def poll(self) -> None:
         if self.stopped or self.obj is None or self.failure:
@@ -561,6 +567,89 @@ class CoreRunner:
             self.read()
         except Exception as exc:  # a map read that fails once will keep failing: stop with the reason
             self.failure = f"reading the maps failed: {exc}"
+            return
+        if self.retired:
+            mapped = inodes_mapped({inode for inode, _ in self.retired})
+            for inode, link in [r for r in self.retired if r[0] not in mapped]:
+                _destroy(link)
+            self.retired = [r for r in self.retired if r[0] in mapped]
+
+    # -- following changes ---------------------------------------------------------------------
+    def reattach(self, path: str, old: FileIdentity | None) -> list[str]:
+        """`path` is a new file (a deploy replaced it): attach the programs of its probes to it too.
+        The links on the old inode stay while processes still run the old file (see poll)."""
+        mine = [(p, self.probes[p["probe"]]) for p in self.active
+                if self.probes[p["probe"]]["binary"] == path
+                and self.probes[p["probe"]]["kind"] in ("uprobe", "uretprobe", "usdt")]
+        new: dict[str, object] = {}
+        try:
+            check_uprobe_placement([probe for _, probe in mine])
+            for p, probe in mine:
+                new[probe["id"]] = self.attach(self.obj, p["program"], probe)
+        except BaseException:
+            for link in new.values():
+                _destroy(link)
+            for _, probe in mine:      # still on the old file only: new processes are not counted
+                self.store.health.attached[probe["id"]] = 0
+            raise
+        for probe_id, link in new.items():
+            before = self.links.get(probe_id)
+            if before is not None and old is not None:
+                self.retired.append((old.inode, before))
+            elif before is not None:
+                _destroy(before)
+            self.links[probe_id] = link
+            self.store.health.attached[probe_id] = 1
+        return sorted(new)
+
+    def retarget(self, pid: int) -> None:
+        """Follow another process (--pid-file): the pid is a setting frozen at load, so load the
+        object again with the new one, reusing every map of the running object (the counts go on
+        where they were), attach it, and only then detach and close the old one."""
+        L = _libbpf()
+        path = self.object_path()
+        self.pid = pid if pid > 0 else -1
+        obj = L.BpfObject.open(path)
+        links: dict[str, object] = {}
+        try:
+            names = {p["program"] for p in self.active}
+            for p in self.core["programs"]:
+                obj.set_autoload(p["program"], p["program"] in names)
+            for name, value in self.settings():
+                obj.set_rodata(name, value)
+            for name, bmap in obj.maps.items():
+                if ".rodata" not in name and ".kconfig" not in name:
+                    bmap.reuse_fd(self.obj.map(name))
+            obj.load()
+            for p in self.active:
+                probe = self.probes[p["probe"]]
+                links[probe["id"]] = self.attach(obj, p["program"], probe)
+        except BaseException:
+            for link in links.values():
+                _destroy(link)
+            obj.close()
+            raise
+        self.read_program_stats()       # the old programs' last counts become the base
+        health = self.store.health
+        self.stats_base = {p["probe"]: (health.program_missed.get(p["probe"], 0), health.program_runs.get(p["probe"], 0),
+                                        health.program_run_ns.get(p["probe"], 0)) for p in self.active}
+        old, self.obj = self.obj, obj
+        for link in reversed(list(self.links.values()) + [link for _, link in self.retired]):
+            _destroy(link)
+        self.links, self.retired = links, []
+        if self.ring is not None:        # the ring is the same map: hand it to a reader on the new object
+            self.events_stop.set()
+            if self.thread is not None:
+                self.thread.join(5)
+            self.ring.consume()
+            self.ring.close()
+            self.ring = L.RingBuffer(obj.map(self.core["ringbuf"]["map"]), self.on_record)
+            self.events_stop.clear()
+            self.thread = threading.Thread(target=self.drain_events, name="probec-events", daemon=True)
+            self.thread.start()
+        if self.stacks is not None:
+            self.stacks.map = obj.map(self.core["stack_map"])
+        old.close()
 
     # -- events --------------------------------------------------------------------------------
     def drain_events(self) -> None:
@@ -608,9 +697,9 @@ class CoreRunner:
         self.events_stop.set()
         if self.thread is not None:
             self.thread.join(5)
-        for link in reversed(list(self.links.values())):
+        for link in reversed(list(self.links.values()) + [link for _, link in self.retired]):
             _destroy(link)
-        self.links = {}
+        self.links, self.retired = {}, []
         if self.ring is not None:
             try:
                 self.ring.consume()

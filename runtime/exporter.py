@@ -126,6 +126,18 @@ class StoreCollector:
         yield gauge("probec_map_entries", "Entries in each BPF map at the last read.", "map", h.map_entries)
         yield gauge("probec_map_capacity", "Capacity (max_entries) of each BPF map.", "map", h.map_capacity)
         yield gauge("probec_probe_attached", "1 for each probe attached.", "probe", h.attached)
+        if h.probe_reattached:
+            yield counter("probec_probe_reattached", "Times a probe was attached again because its binary was "
+                          "replaced on disk (a new file at its path).", "probe", h.probe_reattached)
+            yield counter("probec_binary_rewritten", "Times a traced binary was changed in place (same inode): "
+                          "running processes may crash and probes may count wrong; replace files instead.",
+                          "binary", h.binary_rewritten)
+        if h.target_pid is not None:
+            yield GaugeMetricFamily("probec_target_up", "1 while the traced process (--pid, --pid-file) runs.",
+                                    value=h.target_up)
+            yield GaugeMetricFamily("probec_target_pid", "The process id traced (--pid, --pid-file).",
+                                    value=h.target_pid)
+            yield counter("probec_target_exits", "Times the traced process exited.", value=h.target_exits)
         if h.program_missed:
             yield counter("probec_program_missed", "Runs of each BPF program the kernel skipped because another "
                           "BPF program was running on that CPU: spans may have lost a begin or an end.", "probe",

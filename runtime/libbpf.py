@@ -310,6 +310,7 @@ _PROTOTYPES: dict[str, tuple[object, list]] = {
     "bpf_map__map_flags": (c_uint32, [_vp]),
     "bpf_map__set_max_entries": (c_int, [_vp, c_uint32]),
     "bpf_map__initial_value": (_vp, [_vp, POINTER(c_size_t)]),
+    "bpf_map__reuse_fd": (c_int, [_vp, c_int]),
     # map (syscall wrappers)
     "bpf_map_lookup_elem": (c_int, [c_int, _vp, _vp]),
     "bpf_map_update_elem": (c_int, [c_int, _vp, _vp, c_uint64]),
@@ -1020,6 +1021,14 @@ class Map:
             raise BpfError(f"set_max_entries({self.name}): object already loaded")
         call = _Call(f"bpf_map__set_max_entries({self.name}, {n})")
         call.check_int(_lib().bpf_map__set_max_entries(self.ptr, n))
+
+    def reuse_fd(self, other: "Map") -> None:
+        """Before load: use ``other``'s kernel map instead of creating one, so a second object's
+        programs read and write the same entries (libbpf dups the fd)."""
+        if self._obj.loaded:
+            raise BpfError(f"reuse_fd({self.name}): object already loaded")
+        call = _Call(f"bpf_map__reuse_fd({self.name})")
+        call.check_int(_lib().bpf_map__reuse_fd(self.ptr, other.fd))
 
     # -- element access
 

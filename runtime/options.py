@@ -14,7 +14,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", metavar="FILE", default="-", help="where sampled events go as JSON lines")
     p.add_argument("--window", type=float, default=60.0, help="seconds of history for live quantiles")
     p.add_argument("--show", action="store_true", help="print live histograms and p50/p95/p99")
-    p.add_argument("--pid", type=int, default=-1, help="trace this process only")
+    p.add_argument("--pid", type=int, default=-1, help="trace this process only (its exit is logged and counted)")
+    p.add_argument("--pid-file", metavar="FILE",
+                   help="trace only the process whose id FILE holds, re-read at every interval: when a new "
+                        "process id appears there (a restarted service), the probes follow it")
     p.add_argument("--snapshot", metavar="FILE", help="write the final metrics text here on exit")
     p.add_argument("--bpf-stats", action="store_true",
                    help="core: turn on the kernel's BPF run-time stats while running (per-probe run time and count)")

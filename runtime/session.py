@@ -14,6 +14,9 @@ from .events import EventSink
 from .exporter import Exporter, format_edge, label_text
 from .manifest import BundleError, load_bundle
 from .store import MetricStore, quantile, quantile_labels
+from .watch import BinaryWatch, ProcessTarget, TargetError
+
+UPROBE_KINDS = ("uprobe", "uretprobe", "usdt")
 
 
 def log(message: str) -> None:
@@ -96,6 +99,80 @@ def _human(v, unit: str) -> str:
     return format_edge(round(v, 3))
 
 
+def known_errors() -> tuple:
+    """The failures a run reports as one line (anything else is a probec bug, with its traceback)."""
+    from .bpftrace_runner import BpftraceError
+    known = (BpftraceError, BundleError, OSError)
+    try:
+        from .libbpf import BpfError
+        known = known + (BpfError,)
+    except ImportError:
+        pass
+    return known
+
+
+def binary_watch(bundle, store: MetricStore) -> BinaryWatch:
+    paths = sorted({p["binary"] for p in bundle.manifest["probes"] if p["kind"] in UPROBE_KINDS and p["binary"]})
+    for p in bundle.manifest["probes"]:
+        if p["kind"] in UPROBE_KINDS and p["binary"]:
+            store.health.probe_reattached[p["id"]] = 0
+    for path in paths:
+        store.health.binary_rewritten[path] = 0
+    return BinaryWatch(paths)
+
+
+def check_binaries(runner, watch: BinaryWatch, store: MetricStore, failed: dict) -> None:
+    """A binary replaced on disk gets its probes again (the runner keeps counting the old file while
+    processes run it); one changed in place is only reported: nothing can make that safe."""
+    replaced, rewritten = watch.check()
+    for path in rewritten:
+        store.health.binary_rewritten[path] += 1
+        if store.health.binary_rewritten[path] == 1:
+            log(f"warning: {path} was changed in place (same inode): processes running it may crash and its "
+                "probes may fire at the wrong place; deploy by writing a new file and renaming it over "
+                "(or rm and copy), never by copying over it")
+    for path in replaced:
+        try:
+            probes = runner.reattach(path, watch.old(path))
+        except known_errors() as exc:
+            new = watch.pending.get(path)
+            if failed.get(path) != new:      # once per new file, retried at every interval
+                failed[path] = new
+                log(f"error: {path} was replaced on disk, and its probes cannot be attached to the new file "
+                    f"(retried at every interval): {exc}")
+            continue
+        watch.accept(path)
+        failed.pop(path, None)
+        if not probes:         # only probes of variants not in use sit there
+            continue
+        for probe in probes:
+            store.health.probe_reattached[probe] = store.health.probe_reattached.get(probe, 0) + 1
+        log(f"{path} was replaced on disk; {', '.join(probes)} re-attached to the new file")
+
+
+def check_target(runner, target: ProcessTarget, store: MetricStore, failed: dict) -> None:
+    exited, new = target.check()
+    health = store.health
+    if exited:
+        health.target_up = 0
+        health.target_exits += 1
+        log(f"target process {target.pid} exited"
+            + (f"; waiting for a new process id in {target.pid_file}" if target.pid_file else
+               "; nothing is traced until probec is restarted (--pid-file follows restarts)"))
+    if new is not None:
+        pid, started = new
+        try:
+            runner.retarget(pid)
+        except known_errors() as exc:   # it exited before the probes reached it, say: tried at every interval
+            if failed.get(pid) != started:
+                failed[pid] = started
+                log(f"error: cannot follow process {pid} (from {target.pid_file}): {exc}")
+            return
+        target.follow(pid, started)
+        health.target_pid, health.target_up = pid, 1
+        log(f"following process {pid} (from {target.pid_file})")
+
+
 def run_target(args) -> int:
     target = Path(args.target)
     if target.is_file() and target.suffix in (".yaml", ".yml"):
@@ -114,7 +191,24 @@ def run_target(args) -> int:
         log("error: loading eBPF programs needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); "
             "'probec check' works without")
         return 1
+    target = None
+    pid = args.pid
+    if getattr(args, "pid_file", None) or pid > 0:
+        if getattr(args, "pid_file", None) and pid > 0:
+            log("error: --pid and --pid-file exclude each other")
+            return 1
+        try:
+            target = ProcessTarget(pid, getattr(args, "pid_file", None))
+        except TargetError as exc:
+            log(f"error: {exc}")
+            return 1
+        pid = target.pid
     store = MetricStore(bundle.manifest, window_s=args.window, log=log)
+    if target is not None:
+        store.health.target_pid, store.health.target_up = target.pid, 1
+    watch = binary_watch(bundle, store)
+    failed_reattach: dict = {}
+    failed_retarget: dict = {}
     try:
         sink = EventSink(args.events, bundle.manifest, store.health, log) if bundle.manifest["events"] else None
     except OSError as exc:
@@ -131,8 +225,8 @@ def run_target(args) -> int:
     exporter = Exporter(store, bundle.name, bundle.backend)
     runner = None
     try:
-        runner = make_runner(bundle, store, sink, args.pid, args.bpf_stats)
-        runner.start(pid=args.pid) if bundle.backend == "bpftrace" else runner.start()
+        runner = make_runner(bundle, store, sink, pid, args.bpf_stats)
+        runner.start(pid=pid) if bundle.backend == "bpftrace" else runner.start()
         if args.port:
             try:
                 port = exporter.serve(args.address, args.port)
@@ -152,6 +246,9 @@ def run_target(args) -> int:
             if time.monotonic() < next_read:
                 continue
             next_read += args.interval
+            if target is not None:
+                check_target(runner, target, store, failed_retarget)
+            check_binaries(runner, watch, store, failed_reattach)
             runner.poll()
             if sink is not None:
                 sink.flush()
@@ -163,14 +260,7 @@ def run_target(args) -> int:
                 next_show = time.monotonic() + 2
         return 0
     except Exception as exc:  # every runtime failure reaches the user as one clear message
-        from .bpftrace_runner import BpftraceError
-        known = (BpftraceError, BundleError, OSError)
-        try:
-            from .libbpf import BpfError
-            known = known + (BpfError,)
-        except ImportError:
-            pass
-        if isinstance(exc, known):
+        if isinstance(exc, known_errors()):
             log(f"error: {exc}")
             return 1
         raise

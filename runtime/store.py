@@ -50,6 +50,11 @@ class Health:
     span_overflows: dict[str, int] = field(default_factory=dict)
     span_outside: dict[str, int] = field(default_factory=dict)   # ends dropped: outlived their `within`
     attached: dict[str, int] = field(default_factory=dict)
+    probe_reattached: dict[str, int] = field(default_factory=dict)   # to a new file at the binary's path
+    binary_rewritten: dict[str, int] = field(default_factory=dict)   # changed in place (same inode)
+    target_pid: int | None = None       # --pid / --pid-file: the process traced (None: every process)
+    target_up: int = 0
+    target_exits: int = 0
     program_run_ns: dict[str, int] = field(default_factory=dict)
     program_runs: dict[str, int] = field(default_factory=dict)
     program_missed: dict[str, int] = field(default_factory=dict)

@@ -241,3 +241,66 @@ def test_a_burst_of_scrapers_connects_at_once():
         for s in socks:
             s.close()
         exporter.close()
+
+
+def test_binary_watch_tells_a_replaced_file_from_one_changed_in_place(tmp_path):
+    """A new inode at the path is reported once it has stayed the same for one check (a copy still
+    being written is not), until accepted; a change in place is reported once per change."""
+    import os
+    from probec.runtime.watch import BinaryWatch
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"old")
+    watch = BinaryWatch([str(lib)])
+    assert watch.check() == ([], [])
+    held = open(lib, "rb")     # as a uprobe or a process mapping it does: its inode is not reused
+    lib.unlink()
+    assert watch.check() == ([], [])                      # removed, the new copy not there yet
+    lib.write_bytes(b"new, being written")
+    held.close()
+    assert watch.check() == ([], [])                      # first seen: wait one check
+    assert watch.check() == ([str(lib)], [])
+    assert watch.check() == ([str(lib)], [])              # until the probes are on it
+    watch.accept(str(lib))
+    assert watch.check() == ([], [])
+    with open(lib, "ab") as f:
+        f.write(b"more")
+    os.utime(lib, ns=(1, 1))
+    assert watch.check() == ([], [str(lib)])
+    assert watch.check() == ([], [])
+
+
+def test_process_target_follows_the_pid_file(tmp_path):
+    import os
+    import subprocess
+    from probec.runtime.watch import ProcessTarget, TargetError
+    pid_file = tmp_path / "svc.pid"
+    for text, why in (("", "does not hold a process id"), ("12ab\n", "does not hold a process id")):
+        pid_file.write_text(text)
+        with pytest.raises(TargetError, match=why):
+            ProcessTarget(-1, str(pid_file))
+    with pytest.raises(TargetError, match="cannot read it"):
+        ProcessTarget(-1, str(tmp_path / "missing.pid"))
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(TargetError, match="not a regular file"):
+        ProcessTarget(-1, str(tmp_path / "fifo"))
+    first = subprocess.Popen(["sleep", "30"])
+    second = subprocess.Popen(["sleep", "30"])
+    try:
+        pid_file.write_text(f"{first.pid}\n")
+        target = ProcessTarget(-1, str(pid_file))
+        assert target.pid == first.pid and target.check() == (False, None)
+        first.kill()
+        first.wait()
+        assert target.check() == (True, None)
+        assert target.check() == (False, None)           # said once
+        pid_file.write_text(f"{second.pid}")
+        exited, new = target.check()
+        assert not exited and new[0] == second.pid
+        target.follow(*new)
+        assert target.check() == (False, None)
+    finally:
+        for p in (first, second):
+            p.kill()
+            p.wait()
+    with pytest.raises(TargetError, match=f"no running process {first.pid}"):
+        ProcessTarget(first.pid)
