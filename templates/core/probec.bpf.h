@@ -9,8 +9,8 @@
  * v > edges[i-1]); bucket n (n = number of edges) is +Inf. This is exactly the bpftrace backend's
  * chain of `if (v <= edge)` tests, computed here by a branch-light binary search.
  */
-#ifndef PROBEC_BPF_H
-#define PROBEC_BPF_H
+#ifndef PROBEC_BPF_HELPERS_INCLUDED  /* not PROBEC_<NAME>_H: a spec named "bpf" has that one */
+#define PROBEC_BPF_HELPERS_INCLUDED
 
 #define PROBEC_COMM_LEN 16
 #define PROBEC_EEXIST 17 /* errno's EEXIST: vmlinux.h has no errno values */
@@ -418,4 +418,4 @@ static __always_inline __s64 probec_usdt_arg(struct pt_regs *ctx, const __u64 i)
 }
 #endif
 
-#endif /* PROBEC_BPF_H */
+#endif /* PROBEC_BPF_HELPERS_INCLUDED */
