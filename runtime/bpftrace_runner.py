@@ -14,7 +14,7 @@ import threading
 import time
 
 from .events import EventSink
-from .manifest import Bundle
+from .manifest import BpftraceSection, Bundle, BundleError, HealthSlot, Manifest, MetricInfo, MetricMapRole
 from .store import HistogramSeries, MetricStore
 from .watch import FileIdentity, inodes_mapped, missing_in, process_start
 
@@ -58,16 +58,21 @@ def bpftrace_command() -> str:
     return exe
 
 
+def bpftrace_section(manifest: Manifest) -> BpftraceSection:
+    if manifest.bpftrace is None:
+        raise BundleError(f"the manifest of '{manifest.name}' has no bpftrace section: rebuild it with "
+                          "'probec build SPEC --backend bpftrace'")
+    return manifest.bpftrace
+
+
 class MapDecoder:
     """Turns bpftrace's JSON map dumps into store snapshots, using the manifest's label types."""
 
-    def __init__(self, manifest: dict, store: MetricStore):
+    def __init__(self, manifest: Manifest, store: MetricStore):
         self.store = store
-        self.by_map: dict[str, tuple[dict, str]] = {}
-        for m in manifest["metrics"]:
-            self.by_map["@" + m["map"]] = (m, "main")
-            if m["kind"] == "histogram":
-                self.by_map["@" + m["map"] + "_sum"] = (m, "sum")
+        metrics = {m.name: m for m in manifest.metrics}
+        self.by_map: dict[str, tuple[MetricInfo, MetricMapRole]] = {
+            mm.map: (metrics[mm.metric], mm.role) for mm in bpftrace_section(manifest).metric_maps}
         self.partial: dict[str, dict] = {}   # histogram name -> {"main": data, "sum": data}
         # Counts from earlier bpftrace processes: a restart starts its maps at zero, and adding
         # these keeps every exported counter monotonic across restarts.
@@ -93,8 +98,11 @@ class MapDecoder:
 
     def keyless(self, map_name: str) -> bool:
         """A map bpftrace prints as a bare number: a counter or histogram sum with no labels."""
-        meta, role = self.by_map.get(map_name, ({"labels": [None]}, "main"))
-        return not meta["labels"] and not (meta.get("kind") == "histogram" and role == "main")
+        entry = self.by_map.get(map_name)
+        if entry is None:
+            return False
+        meta, role = entry
+        return not meta.labels and not (meta.histogram and role == MetricMapRole.MAIN)
 
     def split_key(self, key: str, types: list[str]) -> tuple | None:
         """bpftrace joins key parts with ','; a string part may itself hold commas."""
@@ -117,14 +125,15 @@ class MapDecoder:
         if entry is None:
             return
         meta, role = entry
-        label_types = [lab["type"] for lab in meta["labels"]]
-        if meta["kind"] == "counter":
-            self.install(meta["name"], self.series(data, label_types, meta))
+        label_types = [lab.type for lab in meta.labels]
+        if not meta.histogram:
+            self.install(meta.name, self.series(data, label_types, meta))
             return
-        slot = self.partial.setdefault(meta["name"], {})
+        slot = self.partial.setdefault(meta.name, {})
         slot[role] = data
-        if "main" in slot:
-            self.install(meta["name"], self.histogram(slot["main"], slot.get("sum"), label_types, meta))
+        if MetricMapRole.MAIN in slot:
+            self.install(meta.name, self.histogram(slot[MetricMapRole.MAIN], slot.get(MetricMapRole.SUM),
+                                                   label_types, meta))
 
     def series(self, data, label_types, meta) -> dict:
         if not label_types:
@@ -142,7 +151,7 @@ class MapDecoder:
         return out
 
     def histogram(self, data, sums, label_types, meta) -> dict:
-        nb = len(meta["edges"]) + 1
+        nb = len(meta.edges) + 1
         out: dict[tuple, HistogramSeries] = {}
         for key, value in (data or {}).items():
             parts = self.split_key(key, label_types + ["int"])
@@ -171,7 +180,7 @@ class BpftraceRunner:
         self.sink = sink
         self.log = log
         self.manifest = bundle.manifest
-        self.settings = self.manifest.get("bpftrace", {})
+        self.settings = bpftrace_section(self.manifest)
         self.script = bundle.file("script")
         self.decoder = MapDecoder(self.manifest, store)
         self.proc: subprocess.Popen | None = None
@@ -180,35 +189,37 @@ class BpftraceRunner:
         self.dumped = threading.Condition()      # notified on each whole dump
         self.last_dump = 0.0
         # A dump is applied only once its mark arrives (a bundle without a mark: map by map).
-        self.dump_mark = self.settings.get("dump_mark")
+        self.dump_mark = self.settings.dump_mark
         self.pending: dict[str, object] = {}     # maps of the dump in progress: name -> data
         # Metric maps keyed by epoch first: what each epoch held when a dump last froze it.
-        self.epoch_maps = set(self.settings.get("epoch_maps", []))
+        self.epoch_maps = set(self.settings.epoch_maps)
         self.frozen: dict[int, dict[str, dict]] = {0: {}, 1: {}}
         self.attached_at = 0.0
         self.missed_before = 0                   # skipped runs of bpftrace processes before a restart
         self.stopping = False
         self.failure: str | None = None
         self.stderr_tail: list[str] = []
-        self.events_by_index = {e["index"]: e for e in self.manifest["events"]}
+        self.events_by_index = {e.index: e for e in self.manifest.events}
         # bpftrace's own counts: map name -> (the Health dict it feeds, its key there)
         health = store.health
+        targets = {HealthSlot.EVENT_SEEN: health.events_emitted, HealthSlot.EVENT_RATE_LIMITED: health.events_rate_limited,
+                   HealthSlot.SPAN_OUTSIDE: health.span_outside}
         self.counters: dict[str, tuple[dict[str, int], str]] = {}
         self.counter_base: dict[str, int] = {}   # health counts of earlier bpftrace processes
-        for e in self.manifest["events"]:
-            self.counters[f"@__ev_{e['name']}_seen"] = (health.events_emitted, e["name"])
-            self.counters[f"@__ev_{e['name']}_limited"] = (health.events_rate_limited, e["name"])
-        for s in self.manifest["spans"]:
-            if s.get("checked_at_end"):
-                self.counters[f"@__span_{s['name']}_outside"] = (health.span_outside, s["name"])
-                health.span_outside[s["name"]] = 0
+        for c in self.settings.counters:
+            if c.kind not in targets:
+                raise BundleError(f"{bundle.path}/manifest.json: bpftrace counts {c.kind} in {c.map}, which this "
+                                  "runtime does not read; rebuild the bundle with this probec")
+            self.counters[c.map] = (targets[c.kind], c.name)
+            if c.kind == HealthSlot.SPAN_OUTSIDE:
+                health.span_outside[c.name] = 0
         self.thread: threading.Thread | None = None
 
     # -- process -------------------------------------------------------------------------------
     def start(self, pid: int = -1, timeout: float = 60.0) -> None:
         exe = bpftrace_command()
         env = dict(os.environ)
-        env["BPFTRACE_MAP_KEYS_MAX"] = str(self.settings.get("map_keys_max", 4096))
+        env["BPFTRACE_MAP_KEYS_MAX"] = str(self.settings.map_keys_max)
         env.setdefault("BPFTRACE_CACHE_USER_SYMBOLS", "1")
         env.setdefault("BPFTRACE_STRLEN", "64")
         cmd = [exe, "-f", "json", str(self.script), str(max(pid, 0))]   # $1: the script's pid filter
@@ -294,13 +305,13 @@ class BpftraceRunner:
 
     def handle(self, msg: dict) -> None:
         kind, data = msg.get("type"), msg.get("data")
-        if kind == "printf" and data == self.settings.get("ready_mark", "") + "\n":
+        if kind == "printf" and data == self.settings.ready_mark + "\n":
             # bpftrace says "attached" before attaching; our last probe firing is the real signal.
-            self.store.health.attached = {p: 1 for p in self.settings.get("probes", [])}
+            self.store.health.attached = {p: 1 for p in self.settings.probes}
             self.attached_at = time.monotonic()
             self.attached.set()
         elif kind == "map" and isinstance(data, dict):
-            if "@__probec_ready" in data:
+            if self.settings.ready_map in data:
                 return
             self.pending.update(data)
             if not self.dump_mark:
@@ -365,25 +376,25 @@ class BpftraceRunner:
         return merged
 
     def event(self, text: str) -> None:
-        sep, mark = self.settings.get("separator", "\x1f"), self.settings.get("event_mark", "E")
+        sep, mark = self.settings.separator, self.settings.event_mark
         parts = text.rstrip("\n").split(sep)
         if len(parts) < 6 or parts[0] != mark:
             return
         try:
             spec = self.events_by_index[int(parts[1])]
-            record = {"event": spec["name"], "ts_ns": int(parts[2]), "pid": int(parts[3]), "tid": int(parts[4]),
+            record = {"event": spec.name, "ts_ns": int(parts[2]), "pid": int(parts[3]), "tid": int(parts[4]),
                       "cpu": int(parts[5])}
             values = parts[6:]
-            if len(values) != len(spec["fields"]):
+            if len(values) != len(spec.fields):
                 raise ValueError("field count")
-            for f, raw in zip(spec["fields"], values):
-                if f["kind"].endswith("stack"):
-                    record[f["name"]] = [frame.strip() for frame in raw.strip("\n").split("\n") if frame.strip()]
-                elif f["kind"] == "str":
-                    record[f["name"]] = raw
+            for f, raw in zip(spec.fields, values):
+                if f.kind.endswith("stack"):
+                    record[f.name] = [frame.strip() for frame in raw.strip("\n").split("\n") if frame.strip()]
+                elif f.kind == "str":
+                    record[f.name] = raw
                 else:
                     v = int(raw)
-                    record[self.sink.field_name(f) if self.sink else f["name"]] = \
+                    record[self.sink.field_name(f) if self.sink else f.name] = \
                         self.sink.value(f, v) if self.sink else v
         except (ValueError, KeyError):
             self.store.health.decode_errors += 1
@@ -476,14 +487,14 @@ class BpftraceRunner:
         """`path` is a new file (a deploy replaced it). bpftrace attaches by path only at start, so
         it is restarted: its uprobes then sit in the new file, and processes still running the old
         one are no longer counted (the core backend keeps counting them)."""
-        mine = [p for p in self.manifest["probes"] if p["id"] in self.settings.get("probes", [])
-                and p["binary"] == path and p["kind"] in ("uprobe", "uretprobe", "usdt")]
+        mine = [p for p in self.manifest.probes if p.id in self.settings.probes
+                and p.binary == path and p.kind in ("uprobe", "uretprobe", "usdt")]
         missing = missing_in(path, mine)
         if missing:      # the running bpftrace keeps the old file's probes meanwhile
             for p in mine:
-                self.store.health.attached[p["id"]] = 0
+                self.store.health.attached[p.id] = 0
             raise BpftraceError(f"the new {path} has no {', '.join(missing)}")
-        probes = [p["id"] for p in mine]
+        probes = [p.id for p in mine]
         if probes and self.proc is not None:
             self.restart(self.pid)
             if old is not None and inodes_mapped({old.inode}):
@@ -509,7 +520,7 @@ class BpftraceRunner:
             return
         if self.attached.is_set():
             asked = time.monotonic()
-            deadline = asked + self.settings.get("interval_ms", 1000) / 1000 + 1.0
+            deadline = asked + self.settings.interval_ms / 1000 + 1.0
             with self.dumped:
                 while self.last_dump < asked + 0.05 and proc.poll() is None:
                     left = deadline - time.monotonic()

@@ -19,9 +19,11 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import Iterable
 
 from .events import EventSink
-from .manifest import Bundle, BundleError
+from .manifest import (EVENT_HEADER_NAMES, Bundle, BundleError, CoreProgram, EventInfo, MapInfo, MetricInfo,
+                       ProbeInfo, TracepointCheck)
 from .store import HistogramSeries, MetricStore
 from .tracefs import read_format, tracefs_root
 from .watch import FileIdentity, inodes_mapped
@@ -80,7 +82,7 @@ def attach_hint(kind: str, err: int | None) -> str:
 
 
 # --- tracepoint field offsets --------------------------------------------------------------------
-def check_tracepoint_fields(checks: list[dict]) -> None:
+def check_tracepoint_fields(checks: Iterable[TracepointCheck]) -> None:
     """The C reads tracepoint fields at offsets taken on the build host: make sure this kernel's
     tracefs still puts them there, or fail before anything is loaded."""
     if not checks:
@@ -92,19 +94,19 @@ def check_tracepoint_fields(checks: list[dict]) -> None:
     formats: dict[str, dict | None] = {}
     problems = []
     for c in checks:
-        tp = c["tracepoint"]
+        tp = c.tracepoint
         if tp not in formats:
             formats[tp] = read_format(root, *tp.split(":", 1))
         fmt = formats[tp]
         if fmt is None:
             problems.append(f"tracepoint {tp} does not exist on this kernel")
             continue
-        here = fmt.get(c["field"])
+        here = fmt.get(c.field)
         if here is None:
-            problems.append(f"tracepoint {tp} has no field '{c['field']}' on this kernel")
-        elif (here.offset, here.size) != (c["offset"], c["size"]):
-            problems.append(f"tracepoint {tp} field '{c['field']}' is at offset {here.offset} size {here.size} on "
-                            f"this kernel, but the bundle reads offset {c['offset']} size {c['size']}")
+            problems.append(f"tracepoint {tp} has no field '{c.field}' on this kernel")
+        elif (here.offset, here.size) != (c.offset, c.size):
+            problems.append(f"tracepoint {tp} field '{c.field}' is at offset {here.offset} size {here.size} on "
+                            f"this kernel, but the bundle reads offset {c.offset} size {c.size}")
     if problems:
         raise BundleError("the bundle was built for another kernel's tracepoint layout:\n  "
                           + "\n  ".join(sorted(set(problems)))
@@ -117,15 +119,15 @@ def check_uprobe_placement(probes) -> None:
     instruction: refuse rather than corrupt the traced process."""
     from . import elf
     for p in probes:
-        if p["kind"] not in ("uprobe", "uretprobe") or p["offset"] != 4:
+        if p.kind not in ("uprobe", "uretprobe") or p.offset != 4:
             continue
         try:
-            ok = elf.open_elf(p["binary"]).starts_with_endbr64(p["symbol"])
+            ok = elf.open_elf(p.binary).starts_with_endbr64(p.symbol)
         except elf.ElfError:
             continue        # a missing binary or symbol fails at attach, with its own message
         if not ok:
-            raise BundleError(f"probe '{p['address']}' sits 4 bytes into {p['symbol']}, past the endbr64 it "
-                              f"started with when the bundle was built, but {p['binary']} has changed and "
+            raise BundleError(f"probe '{p.address}' sits 4 bytes into {p.symbol}, past the endbr64 it "
+                              f"started with when the bundle was built, but {p.binary} has changed and "
                               "no longer starts with endbr64 there: rebuild the bundle against this binary")
 
 
@@ -133,32 +135,32 @@ def check_uprobe_placement(probes) -> None:
 class MetricReader:
     """Turns one metric's per-CPU map into a store snapshot."""
 
-    def __init__(self, meta: dict, map_meta: dict, signed: bool):
+    def __init__(self, meta: MetricInfo, map_meta: MapInfo, signed: bool):
         self.meta = meta
-        self.name = meta["name"]
-        self.map = meta["map"]
-        self.overflow_map = meta.get("overflow_map")     # labelled metrics: the kernel's __overflow__
-        self.folded_map = meta.get("folded_map")         # and the label sets folded into it
-        self.histogram = meta["kind"] == "histogram"
-        self.nb = len(meta["edges"]) + 1
-        self.sum_slot = meta["sum_slot"]
+        self.name = meta.name
+        self.map = meta.map
+        self.overflow_map = meta.overflow_map     # labelled metrics: the kernel's __overflow__
+        self.folded_map = meta.folded_map         # and the label sets folded into it
+        self.histogram = meta.kind == "histogram"
+        self.nb = len(meta.edges) + 1
+        self.sum_slot = meta.sum_slot
         self.signed = signed
-        self.labelled = bool(meta["labels"])
+        self.labelled = bool(meta.labels)
         self.label_fields = []
         self.bucket_at = None
         if self.labelled:
-            fields = {f["label"]: f for f in map_meta["key"]["fields"] if f["label"]}
-            for lab in meta["labels"]:
-                f = fields.get(lab["name"])
+            fields = {f.label: f for f in map_meta.key.fields if f.label}
+            for lab in meta.labels:
+                f = fields.get(lab.name)
                 if f is None:
-                    raise BundleError(f"manifest: metric '{self.name}' has label '{lab['name']}' but its key "
+                    raise BundleError(f"manifest: metric '{self.name}' has label '{lab.name}' but its key "
                                       "layout has no field for it")
-                self.label_fields.append((f["offset"], f["size"], f["ctype"]))
-            bucket = [f for f in map_meta["key"]["fields"] if f["name"] == "bucket"]
+                self.label_fields.append((f.offset, f.size, f.ctype))
+            bucket = [f for f in map_meta.key.fields if f.name == "bucket"]
             if self.histogram:
                 if not bucket:
                     raise BundleError(f"manifest: histogram '{self.name}' has no bucket in its key layout")
-                self.bucket_at = bucket[0]["offset"]
+                self.bucket_at = bucket[0].offset
 
     def total(self, values) -> int:
         raw = _percpu_total(values)
@@ -216,17 +218,17 @@ class MetricReader:
 class EventDecoder:
     """Ring-buffer records of one event -> the JSON-lines shape of the bpftrace runner."""
 
-    def __init__(self, meta: dict):
+    def __init__(self, meta: EventInfo):
         self.meta = meta
-        record = meta["record"]
-        self.size = record["size"]
-        self.struct = struct.Struct(record["format"])
-        names = [f["name"] for f in record["fields"] if not f["name"].startswith("__pad")]
-        header = names[:5]
-        if header != ["event", "cpu", "ts", "pid", "tid"]:
-            raise BundleError(f"manifest: event '{meta['name']}' record does not start with the probec header")
-        position = {n: i for i, n in enumerate(names) if i >= 5}
-        self.fields = [(f, position[f["name"]]) for f in meta["fields"]]
+        record = meta.record
+        self.size = record.size
+        self.struct = struct.Struct(record.format)
+        names = [f.name for f in record.fields if not f.name.startswith("__pad")]
+        header = tuple(names[:len(EVENT_HEADER_NAMES)])
+        if header != EVENT_HEADER_NAMES:
+            raise BundleError(f"manifest: event '{meta.name}' record does not start with the probec header")
+        position = {n: i for i, n in enumerate(names) if i >= len(EVENT_HEADER_NAMES)}
+        self.fields = [(f, position[f.name]) for f in meta.fields]
 
 
 class StackSymbols:
@@ -289,23 +291,20 @@ class CoreRunner:
         self.log = log
         self.pid = pid if pid and pid > 0 else -1
         self.manifest = bundle.manifest
-        core = self.manifest.get("core")
-        if not isinstance(core, dict):
+        core = self.manifest.core
+        if core is None:
             raise BundleError(f"{bundle.path} has no 'core' section in its manifest: rebuild it with "
                               "'probec build SPEC --backend core'")
         self.core = core
         self.failure: str | None = None
         self.bpf_stats = os.environ.get("PROBEC_BPF_STATS") == "1" if bpf_stats is None else bpf_stats
         try:
-            self.probes = {p["id"]: p for p in self.manifest["probes"]}
-            maps = {m["name"]: m for m in self.manifest["maps"]}
-            signed = core.get("value_signed", {})
-            self.readers = [MetricReader(m, maps[m["map"]], bool(signed.get(m["name"])))
-                            for m in self.manifest["metrics"]]
-            self.decoders = {e["index"]: EventDecoder(e) for e in self.manifest["events"]}
-            missing = [key for key in ("programs", "health", "health_map", "settings") if key not in core]
-            if missing:
-                raise KeyError(missing[0])
+            self.probes = {p.id: p for p in self.manifest.probes}
+            maps = {m.name: m for m in self.manifest.maps}
+            signed = core.value_signed
+            self.readers = [MetricReader(m, maps[m.map], bool(signed.get(m.name)))
+                            for m in self.manifest.metrics]
+            self.decoders = {e.index: EventDecoder(e) for e in self.manifest.events}
         except (KeyError, TypeError, ValueError, struct.error) as exc:
             raise BundleError(f"{bundle.path}/manifest.json is damaged or from another probec version "
                               f"({type(exc).__name__}: {exc}); rebuild the bundle") from None
@@ -314,7 +313,7 @@ class CoreRunner:
         # Links left on a binary's old inode after it was replaced on disk, kept while a process
         # still maps that inode (it keeps running the old code, and is counted): (dev, ino), link
         self.retired: list[tuple[tuple[int, int], object]] = []
-        self.active: list[dict] = []
+        self.active: list[CoreProgram] = []
         self.stats_base: dict[str, tuple[int, int, int]] = {}   # program stats of objects retargeting replaced
         self.ring = None
         self.stacks: StackSymbols | None = None
@@ -325,7 +324,7 @@ class CoreRunner:
 
     # -- start ---------------------------------------------------------------------------------
     def object_path(self) -> Path:
-        name = self.core.get("object")
+        name = self.core.object
         if not name:
             raise BundleError(f"{self.bundle.path} holds the C source but no compiled object (it was built with "
                               "--no-compile or where clang was missing): rebuild it on a host with clang")
@@ -341,28 +340,28 @@ class CoreRunner:
             # libbpf's lines reach the user inside the errors that need them (a fallback variant
             # failing to load is expected, not news)
             libbpf_log.addHandler(logging.NullHandler())
-        check_tracepoint_fields(self.core.get("tracepoint_fields", []))
+        check_tracepoint_fields(self.core.tracepoint_fields)
         check_uprobe_placement(self.probes.values())
         L = _libbpf()
         L.libbpf_version()   # a missing or old libbpf says so here, before anything else
         self.obj, self.links, self.active = self.load_and_attach(path)
         health = self.store.health
         health.attached = {pid: int(pid in self.links) for pid in self.probes}
-        for m in self.manifest["maps"]:
-            if m["type"] != "TASK_STORAGE":
-                health.map_capacity[m["name"]] = m["max_entries"]
-        hm = self.core["health_map"]
-        health.map_capacity[hm["name"]] = hm["slots"]
+        for m in self.manifest.maps:
+            if m.type != "TASK_STORAGE":
+                health.map_capacity[m.name] = m.max_entries
+        hm = self.core.health_map
+        health.map_capacity[hm.name] = hm.slots
         if self.bpf_stats:
             try:
                 self.stats_fd = L.enable_stats()
             except L.BpfError as exc:
                 self.log(f"warning: cannot turn on BPF run-time stats: {exc}")
-        if self.core.get("stack_map"):
-            self.stacks = StackSymbols(self.obj.map(self.core["stack_map"]), self.core.get("stack_depth", 127))
-        ring = self.core.get("ringbuf")
+        if self.core.stack_map:
+            self.stacks = StackSymbols(self.obj.map(self.core.stack_map), self.core.stack_depth)
+        ring = self.core.ringbuf
         if ring:
-            self.ring = L.RingBuffer(self.obj.map(ring["map"]), self.on_record)
+            self.ring = L.RingBuffer(self.obj.map(ring.map), self.on_record)
             self.thread = threading.Thread(target=self.drain_events, name="probec-events", daemon=True)
             self.thread.start()
         self.read()
@@ -370,18 +369,18 @@ class CoreRunner:
 
     def settings(self) -> list[tuple[str, bytes]]:
         out = []
-        for s in self.core.get("settings", []):
-            value = s["value"]
-            if s["name"] == "probec_target_pid" and self.pid > 0:
+        for s in self.core.settings:
+            value = s.value
+            if s.name == "probec_target_pid" and self.pid > 0:
                 value = self.pid
-            out.append((s["name"], int(value).to_bytes(s["size"], "little")))
+            out.append((s.name, int(value).to_bytes(s.size, "little")))
         return out
 
     def groups(self) -> dict[str, list[int]]:
         out: dict[str, set[int]] = {}
         for p in self.probes.values():
-            if p["group"]:
-                out.setdefault(p["group"], set()).add(p["variant"])
+            if p.group:
+                out.setdefault(p.group, set()).add(p.variant)
         return {g: sorted(v) for g, v in out.items()}
 
     def load_and_attach(self, path: Path):
@@ -394,33 +393,33 @@ class CoreRunner:
         groups = self.groups()
         chosen = {g: vs[0] for g, vs in groups.items()}
         tried: dict[str, list[str]] = collections.defaultdict(list)
-        programs = self.core["programs"]
+        programs = self.core.programs
 
         def label(group: str, variant: int) -> str:
-            labels = self.manifest.get("groups", {}).get(group, [])
+            labels = self.manifest.groups.get(group, ())
             return labels[variant] if variant < len(labels) else f"variant {variant}"
 
-        def skip(group: str, probe: dict, stage: str, exc) -> None:
-            tried[group].append(f"{label(group, chosen[group])} ({stage} of {probe['address'] or probe['id']}: "
+        def skip(group: str, probe: ProbeInfo, stage: str, exc) -> None:
+            tried[group].append(f"{label(group, chosen[group])} ({stage} of {probe.address or probe.id}: "
                                 f"{_short(exc)})")
             rest = [v for v in groups[group] if v > chosen[group]]
             if not rest:
                 raise L.BpfError(
                     f"no variant of {group} works on this kernel (tried {'; '.join(tried[group])})",
                     getattr(exc, "errno", None), [],
-                    f"{attach_hint(probe['kind'], getattr(exc, 'errno', None))}; add a 'fallback' to the span")
+                    f"{attach_hint(probe.kind, getattr(exc, 'errno', None))}; add a 'fallback' to the span")
             chosen[group] = rest[0]
 
         while True:
             active = [p for p in programs
-                      if not self.probes[p["probe"]]["group"]
-                      or chosen[self.probes[p["probe"]]["group"]] == self.probes[p["probe"]]["variant"]]
+                      if not self.probes[p.probe].group
+                      or chosen[self.probes[p.probe].group] == self.probes[p.probe].variant]
             obj = L.BpfObject.open(path)
             links: dict[str, object] = {}
             try:
-                names = {p["program"] for p in active}
+                names = {p.program for p in active}
                 for p in programs:
-                    obj.set_autoload(p["program"], p["program"] in names)
+                    obj.set_autoload(p.program, p.program in names)
                 for name, value in self.settings():
                     try:
                         obj.set_rodata(name, value)
@@ -430,31 +429,31 @@ class CoreRunner:
                     obj.load()
                 except L.BpfError as exc:
                     blamed = next((n for n in _PROG_IN_LOG.findall("\n".join(exc.log)) if n in names), None)
-                    probe = next((self.probes[p["probe"]] for p in active if p["program"] == blamed), None)
-                    if probe is not None and probe["group"]:
-                        skip(probe["group"], probe, "load", exc)
+                    probe = next((self.probes[p.probe] for p in active if p.program == blamed), None)
+                    if probe is not None and probe.group:
+                        skip(probe.group, probe, "load", exc)
                         obj.close()
                         continue
-                    where = f"probe '{probe['address'] or probe['id']}' (program {blamed})" if probe else path.name
+                    where = f"probe '{probe.address or probe.id}' (program {blamed})" if probe else path.name
                     raise L.BpfError(f"{where} failed to load; nothing is attached", exc.errno, _useful(exc.log),
-                                     attach_hint(probe["kind"], exc.errno) if probe else exc.hint) from None
+                                     attach_hint(probe.kind, exc.errno) if probe else exc.hint) from None
                 retry = False
                 for p in active:
-                    probe = self.probes[p["probe"]]
+                    probe = self.probes[p.probe]
                     try:
-                        links[probe["id"]] = self.attach(obj, p["program"], probe)
+                        links[probe.id] = self.attach(obj, p.program, probe)
                     except L.BpfError as exc:
                         for link in reversed(list(links.values())):
                             _destroy(link)
                         links = {}
-                        if probe["group"]:
-                            skip(probe["group"], probe, "attach", exc)
+                        if probe.group:
+                            skip(probe.group, probe, "attach", exc)
                             retry = True
                             break
                         raise L.BpfError(
-                            f"probe '{probe['address'] or probe['id']}' (program {p['program']}) failed to attach; "
+                            f"probe '{probe.address or probe.id}' (program {p.program}) failed to attach; "
                             "nothing is left attached", exc.errno, _useful(exc.log),
-                            attach_hint(probe["kind"], exc.errno)) from None
+                            attach_hint(probe.kind, exc.errno)) from None
                 if retry:
                     obj.close()
                     continue
@@ -469,24 +468,24 @@ class CoreRunner:
                 obj.close()
                 raise
 
-    def attach(self, obj, program: str, probe: dict):
+    def attach(self, obj, program: str, probe: ProbeInfo):
         prog = obj.program(program)
-        kind = probe["kind"]
+        kind = probe.kind
         if kind == "tracepoint":
-            return prog.attach_tracepoint(probe["category"], probe["name"])
+            return prog.attach_tracepoint(probe.category, probe.name)
         if kind in ("uprobe", "uretprobe"):
-            return prog.attach_uprobe(probe["binary"], probe["symbol"], probe["offset"],
+            return prog.attach_uprobe(probe.binary, probe.symbol, probe.offset,
                                       retprobe=kind == "uretprobe", pid=self.pid)
         if kind == "usdt":
-            return prog.attach_usdt(probe["binary"], probe["provider"], probe["name"], pid=self.pid)
+            return prog.attach_usdt(probe.binary, probe.provider, probe.name, pid=self.pid)
         if kind in ("kprobe", "kretprobe"):
-            return prog.attach_kprobe(probe["name"], retprobe=kind == "kretprobe")
+            return prog.attach_kprobe(probe.name, retprobe=kind == "kretprobe")
         if kind in ("fentry", "fexit"):
             return prog.attach()
         if kind == "profile":
-            return prog.attach_cpu_clock(probe["rate"])
+            return prog.attach_cpu_clock(probe.rate)
         if kind == "interval":
-            return prog.attach_interval(probe["rate"])
+            return prog.attach_interval(probe.rate)
         raise BundleError(f"manifest names a probe kind this runtime cannot attach: {kind}")
 
     # -- reading -------------------------------------------------------------------------------
@@ -506,11 +505,11 @@ class CoreRunner:
                 folded = len(self.obj.map(reader.folded_map).items_batch())
                 health.map_entries[reader.folded_map] = folded
             self.store.replace(reader.name, reader.decode(items), overflow, folded)
-        for span in self.manifest["spans"]:
-            if not span.get("task_storage"):   # task-local storage cannot be listed; it has no capacity
-                health.map_entries[span["map"]] = len(self.obj.map(span["map"]).items_batch())
-        if self.core.get("stack_map"):
-            health.map_entries[self.core["stack_map"]] = self.obj.map(self.core["stack_map"]).count_entries()
+        for span in self.manifest.spans:
+            if not span.task_storage:   # task-local storage cannot be listed; it has no capacity
+                health.map_entries[span.map] = len(self.obj.map(span.map).items_batch())
+        if self.core.stack_map:
+            health.map_entries[self.core.stack_map] = self.obj.map(self.core.stack_map).count_entries()
         self.read_health()
         self.read_program_stats()
         health.last_read_seconds = time.monotonic() - started
@@ -518,25 +517,25 @@ class CoreRunner:
         self.store.remember()
 
     def read_health(self) -> None:
-        hm = self.core["health_map"]
-        items = self.obj.map(hm["name"]).items_batch()
+        hm = self.core.health_map
+        items = self.obj.map(hm.name).items_batch()
         totals = {int.from_bytes(k[:4], "little"): _percpu_total(v) for k, v in items}
         health = self.store.health
-        health.map_entries[hm["name"]] = hm["slots"]
+        health.map_entries[hm.name] = hm.slots
         lost = full = 0
-        for slot in self.core["health"]:
-            value = totals.get(slot["slot"], 0)
-            kind = slot["kind"]
+        for slot in self.core.health:
+            value = totals.get(slot.slot, 0)
+            kind = slot.kind
             if kind == "span_overflow":
-                health.span_overflows[slot["name"]] = value
+                health.span_overflows[slot.name] = value
             elif kind == "span_outside":
-                health.span_outside[slot["name"]] = value
+                health.span_outside[slot.name] = value
             elif kind == "events_lost":
                 lost += value
             elif kind == "event_seen":
-                health.events_emitted[slot["name"]] = value
+                health.events_emitted[slot.name] = value
             elif kind == "event_rate_limited":
-                health.events_rate_limited[slot["name"]] = value
+                health.events_rate_limited[slot.name] = value
             elif kind == "metric_map_full":
                 full += value
         health.events_lost = lost
@@ -549,16 +548,16 @@ class CoreRunner:
         health = self.store.health
         for p in self.active:
             try:
-                info = L.program_info(self.obj.program(p["program"]))
+                info = L.program_info(self.obj.program(p.program))
             except L.BpfError:
                 continue
             # A program is skipped when another one runs on its CPU (a task preempted inside a
             # uprobe program, say): a span can lose its begin or its end.
-            missed, runs, ns = self.stats_base.get(p["probe"], (0, 0, 0))
-            health.program_missed[p["probe"]] = missed + info.recursion_misses
+            missed, runs, ns = self.stats_base.get(p.probe, (0, 0, 0))
+            health.program_missed[p.probe] = missed + info.recursion_misses
             if stats:
-                health.program_run_ns[p["probe"]] = ns + info.run_time_ns
-                health.program_runs[p["probe"]] = runs + info.run_cnt
+                health.program_run_ns[p.probe] = ns + info.run_time_ns
+                health.program_runs[p.probe] = runs + info.run_cnt
 
     def poll(self) -> None:
         if self.stopped or self.obj is None or self.failure:
@@ -578,19 +577,19 @@ class CoreRunner:
     def reattach(self, path: str, old: FileIdentity | None) -> list[str]:
         """`path` is a new file (a deploy replaced it): attach the programs of its probes to it too.
         The links on the old inode stay while processes still run the old file (see poll)."""
-        mine = [(p, self.probes[p["probe"]]) for p in self.active
-                if self.probes[p["probe"]]["binary"] == path
-                and self.probes[p["probe"]]["kind"] in ("uprobe", "uretprobe", "usdt")]
+        mine = [(p, self.probes[p.probe]) for p in self.active
+                if self.probes[p.probe].binary == path
+                and self.probes[p.probe].kind in ("uprobe", "uretprobe", "usdt")]
         new: dict[str, object] = {}
         try:
             check_uprobe_placement([probe for _, probe in mine])
             for p, probe in mine:
-                new[probe["id"]] = self.attach(self.obj, p["program"], probe)
+                new[probe.id] = self.attach(self.obj, p.program, probe)
         except BaseException:
             for link in new.values():
                 _destroy(link)
             for _, probe in mine:      # still on the old file only: new processes are not counted
-                self.store.health.attached[probe["id"]] = 0
+                self.store.health.attached[probe.id] = 0
             raise
         for probe_id, link in new.items():
             before = self.links.get(probe_id)
@@ -612,9 +611,9 @@ class CoreRunner:
         obj = L.BpfObject.open(path)
         links: dict[str, object] = {}
         try:
-            names = {p["program"] for p in self.active}
-            for p in self.core["programs"]:
-                obj.set_autoload(p["program"], p["program"] in names)
+            names = {p.program for p in self.active}
+            for p in self.core.programs:
+                obj.set_autoload(p.program, p.program in names)
             for name, value in self.settings():
                 obj.set_rodata(name, value)
             for name, bmap in obj.maps.items():
@@ -622,8 +621,8 @@ class CoreRunner:
                     bmap.reuse_fd(self.obj.map(name))
             obj.load()
             for p in self.active:
-                probe = self.probes[p["probe"]]
-                links[probe["id"]] = self.attach(obj, p["program"], probe)
+                probe = self.probes[p.probe]
+                links[probe.id] = self.attach(obj, p.program, probe)
         except BaseException:
             for link in links.values():
                 _destroy(link)
@@ -631,8 +630,8 @@ class CoreRunner:
             raise
         self.read_program_stats()       # the old programs' last counts become the base
         health = self.store.health
-        self.stats_base = {p["probe"]: (health.program_missed.get(p["probe"], 0), health.program_runs.get(p["probe"], 0),
-                                        health.program_run_ns.get(p["probe"], 0)) for p in self.active}
+        self.stats_base = {p.probe: (health.program_missed.get(p.probe, 0), health.program_runs.get(p.probe, 0),
+                                        health.program_run_ns.get(p.probe, 0)) for p in self.active}
         old, self.obj = self.obj, obj
         for link in reversed(list(self.links.values()) + [link for _, link in self.retired]):
             _destroy(link)
@@ -643,12 +642,12 @@ class CoreRunner:
                 self.thread.join(5)
             self.ring.consume()
             self.ring.close()
-            self.ring = L.RingBuffer(obj.map(self.core["ringbuf"]["map"]), self.on_record)
+            self.ring = L.RingBuffer(obj.map(self.core.ringbuf.map), self.on_record)
             self.events_stop.clear()
             self.thread = threading.Thread(target=self.drain_events, name="probec-events", daemon=True)
             self.thread.start()
         if self.stacks is not None:
-            self.stacks.map = obj.map(self.core["stack_map"])
+            self.stacks.map = obj.map(self.core.stack_map)
         old.close()
 
     # -- events --------------------------------------------------------------------------------
@@ -668,23 +667,25 @@ class CoreRunner:
         except (KeyError, struct.error):
             health.decode_errors += 1
             return
-        _event, cpu, ts, pid, tid = values[:5]
-        record = {"event": decoder.meta["name"], "ts_ns": ts, "pid": pid, "tid": tid, "cpu": cpu}
+        header = dict(zip(EVENT_HEADER_NAMES, values))
+        pid = header["pid"]
+        record = {"event": decoder.meta.name, "ts_ns": header["ts"], "pid": pid, "tid": header["tid"],
+                  "cpu": header["cpu"]}
         for f, at in decoder.fields:
             raw = values[at]
-            kind = f["kind"]
+            kind = f.kind
             if kind.endswith("stack"):
                 try:
-                    record[f["name"]] = self.stacks.frames(raw, pid, kind == "kernelstack") if self.stacks else []
+                    record[f.name] = self.stacks.frames(raw, pid, kind == "kernelstack") if self.stacks else []
                 except Exception:
                     health.decode_errors += 1
-                    record[f["name"]] = []
+                    record[f.name] = []
             elif kind == "str":
-                record[f["name"]] = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+                record[f.name] = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
             elif self.sink is not None:
                 record[self.sink.field_name(f)] = self.sink.value(f, raw)
             else:
-                record[f["name"]] = raw
+                record[f.name] = raw
         if self.sink is not None:
             self.sink.write(record)
 

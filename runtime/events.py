@@ -10,15 +10,17 @@ import struct
 import sys
 import threading
 
+from .manifest import EventField, Label, Manifest
 
-def rendered(value, spec: dict):
+
+def rendered(value, spec: Label | EventField):
     """A value as people read it: IPv4 addresses (kept as numbers in network order) as dotted
     quads, enumerations (the part of a `parts:` histogram, an `active(...)` span) as their
     names; anything else as it is. Shared by labels and event fields."""
-    if spec.get("render") == "ipv4" and isinstance(value, int):
+    if spec.render == "ipv4" and isinstance(value, int):
         return socket.inet_ntoa(struct.pack("<I", value & 0xFFFFFFFF))
-    if spec.get("render") == "enum" and isinstance(value, int):
-        names = spec.get("names") or []
+    if spec.render == "enum" and isinstance(value, int):
+        names = spec.names
         return names[value] if 0 <= value < len(names) else value
     return value
 
@@ -34,7 +36,7 @@ class EventSink:
 
     FLUSH_BYTES = 1 << 16
 
-    def __init__(self, path: str, manifest: dict, health=None, log=None):
+    def __init__(self, path: str, manifest: Manifest, health=None, log=None):
         self.path = path
         self.health = health
         self.log = log or (lambda message: None)
@@ -47,18 +49,18 @@ class EventSink:
         st = os.fstat(self.fd)
         self.regular = stat.S_ISREG(st.st_mode)      # only a file can be cut back to a whole line
         self.end = st.st_size if self.regular else 0
-        self.events = {e["index"]: e for e in manifest["events"]}
+        self.events = {e.index: e for e in manifest.events}
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.written = 0
         self.dropped = 0
         self.failing: str | None = None              # why the last write failed, while it does
 
-    def field_name(self, spec: dict) -> str:
-        return f"{spec['name']}_seconds" if spec.get("unit") == "time" else spec["name"]
+    def field_name(self, spec: EventField) -> str:
+        return f"{spec.name}_seconds" if spec.unit == "time" else spec.name
 
-    def value(self, spec: dict, raw):
-        if spec.get("unit") == "time" and isinstance(raw, int):
+    def value(self, spec: EventField, raw):
+        if spec.unit == "time" and isinstance(raw, int):
             return raw / 1e9
         return rendered(raw, spec)
 

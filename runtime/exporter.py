@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from .events import rendered
+from .manifest import Label, MetricInfo
 from .store import HistogramSeries, MetricStore, quantile, quantile_labels
 
 QUANTILES = (0.5, 0.95, 0.99)
@@ -23,7 +24,7 @@ def format_edge(value: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
-def label_text(value, spec: dict) -> str:
+def label_text(value, spec: Label) -> str:
     """A label value as text (addresses and enumerations rendered, see events.rendered)."""
     return str(rendered(value, spec))
 
@@ -38,38 +39,38 @@ class StoreCollector:
         snap = self.store.snapshot()
         for name, state in snap.items():
             meta = state.meta
-            labels = [lab["name"] for lab in meta["labels"]]
-            scale = meta["scale"]
-            if meta["kind"] == "histogram":
-                edges = [e * scale for e in meta["edges"]]
-                fam = HistogramMetricFamily(name, meta["help"], labels=labels)
+            labels = [lab.name for lab in meta.labels]
+            scale = meta.scale
+            if meta.histogram:
+                edges = [e * scale for e in meta.edges]
+                fam = HistogramMetricFamily(name, meta.help, labels=labels)
                 for key, series in sorted(state.series.items(), key=lambda kv: str(kv[0])):
                     assert isinstance(series, HistogramSeries)
                     cumulative, out = 0, []
                     for edge, count in zip(edges + [float("inf")], series.buckets):
                         cumulative += count
                         out.append((format_edge(edge) if edge != float("inf") else "+Inf", cumulative))
-                    fam.add_metric([label_text(k, s) for k, s in zip(key, meta["labels"])], out, series.sum * scale)
+                    fam.add_metric([label_text(k, s) for k, s in zip(key, meta.labels)], out, series.sum * scale)
                 yield fam
                 yield self.window(name, meta, edges)
             else:
                 base = name[:-6] if name.endswith("_total") else name
-                fam = CounterMetricFamily(base, meta["help"], labels=labels)
+                fam = CounterMetricFamily(base, meta.help, labels=labels)
                 for key, value in sorted(state.series.items(), key=lambda kv: str(kv[0])):
-                    fam.add_metric([label_text(k, s) for k, s in zip(key, meta["labels"])],
+                    fam.add_metric([label_text(k, s) for k, s in zip(key, meta.labels)],
                                    value * scale if scale != 1 else value)
                 yield fam
         yield from self.health(snap)
 
-    def window(self, name: str, meta: dict, edges: list[float]) -> Metric:
+    def window(self, name: str, meta: MetricInfo, edges: list[float]) -> Metric:
         """The histogram's quantiles over the last `--window` seconds, as a summary family
         NAME_window{quantile=...}: Prometheus reserves the `quantile` label for summaries. It
         carries quantiles only; the counts and sums are the histogram's own."""
         by = quantile_labels(meta)
-        fam = Metric(f"{name}_window", f"{meta['help']} (quantiles over the last {self.store.window_s:g}s, "
+        fam = Metric(f"{name}_window", f"{meta.help} (quantiles over the last {self.store.window_s:g}s, "
                      "interpolated within buckets)", "summary")
         for group, window in sorted(self.store.window_buckets(name).items(), key=lambda kv: str(kv[0])):
-            labels = {lab["name"]: label_text(v, lab) for v, (_, lab) in zip(group, by)}
+            labels = {lab.name: label_text(v, lab) for v, (_, lab) in zip(group, by)}
             for q in QUANTILES:
                 v = quantile(q, edges, window)
                 if v is not None:
@@ -122,7 +123,7 @@ class StoreCollector:
                           "before them: the end of an earlier stretch was never delivered (a lost event), "
                           "so this one would cover time outside it.", "span", h.span_outside)
         yield counter("probec_series_dropped", "Label sets folded into __overflow__ by the series limit.",
-                      "metric", {n: s.dropped_series for n, s in snap.items() if s.meta["labels"]})
+                      "metric", {n: s.dropped_series for n, s in snap.items() if s.meta.labels})
         yield gauge("probec_map_entries", "Entries in each BPF map at the last read.", "map", h.map_entries)
         yield gauge("probec_map_capacity", "Capacity (max_entries) of each BPF map.", "map", h.map_capacity)
         yield gauge("probec_probe_attached", "1 for each probe attached.", "probe", h.attached)

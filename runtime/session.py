@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .events import EventSink
 from .exporter import Exporter, format_edge, label_text
-from .manifest import BundleError, load_bundle
+from .manifest import BundleError, MetricInfo, load_bundle
 from .store import MetricStore, quantile, quantile_labels
 from .watch import BinaryWatch, ProcessTarget, TargetError
 
@@ -57,11 +57,11 @@ def show(store: MetricStore, stream=sys.stderr) -> None:
     lines = []
     for name, state in store.snapshot().items():
         meta = state.meta
-        if meta["kind"] != "histogram":
+        if not meta.histogram:
             total = sum(int(v) for v in state.series.values())
             lines.append(f"{name}: {total}")
             continue
-        edges = [e * meta["scale"] for e in meta["edges"]]
+        edges = [e * meta.scale for e in meta.edges]
         by = quantile_labels(meta)
         windows = store.window_buckets(name) or {(): None}
         for group, window in sorted(windows.items(), key=lambda kv: str(kv[0])):
@@ -70,20 +70,20 @@ def show(store: MetricStore, stream=sys.stderr) -> None:
     stream.flush()
 
 
-def _show_histogram(lines: list[str], name: str, group: tuple, by: list, window, edges: list, meta: dict,
+def _show_histogram(lines: list[str], name: str, group: tuple, by: list, window, edges: list, meta: MetricInfo,
                     window_s: float) -> None:
     qs = []
     for q in (0.5, 0.95, 0.99):
         v = quantile(q, edges, window) if window else None
-        qs.append(f"p{int(q * 100)}={_human(v, meta['unit'])}")
-    which = ",".join(f"{lab['name']}={label_text(v, lab)}" for v, (_, lab) in zip(group, by))
+        qs.append(f"p{int(q * 100)}={_human(v, meta.unit)}")
+    which = ",".join(f"{lab.name}={label_text(v, lab)}" for v, (_, lab) in zip(group, by))
     lines.append(f"{name}{'{' + which + '}' if which else ''}  ({window_s:g}s window)  " + "  ".join(qs))
     if window and sum(window):
         peak = max(window)
         for i, count in enumerate(window):
             if count == 0:
                 continue
-            le = _human(edges[i], meta["unit"]) if i < len(edges) else "+Inf"
+            le = _human(edges[i], meta.unit) if i < len(edges) else "+Inf"
             bar = "#" * max(1, int(40 * count / peak))
             lines.append(f"  le {le:>9} {count:>9} {bar}")
 
@@ -112,10 +112,10 @@ def known_errors() -> tuple:
 
 
 def binary_watch(bundle, store: MetricStore) -> BinaryWatch:
-    paths = sorted({p["binary"] for p in bundle.manifest["probes"] if p["kind"] in UPROBE_KINDS and p["binary"]})
-    for p in bundle.manifest["probes"]:
-        if p["kind"] in UPROBE_KINDS and p["binary"]:
-            store.health.probe_reattached[p["id"]] = 0
+    paths = sorted({p.binary for p in bundle.manifest.probes if p.kind in UPROBE_KINDS and p.binary})
+    for p in bundle.manifest.probes:
+        if p.kind in UPROBE_KINDS and p.binary:
+            store.health.probe_reattached[p.id] = 0
     for path in paths:
         store.health.binary_rewritten[path] = 0
     return BinaryWatch(paths)
@@ -210,7 +210,7 @@ def run_target(args) -> int:
     failed_reattach: dict = {}
     failed_retarget: dict = {}
     try:
-        sink = EventSink(args.events, bundle.manifest, store.health, log) if bundle.manifest["events"] else None
+        sink = EventSink(args.events, bundle.manifest, store.health, log) if bundle.manifest.events else None
     except OSError as exc:
         log(f"error: cannot write events to {args.events}: {exc.strerror or exc}")
         return 1

@@ -10,6 +10,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .manifest import Label, Manifest, MetricInfo
+
 OVERFLOW = "__overflow__"
 MERGE_S = 0.25      # history points closer than this are one read
 
@@ -26,7 +28,7 @@ class HistogramSeries:
 
 @dataclass
 class MetricState:
-    meta: dict
+    meta: MetricInfo
     series: dict[tuple, object] = field(default_factory=dict)   # labels -> int | HistogramSeries
     dropped_series: int = 0
     kept: set = field(default_factory=set)        # the label sets within limits.series, once in, kept
@@ -64,10 +66,10 @@ class Health:
 
 
 class MetricStore:
-    def __init__(self, manifest: dict, window_s: float = 60.0, log=None):
+    def __init__(self, manifest: Manifest, window_s: float = 60.0, log=None):
         self.lock = threading.Lock()
         self.log = log
-        self.metrics = {m["name"]: MetricState(m) for m in manifest["metrics"]}
+        self.metrics = {m.name: MetricState(m) for m in manifest.metrics}
         self.health = Health()
         self.window_s = window_s
         # Starts with an empty baseline, so a window shorter than the run so far covers everything.
@@ -82,9 +84,9 @@ class MetricStore:
         `overflow` series and the number of label sets it `folded`.
         """
         state = self.metrics[name]
-        limit = state.meta["series_limit"]
-        if state.meta["labels"]:
-            overflow_key = tuple(OVERFLOW for _ in state.meta["labels"])
+        limit = state.meta.series_limit
+        if state.meta.labels:
+            overflow_key = tuple(OVERFLOW for _ in state.meta.labels)
             kept = state.kept
             series = dict(series)
             rest = [series.pop(overflow_key)] if overflow_key in series else []   # carried over a restart
@@ -118,7 +120,7 @@ class MetricStore:
         totals = {}
         with self.lock:
             for name, state in self.metrics.items():
-                if state.meta["kind"] == "histogram" and state.series:
+                if state.meta.histogram and state.series:
                     groups: dict[tuple, list] = {}
                     by = quantile_labels(state.meta)
                     for key, series in state.series.items():
@@ -145,10 +147,10 @@ class MetricStore:
         return out
 
 
-def quantile_labels(meta: dict) -> list[tuple[int, dict]]:
+def quantile_labels(meta: MetricInfo) -> list[tuple[int, Label]]:
     """The labels window quantiles are kept apart by: (index, label) of each enumeration label.
     Quantiles merged over the parts of a request would mean nothing; over threads or hosts they do."""
-    return [(i, lab) for i, lab in enumerate(meta["labels"]) if lab.get("render") == "enum"]
+    return [(i, lab) for i, lab in enumerate(meta.labels) if lab.render == "enum"]
 
 
 def _weight(value) -> int:

@@ -10,6 +10,8 @@ import os
 import stat
 from typing import NamedTuple
 
+from .manifest import ProbeInfo
+
 
 class FileIdentity(NamedTuple):
     dev: int
@@ -72,19 +74,19 @@ class BinaryWatch:
         self.seen[path] = self.pending.pop(path, None) or file_identity(path)
 
 
-def missing_in(path: str, probes: list[dict]) -> list[str]:
+def missing_in(path: str, probes: list[ProbeInfo]) -> list[str]:
     """The addresses of these probes (manifest entries) whose function or USDT note the file at
     `path` lacks: bpftrace leaves such a uprobe out without a word, so look first."""
     from . import elf
     try:
         binary = elf.open_elf(path)
         notes = {(u.provider, u.name) for u in binary.usdt_probes()} if any(
-            p["kind"] == "usdt" for p in probes) else set()
-        return [p["address"] for p in probes
-                if (p["kind"] == "usdt" and (p["provider"], p["name"]) not in notes)
-                or (p["kind"] != "usdt" and not binary.find_function(p["symbol"]))]
+            p.kind == "usdt" for p in probes) else set()
+        return [p.address for p in probes
+                if (p.kind == "usdt" and (p.provider, p.name) not in notes)
+                or (p.kind != "usdt" and not binary.find_function(p.symbol))]
     except elf.ElfError as exc:
-        return [f"{p['address']} ({exc})" for p in probes]
+        return [f"{p.address} ({exc})" for p in probes]
 
 
 def inodes_mapped(inodes: set[tuple[int, int]]) -> set[tuple[int, int]]:

@@ -236,7 +236,7 @@ def test_check_means_core_builds(case: Case, tmp_path: Path, workloads, clang):
     assert_exposition_parses(bundle.manifest)
 
 
-def assert_exposition_parses(manifest: dict) -> None:
+def assert_exposition_parses(manifest) -> None:
     """The runtime's exposition of every metric (one series each) parses as Prometheus reads it:
     no family or sample name twice, no label Prometheus keeps for itself. promtool, where it is
     installed, parses it too (its lint warnings are naming advice, not a rejected scrape)."""
@@ -246,12 +246,12 @@ def assert_exposition_parses(manifest: dict) -> None:
     from probec.runtime.exporter import Exporter
     from probec.runtime.store import HistogramSeries, MetricStore
     store = MetricStore(manifest)
-    for m in manifest["metrics"]:
-        key = tuple("x" if lab["type"] == "str" else 0 for lab in m["labels"])
-        value = HistogramSeries([1] * (len(m["edges"]) + 1), 5) if m["kind"] == "histogram" else 3
-        store.replace(m["name"], {key: value})
+    for m in manifest.metrics:
+        key = tuple("x" if lab.type == "str" else 0 for lab in m.labels)
+        value = HistogramSeries([1] * (len(m.edges) + 1), 5) if m.kind == "histogram" else 3
+        store.replace(m.name, {key: value})
     store.remember()
-    exporter = Exporter(store, manifest["name"], "core")
+    exporter = Exporter(store, manifest.name, "core")
     text = exporter.text()
     families = list(text_string_to_metric_families(text))
     # OpenMetrics, which Prometheus asks for first, forbids what the older text format lets pass

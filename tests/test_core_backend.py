@@ -9,6 +9,7 @@ serialise with every other kernel user through the lock the caller takes:
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import json
 import os
@@ -910,18 +911,21 @@ def test_tracepoint_offsets_are_checked_against_this_kernel():
     from probec.runtime.core_runner import check_tracepoint_fields, tracefs_root
     if tracefs_root() is None:
         pytest.skip("tracefs is not mounted")
-    good = {"probe": "p", "tracepoint": "syscalls:sys_exit_write", "field": "ret", "offset": 16, "size": 8}
+    from probec.runtime.manifest import TracepointCheck
+    good = TracepointCheck(probe="p", tracepoint="syscalls:sys_exit_write", field="ret", offset=16, size=8)
     check_tracepoint_fields([good])
     with pytest.raises(BundleError, match="offset 16 size 8 on this kernel, but the bundle reads offset 24"):
-        check_tracepoint_fields([dict(good, offset=24)])
+        check_tracepoint_fields([dataclasses.replace(good, offset=24)])
     with pytest.raises(BundleError, match="does not exist on this kernel"):
-        check_tracepoint_fields([dict(good, tracepoint="syscalls:sys_exit_nosuch")])
+        check_tracepoint_fields([dataclasses.replace(good, tracepoint="syscalls:sys_exit_nosuch")])
 
 
 def test_uprobes_past_endbr64_are_refused_when_the_binary_changed(workloads):
     from probec.runtime.core_runner import check_uprobe_placement
-    probe = {"kind": "uretprobe", "offset": 4, "symbol": "pwork_record", "address": "uretprobe:lib:pwork_record",
-             "binary": str(WORKLOADS / "libpwork_cet.so")}
+    from probec.runtime.manifest import ProbeInfo
+    probe = ProbeInfo(id="p", kind="uretprobe", category="", name="pwork_record", offset=4, symbol="pwork_record",
+                      address="uretprobe:lib:pwork_record", binary=str(WORKLOADS / "libpwork_cet.so"), provider="",
+                      rate=0, group="", variant=0)
     check_uprobe_placement([probe])                    # still starts with endbr64: fine
     with pytest.raises(BundleError, match="no longer starts with endbr64"):
-        check_uprobe_placement([dict(probe, binary=str(WORKLOADS / "libpwork.so"))])
+        check_uprobe_placement([dataclasses.replace(probe, binary=str(WORKLOADS / "libpwork.so"))])

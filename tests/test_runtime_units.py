@@ -2,20 +2,44 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from probec.runtime.bpftrace_runner import MapDecoder
 from probec.runtime.exporter import Exporter
+from probec.runtime.manifest import MANIFEST_VERSION, Manifest
 from probec.runtime.store import OVERFLOW, HistogramSeries, MetricStore, quantile
 
 HIST = {"name": "lat_seconds", "kind": "histogram", "help": "h", "unit": "seconds", "scale": 1e-9,
-        "labels": [{"name": "comm", "type": "str"}], "edges": [1000, 2000, 4000], "sum_slot": 4,
-        "map": "m_lat_seconds", "series_limit": 2}
+        "labels": [{"name": "comm", "type": "str", "render": "", "names": []}], "edges": [1000, 2000, 4000],
+        "sum_slot": 4, "map": "m_lat_seconds", "series_limit": 2, "overflow_map": None, "folded_map": None}
 COUNTER = {"name": "calls_total", "kind": "counter", "help": "c", "unit": "", "scale": 1.0,
-           "labels": [{"name": "comm", "type": "str"}, {"name": "pid", "type": "int"}], "edges": [],
-           "sum_slot": None, "map": "m_calls_total", "series_limit": 10}
-MANIFEST = {"name": "t", "metrics": [HIST, COUNTER], "events": []}
+           "labels": [{"name": "comm", "type": "str", "render": "", "names": []},
+                      {"name": "pid", "type": "int", "render": "", "names": []}], "edges": [],
+           "sum_slot": None, "map": "m_calls_total", "series_limit": 10, "overflow_map": None, "folded_map": None}
+
+
+def bpftrace_section(metrics, **settings) -> dict:
+    """The bpftrace section the backend writes for these metrics (its maps as the script names them)."""
+    maps = [{"map": "@" + m["map"], "metric": m["name"], "role": "main"} for m in metrics]
+    maps += [{"map": "@" + m["map"] + "_sum", "metric": m["name"], "role": "sum"}
+             for m in metrics if m["kind"] == "histogram"]
+    return {"version": "0.17", "interval_ms": 1000, "map_keys_max": 8192, "metric_maps": maps, "epoch_maps": [],
+            "counters": [], "ready_map": "@__probec_ready", "separator": "\x1f", "event_mark": "E",
+            "ready_mark": "probec: all probes attached", "dump_mark": "", "probes": [], **settings}
+
+
+def manifest(metrics, **top) -> Manifest:
+    """A bpftrace bundle's manifest with these metrics and nothing else unless `top` says."""
+    return Manifest.from_dict({"probec_manifest": MANIFEST_VERSION, "name": "t", "spec": "t.yaml", "description": "",
+                               "backend": "bpftrace", "files": {"script": "t.bt"}, "maps": [], "spans": [],
+                               "metrics": metrics, "events": [], "probes": [], "groups": {}, "core": None,
+                               "bpftrace": bpftrace_section(metrics), **top})
+
+
+MANIFEST = manifest([HIST, COUNTER])
 
 
 def test_quantile_interpolates_like_histogram_quantile():
@@ -70,12 +94,13 @@ def test_exposition_uses_le_edges_in_seconds():
 
 PARTS = {"name": "parts_seconds", "kind": "histogram", "help": "p", "unit": "seconds", "scale": 1e-9,
          "labels": [{"name": "part", "type": "int", "render": "enum", "names": ["send", "offcpu"]},
-                    {"name": "thread", "type": "str", "render": ""}],
-         "edges": [1000, 2000, 4000], "sum_slot": 4, "map": "m_parts_seconds", "series_limit": 10}
+                    {"name": "thread", "type": "str", "render": "", "names": []}],
+         "edges": [1000, 2000, 4000], "sum_slot": 4, "map": "m_parts_seconds", "series_limit": 10,
+         "overflow_map": None, "folded_map": None}
 
 
 def test_parts_export_their_names_and_keep_quantiles_apart():
-    store = MetricStore({"name": "t", "metrics": [PARTS], "events": []})
+    store = MetricStore(manifest([PARTS]))
     store.replace("parts_seconds", {(0, "w0"): HistogramSeries([10, 0, 0, 0], 5000),
                                     (0, "w1"): HistogramSeries([10, 0, 0, 0], 5000),
                                     (1, "w0"): HistogramSeries([0, 0, 20, 0], 60000)})
@@ -95,11 +120,19 @@ def test_bpftrace_health_counts_carry_over_a_restart(tmp_path):
     from probec.runtime.bpftrace_runner import BpftraceRunner
     from probec.runtime.manifest import Bundle
     (tmp_path / "t.bt").write_text("")
-    manifest = {**MANIFEST, "backend": "bpftrace", "files": {"script": "t.bt"},
-                "events": [{"name": "slow", "index": 0, "fields": []}],
-                "spans": [{"name": "offcpu", "checked_at_end": True}, {"name": "req", "checked_at_end": False}]}
-    store = MetricStore(manifest)
-    runner = BpftraceRunner(Bundle(tmp_path, manifest), store, None, log=lambda *_: None)
+    counters = [{"map": "@__ev_slow_seen", "kind": "event_seen", "name": "slow"},
+                {"map": "@__ev_slow_limited", "kind": "event_rate_limited", "name": "slow"},
+                {"map": "@__span_offcpu_outside", "kind": "span_outside", "name": "offcpu"}]
+    typed = manifest([HIST, COUNTER], events=[
+        {"name": "slow", "index": 0, "fields": [], "sample_every": 1, "max_per_second": 0,
+         "record": {"name": "event_slow", "size": 24, "format": "<IIQII4x", "fields": []}}],
+        spans=[{"name": "offcpu", "map": "span_offcpu_begin", "capacity": 2, "checked_at_end": True,
+                "task_storage": False},
+               {"name": "req", "map": "span_req_begin", "capacity": 2, "checked_at_end": False,
+                "task_storage": False}],
+        bpftrace=bpftrace_section([HIST, COUNTER], counters=counters))
+    store = MetricStore(typed)
+    runner = BpftraceRunner(Bundle(tmp_path, typed), store, None, log=lambda *_: None)
     assert store.health.span_outside == {"offcpu": 0}          # exported from the start, as 0
     runner.handle({"type": "map", "data": {"@__ev_slow_seen": 5, "@__span_offcpu_outside": 2}})
     runner.carry_over()
@@ -113,10 +146,9 @@ def test_bpftrace_dump_cut_by_a_kill_is_not_applied(tmp_path):
     from probec.runtime.bpftrace_runner import BpftraceRunner
     from probec.runtime.manifest import Bundle
     (tmp_path / "t.bt").write_text("")
-    manifest = {**MANIFEST, "backend": "bpftrace", "files": {"script": "t.bt"}, "spans": [],
-                "bpftrace": {"dump_mark": "probec: dump end"}}
-    store = MetricStore(manifest)
-    runner = BpftraceRunner(Bundle(tmp_path, manifest), store, None, log=lambda *_: None)
+    typed = manifest([HIST, COUNTER], bpftrace=bpftrace_section([HIST, COUNTER], dump_mark="probec: dump end"))
+    store = MetricStore(typed)
+    runner = BpftraceRunner(Bundle(tmp_path, typed), store, None, log=lambda *_: None)
     mark = {"type": "printf", "data": "probec: dump end\n"}
     runner.handle({"type": "map", "data": {"@m_calls_total": {"a,1": 5}}})
     assert store.snapshot()["calls_total"].series == {}          # not before its mark
@@ -142,10 +174,10 @@ def test_bpftrace_epochs_add_up_to_one_instant(tmp_path):
     from probec.runtime.manifest import Bundle
     (tmp_path / "t.bt").write_text("")
     maps = ["@m_calls_total", "@m_lat_seconds", "@m_lat_seconds_sum"]
-    manifest = {**MANIFEST, "backend": "bpftrace", "files": {"script": "t.bt"}, "spans": [],
-                "bpftrace": {"dump_mark": "probec: dump end", "epoch_maps": maps}}
-    store = MetricStore(manifest)
-    runner = BpftraceRunner(Bundle(tmp_path, manifest), store, None, log=lambda *_: None)
+    typed = manifest([HIST, COUNTER], bpftrace=bpftrace_section([HIST, COUNTER], dump_mark="probec: dump end",
+                                                                 epoch_maps=maps))
+    store = MetricStore(typed)
+    runner = BpftraceRunner(Bundle(tmp_path, typed), store, None, log=lambda *_: None)
 
     def dump(frozen, calls, lat, lat_sum):
         runner.handle({"type": "map", "data": {"@m_calls_total": calls}})
@@ -172,7 +204,7 @@ def test_series_cap_keeps_the_first_label_sets_seen():
     said = []
     store.log = said.append
     state = store.metrics["calls_total"]
-    state.meta = dict(state.meta, series_limit=2)
+    state.meta = dataclasses.replace(state.meta, series_limit=2)
     store.replace("calls_total", {("a", 1): 1, ("b", 1): 2})
     store.replace("calls_total", {("a", 1): 1, ("b", 1): 2, ("c", 1): 50, ("d", 1): 1}, overflow=7, folded=3)
     snap = store.snapshot()["calls_total"]
@@ -195,7 +227,7 @@ def test_window_quantiles_are_a_summary_that_promtool_accepts():
     import subprocess
     if shutil.which("promtool") is None:
         pytest.skip("promtool is not installed (Debian package prometheus)")
-    store = MetricStore({"name": "t", "metrics": [PARTS, COUNTER], "events": []})
+    store = MetricStore(manifest([PARTS, COUNTER]))
     store.replace("parts_seconds", {(0, "w0"): HistogramSeries([10, 0, 0, 0], 5000)})
     store.replace("calls_total", {("a", 1): 3})
     store.remember()

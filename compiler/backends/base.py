@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -11,6 +10,7 @@ import jinja2
 
 from .. import escaping
 from ..diagnostics import Diagnostics, SourceSpan
+from ...runtime.manifest import Manifest
 from ..ir.nodes import Program
 from .manifest import manifest_for
 
@@ -21,7 +21,7 @@ class Bundle:
     name: str
     backend: str
     files: dict[str, bytes] = field(default_factory=dict)
-    manifest: dict = field(default_factory=dict)
+    manifest: Manifest | None = None
 
     def write(self, directory: str | Path) -> list[Path]:
         out = Path(directory)
@@ -34,7 +34,7 @@ class Bundle:
                 path.chmod(0o755)
             written.append(path)
         path = out / "manifest.json"
-        path.write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
+        path.write_text(self.manifest.to_json())
         written.append(path)
         return written
 
@@ -63,8 +63,8 @@ class Backend:
     def build(self, program: Program) -> Bundle:
         raise NotImplementedError
 
-    def base_manifest(self, program: Program, **extra) -> dict:
-        return manifest_for(program, self.name, **extra)
+    def base_manifest(self, program: Program, files: dict[str, str], **sections) -> Manifest:
+        return manifest_for(program, self.name, files, **sections)
 
     @staticmethod
     def generated_names(kind: str, name: str, histogram: bool = False) -> tuple[str, ...]:

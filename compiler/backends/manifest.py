@@ -1,71 +1,83 @@
 """The bundle manifest: everything the runtime needs to read maps and export metrics.
 
 It is written from the same IR layouts that generate the C structs and bpftrace keys, so the
-runtime never guesses a size or an offset.
+runtime never guesses a size or an offset. The contract itself (its types and version) lives in
+the runtime's leaf module `runtime/manifest.py`; this module fills it from the IR.
 """
 
 from __future__ import annotations
 
+from ...runtime import manifest as contract
 from ..ir.nodes import Layout, MapSpec, Program
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = contract.MANIFEST_VERSION
 
 
-def layout_dict(layout: Layout | None) -> dict | None:
+def layout_info(layout: Layout | None) -> contract.Layout | None:
     if layout is None:
         return None
-    return {"name": layout.name, "size": layout.size, "format": layout.pyformat,
-            "fields": [{"name": f.name, "ctype": f.ctype, "length": f.length, "size": f.size,
-                        "offset": f.offset, "label": f.label} for f in layout.fields]}
+    return contract.Layout(layout.name, layout.size, layout.pyformat,
+                           tuple(contract.LayoutField(f.name, f.ctype, f.length, f.size, f.offset, f.label)
+                                 for f in layout.fields))
 
 
-def map_dict(m: MapSpec) -> dict:
-    return {"name": m.name, "type": m.type, "max_entries": m.max_entries, "purpose": m.purpose,
-            "key": layout_dict(m.key), "value": layout_dict(m.value)}
+def map_info(m: MapSpec, task_maps: frozenset[str] = frozenset()) -> contract.MapInfo:
+    if m.name in task_maps:    # core: one slot per thread, sized by the threads
+        return contract.MapInfo(m.name, "TASK_STORAGE", 0, contract.MapPurpose(m.purpose),
+                                layout_info(m.key), layout_info(m.value))
+    return contract.MapInfo(m.name, m.type, m.max_entries, contract.MapPurpose(m.purpose),
+                            layout_info(m.key), layout_info(m.value))
 
 
-def rendering(t) -> dict:
+def rendering(t) -> tuple[str, tuple[str, ...]]:
     """How the runtime shows a value of type `t`: as an address, by name, or as it is."""
     if t is None or not t.render:
-        return {}
-    return {"render": t.render, **({"names": list(t.names)} if t.render == "enum" else {})}
+        return "", ()
+    return t.render, tuple(t.names) if t.render == "enum" else ()
 
 
-def manifest_for(program: Program, backend: str, **extra) -> dict:
+def event_field_kind(f) -> str:
+    return f.stack + "stack" if f.stack else ("str" if f.is_string else "int")
+
+
+def manifest_for(program: Program, backend: str, files: dict[str, str], *,
+                 core: contract.CoreSection | None = None, bpftrace: contract.BpftraceSection | None = None,
+                 task_maps: frozenset[str] = frozenset()) -> contract.Manifest:
     checked = set(program.checked_at_end())
-    manifest = {
-        "probec_manifest": MANIFEST_VERSION,
-        "name": program.name,
-        "spec": program.source,
-        "description": program.description,
-        "backend": backend,
-        "maps": [map_dict(m) for m in program.maps],
-        "spans": [{"name": s.name, "map": s.begin_map.name, "capacity": s.begin_map.max_entries,
-                   "checked_at_end": s.name in checked}
-                  for s in program.spans],
-        "metrics": [{
-            "name": m.name, "kind": m.kind, "help": m.help, "unit": m.unit, "scale": m.scale,
-            "labels": [{"name": lab.name, "type": lab.expr.type.kind, "render": lab.expr.type.render,
-                        **rendering(lab.expr.type)} for lab in m.labels],
-            "edges": list(m.edges), "sum_slot": m.sum_slot if m.kind == "histogram" else None,
-            "map": m.map.name, "series_limit": m.series_limit,
-            "overflow_map": m.overflow_map.name if m.overflow_map else None,
-            "folded_map": m.folded_map.name if m.folded_map else None,
-        } for m in program.metrics],
-        "events": [{
-            "name": e.name, "index": e.index, "sample_every": e.sample_every,
-            "max_per_second": e.max_per_second, "record": layout_dict(e.record),
-            "fields": [{"name": f.name, "kind": f.stack + "stack" if f.stack else
-                        ("str" if f.is_string else "int"),
-                        "unit": (f.expr.type.dimension if f.expr is not None else "none"),
-                        **rendering(f.expr.type if f.expr is not None else None)} for f in e.fields],
-        } for e in program.events],
-        "probes": [{
-            "id": p.id, "kind": p.kind, "category": p.category, "name": p.name, "binary": p.binary,
-            "symbol": p.symbol, "offset": p.offset, "provider": p.provider, "rate": p.rate,
-            "group": p.group, "variant": p.variant, "address": p.spec_text,
-        } for p in program.probes],
-        "groups": {name: list(variants) for name, variants in program.variant_groups},
-    }
-    manifest.update(extra)
-    return manifest
+    return contract.Manifest(
+        probec_manifest=MANIFEST_VERSION,
+        name=program.name,
+        spec=program.source,
+        description=program.description,
+        backend=backend,
+        files=dict(files),
+        maps=tuple(map_info(m, task_maps) for m in program.maps),
+        spans=tuple(contract.SpanInfo(s.name, s.begin_map.name, s.begin_map.max_entries, s.name in checked,
+                                      s.begin_map.name in task_maps)
+                    for s in program.spans),
+        metrics=tuple(contract.MetricInfo(
+            name=m.name, kind=contract.MetricKind(m.kind), help=m.help, unit=m.unit, scale=m.scale,
+            labels=tuple(contract.Label(lab.name, lab.expr.type.kind, *rendering(lab.expr.type))
+                         for lab in m.labels),
+            edges=tuple(m.edges), sum_slot=m.sum_slot if m.kind == "histogram" else None,
+            map=m.map.name, series_limit=m.series_limit,
+            overflow_map=m.overflow_map.name if m.overflow_map else None,
+            folded_map=m.folded_map.name if m.folded_map else None,
+        ) for m in program.metrics),
+        events=tuple(contract.EventInfo(
+            name=e.name, index=e.index, sample_every=e.sample_every, max_per_second=e.max_per_second,
+            record=layout_info(e.record),
+            fields=tuple(contract.EventField(f.name, event_field_kind(f),
+                                             f.expr.type.dimension if f.expr is not None else "none",
+                                             *rendering(f.expr.type if f.expr is not None else None))
+                         for f in e.fields),
+        ) for e in program.events),
+        probes=tuple(contract.ProbeInfo(
+            id=p.id, kind=p.kind, category=p.category, name=p.name, binary=p.binary, symbol=p.symbol,
+            offset=p.offset, provider=p.provider, rate=p.rate, group=p.group, variant=p.variant,
+            address=p.spec_text,
+        ) for p in program.probes),
+        groups={name: tuple(variants) for name, variants in program.variant_groups},
+        core=core,
+        bpftrace=bpftrace,
+    )

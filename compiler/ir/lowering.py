@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 
+from ...runtime.manifest import EVENT_HEADER
 from ..diagnostics import Diagnostics, did_you_mean, shown
 from ..escaping import bpftrace_address_part, visible
 from ..expr import ast
@@ -623,8 +624,7 @@ class Lowering:
             else:
                 t = f.expr.type
                 members.append((f.name, t if t.kind == "str" else ValueType("int", signed=t.signed), ""))
-        header = [("event", "__u32", 4, "I"), ("cpu", "__u32", 4, "I"), ("ts", "__u64", 8, "Q"),
-                  ("pid", "__u32", 4, "I"), ("tid", "__u32", 4, "I")]
+        header = [(f.name, f.ctype, f.size, f.code) for f in EVENT_HEADER]
         record = struct_layout(f"event_{ev.name}", members, header=header)
         for build, in_span, emit in emits:
             if in_span:

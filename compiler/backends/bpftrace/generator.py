@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from ....runtime import manifest as contract
 from ...diagnostics import Diagnostics, SourceSpan
 from ...escaping import bpftrace_address_part, bpftrace_string, visible
 from ...ir import nodes as ir
@@ -16,6 +17,7 @@ DUMP_MARK = "probec: dump end"     # printed after the last map of each periodic
 # Metric maps carry an epoch (0 or 1) as their first key, which each dump flips before printing: the
 # epoch it leaves takes no more updates, so every map printed is read at the same instant, the flip.
 EPOCH = "@__probec_epoch"
+READY_MAP = "@__probec_ready"      # set once, by the probe written last: every probe is attached
 
 
 class ExpressionEmitter:
@@ -262,17 +264,25 @@ class BpftraceBackend(Backend):
             probes_text.append(self.render("probe.bt.j2", address=address,
                                            actions=["  " + line if line else line for line in lines]))
             used_probes.append(p)
-        printed = []
+        # The maps the runtime reads, named here once: the script prints them and the manifest
+        # tells the runtime what each one holds.
+        metric_maps = []
         for m in program.metrics:
-            printed.append(self.map_name(m.map.name))
+            metric_maps.append(contract.BpftraceMetricMap(self.map_name(m.map.name), m.name, contract.MetricMapRole.MAIN))
             if m.kind == "histogram":
-                printed.append(self.map_name(m.map.name + "_sum"))
+                metric_maps.append(contract.BpftraceMetricMap(self.map_name(m.map.name + "_sum"), m.name,
+                                                              contract.MetricMapRole.SUM))
+        printed = [mm.map for mm in metric_maps]
         epoch_maps = list(printed)
         cleared = [self.map_name(m.name) for m in program.maps if m.purpose in ("span_begin", "accumulator")]
         cleared.append(EPOCH)
         printed += [outside_counter(span) for span in program.checked_at_end()]
+        counters = [contract.BpftraceCounter(outside_counter(span), contract.HealthSlot.SPAN_OUTSIDE, span)
+                    for span in program.checked_at_end()]
         for e in program.events:
             maps = event_maps(e.name)
+            counters += [contract.BpftraceCounter(maps["seen"], contract.HealthSlot.EVENT_SEEN, e.name),
+                         contract.BpftraceCounter(maps["limited"], contract.HealthSlot.EVENT_RATE_LIMITED, e.name)]
             printed.append(maps["seen"])
             if e.sample_every > 1:
                 cleared.append(maps["tick"])
@@ -283,16 +293,16 @@ class BpftraceBackend(Backend):
             source=program.source, version=f"{self.version[0]}.{self.version[1]}", name=program.name,
             probes=[("\n".join(t)).rstrip() for t in probes_text], interval_ms=self.interval_ms,
             printed_maps=printed, cleared_maps=cleared, ready_mark=READY_MARK,
-            dump_mark=DUMP_MARK, epoch=EPOCH).split("\n"))
+            dump_mark=DUMP_MARK, epoch=EPOCH, ready_map=READY_MAP).split("\n"))
         script_name = f"{program.name}.bt"
         keys_max = max([m.max_entries for m in program.maps if m.type not in ("RINGBUF", "STACK_TRACE")] + [4096])
-        manifest = self.base_manifest(program, files={"script": script_name}, bpftrace={
-            "version": f"{self.version[0]}.{self.version[1]}", "interval_ms": self.interval_ms,
-            "map_keys_max": 2 * keys_max, "epoch_maps": epoch_maps,     # two epochs of each label set
-            "separator": "\x1f", "event_mark": EVENT_MARK, "ready_mark": READY_MARK,
-            "dump_mark": DUMP_MARK,
-            "probes": [p.id for p in used_probes],
-        })
+        manifest = self.base_manifest(program, {"script": script_name}, bpftrace=contract.BpftraceSection(
+            version=f"{self.version[0]}.{self.version[1]}", interval_ms=self.interval_ms,
+            map_keys_max=2 * keys_max,      # two epochs of each label set
+            metric_maps=tuple(metric_maps), epoch_maps=tuple(epoch_maps), counters=tuple(counters),
+            ready_map=READY_MAP, separator="\x1f", event_mark=EVENT_MARK, ready_mark=READY_MARK,
+            dump_mark=DUMP_MARK, probes=tuple(p.id for p in used_probes),
+        ))
         return Bundle(program.name, self.name, {script_name: script.encode()}, manifest)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 
+from ....runtime import manifest as contract
 from ...diagnostics import Diagnostics, SourceSpan
 from ...spec.limits import STACK_BUDGET
 from ...ir import nodes as ir
@@ -22,7 +23,10 @@ U64_MAX = (1 << 64) - 1
 MAX_BUCKET_STEPS = 10                  # probec.bpf.h: PROBEC_MAX_BUCKET_STEPS
 STACK_DEPTH = 127                      # PERF_MAX_STACK_DEPTH: u64 slots per stack-map entry
 COMM_LEN = 16
-HEADER_FIELDS = ("event", "cpu", "ts", "pid", "tid")
+HEADER_FIELDS = contract.EVENT_HEADER_NAMES
+# What emit_event.j2 stores in each header field of an event record (contract.EVENT_HEADER).
+HEADER_C = {"event": "{index}", "cpu": "bpf_get_smp_processor_id()", "ts": "probec_now",
+            "pid": "probec_id >> 32", "tid": "(__u32)probec_id"}
 
 # kind -> (SEC() name pattern, type of ctx)
 SECTIONS = {
@@ -442,7 +446,9 @@ class CoreBackend(Backend):
         ringbuf = next(mp.name for mp in program.maps if mp.type == "RINGBUF")
         return self.lines(
             "emit_event.j2", condition=self.guard(a.guard, em, program, extra=a.when),
-            name=ev.name, index=ev.index, struct=self.struct_name(ev.record), ringbuf=ringbuf,
+            name=ev.name, struct=self.struct_name(ev.record), ringbuf=ringbuf,
+            header_lines=[f"probec_e->{f.name} = {HEADER_C[f.name].format(index=ev.index)};"
+                          for f in contract.EVENT_HEADER],
             seen_slot=self.health.add("event_seen", ev.name),
             limited_slot=self.health.add("event_rate_limited", ev.name),
             lost_slot=self.health.add("events_lost"), field_lines=field_lines)
@@ -584,24 +590,20 @@ class CoreBackend(Backend):
             if obj is not None:
                 files[object_name] = obj
                 file_roles["object"] = object_name
-        manifest = self.base_manifest(program, files=file_roles, core={
-            "object": file_roles.get("object"),
-            "programs": programs_meta,
-            "settings": [{k: s[k] for k in ("name", "size", "value")} for s in settings],
-            "health_map": {"name": "probec_health", "slots": len(self.health.slots)},
-            "health": self.health.slots,
-            "tracepoint_fields": tp_checks,
-            "ringbuf": {"map": ringbuf.name, "bytes": ringbuf.max_entries, "wakeup_bytes": wakeup} if ringbuf else None,
-            "stack_map": next((mp.name for mp in program.maps if mp.type == "STACK_TRACE"), None),
-            "stack_depth": STACK_DEPTH,
-            "value_signed": signed_metrics(program),
-        })
-        task_maps = {s.begin_map.name for s in program.spans if s.name in self.task_spans}
-        for m in manifest["maps"]:
-            if m["name"] in task_maps:
-                m["type"], m["max_entries"] = "TASK_STORAGE", 0
-        for s in manifest["spans"]:
-            s["task_storage"] = s["map"] in task_maps
+        task_maps = frozenset(s.begin_map.name for s in program.spans if s.name in self.task_spans)
+        manifest = self.base_manifest(program, file_roles, task_maps=task_maps, core=contract.CoreSection(
+            object=file_roles.get("object"),
+            programs=tuple(contract.CoreProgram(**p) for p in programs_meta),
+            settings=tuple(contract.CoreSetting(s["name"], s["size"], s["value"]) for s in settings),
+            health_map=contract.HealthMap("probec_health", len(self.health.slots)),
+            health=tuple(contract.HealthSlotInfo(s["slot"], contract.HealthSlot(s["kind"]), s["name"])
+                         for s in self.health.slots),
+            tracepoint_fields=tuple(contract.TracepointCheck(**c) for c in tp_checks),
+            ringbuf=contract.RingBufferInfo(ringbuf.name, ringbuf.max_entries, wakeup) if ringbuf else None,
+            stack_map=next((mp.name for mp in program.maps if mp.type == "STACK_TRACE"), None),
+            stack_depth=STACK_DEPTH,
+            value_signed=signed_metrics(program),
+        ))
         return Bundle(name, self.name, files, manifest)
 
     def compile_object(self, files: dict[str, bytes], source_name: str, object_name: str) -> bytes | None:
