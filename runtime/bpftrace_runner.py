@@ -202,7 +202,8 @@ class BpftraceRunner:
         self.events_by_index = {e.index: e for e in self.manifest.events}
         # bpftrace's own counts: map name -> (the Health dict it feeds, its key there)
         health = store.health
-        targets = {HealthSlot.EVENT_SEEN: health.events_emitted, HealthSlot.EVENT_RATE_LIMITED: health.events_rate_limited,
+        targets = {HealthSlot.EVENT_SEEN: health.events_emitted,
+                   HealthSlot.EVENT_RATE_LIMITED: health.events_rate_limited,
                    HealthSlot.SPAN_OUTSIDE: health.span_outside}
         self.counters: dict[str, tuple[dict[str, int], str]] = {}
         self.counter_base: dict[str, int] = {}   # health counts of earlier bpftrace processes

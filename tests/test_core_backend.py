@@ -908,7 +908,7 @@ def test_runner_refuses_a_bundle_without_its_object(tmp_path, workloads):
 
 
 def test_tracepoint_offsets_are_checked_against_this_kernel():
-    from probec.runtime.core_runner import check_tracepoint_fields, tracefs_root
+    from probec.runtime.core_preflight import check_tracepoint_fields, tracefs_root
     if tracefs_root() is None:
         pytest.skip("tracefs is not mounted")
     from probec.runtime.manifest import TracepointCheck
@@ -921,7 +921,7 @@ def test_tracepoint_offsets_are_checked_against_this_kernel():
 
 
 def test_uprobes_past_endbr64_are_refused_when_the_binary_changed(workloads):
-    from probec.runtime.core_runner import check_uprobe_placement
+    from probec.runtime.core_preflight import check_uprobe_placement
     from probec.runtime.manifest import ProbeInfo
     probe = ProbeInfo(id="p", kind="uretprobe", category="", name="pwork_record", offset=4, symbol="pwork_record",
                       address="uretprobe:lib:pwork_record", binary=str(WORKLOADS / "libpwork_cet.so"), provider="",

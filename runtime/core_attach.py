@@ -1,0 +1,245 @@
+"""Attaching a core bundle's programs: the first working variant of every group, every probe or
+none, again on a binary replaced on disk, and the whole object again for another process."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import re
+from pathlib import Path
+
+from .core_preflight import check_uprobe_placement
+from .manifest import BundleError, CoreProgram, Manifest, ProbeInfo
+
+_PROG_IN_LOG = re.compile(r"prog '([^']+)'")
+
+
+def _libbpf():
+    from . import libbpf
+    return libbpf
+
+
+# --- what this kernel can do (for messages) ------------------------------------------------------
+def kernel_alternatives() -> str:
+    from .features import kprobes_available, probe_fentry
+    works = ["tracepoints (tracepoint:, syscall:)", "uprobes", "USDT"]
+    if kprobes_available():
+        works.append("kprobes")
+    if probe_fentry():
+        works.append("fentry/fexit")
+    return "what attaches on this kernel: " + ", ".join(works)
+
+
+def attach_hint(kind: str, err: int | None) -> str:
+    from .features import kprobes_available
+    if kind in ("kprobe", "kretprobe") and not kprobes_available():
+        why = "this kernel has no kprobes (CONFIG_KPROBES off)"
+    elif kind in ("fentry", "fexit"):
+        why = "this kernel refuses BPF function tracing (fentry/fexit)" if err == errno.EPERM else \
+            "the kernel function may be missing or not traceable"
+    elif kind in ("uprobe", "uretprobe", "usdt") and err == errno.ENOENT:
+        why = "the binary, symbol or USDT note is not where the bundle says: rebuild the bundle against " \
+              "this host's binary"
+    elif kind == "tracepoint" and err == errno.ENOENT:
+        why = "this kernel has no such tracepoint (or tracefs is not mounted)"
+    elif err == errno.EPERM or err == errno.EACCES:
+        why = "not permitted: run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)"
+    else:
+        why = "the kernel refused it"
+    return f"{why}; {kernel_alternatives()}"
+
+
+class ProbeAttacher:
+    """Loads a core bundle's object and attaches its programs, as its manifest says."""
+
+    def __init__(self, manifest: Manifest, log=print, pid: int = -1):
+        self.manifest = manifest
+        self.core = manifest.core
+        self.probes = {p.id: p for p in manifest.probes}
+        self.log = log
+        self.pid = pid
+
+    def settings(self) -> list[tuple[str, bytes]]:
+        out = []
+        for s in self.core.settings:
+            value = s.value
+            if s.name == "probec_target_pid" and self.pid > 0:
+                value = self.pid
+            out.append((s.name, int(value).to_bytes(s.size, "little")))
+        return out
+
+    def groups(self) -> dict[str, list[int]]:
+        out: dict[str, set[int]] = {}
+        for p in self.probes.values():
+            if p.group:
+                out.setdefault(p.group, set()).add(p.variant)
+        return {g: sorted(v) for g, v in out.items()}
+
+    def load_and_attach(self, path: Path):
+        """Load with the first working variant of every group and attach all probes, or nothing.
+
+        A variant is skipped when one of its programs fails to load or attach; any other failure
+        detaches what was attached and raises a BpfError naming the probe, why, and what works.
+        """
+        L = _libbpf()
+        groups = self.groups()
+        chosen = {g: vs[0] for g, vs in groups.items()}
+        tried: dict[str, list[str]] = collections.defaultdict(list)
+        programs = self.core.programs
+
+        def label(group: str, variant: int) -> str:
+            labels = self.manifest.groups.get(group, ())
+            return labels[variant] if variant < len(labels) else f"variant {variant}"
+
+        def skip(group: str, probe: ProbeInfo, stage: str, exc) -> None:
+            tried[group].append(f"{label(group, chosen[group])} ({stage} of {probe.address or probe.id}: "
+                                f"{_short(exc)})")
+            rest = [v for v in groups[group] if v > chosen[group]]
+            if not rest:
+                raise L.BpfError(
+                    f"no variant of {group} works on this kernel (tried {'; '.join(tried[group])})",
+                    getattr(exc, "errno", None), [],
+                    f"{attach_hint(probe.kind, getattr(exc, 'errno', None))}; add a 'fallback' to the span")
+            chosen[group] = rest[0]
+
+        while True:
+            active = [p for p in programs
+                      if not self.probes[p.probe].group
+                      or chosen[self.probes[p.probe].group] == self.probes[p.probe].variant]
+            obj = L.BpfObject.open(path)
+            links: dict[str, object] = {}
+            try:
+                names = {p.program for p in active}
+                for p in programs:
+                    obj.set_autoload(p.program, p.program in names)
+                for name, value in self.settings():
+                    try:
+                        obj.set_rodata(name, value)
+                    except (KeyError, ValueError) as exc:
+                        raise BundleError(f"{path.name} does not match its manifest ({exc}); rebuild the bundle") from None
+                try:
+                    obj.load()
+                except L.BpfError as exc:
+                    blamed = next((n for n in _PROG_IN_LOG.findall("\n".join(exc.log)) if n in names), None)
+                    probe = next((self.probes[p.probe] for p in active if p.program == blamed), None)
+                    if probe is not None and probe.group:
+                        skip(probe.group, probe, "load", exc)
+                        obj.close()
+                        continue
+                    where = f"probe '{probe.address or probe.id}' (program {blamed})" if probe else path.name
+                    raise L.BpfError(f"{where} failed to load; nothing is attached", exc.errno, _useful(exc.log),
+                                     attach_hint(probe.kind, exc.errno) if probe else exc.hint) from None
+                retry = False
+                for p in active:
+                    probe = self.probes[p.probe]
+                    try:
+                        links[probe.id] = self.attach(obj, p.program, probe)
+                    except L.BpfError as exc:
+                        for link in reversed(list(links.values())):
+                            _destroy(link)
+                        links = {}
+                        if probe.group:
+                            skip(probe.group, probe, "attach", exc)
+                            retry = True
+                            break
+                        raise L.BpfError(
+                            f"probe '{probe.address or probe.id}' (program {p.program}) failed to attach; "
+                            "nothing is left attached", exc.errno, _useful(exc.log),
+                            attach_hint(probe.kind, exc.errno)) from None
+                if retry:
+                    obj.close()
+                    continue
+                for group, variant in sorted(chosen.items()):
+                    if variant != groups[group][0]:
+                        self.log(f"{group}: using {label(group, variant)} on this kernel "
+                                 f"(not {'; '.join(tried[group])})")
+                return obj, links, active
+            except BaseException:
+                for link in links.values():
+                    _destroy(link)
+                obj.close()
+                raise
+
+    def attach(self, obj, program: str, probe: ProbeInfo):
+        prog = obj.program(program)
+        kind = probe.kind
+        if kind == "tracepoint":
+            return prog.attach_tracepoint(probe.category, probe.name)
+        if kind in ("uprobe", "uretprobe"):
+            return prog.attach_uprobe(probe.binary, probe.symbol, probe.offset,
+                                      retprobe=kind == "uretprobe", pid=self.pid)
+        if kind == "usdt":
+            return prog.attach_usdt(probe.binary, probe.provider, probe.name, pid=self.pid)
+        if kind in ("kprobe", "kretprobe"):
+            return prog.attach_kprobe(probe.name, retprobe=kind == "kretprobe")
+        if kind in ("fentry", "fexit"):
+            return prog.attach()
+        if kind == "profile":
+            return prog.attach_cpu_clock(probe.rate)
+        if kind == "interval":
+            return prog.attach_interval(probe.rate)
+        raise BundleError(f"manifest names a probe kind this runtime cannot attach: {kind}")
+
+    def attach_to_new_file(self, obj, active: list[CoreProgram], path: str) -> dict[str, object]:
+        """Links of the probes of `active` that sit in the binary at `path`, attached to the file
+        now there; nothing stays attached when one fails."""
+        mine = [(p, self.probes[p.probe]) for p in active
+                if self.probes[p.probe].binary == path
+                and self.probes[p.probe].kind in ("uprobe", "uretprobe", "usdt")]
+        new: dict[str, object] = {}
+        try:
+            check_uprobe_placement([probe for _, probe in mine])
+            for p, probe in mine:
+                new[probe.id] = self.attach(obj, p.program, probe)
+        except BaseException:
+            for link in new.values():
+                _destroy(link)
+            raise
+        return new
+
+    def probes_in(self, active: list[CoreProgram], path: str) -> list[str]:
+        return [p.probe for p in active if self.probes[p.probe].binary == path
+                and self.probes[p.probe].kind in ("uprobe", "uretprobe", "usdt")]
+
+    def reload(self, path: Path, old_obj, active: list[CoreProgram]):
+        """The object loaded again with this attacher's settings, reusing every map of `old_obj`
+        (the counts go on where they were), and `active`'s programs attached: (obj, links)."""
+        L = _libbpf()
+        obj = L.BpfObject.open(path)
+        links: dict[str, object] = {}
+        try:
+            names = {p.program for p in active}
+            for p in self.core.programs:
+                obj.set_autoload(p.program, p.program in names)
+            for name, value in self.settings():
+                obj.set_rodata(name, value)
+            for name, bmap in obj.maps.items():
+                if ".rodata" not in name and ".kconfig" not in name:
+                    bmap.reuse_fd(old_obj.map(name))
+            obj.load()
+            for p in active:
+                probe = self.probes[p.probe]
+                links[probe.id] = self.attach(obj, p.program, probe)
+        except BaseException:
+            for link in links.values():
+                _destroy(link)
+            obj.close()
+            raise
+        return obj, links
+
+
+def _destroy(link) -> None:
+    try:
+        link.destroy()
+    except Exception:
+        pass
+
+
+def _useful(log: list[str]) -> list[str]:
+    """libbpf's log without its 'raise ulimit -l' advice, which is wrong on cgroup-charged kernels."""
+    return [line for line in log if "ulimit -l" not in line]
+
+
+def _short(exc) -> str:
+    name = getattr(exc, "errno_name", None)
+    return name or str(exc).split("\n", 1)[0]
