@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="validate specs without loading anything (no root needed)")
     c.add_argument("specs", nargs="+", metavar="SPEC")
-    c.add_argument("--format", choices=("text", "json"), default="text")
+    c.add_argument("--format", choices=("text", "json", "github", "sarif"), default="text",
+                   help="json: a list of diagnostics; github: GitHub Actions annotations; sarif: SARIF 2.1.0")
     c.add_argument("--kernel", choices=("host", "any"), default="host",
                    help="host: probe mechanisms must exist on this kernel (default); any: do not check them")
     c.add_argument("--no-host", action="store_true",
@@ -63,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> int:
-    from .compiler.diagnostics import render_json, render_text, Severity
+    from . import __version__
+    from .compiler.diagnostics import Severity, render_github, render_json, render_sarif, render_text
     from .compiler.driver import check_file
     from .compiler.ir.host import HostFactsError, HostInfo, RecordedHost
     if args.target and args.no_host:
@@ -90,7 +92,11 @@ def _check(args) -> int:
         everything.extend(diags)
     if args.format == "json":
         print(render_json(everything))
-    else:
+    elif args.format == "github":
+        sys.stdout.write(render_github(everything))
+    elif args.format == "sarif":
+        print(render_sarif(everything, __version__))
+    if args.format in ("text", "github"):
         print(f"{len(args.specs)} spec(s) checked: {errors} error(s), {warnings} warning(s)", file=sys.stderr)
     return EXIT_ERRORS if errors else EXIT_OK
 

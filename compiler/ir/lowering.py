@@ -86,6 +86,8 @@ class Lowering:
             return None
         if "${" in path:
             from ..spec.loader import ENV_REFERENCE, SAFE_PATH
+            if not self.host.enabled:
+                return path     # the variable is a fact of the machine that builds: not checked here
             unset = [v for v in ENV_REFERENCE.findall(path) if v not in os.environ]
             if unset:
                 report = self.d.warning if optional else self.d.error
@@ -302,8 +304,8 @@ class Lowering:
         """Whether every backend can write a resolved path or ELF symbol: what check accepts, every
         backend builds, and bpftrace 0.17 cannot name some of them in a probe address (the core
         backend passes any path to libbpf). Each one is reported once."""
-        if bpftrace_address_part(text) is not None:
-            return True
+        if not self.host.enabled or bpftrace_address_part(text) is not None:
+            return True         # without the host, nothing was resolved: the spelling was checked at load
         if text not in self.unnameable:
             self.unnameable.add(text)
             self.d.error("E503", f"{addr.text}: the {what} is '{visible(text)}', which the bpftrace backend "

@@ -160,6 +160,9 @@ class TypeChecker:
         left, right = self.check(e.left, ctx), self.check(e.right, ctx)
         if left is None or right is None:
             return None
+        # A tracepoint field whose layout was not read (check --no-host) takes the type it is
+        # compared with: a string field compared with a string is no error of the spec.
+        left, right = (_as_string_if_unread(left, right.type), _as_string_if_unread(right, left.type))
         lt, rt = left.type, right.type
         if lt.kind == "str" or rt.kind == "str":
             if lt.kind != rt.kind:
@@ -341,3 +344,12 @@ class TypeChecker:
         self.d.error("E220", f"unknown name '{dotted}' in {ctx.description}", e.span,
                      did_you_mean(dotted, ctx.names()) or "known here: " + ", ".join(ctx.names()[:12]))
         return None
+
+
+UNREAD_FIELD_STRING = ValueType("str", length=256)   # longer than any char[] a tracepoint has
+
+
+def _as_string_if_unread(e: IRExpr, other: ValueType) -> IRExpr:
+    if isinstance(e, TracepointField) and e.offset < 0 and other.kind == "str":
+        return TracepointField(e.name, e.offset, e.size, UNREAD_FIELD_STRING)
+    return e
