@@ -187,3 +187,27 @@ def test_bpftrace_events_decode_like_the_core_ones(bpftrace, core):
     assert [e["event"] for e in events] == ["rec_record"] * 10 + ["rec_sleep"] * 5
     core_events = core[3]
     assert [set(e) for e in events] == [set(e) for e in core_events]
+
+
+def test_bpftrace_ipv4_event_fields_keep_the_text_bpftrace_printed(tmp_path, workloads):
+    """bpftrace prints an IPv4 event field with ntop() as text ("%s"; "%llu" does not compile):
+    the runner keeps it, as the core runner renders its number, a dotted quad."""
+    from probec.runtime.bpftrace_runner import BpftraceRunner
+    spec = ROOT / "tests" / "golden" / "specs" / "golden_kernel.yaml"
+    result = probec("build", "--target", str(FACTS), "--bpftrace-version", "0.17", "-o", str(tmp_path / "bundle"),
+                    str(spec.relative_to(ROOT)))
+    assert result.returncode == 0, result.stderr
+    bundle = load_bundle(tmp_path / "bundle")
+    assert '"E\\0370\\037%llu\\037%d\\037%d\\037%d\\037%s\\037%s\\037' in (tmp_path / "bundle" / "golden_kernel.bt").read_text()
+    store = MetricStore(bundle.manifest)
+    sink = EventSink(str(tmp_path / "events.jsonl"), bundle.manifest, store.health)
+    runner = BpftraceRunner(bundle, store, sink, log=lambda message: None)
+    line = "\x1f".join(["E", "0", "123", "7", "8", "1", "10.0.0.1", "192.168.1.20", "40000", "80", "1",
+                        "\n        tcp_retransmit_skb+0\n        tcp_retransmit_timer+1\n"]) + "\n"
+    runner.handle({"type": "printf", "data": line})
+    sink.close()
+    assert store.health.decode_errors == 0
+    [event] = events_written(tmp_path / "events.jsonl")
+    assert event == {"event": "retransmit", "ts_ns": 123, "pid": 7, "tid": 8, "cpu": 1, "args_saddr": "10.0.0.1",
+                     "args_daddr": "192.168.1.20", "args_sport": 40000, "args_dport": 80, "args_state": 1,
+                     "kstack": ["tcp_retransmit_skb+0", "tcp_retransmit_timer+1"]}
