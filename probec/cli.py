@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", choices=("bpftrace", "core"), default="bpftrace")
     b.add_argument("-o", "--output", metavar="DIR", help="bundle folder (default: ./NAME.BACKEND)")
     b.add_argument("--kernel", choices=("host", "any"), default="host")
+    b.add_argument("--target", metavar="FACTS",
+                   help="build for another machine's kernel, recorded there with 'probec doctor --format json "
+                        "> FACTS': tracepoint field offsets and mechanisms come from the record (binaries are "
+                        "still read here)")
     b.add_argument("--bpftrace-version", metavar="X.Y", help="bpftrace release to write for (default: installed)")
     b.add_argument("--interval", type=float, default=1.0, help="seconds between bpftrace map dumps (default 1)")
     b.add_argument("--no-compile", action="store_true", help="core: write C only, do not run clang")
@@ -104,7 +108,13 @@ def _check(args) -> int:
 def _build(args) -> int:
     from .compiler.diagnostics import render_text
     from .compiler.driver import build_bundle, check_file
-    result = check_file(args.spec, kernel=args.kernel)
+    from .compiler.ir.host import HostFactsError, RecordedHost
+    try:
+        host = RecordedHost.from_file(args.target) if args.target else None
+    except HostFactsError as exc:
+        print(f"probec: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    result = check_file(args.spec, host, kernel=args.kernel)
     if result.program is None:
         sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
         return EXIT_ERRORS

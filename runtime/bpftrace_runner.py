@@ -395,7 +395,7 @@ class BpftraceRunner:
             for f, raw in zip(spec["fields"], values):
                 if f["kind"].endswith("stack"):
                     record[f["name"]] = [frame.strip() for frame in raw.strip("\n").split("\n") if frame.strip()]
-                elif f["kind"] == "str":
+                elif f["kind"] == "str" or f.get("render") == "ipv4":   # bpftrace printed ntop() as text
                     record[f["name"]] = raw
                 else:
                     v = int(raw)

@@ -404,8 +404,7 @@ class Lowering:
     def key_expr(self, expr: ast.Expr | None, ctx: ProbeContext, what: str):
         if expr is None:
             return Context("tid", INT)
-        ir = self.types.value(expr, ctx, what)
-        return ir
+        return self.types.value(expr, ctx, what, allow_address=True)
 
     def within(self, ref: WithinRef | None, owner: str, ctx: ProbeContext) -> tuple[Within, ...]:
         """The `within` guard where `ctx` runs: the outer span, and its key computed here."""
@@ -462,7 +461,7 @@ class Lowering:
             ctx = self.context_for(build, in_span, m.on.span_name if in_span else "", end_key)
             these = []
             for lab in m.labels:
-                ir = self.types.value(lab.expr, ctx, f"label '{lab.name}'", allow_string=True)
+                ir = self.types.value(lab.expr, ctx, f"label '{lab.name}'", allow_string=True, allow_address=True)
                 if ir is not None:
                     these.append(Label(lab.name, ir))
             if len(these) < len(m.labels):
@@ -606,7 +605,7 @@ class Lowering:
                     these.append(EventField(f.name, None, f.stack))
                     self.needs_stacks = True
                     continue
-                ir = self.types.value(f.expr, ctx, f"field '{f.name}'", allow_string=True)
+                ir = self.types.value(f.expr, ctx, f"field '{f.name}'", allow_string=True, allow_address=True)
                 if ir is None:
                     return None
                 these.append(EventField(f.name, ir, "", ir.type.kind == "str"))
