@@ -197,7 +197,9 @@ def test_link_destroy_stops_counting_and_is_idempotent(build):
         assert link.destroyed and obj.links == []
         getpid_calls(100)
         assert percpu_sum(obj.map("calls_percpu").lookup(ZERO)) == 100
-        link.destroy()  # second destroy is a no-op
+        link.destroy()  # second destroy is a no-op: nothing freed twice, nothing counting again
+        getpid_calls(100)
+        assert link.destroyed and obj.links == [] and percpu_sum(obj.map("calls_percpu").lookup(ZERO)) == 100
 
 
 def test_object_close_destroys_links_first(build):
@@ -205,7 +207,8 @@ def test_object_close_destroys_links_first(build):
     links = [obj.program("count_getpid").attach(), obj.program("count_raw_sys_enter").attach()]
     obj.close()
     assert all(link.destroyed for link in links)
-    obj.close()
+    obj.close()     # a second close is a no-op: libbpf frees nothing twice
+    assert all(link.destroyed for link in links) and obj.links == []
 
 
 def test_batch_lookup_equals_per_key_lookup(build):
