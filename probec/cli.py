@@ -129,7 +129,7 @@ def _run(args) -> int:
 
 
 def _doctor(args) -> int:
-    from .runtime.features import doctor_report, host_facts
+    from .host.features import doctor_report, host_facts
     if args.format == "json":
         import json
         print(json.dumps(host_facts(), sort_keys=True, separators=(",", ":")))

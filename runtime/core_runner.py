@@ -23,7 +23,7 @@ from pathlib import Path
 from .events import EventSink
 from .manifest import Bundle, BundleError
 from .store import HistogramSeries, MetricStore
-from .tracefs import read_format, tracefs_root
+from ..host.tracefs import read_format, tracefs_root
 from .watch import FileIdentity, inodes_mapped
 
 MASK64 = (1 << 64) - 1
@@ -51,7 +51,7 @@ def _percpu_total(values) -> int:
 
 # --- what this kernel can do (for messages) ------------------------------------------------------
 def kernel_alternatives() -> str:
-    from .features import kprobes_available, probe_fentry
+    from ..host.features import kprobes_available, probe_fentry
     works = ["tracepoints (tracepoint:, syscall:)", "uprobes", "USDT"]
     if kprobes_available():
         works.append("kprobes")
@@ -61,7 +61,7 @@ def kernel_alternatives() -> str:
 
 
 def attach_hint(kind: str, err: int | None) -> str:
-    from .features import kprobes_available
+    from ..host.features import kprobes_available
     if kind in ("kprobe", "kretprobe") and not kprobes_available():
         why = "this kernel has no kprobes (CONFIG_KPROBES off)"
     elif kind in ("fentry", "fexit"):
@@ -115,7 +115,7 @@ def check_uprobe_placement(probes) -> None:
     """A uprobe 4 bytes into a function was placed past its endbr64 at build time. If the binary
     changed and the function no longer starts with endbr64, +4 may be the middle of an
     instruction: refuse rather than corrupt the traced process."""
-    from . import elf
+    from ..host import elf
     for p in probes:
         if p["kind"] not in ("uprobe", "uretprobe") or p["offset"] != 4:
             continue

@@ -105,7 +105,7 @@ class Lowering:
             path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(self.spec.file)), path))
         if not self.host.enabled:
             return path
-        from ...runtime import elf
+        from ...host import elf
         try:
             return elf.resolve_binary(path)
         except elf.ElfError as exc:
@@ -137,7 +137,7 @@ class Lowering:
             return None
         if not self.host.enabled:
             return addr.name, addr.offset or 0
-        from ...runtime import elf
+        from ...host import elf
         try:
             ef = self.host.binary(path)
             found = elf.find_function(path, addr.name)
@@ -175,7 +175,7 @@ class Lowering:
     def usdt_args(self, addr: ProbeAddress, path: str) -> int | None:
         if not self.host.enabled:
             return None
-        from ...runtime import elf
+        from ...host import elf
         try:
             probes = elf.usdt_probes(path)
         except elf.ElfError as exc:
