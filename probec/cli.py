@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .runtime.options import add_run_arguments
@@ -123,7 +124,32 @@ def _build(args) -> int:
     return EXIT_OK
 
 
+def _build_from_spec(spec: str, backend: str, interval: float) -> str | None:
+    """Convenience for prototyping: `probec run spec.yaml` builds into a temporary bundle first.
+    This is the only path on which `run` touches the compiler; the runtime takes the bundle."""
+    import tempfile
+    from .compiler.diagnostics import render_text
+    from .compiler.driver import build_bundle, check_file
+    result = check_file(spec)
+    if result.program is None:
+        sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
+        return None
+    options = {"interval_ms": max(1, int(interval * 1000))} if backend == "bpftrace" else {}
+    bundle = build_bundle(result, backend, **options)
+    sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
+    if bundle is None:
+        return None
+    out = tempfile.mkdtemp(prefix=f"probec-{result.program.name}-")
+    bundle.write(out)
+    return out
+
+
 def _run(args) -> int:
+    if os.path.isfile(args.target) and os.path.splitext(args.target)[1] in (".yaml", ".yml"):
+        built = _build_from_spec(args.target, args.backend or "bpftrace", args.interval)
+        if built is None:
+            return EXIT_ERRORS
+        args.target = built
     from .runtime.session import run_target
     return run_target(args)
 

@@ -9,7 +9,6 @@ It never imports the compiler, clang or bpftool.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import errno
 import logging
@@ -743,16 +742,3 @@ def _stats_enabled() -> bool:
             return f.read().strip() == "1"
     except OSError:
         return False
-
-
-# --- python DIR/loader.py ------------------------------------------------------------------------
-def loader_main(bundle_dir: str, argv: list[str]) -> int:
-    from .options import add_run_arguments
-    """What a bundle's loader.py runs: `probec run` for this bundle, without the compiler."""
-    p = argparse.ArgumentParser(prog="loader.py", description=f"Run the probec bundle in {bundle_dir}.")
-    add_run_arguments(p)
-    args = p.parse_args(argv)
-    args.target = bundle_dir
-    args.backend = "core"
-    from .session import run_target
-    return run_target(args)
