@@ -199,14 +199,14 @@ def build_bundle(spec: Path, backend: str, placement: str = "auto", compile: boo
 
 
 def _bundle_cache(spec: Path, backend: str, placement: str, compile: bool) -> Path:
-    """Where a build of these exact inputs lives: the spec, every compiler and template source,
+    """Where a build of these exact inputs lives: the spec, every compiler, host-facts and template source,
     the kernel and the workload binaries. Any change to the generator gives a new folder."""
     import hashlib
     h = hashlib.sha256()
     h.update(f"{backend}|{placement}|{compile}|{platform.release()}|{spec.resolve()}".encode())
     h.update(spec.read_bytes())
     for base, pattern in ((ROOT / "compiler", "**/*.py"), (ROOT / "compiler", "**/*.lark"),
-                          (ROOT / "templates", "**/*")):
+                          (ROOT / "host", "**/*.py"), (ROOT / "templates", "**/*")):
         for f in sorted(base.glob(pattern)):
             if f.is_file() and "__pycache__" not in f.parts:
                 h.update(str(f.relative_to(ROOT)).encode())
