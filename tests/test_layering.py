@@ -225,14 +225,18 @@ def test_loader_help_runs_without_the_compiler(tmp_path, workloads):
     assert "refused" not in r.stderr
 
 
-@pytest.mark.kernel
-def test_loader_attaches_and_counts_without_the_compiler(tmp_path, workloads):
+def _core_kernel() -> None:
     require_kernel(need_clang=True)
     if shutil.which("bpftool") is None and not os.environ.get("PROBEC_VMLINUX_H"):
         reason = "bpftool is not installed (needed once to generate vmlinux.h)"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+@pytest.mark.kernel
+def test_loader_attaches_and_counts_without_the_compiler(tmp_path, workloads):
+    _core_kernel()
     bundle = _build_core(tmp_path, compile=True)
     assert json.loads((bundle / "manifest.json").read_text())["backend"] == "core"
     snapshot = tmp_path / "snapshot.txt"
@@ -271,3 +275,15 @@ def test_loader_attaches_and_counts_without_the_compiler(tmp_path, workloads):
     metrics = parse_metrics(snapshot.read_text())
     assert metrics["layering_records_total"][frozenset()] == 3
     assert metrics["layering_ticks_total"][frozenset()] == 4
+
+
+@pytest.mark.kernel
+def test_probec_run_of_a_spec_builds_then_runs(tmp_path, workloads):
+    # the one path of `run` that needs the compiler builds in probec/cli.py, then hands the bundle over
+    _core_kernel()
+    spec = tmp_path / "layering_loader.yaml"
+    spec.write_text(LOADER_SPEC.replace("@W@", str(WORKLOADS)))
+    r = subprocess.run([sys.executable, "-m", "probec", "run", str(spec), "--backend", "core", "--duration", "1",
+                        "--port", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "attached (core)" in r.stderr, r.stderr
