@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 
+from ...host import elf
 from ..diagnostics import Diagnostics, did_you_mean, shown
 from ..escaping import bpftrace_address_part, visible
 from ..expr import ast
@@ -105,7 +106,6 @@ class Lowering:
             path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(self.spec.file)), path))
         if not self.host.enabled:
             return path
-        from ...host import elf
         try:
             return elf.resolve_binary(path)
         except elf.ElfError as exc:
@@ -137,7 +137,6 @@ class Lowering:
             return None
         if not self.host.enabled:
             return addr.name, addr.offset or 0
-        from ...host import elf
         try:
             ef = self.host.binary(path)
             found = elf.find_function(path, addr.name)
@@ -175,7 +174,6 @@ class Lowering:
     def usdt_args(self, addr: ProbeAddress, path: str) -> int | None:
         if not self.host.enabled:
             return None
-        from ...host import elf
         try:
             probes = elf.usdt_probes(path)
         except elf.ElfError as exc:

@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
-from .demangling import (_ABBREVIATED_STD, _IDENTIFIER, _display_name, _is_lookup_name, _last_identifier, _match_keys,
-                       _split_parameters, _squash, _strip_abi_tags, _strip_templates, demangle)
+from .demangling import (_ABBREVIATED_STD, _IDENTIFIER, _display_name, _is_lookup_name, _last_identifier,
+                         _match_keys, _split_parameters, _squash, _strip_abi_tags, _strip_templates, demangle)
 from .format import (_SHN_LORESERVE, _SHN_UNDEF, _SHT_DYNSYM, _SHT_GNU_VERDEF, _SHT_GNU_VERSYM, _SHT_SYMTAB, _SYM,
                      _VER_FLG_BASE, _VERDAUX, _VERDEF, _VERSYM_HIDDEN, _WORD, ElfError, ElfFormat, Section)
 from .usdt import UsdtProbe, read_usdt_probes
@@ -28,8 +28,6 @@ _ADDRESSABLE_TYPE_IDS = frozenset({1, 2, 10})  # OBJECT, FUNC, GNU_IFUNC
 _BIND_PREFERENCE = {"GLOBAL": 0, "WEAK": 1, "GNU_UNIQUE": 2, "LOCAL": 3}
 
 ENDBR64 = b"\xf3\x0f\x1e\xfa"
-
-
 
 
 @dataclass(frozen=True)
@@ -350,7 +348,7 @@ class ElfFile(ElfFormat):
         at +0 then traps and single-steps, one at +4 does not."""
         return self.function_entry_bytes(symbol, len(ENDBR64)) == ENDBR64
 
-    # -- notes ----------------------------------------------------------------------------
+    # -- USDT -----------------------------------------------------------------------------
 
     def usdt_probes(self) -> list[UsdtProbe]:
         """The SystemTap SDT probes in `.note.stapsdt`, in note order (see `usdt.read_usdt_probes`)."""
