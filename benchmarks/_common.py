@@ -1,5 +1,5 @@
 """What the kernel benchmarks share: building bundles and hand-written objects, starting and
-stopping `probec run`, loading our own objects through runtime/libbpf.py, timing a workload
+stopping `probec run`, loading our own objects through runtime/libbpf/, timing a workload
 process, and writing a result file with the machine header.
 
 Run every benchmark that loads eBPF under the project's kernel lock, held for the whole run:
@@ -317,7 +317,7 @@ class ProbecRun:
 
 
 class Handwritten:
-    """One of our hand-written objects loaded in this process through runtime/libbpf.py."""
+    """One of our hand-written objects loaded in this process through runtime/libbpf/."""
 
     def __init__(self, obj_path: Path, programs: list[str], attach):
         self.obj_path = obj_path

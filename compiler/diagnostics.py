@@ -166,3 +166,42 @@ def _source_window(text: str, col: int, width: int) -> tuple[str, int, int]:
 
 def render_json(diagnostics: Iterable[Diagnostic]) -> str:
     return json.dumps([d.as_dict() for d in diagnostics], indent=2)
+
+
+def render_github(diagnostics: Iterable[Diagnostic]) -> str:
+    """GitHub Actions workflow commands: each diagnostic an annotation on its file and line."""
+    from .escaping import github_data, github_property
+    lines = []
+    for d in diagnostics:
+        kind = {Severity.ERROR: "error", Severity.WARNING: "warning"}.get(d.severity, "notice")
+        props = [f"title={github_property(d.code)}"]
+        if d.span is not None:
+            props[:0] = [f"file={github_property(d.span.file)}", f"line={d.span.line}", f"col={d.span.col}",
+                         f"endLine={d.span.end_line or d.span.line}", f"endColumn={d.span.end_col or d.span.col + 1}"]
+        text = "\n".join([f"{d.code}: {d.message}", *(f"help: {h}" for h in d.hints)])
+        lines.append(f"::{kind} {','.join(props)}::{github_data(text)}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def render_sarif(diagnostics: Iterable[Diagnostic], version: str) -> str:
+    """SARIF 2.1.0, as code-scanning services read it: one run of probec, a rule per code."""
+    diagnostics = list(diagnostics)
+    results = []
+    for d in diagnostics:
+        result = {"ruleId": d.code,
+                  "level": {Severity.ERROR: "error", Severity.WARNING: "warning"}.get(d.severity, "note"),
+                  "message": {"text": " ".join([d.message, *(f"help: {h}" for h in d.hints)])}}
+        if d.span is not None:
+            result["locations"] = [{"physicalLocation": {
+                "artifactLocation": {"uri": d.span.file},
+                "region": {"startLine": d.span.line, "startColumn": d.span.col,
+                           "endLine": d.span.end_line or d.span.line,
+                           "endColumn": d.span.end_col or d.span.col + 1}}}]
+        results.append(result)
+    rules = [{"id": code} for code in sorted({d.code for d in diagnostics})]
+    return json.dumps({
+        "version": "2.1.0",
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "runs": [{"tool": {"driver": {"name": "probec", "version": version, "rules": rules}},
+                  "results": results}],
+    }, indent=2)

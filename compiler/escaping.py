@@ -107,3 +107,14 @@ def bpftrace_address_part(text: str) -> str | None:
     if BPFTRACE_QUOTABLE.match(text):
         return '"' + text.replace('"', '\\"') + '"'
     return None
+
+
+# -- GitHub Actions workflow commands (probec check --format github) ----------------------------
+def github_data(text: str) -> str:
+    """The message of a `::error ...::MESSAGE` line: '%', CR and LF escaped as the runner reads them."""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def github_property(text: str) -> str:
+    """A `key=VALUE` of a workflow command: as the message, and ':' and ',' too."""
+    return github_data(text).replace(":", "%3A").replace(",", "%2C")

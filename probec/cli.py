@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="validate specs without loading anything (no root needed)")
     c.add_argument("specs", nargs="+", metavar="SPEC")
-    c.add_argument("--format", choices=("text", "json"), default="text")
+    c.add_argument("--format", choices=("text", "json", "github", "sarif"), default="text",
+                   help="json: a list of diagnostics; github: GitHub Actions annotations; sarif: SARIF 2.1.0")
     c.add_argument("--kernel", choices=("host", "any"), default="host",
                    help="host: probe mechanisms must exist on this kernel (default); any: do not check them")
     c.add_argument("--no-host", action="store_true",
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", choices=("bpftrace", "core"), default="bpftrace")
     b.add_argument("-o", "--output", metavar="DIR", help="bundle folder (default: ./NAME.BACKEND)")
     b.add_argument("--kernel", choices=("host", "any"), default="host")
+    b.add_argument("--target", metavar="FACTS",
+                   help="build for another machine's kernel, recorded there with 'probec doctor --format json "
+                        "> FACTS': tracepoint field offsets and mechanisms come from the record (binaries are "
+                        "still read here)")
     b.add_argument("--bpftrace-version", metavar="X.Y", help="bpftrace release to write for (default: installed)")
     b.add_argument("--interval", type=float, default=1.0, help="seconds between bpftrace map dumps (default 1)")
     b.add_argument("--no-compile", action="store_true", help="core: write C only, do not run clang")
@@ -64,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> int:
-    from .compiler.diagnostics import render_json, render_text, Severity
+    from . import __version__
+    from .compiler.diagnostics import Severity, render_github, render_json, render_sarif, render_text
     from .compiler.driver import check_file
     from .compiler.ir.host import HostFactsError, HostInfo, RecordedHost
     if args.target and args.no_host:
@@ -91,7 +97,11 @@ def _check(args) -> int:
         everything.extend(diags)
     if args.format == "json":
         print(render_json(everything))
-    else:
+    elif args.format == "github":
+        sys.stdout.write(render_github(everything))
+    elif args.format == "sarif":
+        print(render_sarif(everything, __version__))
+    if args.format in ("text", "github"):
         print(f"{len(args.specs)} spec(s) checked: {errors} error(s), {warnings} warning(s)", file=sys.stderr)
     return EXIT_ERRORS if errors else EXIT_OK
 
@@ -99,7 +109,13 @@ def _check(args) -> int:
 def _build(args) -> int:
     from .compiler.diagnostics import render_text
     from .compiler.driver import build_bundle, check_file
-    result = check_file(args.spec, kernel=args.kernel)
+    from .compiler.ir.host import HostFactsError, RecordedHost
+    try:
+        host = RecordedHost.from_file(args.target) if args.target else None
+    except HostFactsError as exc:
+        print(f"probec: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    result = check_file(args.spec, host, kernel=args.kernel)
     if result.program is None:
         sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
         return EXIT_ERRORS

@@ -184,6 +184,8 @@ class BpftraceRunner:
         self.pending: dict[str, object] = {}     # maps of the dump in progress: name -> data
         # Metric maps keyed by epoch first: what each epoch held when a dump last froze it.
         self.epoch_maps = set(self.settings.get("epoch_maps", []))
+        self.keys_max = int(self.settings.get("map_keys_max", 4096))   # BPFTRACE_MAP_KEYS_MAX, every map
+        self.full_said: set[str] = set()
         self.frozen: dict[int, dict[str, dict]] = {0: {}, 1: {}}
         self.attached_at = 0.0
         self.missed_before = 0                   # skipped runs of bpftrace processes before a restart
@@ -313,6 +315,18 @@ class BpftraceRunner:
         elif kind == "lost_events":
             self.store.health.events_lost += int((data or {}).get("events", 0))
 
+    def note_fullness(self, name: str, entries: int) -> None:
+        """A metric map's keys against BPFTRACE_MAP_KEYS_MAX. bpftrace 0.17 drops an update to a new
+        key of a full map without a word or a count: show how full each map is, and say it once."""
+        health = self.store.health
+        health.map_entries[name[1:]] = entries
+        health.map_capacity[name[1:]] = self.keys_max
+        if entries >= self.keys_max and name not in self.full_said:
+            self.full_said.add(name)
+            self.log(f"warning: bpftrace map {name} is full ({entries} keys): bpftrace drops updates to new "
+                     "label sets without counting them, so this metric now undercounts; use fewer label "
+                     "values (the core backend folds the excess into __overflow__ and counts it)")
+
     def apply_dump(self, frozen: int | None = None, final: bool = False) -> None:
         """Install the maps of one whole dump: a restart carries over what the store shows, so
         counters and histograms come from the same dump, never one from a dump cut by a kill.
@@ -322,6 +336,8 @@ class BpftraceRunner:
         probes detached, holds both epochs complete."""
         started = time.monotonic()
         for name, value in self.pending.items():
+            if isinstance(value, dict) and name in self.decoder.by_map:
+                self.note_fullness(name, len(value))
             if name in self.epoch_maps and isinstance(value, dict) and (frozen is not None or final):
                 by_epoch = self.split_epochs(value)
                 if final:
@@ -379,7 +395,7 @@ class BpftraceRunner:
             for f, raw in zip(spec["fields"], values):
                 if f["kind"].endswith("stack"):
                     record[f["name"]] = [frame.strip() for frame in raw.strip("\n").split("\n") if frame.strip()]
-                elif f["kind"] == "str":
+                elif f["kind"] == "str" or f.get("render") == "ipv4":   # bpftrace printed ntop() as text
                     record[f["name"]] = raw
                 else:
                     v = int(raw)

@@ -841,6 +841,7 @@ def test_c_layouts_agree_with_the_manifest(tmp_path, workloads):
                 layouts[lay["name"]] = lay
     for e in manifest["events"]:
         layouts[e["record"]["name"]] = e["record"]
+    assert len(layouts) >= 2 * len(manifest["metrics"]) + len(manifest["events"]), sorted(layouts)
     lines = [f'#include "{manifest["name"]}.h"', "#include <stdio.h>", "#include <stddef.h>", "int main(void) {"]
     for name, lay in layouts.items():
         is_event = any(e["record"]["name"] == name for e in manifest["events"])

@@ -1,4 +1,5 @@
-"""Every YAML example in docs/ passes `probec check`; the JSON Schema accepts every spec."""
+"""Every YAML example in docs/ passes `probec check`; the JSON Schema accepts every spec. (Specs are
+```yaml blocks; other YAML, such as CI configuration, is fenced ```yml.)"""
 
 from __future__ import annotations
 

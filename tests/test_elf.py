@@ -546,7 +546,9 @@ def test_error_cases(tmp_path):
     assert "truncated" in str(_elf_error(tiny))
 
 
-def test_truncated_and_corrupt_files_raise_only_elf_error(built, tmp_path):
+def test_truncated_files_raise_elf_error_saying_so(built, tmp_path):
+    """A file cut anywhere (a copy in progress, a full disk) is refused when opened, with a
+    message naming it and the table that runs past its end, whatever the cut."""
     data = built["prog"].read_bytes()
     f = ElfFile(built["prog"])
     interesting = sorted({64, 100, 1000, len(data) // 2, len(data) - 1}
@@ -555,16 +557,41 @@ def test_truncated_and_corrupt_files_raise_only_elf_error(built, tmp_path):
     sample = tmp_path / "sample"
     for cut in interesting:
         sample.write_bytes(data[:cut])
-        _exercise(sample)
-    # flip bytes in the headers and tables
+        error = _elf_error(sample)
+        assert re.search(r"truncated or corrupt ELF file: section header \d+ at offset 0x[0-9a-f]+ \(64 bytes\) "
+                         rf"runs past the end of the file \({cut} bytes\)", str(error)), (cut, str(error))
+
+
+def test_corrupt_header_fields_raise_elf_error_naming_them(built, tmp_path):
+    data = built["prog"].read_bytes()
+    sample = tmp_path / "sample"
+    shentsize = bytearray(data)
+    shentsize[58] ^= 0xFF                            # e_shentsize 64 -> 191
+    sample.write_bytes(bytes(shentsize))
+    assert "corrupt ELF file: section header size 191" in str(_elf_error(sample))
+    shnum = bytearray(data)
+    shnum[60] ^= 0xFF                                # e_shnum n -> n ^ 255: more headers than the file holds
+    sample.write_bytes(bytes(shnum))
+    assert "runs past the end of the file" in str(_elf_error(sample))
+
+
+def test_corrupt_files_raise_only_elf_error(built, tmp_path):
+    """Flipped bytes in the headers and tables: each file either reads or raises ElfError naming
+    it; no other exception escapes (see _exercise)."""
+    data = built["prog"].read_bytes()
+    f = ElfFile(built["prog"])
+    sample = tmp_path / "sample"
+    refused = 0
     for position in [16, 32, 40, 58, 60, 62] + [s.offset for s in f.sections if s.size][:20]:
         corrupt = bytearray(data)
         corrupt[position] ^= 0xFF
         sample.write_bytes(bytes(corrupt))
-        _exercise(sample)
+        refused += not _exercise(sample)
+    assert refused >= 2        # at least the two header fields above
 
 
-def _exercise(path: Path) -> None:
+def _exercise(path: Path) -> bool:
+    """Whether every reader accepts the file; an ElfError must name it."""
     try:
         f = ElfFile(path)
         f.symbols
@@ -575,6 +602,8 @@ def _exercise(path: Path) -> None:
         f.close_names("work_fm")
     except ElfError as exc:
         assert str(path) in str(exc)
+        return False
+    return True
 
 
 # -- finding binaries -----------------------------------------------------------------------

@@ -158,9 +158,52 @@ def test_doctor_json_round_trips_into_a_recorded_host(tmp_path):
 def test_bad_host_facts_are_clear_errors(tmp_path, content, message):
     path = tmp_path / "facts.json"
     path.write_text(content)
-    result = probec("check", "--target", str(path), "tests/errors/unknown_field.yaml")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert message in result.stderr
+    for command in (["check"], ["build", "-o", str(tmp_path / "out")]):
+        result = probec(*command, "--target", str(path), "tests/errors/unknown_field.yaml")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert message in result.stderr
+        assert not (tmp_path / "out").exists()
+
+
+TARGET_SPEC = """
+name: targeted
+spans:
+  send:
+    kernel: tcp_sendmsg
+    fallback: syscall:sendto
+metrics:
+  send_seconds:
+    histogram: send.duration
+    buckets: exp2(1us, 1s)
+  bios_total:
+    count: tracepoint:block:block_bio_queue
+    labels: [args.comm]
+"""
+
+
+def test_build_for_a_recorded_kernel_takes_its_offsets_and_mechanisms(tmp_path):
+    """`probec build --target`: the comm of block_bio_queue sits at offset 36 on Debian's 6.1 and
+    38 on the Firecracker 6.18 record; the kernel span uses kprobes where the record has them and
+    its fallback where not, whatever this machine has."""
+    spec = tmp_path / "targeted.yaml"
+    spec.write_text(TARGET_SPEC)
+    built = {}
+    for facts, offset in (("debian-6.1.json", 36), ("firecracker-6.18.json", 38)):
+        for backend in ("core", "bpftrace"):
+            out = tmp_path / f"{facts}.{backend}"
+            result = probec("build", "--target", str(RECORDED.with_name(facts)), "--backend", backend, "--no-compile",
+                            "--bpftrace-version", "0.17", "-o", str(out), str(spec))
+            assert result.returncode == 0, result.stderr
+            built[facts, backend] = result.stderr
+        checks = json.loads((tmp_path / f"{facts}.core" / "manifest.json").read_text())["core"]["tracepoint_fields"]
+        assert [(c["tracepoint"], c["field"], c["offset"]) for c in checks] == \
+            [("block:block_bio_queue", "comm", offset)], checks
+    assert "W311" not in built["debian-6.1.json", "core"]
+    assert "W311" in built["firecracker-6.18.json", "core"] and "(6.18.44-fc-v657)" in built["firecracker-6.18.json", "core"]
+    old = (tmp_path / "debian-6.1.json.bpftrace" / "targeted.bt").read_text()
+    new = (tmp_path / "firecracker-6.18.json.bpftrace" / "targeted.bt").read_text()
+    assert "tcp_sendmsg" in old and "sys_enter_sendto" not in old
+    assert "tcp_sendmsg" not in new and "sys_enter_sendto" in new
 
 
 def test_host_facts_must_be_a_regular_file(tmp_path):

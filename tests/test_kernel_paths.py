@@ -335,11 +335,17 @@ metrics:
     count: tracepoint:sock:inet_sock_set_state
     labels: [args.daddr, args.dport, args.newstate]
     filter: args.family == 2 && args.protocol == 6
+events:
+  connecting:
+    on: tracepoint:sock:inet_sock_set_state
+    when: args.family == 2 && args.protocol == 6 && args.newstate == 2
+    fields: [args.daddr, args.dport]
 """
 
 
 def test_ipv4_address_labels_render_as_text(tmp_path, backend):
-    """__u8[4] tracepoint fields are addresses: dotted quads in labels, under both backends."""
+    """__u8[4] tracepoint fields are addresses: dotted quads in labels and event fields, under both
+    backends."""
     import socket
     spec = write_spec(tmp_path, ADDRESS_SPEC)
     bundle = build(spec, backend, tmp_path / "bundle")
@@ -359,6 +365,8 @@ def test_ipv4_address_labels_render_as_text(tmp_path, backend):
         run.kill()
     TCP_SYN_SENT = 2
     assert value(metrics, "tcp_state_changes_total", daddr="127.0.0.1", dport=port, newstate=TCP_SYN_SENT) == 3
+    connecting = [e["args_daddr"] for e in run.events() if e["event"] == "connecting" and e["args_dport"] == port]
+    assert connecting == ["127.0.0.1"] * 3
 
 
 HANDOFF_SPEC = """

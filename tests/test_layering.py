@@ -57,11 +57,17 @@ def _is_package(name: str) -> bool:
 
 def _imports(name: str, path: Path) -> set[str]:
     """The probec modules `name` imports: `from X import Y` counts as an import of X.Y where Y is a
-    module, else of X."""
+    module, else of X. Imports inside functions count too."""
     tree = ast.parse(path.read_text(), str(path))
     base = name if _is_package(name) else name.rpartition(".")[0]
+    # `if TYPE_CHECKING:` imports are for annotations only: no edge at run time
+    typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+                   for inner in ast.walk(node)}
     found = set()
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -98,6 +104,8 @@ def test_the_graph_sees_every_layer():
     assert {_layer(m) for m in MODULES} == {"probec", "compiler", "runtime", "host"}
     assert "probec.host.elf" in GRAPH["probec.compiler.ir.host"]
     assert "probec.runtime.core_runner" in GRAPH["probec.runtime.session"]
+    assert "probec.runtime.libbpf.links" in GRAPH["probec.runtime.libbpf.objects"]
+    assert "probec.runtime.libbpf.objects" not in GRAPH["probec.runtime.libbpf.links"]   # under TYPE_CHECKING
 
 
 def test_host_is_a_leaf():

@@ -16,11 +16,13 @@ import subprocess
 import sys
 import threading
 import time
+from ctypes import sizeof
 from pathlib import Path
 
 import pytest
 
 from probec.runtime import libbpf as L
+from probec.runtime.libbpf import ffi
 
 HERE = Path(__file__).parent / "bpf"
 BPF_SRC = HERE / "binding_test.bpf.c"
@@ -118,9 +120,9 @@ def test_struct_mirrors_match_c_headers(tmp_path):
     subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
     got = [int(x) for x in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]
     assert got == [
-        L.sizeof(L._BpfProgInfo), L._BpfProgInfo.run_time_ns.offset, L._BpfProgInfo.recursion_misses.offset,
-        L.sizeof(L._UprobeOpts), L._UprobeOpts.func_name.offset,
-        L.sizeof(L._UsdtOpts), L.sizeof(L._MapBatchOpts),
+        sizeof(ffi.BpfProgInfo), ffi.BpfProgInfo.run_time_ns.offset, ffi.BpfProgInfo.recursion_misses.offset,
+        sizeof(ffi.UprobeOpts), ffi.UprobeOpts.func_name.offset,
+        sizeof(ffi.UsdtOpts), sizeof(ffi.MapBatchOpts),
     ]
 
 
@@ -197,7 +199,9 @@ def test_link_destroy_stops_counting_and_is_idempotent(build):
         assert link.destroyed and obj.links == []
         getpid_calls(100)
         assert percpu_sum(obj.map("calls_percpu").lookup(ZERO)) == 100
-        link.destroy()  # second destroy is a no-op
+        link.destroy()  # second destroy is a no-op: nothing freed twice, nothing counting again
+        getpid_calls(100)
+        assert link.destroyed and obj.links == [] and percpu_sum(obj.map("calls_percpu").lookup(ZERO)) == 100
 
 
 def test_object_close_destroys_links_first(build):
@@ -205,7 +209,8 @@ def test_object_close_destroys_links_first(build):
     links = [obj.program("count_getpid").attach(), obj.program("count_raw_sys_enter").attach()]
     obj.close()
     assert all(link.destroyed for link in links)
-    obj.close()
+    obj.close()     # a second close is a no-op: libbpf frees nothing twice
+    assert all(link.destroyed for link in links) and obj.links == []
 
 
 def test_batch_lookup_equals_per_key_lookup(build):

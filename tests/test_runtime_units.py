@@ -304,3 +304,26 @@ def test_process_target_follows_the_pid_file(tmp_path):
             p.wait()
     with pytest.raises(TargetError, match=f"no running process {first.pid}"):
         ProcessTarget(first.pid)
+
+
+def test_a_full_bpftrace_map_is_shown_and_said_once(tmp_path):
+    """bpftrace 0.17 drops updates to new keys of a full map silently: the runner shows each metric
+    map's entries against BPFTRACE_MAP_KEYS_MAX and warns once when one fills."""
+    from probec.runtime.bpftrace_runner import BpftraceRunner
+    from probec.runtime.manifest import Bundle
+    (tmp_path / "t.bt").write_text("")
+    manifest = {**MANIFEST, "backend": "bpftrace", "files": {"script": "t.bt"}, "spans": [],
+                "bpftrace": {"dump_mark": "probec: dump end", "map_keys_max": 4}}
+    said = []
+    store = MetricStore(manifest)
+    runner = BpftraceRunner(Bundle(tmp_path, manifest), store, None, log=said.append)
+    mark = {"type": "printf", "data": "probec: dump end\n"}
+    runner.handle({"type": "map", "data": {"@m_calls_total": {"a,1": 5, "b,1": 1, "c,1": 1}}})
+    runner.handle(mark)
+    assert store.health.map_entries["m_calls_total"] == 3 and store.health.map_capacity["m_calls_total"] == 4
+    assert not said
+    for _ in range(2):
+        runner.handle({"type": "map", "data": {"@m_calls_total": {"a,1": 5, "b,1": 1, "c,1": 1, "d,1": 1}}})
+        runner.handle(mark)
+    assert store.health.map_entries["m_calls_total"] == 4
+    assert len(said) == 1 and "@m_calls_total is full" in said[0]

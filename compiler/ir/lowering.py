@@ -87,6 +87,8 @@ class Lowering:
             return None
         if "${" in path:
             from ..spec.loader import ENV_REFERENCE, SAFE_PATH
+            if not self.host.enabled:
+                return path     # the variable is a fact of the machine that builds: not checked here
             unset = [v for v in ENV_REFERENCE.findall(path) if v not in os.environ]
             if unset:
                 report = self.d.warning if optional else self.d.error
@@ -300,8 +302,8 @@ class Lowering:
         """Whether every backend can write a resolved path or ELF symbol: what check accepts, every
         backend builds, and bpftrace 0.17 cannot name some of them in a probe address (the core
         backend passes any path to libbpf). Each one is reported once."""
-        if bpftrace_address_part(text) is not None:
-            return True
+        if not self.host.enabled or bpftrace_address_part(text) is not None:
+            return True         # without the host, nothing was resolved: the spelling was checked at load
         if text not in self.unnameable:
             self.unnameable.add(text)
             self.d.error("E503", f"{addr.text}: the {what} is '{visible(text)}', which the bpftrace backend "
@@ -400,8 +402,7 @@ class Lowering:
     def key_expr(self, expr: ast.Expr | None, ctx: ProbeContext, what: str):
         if expr is None:
             return Context("tid", INT)
-        ir = self.types.value(expr, ctx, what)
-        return ir
+        return self.types.value(expr, ctx, what, allow_address=True)
 
     def within(self, ref: WithinRef | None, owner: str, ctx: ProbeContext) -> tuple[Within, ...]:
         """The `within` guard where `ctx` runs: the outer span, and its key computed here."""
@@ -458,7 +459,7 @@ class Lowering:
             ctx = self.context_for(build, in_span, m.on.span_name if in_span else "", end_key)
             these = []
             for lab in m.labels:
-                ir = self.types.value(lab.expr, ctx, f"label '{lab.name}'", allow_string=True)
+                ir = self.types.value(lab.expr, ctx, f"label '{lab.name}'", allow_string=True, allow_address=True)
                 if ir is not None:
                     these.append(Label(lab.name, ir))
             if len(these) < len(m.labels):
@@ -602,7 +603,7 @@ class Lowering:
                     these.append(EventField(f.name, None, f.stack))
                     self.needs_stacks = True
                     continue
-                ir = self.types.value(f.expr, ctx, f"field '{f.name}'", allow_string=True)
+                ir = self.types.value(f.expr, ctx, f"field '{f.name}'", allow_string=True, allow_address=True)
                 if ir is None:
                     return None
                 these.append(EventField(f.name, ir, "", ir.type.kind == "str"))

@@ -24,6 +24,8 @@ class ValueType:
     names: tuple[str, ...] = ()   # enum: the label text of 0, 1, 2, ...
 
     def describe(self) -> str:
+        if self.render == "ipv4":
+            return "an IPv4 address"
         if self.kind == "int" and self.dimension != "none":
             return "a duration" if self.dimension == "time" else "a size"
         return {"int": "an integer", "str": "a string", "bool": "a condition"}[self.kind]

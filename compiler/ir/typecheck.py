@@ -14,6 +14,7 @@ from .nodes import (COMM, INT, SINT, TID, ActiveSpan, Arg, FdSocket, BinOp, Cmp,
 CONTEXT_NAMES = {"pid": INT, "tid": INT, "comm": COMM, "cgroup": INT, "cpu": INT, "uid": INT}
 ARG_KINDS = {"uprobe": 10, "kprobe": 6, "fentry": 6, "usdt": 12}
 RETVAL_KINDS = ("uretprobe", "kretprobe", "fexit", "syscallret")
+ADDRESS_HINT = "an IPv4 address (__u8[4]) can be a label, an event field or a span key, shown as a dotted quad"
 
 
 @dataclass
@@ -66,12 +67,18 @@ class TypeChecker:
             return None
         return ir
 
-    def value(self, expr: ast.Expr, ctx: ProbeContext, what: str, allow_string: bool = False) -> IRExpr | None:
+    def value(self, expr: ast.Expr, ctx: ProbeContext, what: str, allow_string: bool = False,
+              allow_address: bool = False) -> IRExpr | None:
+        """A number (or a string, or an IPv4 address, where the caller shows it as it is: labels,
+        event fields, keys). bpftrace has an address only as ntop()'s text, which it neither adds
+        nor compares, so an address is never a value to sum or bucket."""
         ir = self.check(expr, ctx)
         if ir is None:
             return None
-        if ir.type.kind == "bool" or (ir.type.kind == "str" and not allow_string):
-            self.d.error("E211", f"{what} must be a number, but this is {ir.type.describe()}", expr.span)
+        if ir.type.kind == "bool" or (ir.type.kind == "str" and not allow_string) or \
+                (ir.type.render == "ipv4" and not allow_address):
+            self.d.error("E211", f"{what} must be a number, but this is {ir.type.describe()}", expr.span,
+                         ADDRESS_HINT if ir.type.render == "ipv4" else "")
             return None
         return ir
 
@@ -109,8 +116,9 @@ class TypeChecker:
                     self.d.error("E214", f"'not' needs a condition, but this is {inner.type.describe()}", e.operand.span)
                     return None
                 return Not(inner)
-            if inner.type.kind != "int":
-                self.d.error("E214", f"'-' needs a number, but this is {inner.type.describe()}", e.operand.span)
+            if inner.type.kind != "int" or inner.type.render == "ipv4":
+                self.d.error("E214", f"'-' needs a number, but this is {inner.type.describe()}", e.operand.span,
+                             ADDRESS_HINT if inner.type.render == "ipv4" else "")
                 return None
             return Neg(inner, ValueType("int", inner.type.dimension, signed=True))
         if isinstance(e, ast.Logical):
@@ -130,8 +138,9 @@ class TypeChecker:
             if left is None or right is None:
                 return None
             for side, node in ((left, e.left), (right, e.right)):
-                if side.type.kind != "int":
-                    self.d.error("E214", f"'{e.op}' needs numbers, but this is {side.type.describe()}", node.span)
+                if side.type.kind != "int" or side.type.render == "ipv4":
+                    self.d.error("E214", f"'{e.op}' needs numbers, but this is {side.type.describe()}", node.span,
+                                 ADDRESS_HINT if side.type.render == "ipv4" else "")
                     return None
             dim = self.arith_dimension(e, left.type, right.type)
             if dim is None:
@@ -160,6 +169,9 @@ class TypeChecker:
         left, right = self.check(e.left, ctx), self.check(e.right, ctx)
         if left is None or right is None:
             return None
+        # A tracepoint field whose layout was not read (check --no-host) takes the type it is
+        # compared with: a string field compared with a string is no error of the spec.
+        left, right = (_as_string_if_unread(left, right.type), _as_string_if_unread(right, left.type))
         lt, rt = left.type, right.type
         if lt.kind == "str" or rt.kind == "str":
             if lt.kind != rt.kind:
@@ -190,6 +202,11 @@ class TypeChecker:
         if lt.kind != "int" or rt.kind != "int":
             bad = e.left if lt.kind != "int" else e.right
             self.d.error("E216", f"'{e.op}' needs numbers on both sides", bad.span)
+            return None
+        if "ipv4" in (lt.render, rt.render):
+            bad = e.left if lt.render == "ipv4" else e.right
+            self.d.error("E216", f"'{e.op}' needs numbers on both sides, but this is an IPv4 address", bad.span,
+                         ADDRESS_HINT)
             return None
         if lt.dimension != rt.dimension:
             plain = e.right if rt.dimension == "none" else e.left
@@ -341,3 +358,12 @@ class TypeChecker:
         self.d.error("E220", f"unknown name '{dotted}' in {ctx.description}", e.span,
                      did_you_mean(dotted, ctx.names()) or "known here: " + ", ".join(ctx.names()[:12]))
         return None
+
+
+UNREAD_FIELD_STRING = ValueType("str", length=256)   # longer than any char[] a tracepoint has
+
+
+def _as_string_if_unread(e: IRExpr, other: ValueType) -> IRExpr:
+    if isinstance(e, TracepointField) and e.offset < 0 and other.kind == "str":
+        return TracepointField(e.name, e.offset, e.size, UNREAD_FIELD_STRING)
+    return e

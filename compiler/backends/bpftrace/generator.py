@@ -213,7 +213,7 @@ class BpftraceBackend(Backend):
                 if f.stack:
                     formats.append("%s")
                     args.append("ustack" if f.stack == "user" else "kstack")
-                elif f.is_string:
+                elif f.is_string or f.expr.type.render == "ipv4":    # ntop(): bpftrace's own text
                     formats.append("%s")
                     args.append(em.emit(f.expr))
                 else:
