@@ -16,6 +16,8 @@ import os
 import threading
 from typing import Callable, Sequence
 
+from ...host.features import kprobes_available
+
 logger = logging.getLogger("probec.libbpf")
 
 # --------------------------------------------------------------------------
@@ -100,14 +102,7 @@ class LibbpfMissing(BpfError):
 
 
 def kprobe_hint(err: int) -> str | None:
-    if err in (_errno.ENOENT, _errno.EOPNOTSUPP) and not any(
-        os.path.exists(p)
-        for p in (
-            "/sys/bus/event_source/devices/kprobe/type",
-            "/sys/kernel/tracing/kprobe_events",
-            "/sys/kernel/debug/tracing/kprobe_events",
-        )
-    ):
+    if err in (_errno.ENOENT, _errno.EOPNOTSUPP) and not kprobes_available():
         return "this kernel has no kprobe support (CONFIG_KPROBES off): use a tracepoint (tp/, raw_tp/, tp_btf/) instead"
     if err == _errno.ENOENT:
         return "the kernel function may not exist or may be inlined (see /proc/kallsyms)"
