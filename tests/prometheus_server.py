@@ -31,13 +31,16 @@ def require_tool(name: str) -> str:
 
 
 class PrometheusServer:
-    """`prometheus` scraping `targets` (host:port) as job `job` every `scrape_interval`."""
+    """`prometheus` scraping `targets` (host:port) as job `job` every `scrape_interval`, and
+    evaluating the rules of `rule_files` as often."""
 
     def __init__(self, folder: Path, targets: tuple[str, ...] = (), job: str = "probec",
-                 scrape_interval: str = "1s"):
+                 scrape_interval: str = "1s", rule_files: tuple[Path, ...] = ()):
         exe = require_tool("prometheus")
         folder.mkdir(parents=True, exist_ok=True)
         config = {"global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval}}
+        if rule_files:
+            config["rule_files"] = [str(path) for path in rule_files]
         if targets:
             config["scrape_configs"] = [{"job_name": job, "scrape_interval": scrape_interval,
                                          "scrape_timeout": scrape_interval,

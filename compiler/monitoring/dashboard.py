@@ -2,7 +2,8 @@
 
 A row for the spec's metrics: each histogram as a heatmap of its buckets and p50/p95/p99 lines, a
 `parts:` histogram's mean per part stacked, each counter as a rate; then a row for the
-collector's own health. Queries read the Prometheus data source chosen in the `datasource`
+collector's own health (only the series this spec's collector has: no event panel without
+events). Queries read the Prometheus data source chosen in the `datasource`
 variable and select the scrape job `job`.
 """
 
@@ -110,17 +111,24 @@ def health_panels(layout: DashboardLayout, program: Program, job: str) -> None:
     layout.panel("timeseries", "BPF maps: share full", "Entries over max_entries, by map: a full map drops new keys.",
                  [target(f"{selector(HEALTH['map_entries'], job)} / {selector(HEALTH['map_capacity'], job)}",
                          "{{map}}")], **timeseries("percentunit"))
-    layout.panel("timeseries", "Events: seen, lost, held back",
-                 "Events whose condition held, lost by the kernel, held back by the spec's rate limit.",
-                 [target(rate("events", "event"), "{{event}}"),
-                  target(rate("events_lost"), "lost"),
-                  target(rate("events_rate_limited", "event"), "rate-limited {{event}}")], **timeseries("ops"))
-    layout.panel("timeseries", "Dropped: label sets and span begins",
-                 "Label sets folded into __overflow__ by limits.series; span begins dropped by a full begin map.",
-                 [target(f"sum by (metric) (increase({selector(HEALTH['series_dropped'], job)}[{RATE}]))",
-                         "series {{metric}}"),
-                  target(f"sum by (span) (increase({selector(HEALTH['span_begin_overflow'], job)}[{RATE}]))",
-                         "begins {{span}}")], **timeseries("short"))
+    if program.events:
+        targets = [target(rate("events", "event"), "{{event}}"), target(rate("events_lost"), "lost")]
+        if any(e.max_per_second for e in program.events):
+            targets.append(target(rate("events_rate_limited", "event"), "rate-limited {{event}}"))
+        layout.panel("timeseries", "Events: seen, lost, held back",
+                     "Events whose condition held, lost by the kernel, held back by the spec's rate limit.",
+                     targets, **timeseries("ops"))
+    dropped = []
+    if any(m.labels for m in program.metrics):
+        dropped.append(target(f"sum by (metric) (increase({selector(HEALTH['series_dropped'], job)}[{RATE}]))",
+                              "series {{metric}}"))
+    if program.spans:
+        dropped.append(target(f"sum by (span) (increase({selector(HEALTH['span_begin_overflow'], job)}[{RATE}]))",
+                              "begins {{span}}"))
+    if dropped:
+        layout.panel("timeseries", "Dropped: label sets and span begins",
+                     "Label sets folded into __overflow__ by limits.series; span begins dropped by a full begin map.",
+                     dropped, **timeseries("short"))
     layout.panel("timeseries", "Map read time and engine restarts",
                  "How long the last read of the maps took; restarts of the tracing engine.",
                  [target(selector(HEALTH["last_read"], job), "read {{instance}}"),
