@@ -101,3 +101,16 @@ class PrometheusServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def scrape_text(port: int) -> str:
+    """GET /metrics of a running collector, as Prometheus does."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def assert_promtool_finds_nothing(text: str) -> None:
+    """`promtool check metrics` reads a scrape without a single line (names, units, `_total`, help)."""
+    promtool = require_tool("promtool")
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert (lint.returncode, lint.stdout + lint.stderr) == (0, ""), text
