@@ -133,6 +133,12 @@ def test_rules_and_dashboard_are_deterministic(tmp_path):
     # The job the collector is scraped as is the spec's name unless told otherwise.
     rules = generate(tmp_path / "c", "rules", spec, "--job", "serving").read_text()
     assert 'job="serving"' in rules and 'job="monitored"' not in rules
+    # A job name with quotes, backslashes or a newline stays inside its PromQL string.
+    promtool = require_tool("promtool")
+    odd = generate(tmp_path / "d", "rules", spec, "--job", 'a"b\\c\nd')
+    check = subprocess.run([promtool, "check", "rules", str(odd)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert 'job="a\\"b\\\\c\\nd"' in odd.read_text()
 
 
 def test_rules_refuse_a_bad_spec_with_a_positioned_diagnostic(tmp_path):

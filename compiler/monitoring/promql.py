@@ -29,8 +29,13 @@ def number(value: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
+def label_value(text: str) -> str:
+    """A label value as a PromQL string literal's inside: backslashes, quotes and newlines escaped."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def selector(name: str, job: str) -> str:
-    return f'{name}{{job="{job}"}}'
+    return f'{name}{{job="{label_value(job)}"}}'
 
 
 def counter_name(metric: Metric) -> str:
