@@ -43,7 +43,8 @@ metrics:
   lat_by_comm_seconds:
     histogram: sleep.duration
     labels: [comm]
-    buckets: [100ms, 200ms]
+    buckets: [10ms, 200ms]
+    alert: p99 > 2x baseline for 5m
   phases_seconds:
     parts: {wait: duration / 2, work: duration / 2}
     on: sleep.end
@@ -171,6 +172,11 @@ def unit_tests(rules: Path) -> dict:
         (f'probec_events_lost_total{{{job},{inst}}}', "0+60x15"),
         (f'probec_events_rate_limited_total{{{job},{inst},event="slow"}}', "0+6x15"),
         (f'up{{{job},{inst}}}', "1x9 0x6"),
+        # 100 a minute at or under 10ms for 30 minutes (p99 0.0099), then 100 a minute in
+        # (10ms, 200ms] (p99 0.01 + 0.19 * 0.99 = 0.1981): twenty times the day's median.
+        (f'lat_by_comm_seconds_bucket{{{job},{inst},comm="a",le="0.01"}}', "0+100x30 3000+0x30"),
+        (f'lat_by_comm_seconds_bucket{{{job},{inst},comm="a",le="0.2"}}', "0+100x61"),
+        (f'lat_by_comm_seconds_bucket{{{job},{inst},comm="a",le="+Inf"}}', "0+100x61"),
     ]
 
     # Alerts firing at 12 minutes: their labels and summaries (each description is the rule's own
@@ -187,6 +193,7 @@ def unit_tests(rules: Path) -> dict:
         "ProbecSeriesOverflow": [({**here, "metric": "sleeps_total", "severity": "warning"},
                                   "host:9435: label sets of sleeps_total folded into __overflow__")],
         "ProbecEventsLost": [({**here, "severity": "warning"}, "host:9435: events lost above 1% of events")],
+        "LatByCommSecondsP99High": [],          # p99 at its baseline
         "ProbecEventsRateLimited": [],          # 1% held back: under the 50% share
         "ProbecSpanBeginOverflow": [],
         "ProbecCollectorDown": [({**here, "severity": "critical"},
@@ -198,11 +205,16 @@ def unit_tests(rules: Path) -> dict:
         {"exp_labels": labels, "exp_annotations": {"summary": summary, "description": descriptions[name]}}
         for labels, summary in alerts]} for name, alerts in firing_at_12m.items()]
     alert_tests[0]["exp_alerts"][0]["exp_annotations"]["description"] = "p99 of lat_seconds over the last 5m is 198ms."
+    alert_tests.append({"eval_time": "40m", "alertname": "LatByCommSecondsP99High", "exp_alerts": [
+        {"exp_labels": {"job": "monitored", "comm": "a", "severity": "warning"},
+         "exp_annotations": {"summary": "lat_by_comm_seconds: p99 above 2x its median over 1d",
+                             "description": "p99 of lat_by_comm_seconds over the last 5m is 198.1ms."}}]})
     # Before `for:` has passed, nothing fires: the p99 alert waits 5 minutes, a detached probe 1.
     alert_tests += [{"eval_time": "4m", "alertname": "LatSecondsP99High", "exp_alerts": []},
                     {"eval_time": "5m", "alertname": "ProbecProbeDetached", "exp_alerts": []},
                     {"eval_time": "6m", "alertname": "ProbecSeriesOverflow", "exp_alerts": []},
-                    {"eval_time": "9m", "alertname": "ProbecCollectorDown", "exp_alerts": []}]
+                    {"eval_time": "9m", "alertname": "ProbecCollectorDown", "exp_alerts": []},
+                    {"eval_time": "33m", "alertname": "LatByCommSecondsP99High", "exp_alerts": []}]
     return {
         "rule_files": [str(rules)],
         "evaluation_interval": "1m",

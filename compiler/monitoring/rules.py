@@ -16,6 +16,7 @@ from ..spec.model import AlertSpec, Spec
 from .promql import HEALTH, QUANTILES, by, export_scale, label_names, label_value, number, quantile_expr, selector
 
 RATE_WINDOW = "5m"
+BASELINE_WINDOW = "1d"         # `alert: p99 > 3x baseline`: the quantile's median over this
 LOST_SHARE = 0.01              # events the kernel could not hand over, as a share of the events
 RATE_LIMITED_SHARE = 0.5       # events held back by `at most N/s`, as a share of the events
 MAP_FULL_SHARE = 0.9           # entries / max_entries of a BPF map
@@ -48,20 +49,29 @@ def quantile_rules(metric: Metric, job: str) -> list[dict]:
 
 
 def metric_alert(metric: Metric, alert: AlertSpec, job: str) -> dict:
+    """`pNN > X`: the recorded quantile (or, for p90 and p999, its expression) above X in the
+    exported unit. `pNN > Mx baseline`: above M times its median over BASELINE_WINDOW."""
     keep = ("job",) + label_names(metric)
     q = alert.quantile
-    series = (record_name(metric, q) if q in QUANTILES
-              else quantile_expr(q, metric, job, RATE_WINDOW, keep))
-    threshold = number(export_scale(metric, alert.threshold))
-    shown = "{{ $value | %s }}" % HUMANIZE.get(metric.unit, "humanize")
+    recorded = q in QUANTILES
+    series = record_name(metric, q) if recorded else quantile_expr(q, metric, job, RATE_WINDOW, keep)
     pname = f"p{number(q * 100).replace('.', '')}"
-    rule = {"alert": f"{camel(metric.name)}{pname.upper()}High",
-            "expr": f"{series} > {threshold}"}
+    if alert.multiple:
+        window = f"[{BASELINE_WINDOW}]" if recorded else f"[{BASELINE_WINDOW}:{RATE_WINDOW}]"
+        inner = series if recorded else f"({series})"
+        expr = f"{series} > {number(alert.multiple)} * quantile_over_time(0.5, {inner}{window})"
+        summary = f"{metric.name}: {pname} above {number(alert.multiple)}x its median over {BASELINE_WINDOW}"
+    else:
+        threshold = number(export_scale(metric, alert.threshold))
+        expr = f"{series} > {threshold}"
+        summary = f"{metric.name}: {pname} above {threshold}" + (f" {metric.unit}" if metric.unit else "")
+    rule = {"alert": f"{camel(metric.name)}{pname.upper()}High", "expr": expr}
     if alert.for_seconds:
         rule["for"] = duration(alert.for_seconds)
+    shown = "{{ $value | %s }}" % HUMANIZE.get(metric.unit, "humanize")
     rule["labels"] = {"severity": "warning"}
     rule["annotations"] = {
-        "summary": f"{metric.name}: {pname} above {threshold}" + (f" {metric.unit}" if metric.unit else ""),
+        "summary": summary,
         "description": f"{pname} of {metric.name} over the last {RATE_WINDOW} is {shown}.",
     }
     return rule
