@@ -269,7 +269,7 @@ class SpecLoader:
     def prometheus_names(self, metrics: dict[str, MetricSpec]) -> None:
         """Refuse what makes Prometheus drop the whole scrape: two metrics whose exported names
         meet (a counter `calls` beside `calls_total`, a histogram X beside X_sum), and histogram
-        labels its own series carry (`le`, and `quantile` of its NAME_quantile gauges). Labels
+        labels its own series carry (`le`, and `quantile` of its NAME_window summary). Labels
         starting with `__` are refused with every other such name (name_rules)."""
         owner: dict[str, str] = {}
         for m in metrics.values():
