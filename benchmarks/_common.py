@@ -1,5 +1,5 @@
 """What the kernel benchmarks share: building bundles and hand-written objects, starting and
-stopping `probec run`, loading our own objects through runtime/libbpf.py, timing a workload
+stopping `probec run`, loading our own objects through runtime/libbpf/, timing a workload
 process, and writing a result file with the machine header.
 
 Run every benchmark that loads eBPF under the project's kernel lock, held for the whole run:
@@ -199,14 +199,14 @@ def build_bundle(spec: Path, backend: str, placement: str = "auto", compile: boo
 
 
 def _bundle_cache(spec: Path, backend: str, placement: str, compile: bool) -> Path:
-    """Where a build of these exact inputs lives: the spec, every compiler and template source,
+    """Where a build of these exact inputs lives: the spec, every compiler, host-facts and template source,
     the kernel and the workload binaries. Any change to the generator gives a new folder."""
     import hashlib
     h = hashlib.sha256()
     h.update(f"{backend}|{placement}|{compile}|{platform.release()}|{spec.resolve()}".encode())
     h.update(spec.read_bytes())
     for base, pattern in ((ROOT / "compiler", "**/*.py"), (ROOT / "compiler", "**/*.lark"),
-                          (ROOT / "templates", "**/*")):
+                          (ROOT / "host", "**/*.py"), (ROOT / "templates", "**/*")):
         for f in sorted(base.glob(pattern)):
             if f.is_file() and "__pycache__" not in f.parts:
                 h.update(str(f.relative_to(ROOT)).encode())
@@ -317,7 +317,7 @@ class ProbecRun:
 
 
 class Handwritten:
-    """One of our hand-written objects loaded in this process through runtime/libbpf.py."""
+    """One of our hand-written objects loaded in this process through runtime/libbpf/."""
 
     def __init__(self, obj_path: Path, programs: list[str], attach):
         self.obj_path = obj_path

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The collector's own cost: CPU and memory of `probec run` (core backend) while ~100k spans/s
 flow, the time one scrape of /metrics takes, and batch vs per-key reads of a 64-bucket per-CPU
-histogram through runtime/libbpf.py.
+histogram through runtime/libbpf/.
 
 How:
   - `probec run` on benchmarks/specs/collector_getpid.yaml (getpid span, histogram labelled by
@@ -186,7 +186,7 @@ def map_reads(quick: bool) -> tuple[list[str], dict]:
         assert dict(arr.items_batch()) == dict(arr.items()) and dict(hsh.items_batch()) == dict(hsh.items())
     finally:
         obj.close()
-    lines = ["## Reading a 64-bucket per-CPU histogram through runtime/libbpf.py", "",
+    lines = ["## Reading a 64-bucket per-CPU histogram through runtime/libbpf/", "",
              f"Medians of {reps} reads each, the three ways interleaved; the results of all ways are checked equal. "
              "CoreRunner.read() uses the batch lookup.", ""] + rows
     a = result["hist_array"]

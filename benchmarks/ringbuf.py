@@ -14,7 +14,7 @@ consumers run on CPU 1. Specs (events of other processes' getpid calls count too
 Measured:
   (1) `probec run --events FILE` (FILE on tmpfs) as a user runs it, on ring_getpid, per offered rate:
       events made, lines written, probec_events_lost_total.
-  (2) ring_tp loaded here through runtime/libbpf.py; RingBuffer with a callback that only counts
+  (2) ring_tp loaded here through runtime/libbpf/; RingBuffer with a callback that only counts
       (poll + consume, as CoreRunner drains): the ceiling of a per-record ctypes callback.
   (3) the same with a bulk consumer of ours reading the ring's mmap'ed pages (MmapRing).
   Consumer capacity: each in-process consumer draining a 1M-event backlog, no producer running.
@@ -154,7 +154,7 @@ class MmapRing:
 
 class InProcess:
     """A bundle's object loaded in this process; its ring drained by a counting consumer:
-    'callback' (runtime/libbpf.py RingBuffer), 'mmap' (MmapRing) or None (no consumer)."""
+    'callback' (runtime/libbpf RingBuffer), 'mmap' (MmapRing) or None (no consumer)."""
 
     def __init__(self, bundle: Path, consumer: str | None = "callback", wakeup_bytes: int | None = None):
         from probec.runtime import libbpf as L
@@ -255,7 +255,7 @@ def consumer_capacity(big: Path, loadgen: Path, n: int, rounds: int) -> list[str
     """How fast each consumer drains a backlog: n events made with no consumer running (they all
     fit the 64 MiB ring), then the consumer started and timed until it has them all."""
     rows = []
-    for consumer, label in (("callback", "runtime/libbpf.py RingBuffer, callback that only counts "
+    for consumer, label in (("callback", "runtime/libbpf RingBuffer, callback that only counts "
                                          "(ring_buffer__consume)"),
                             ("mmap", "bulk mmap consumer (records copied out, consumer_pos stored per pass)")):
         rates = []
@@ -366,7 +366,7 @@ def main() -> int:
             ("probec", "(1) `probec run --events FILE`, ring_getpid.yaml (event at each span end; decode + JSON line "
              "per event)", ring, "getpid_done", span_rates,
              lambda b, ev, rate, count, tag: through_probec(b, ev, loadgen, rate, count, scratch, tag)),
-            ("callback", "(2) runtime/libbpf.py RingBuffer, a callback that only counts, ring_tp.yaml", ring_tp,
+            ("callback", "(2) runtime/libbpf RingBuffer, a callback that only counts, ring_tp.yaml", ring_tp,
              "getpid_called", tp_rates, lambda b, ev, rate, count, tag: in_process(b, "callback", loadgen, rate, count)),
             ("mmap", "(3) bulk mmap consumer (records copied out, no per-record callback), ring_tp.yaml", ring_tp,
              "getpid_called", tp_rates, lambda b, ev, rate, count, tag: in_process(b, "mmap", loadgen, rate, count))):

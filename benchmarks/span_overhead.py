@@ -228,7 +228,7 @@ def main() -> int:
     lines += ["", "Nanoseconds each call of the workload gets slower with the span attached. (a) is what "
               "`probec build --backend core` writes and `probec run` loads; (b) is "
               "`benchmarks/handwritten/span_hash.bpf.c` (HASH begin map keyed by tid, branch-free exp2 bucket "
-              "index, one PERCPU_ARRAY value holding buckets and sum) loaded through runtime/libbpf.py; (c) is "
+              "index, one PERCPU_ARRAY value holding buckets and sum) loaded through runtime/libbpf/; (c) is "
               "`probec build --backend bpftrace` run by `probec run`. Same spec for (a) and (c): "
               "`benchmarks/specs/span_nop.yaml`, `benchmarks/specs/span_getpid.yaml`.", "",
               "Per call added = (median time with the variant - median time with no probes) / N, from the "

@@ -1,4 +1,4 @@
-"""The `probec` command: check, build, run, doctor.
+"""The `probec` command: check, build, run, doctor, rules, dashboard.
 
 `run` imports only the runtime, so a production host needs no compiler dependencies.
 """
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .runtime.options import add_run_arguments
@@ -59,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=("bpftrace", "core"), default=None,
                    help="when TARGET is a spec: build it for this backend first (default bpftrace)")
     add_run_arguments(r)
+
+    for name, what, default in (("rules", "write Prometheus recording and alerting rules for a spec's collector",
+                                  "stdout"),
+                                 ("dashboard", "write a Grafana dashboard (JSON) for a spec's collector", "stdout")):
+        m = sub.add_parser(name, help=what)
+        m.add_argument("spec", metavar="SPEC")
+        m.add_argument("-o", "--output", metavar="FILE", help=f"where to write (default: {default})")
+        m.add_argument("--job", metavar="JOB", help="the Prometheus scrape job of the collector (default: the spec's name)")
 
     d = sub.add_parser("doctor", help="say what this machine can trace")
     d.add_argument("--format", choices=("text", "json"), default="text",
@@ -139,13 +148,68 @@ def _build(args) -> int:
     return EXIT_OK
 
 
+def _build_from_spec(spec: str, backend: str, interval: float) -> str | None:
+    """Convenience for prototyping: `probec run spec.yaml` builds into a temporary bundle first.
+    This is the only path on which `run` touches the compiler; the runtime takes the bundle."""
+    import tempfile
+    from .compiler.diagnostics import render_text
+    from .compiler.driver import build_bundle, check_file
+    result = check_file(spec)
+    if result.program is None:
+        sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
+        return None
+    options = {"interval_ms": max(1, int(interval * 1000))} if backend == "bpftrace" else {}
+    bundle = build_bundle(result, backend, **options)
+    sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
+    if bundle is None:
+        return None
+    out = tempfile.mkdtemp(prefix=f"probec-{result.program.name}-")
+    bundle.write(out)
+    return out
+
+
+def _monitoring(args) -> int:
+    """`probec rules` and `probec dashboard`: read the spec as `check --no-host` does (the rules
+    name what the spec exports, whatever this machine has), then write one file."""
+    from .compiler.diagnostics import render_text
+    from .compiler.driver import check_file
+    from .compiler.ir.host import HostInfo
+    result = check_file(args.spec, HostInfo(enabled=False), kernel="any")
+    sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
+    if result.program is None:
+        return EXIT_ERRORS
+    job = args.job or result.program.name
+    if args.command == "rules":
+        from .compiler.monitoring.rules import render_rules
+        text = render_rules(result.spec, result.program, job)
+    else:
+        from .compiler.monitoring.dashboard import render_dashboard
+        text = render_dashboard(result.program, job)
+    if not args.output or args.output == "-":
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        with open(args.output, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        print(f"probec: cannot write '{args.output}': {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    print(args.output)
+    return EXIT_OK
+
+
 def _run(args) -> int:
+    if os.path.isfile(args.target) and os.path.splitext(args.target)[1] in (".yaml", ".yml"):
+        built = _build_from_spec(args.target, args.backend or "bpftrace", args.interval)
+        if built is None:
+            return EXIT_ERRORS
+        args.target = built
     from .runtime.session import run_target
     return run_target(args)
 
 
 def _doctor(args) -> int:
-    from .runtime.features import doctor_report, host_facts
+    from .host.features import doctor_report, host_facts
     if args.format == "json":
         import json
         print(json.dumps(host_facts(), sort_keys=True, separators=(",", ":")))
@@ -157,7 +221,8 @@ def _doctor(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"check": _check, "build": _build, "run": _run, "doctor": _doctor}[args.command](args)
+        return {"check": _check, "build": _build, "run": _run, "doctor": _doctor,
+                "rules": _monitoring, "dashboard": _monitoring}[args.command](args)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

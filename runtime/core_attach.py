@@ -21,7 +21,7 @@ def _libbpf():
 
 # --- what this kernel can do (for messages) ------------------------------------------------------
 def kernel_alternatives() -> str:
-    from .features import kprobes_available, probe_fentry
+    from ..host.features import kprobes_available, probe_fentry
     works = ["tracepoints (tracepoint:, syscall:)", "uprobes", "USDT"]
     if kprobes_available():
         works.append("kprobes")
@@ -31,7 +31,7 @@ def kernel_alternatives() -> str:
 
 
 def attach_hint(kind: str, err: int | None) -> str:
-    from .features import kprobes_available
+    from ..host.features import kprobes_available
     if kind in ("kprobe", "kretprobe") and not kprobes_available():
         why = "this kernel has no kprobes (CONFIG_KPROBES off)"
     elif kind in ("fentry", "fexit"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from .manifest import BundleError, ProbeInfo, TracepointCheck
-from .tracefs import read_format, tracefs_root
+from ..host.tracefs import read_format, tracefs_root
 
 
 # --- tracepoint field offsets --------------------------------------------------------------------
@@ -45,7 +45,7 @@ def check_uprobe_placement(probes: Iterable[ProbeInfo]) -> None:
     """A uprobe 4 bytes into a function was placed past its endbr64 at build time. If the binary
     changed and the function no longer starts with endbr64, +4 may be the middle of an
     instruction: refuse rather than corrupt the traced process."""
-    from . import elf
+    from ..host import elf
     for p in probes:
         if p.kind not in ("uprobe", "uretprobe") or p.offset != 4:
             continue

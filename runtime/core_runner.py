@@ -10,7 +10,6 @@ loading and attaching in core_attach.py, and decoding maps and records in core_d
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import struct
@@ -309,15 +308,3 @@ def _stats_enabled() -> bool:
     except OSError:
         return False
 
-
-# --- python DIR/loader.py ------------------------------------------------------------------------
-def loader_main(bundle_dir: str, argv: list[str]) -> int:
-    from .options import add_run_arguments
-    """What a bundle's loader.py runs: `probec run` for this bundle, without the compiler."""
-    p = argparse.ArgumentParser(prog="loader.py", description=f"Run the probec bundle in {bundle_dir}.")
-    add_run_arguments(p)
-    args = p.parse_args(argv)
-    args.target = bundle_dir
-    args.backend = "core"
-    from .session import run_target
-    return run_target(args)

@@ -1,11 +1,13 @@
-"""`probec run`: load a bundle with its backend's runner, export metrics, stop cleanly on signals."""
+"""`probec run` and a bundle's loader.py: load a bundle with its backend's runner, export metrics, stop cleanly
+on signals. Takes a built bundle: `probec run SPEC` builds it first (probec/cli.py), so nothing here
+imports the compiler."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 from .events import EventSink
 from .exporter import Exporter, format_edge, label_text
 from .manifest import BundleError, MetricInfo, load_bundle
+from .options import add_run_arguments
 from .store import MetricStore, quantile, quantile_labels
 from .watch import BinaryWatch, ProcessTarget, TargetError
 
@@ -21,25 +24,6 @@ UPROBE_KINDS = ("uprobe", "uretprobe", "usdt")
 
 def log(message: str) -> None:
     print(f"probec: {message}", file=sys.stderr, flush=True)
-
-
-def build_from_spec(spec: str, backend: str, interval: float) -> Path | None:
-    """Convenience for prototyping: `probec run spec.yaml` builds into a temporary bundle first.
-    This is the only path on which `run` touches the compiler."""
-    from ..compiler.diagnostics import render_text
-    from ..compiler.driver import build_bundle, check_file
-    result = check_file(spec)
-    if result.program is None:
-        sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
-        return None
-    options = {"interval_ms": max(1, int(interval * 1000))} if backend == "bpftrace" else {}
-    bundle = build_bundle(result, backend, **options)
-    sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
-    if bundle is None:
-        return None
-    out = Path(tempfile.mkdtemp(prefix=f"probec-{result.program.name}-"))
-    bundle.write(out)
-    return out
 
 
 def make_runner(bundle, store, sink, pid: int, bpf_stats: bool = False):
@@ -175,11 +159,6 @@ def check_target(runner, target: ProcessTarget, store: MetricStore, failed: dict
 
 def run_target(args) -> int:
     target = Path(args.target)
-    if target.is_file() and target.suffix in (".yaml", ".yml"):
-        built = build_from_spec(str(target), args.backend or "bpftrace", args.interval)
-        if built is None:
-            return 1
-        target = built
     try:
         bundle = load_bundle(target)
         if args.backend and args.backend != bundle.backend:
@@ -279,3 +258,13 @@ def run_target(args) -> int:
             signal.signal(s, handler)
         if received:
             log(f"stopped on {signal.Signals(received[0]).name}; probes detached")
+
+
+def loader_main(bundle_dir: str, argv: list[str]) -> int:
+    """What a bundle's loader.py runs: `probec run` for this bundle, without the compiler."""
+    p = argparse.ArgumentParser(prog="loader.py", description=f"Run the probec bundle in {bundle_dir}.")
+    add_run_arguments(p)
+    args = p.parse_args(argv)
+    args.target = bundle_dir
+    args.backend = "core"
+    return run_target(args)

@@ -2,7 +2,7 @@
 
 Kernel addresses are looked up in `/proc/kallsyms`, read once per process. User addresses are
 looked up through the process's `/proc/PID/maps` and the ELF symbols of each mapped file
-(`probec.runtime.elf`), demangled. Nothing here raises for an address it cannot name: a
+(`probec.host.elf`), demangled. Nothing here raises for an address it cannot name: a
 process that has exited, a file that is gone or unreadable, or hidden kernel pointers all give
 the raw address instead.
 
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
-from probec.runtime.elf import ElfError, ElfFile, demangle, open_elf
+from ..host.elf import ElfError, ElfFile, demangle, open_elf
 
 KALLSYMS = "/proc/kallsyms"
 _KERNEL_TEXT_TYPES = frozenset("tTwW")

@@ -77,7 +77,7 @@ class BinaryWatch:
 def missing_in(path: str, probes: list[ProbeInfo]) -> list[str]:
     """The addresses of these probes (manifest entries) whose function or USDT note the file at
     `path` lacks: bpftrace leaves such a uprobe out without a word, so look first."""
-    from . import elf
+    from ..host import elf
     try:
         binary = elf.open_elf(path)
         notes = {(u.provider, u.name) for u in binary.usdt_probes()} if any(

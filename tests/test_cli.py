@@ -115,6 +115,13 @@ def test_run_rejects_what_is_not_a_bundle(tmp_path):
     assert r.returncode == 1 and "not a probec bundle" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_run_of_a_spec_with_errors_shows_them_and_loads_nothing():
+    # `probec run SPEC` checks and builds first (probec/cli.py); a spec with errors stops there
+    r = probec("run", "tests/errors/unknown_key.yaml", "--port", "0", "--duration", "1")
+    assert r.returncode == 1, r.stderr
+    assert "unknown_key.yaml:8:5: error[E105]" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_doctor_names_mechanisms():
     r = probec("doctor")
     assert r.returncode == 0

@@ -660,7 +660,7 @@ def test_kprobe_programs_pass_the_verifier_and_fail_attach_clearly(tmp_path, wor
     attach them; running the bundle fails naming the probe and what works, leaving nothing behind."""
     core_kernel()
     from probec.runtime import libbpf as L
-    from probec.runtime.features import kprobes_available
+    from probec.host.features import kprobes_available
     out = build(write_spec(tmp_path, "core_kprobes", KPROBE_SPEC), tmp_path / "bundle", kernel="any")
     manifest = json.loads((out / "manifest.json").read_text())
     kinds = {p["program"]: p["kind"] for p in manifest["core"]["programs"]}

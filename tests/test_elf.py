@@ -1,4 +1,4 @@
-"""ELF inspection (probec.runtime.elf) against binaries compiled here and checked with binutils."""
+"""ELF inspection (probec.host.elf) against binaries compiled here and checked with binutils."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from probec.runtime import elf
-from probec.runtime.elf import (ElfError, ElfFile, close_names, demangle, find_function,
-                                resolve_binary)
+from probec.host import elf
+from probec.host.elf import (ElfError, ElfFile, close_names, demangle, find_function,
+                             resolve_binary)
+from probec.host.elf import demangling
+from probec.host.elf.symbols import _searchable
 
 TOOLS = ("gcc", "g++", "nm", "readelf", "objdump", "strip")
 pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
@@ -268,7 +270,7 @@ def test_demangle():
 
 
 def test_demangle_without_libstdcxx(monkeypatch):
-    monkeypatch.setattr(elf, "_cxa_demangle", lambda: None)
+    monkeypatch.setattr(demangling, "_cxa_demangle", lambda: None)
     elf.demangle.cache_clear()
     try:
         assert demangle("_ZN9Inference6WarmupEi") == "_ZN9Inference6WarmupEi"
@@ -401,7 +403,7 @@ def test_string_table_search_agrees_with_decoded_names(built, workloads, key, ev
     queries = _lookup_queries(decoded, every)
     for query in queries:
         for table in searched._tables():
-            if elf._searchable(query):
+            if _searchable(query):
                 assert table._named_by_search(query) == table._named_in_list(query), query
         assert (searched._demangled_matches(query, search=True)
                 == searched._demangled_matches(query, search=False)), query

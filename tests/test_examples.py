@@ -16,6 +16,7 @@ import pytest
 
 from conftest import ROOT, probec, require_kernel
 from harness import Run, Timed, assert_histogram_matches, build, buckets, per_bucket, value
+from prometheus_server import assert_promtool_finds_nothing, free_port, scrape_text
 
 BACKENDS = ["bpftrace", "core"]
 EXAMPLES = ROOT / "examples"
@@ -40,11 +41,14 @@ def backend(request):
 
 
 def run_example(tmp_path: Path, backend: str, name: str, body) -> dict:
-    """Build examples/NAME/spec.yaml, run it, call body() while it runs, return the final scrape."""
+    """Build examples/NAME/spec.yaml, run it, call body() while it runs, return the final scrape.
+    A scrape over HTTP after body() passes `promtool check metrics` without a lint."""
     bundle = build(EXAMPLES / name / "spec.yaml", backend, tmp_path / "bundle")
-    run = Run(bundle, tmp_path)
+    port = free_port()
+    run = Run(bundle, tmp_path, port=port)
     try:
         body()
+        assert_promtool_finds_nothing(scrape_text(port))
         metrics = run.stop()
     finally:
         run.kill()

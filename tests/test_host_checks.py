@@ -10,7 +10,8 @@ import pytest
 
 from conftest import probec
 from probec.compiler.diagnostics import Diagnostics
-from probec.compiler.ir.host import HostInfo, RecordedHost, btf_strings
+from probec.compiler.ir.host import HostInfo, RecordedHost
+from probec.host.btf import btf_strings
 from probec.compiler.ir.lowering import LoweringOptions, lower
 from probec.compiler.spec.loader import load_spec_text
 

@@ -89,7 +89,7 @@ def code_lines(script: str) -> list[str]:
 def object_sections(path: Path) -> dict[str, bytes]:
     """Every section of a BPF object but .debug_line, which holds the MD5 of the C source (and so
     of its comments): the programs, maps, BTF with its line info, and the rest of DWARF."""
-    from probec.runtime.elf import ElfFile
+    from probec.host.elf import ElfFile
     f = ElfFile(path)
     return {s.name: f.section_data(s) for s in f.sections if s.name != ".debug_line"}
 

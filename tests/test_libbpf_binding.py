@@ -16,11 +16,13 @@ import subprocess
 import sys
 import threading
 import time
+from ctypes import sizeof
 from pathlib import Path
 
 import pytest
 
 from probec.runtime import libbpf as L
+from probec.runtime.libbpf import ffi
 
 HERE = Path(__file__).parent / "bpf"
 BPF_SRC = HERE / "binding_test.bpf.c"
@@ -118,9 +120,9 @@ def test_struct_mirrors_match_c_headers(tmp_path):
     subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
     got = [int(x) for x in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]
     assert got == [
-        L.sizeof(L._BpfProgInfo), L._BpfProgInfo.run_time_ns.offset, L._BpfProgInfo.recursion_misses.offset,
-        L.sizeof(L._UprobeOpts), L._UprobeOpts.func_name.offset,
-        L.sizeof(L._UsdtOpts), L.sizeof(L._MapBatchOpts),
+        sizeof(ffi.BpfProgInfo), ffi.BpfProgInfo.run_time_ns.offset, ffi.BpfProgInfo.recursion_misses.offset,
+        sizeof(ffi.UprobeOpts), ffi.UprobeOpts.func_name.offset,
+        sizeof(ffi.UsdtOpts), sizeof(ffi.MapBatchOpts),
     ]
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT, require_kernel
 from harness import Run, build, per_bucket, buckets, value
+from prometheus_server import assert_promtool_finds_nothing, free_port, scrape_text
 from test_kernel_paths import BACKENDS
 
 pytestmark = pytest.mark.kernel
@@ -38,10 +39,12 @@ def test_requests_and_linear_layers(backend, server, tmp_path, monkeypatch):
     require_kernel(need_bpftrace=backend == "bpftrace", need_clang=backend == "core")
     monkeypatch.setenv("TORCH_LIB", os.path.join(os.path.dirname(torch.__file__), "lib"))
     bundle = build(SPEC, backend, tmp_path / "bundle")
-    run = Run(bundle, tmp_path)
+    port = free_port()
+    run = Run(bundle, tmp_path, port=port)
     try:
         subprocess.run([sys.executable, str(ROOT / "examples/torch_serving/client.py"), "--port", str(server),
                         "--requests", str(REQUESTS), "--tail-every", "10"], check=True, timeout=300)
+        assert_promtool_finds_nothing(scrape_text(port))
         metrics = run.stop()
     finally:
         run.kill()

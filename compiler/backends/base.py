@@ -10,9 +10,8 @@ import jinja2
 
 from .. import escaping
 from ..diagnostics import Diagnostics, SourceSpan
-from ...runtime.manifest import Manifest
 from ..ir.nodes import Program
-from .manifest import manifest_for
+from .manifest import Manifest, manifest_for
 
 
 @dataclass

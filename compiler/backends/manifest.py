@@ -8,7 +8,10 @@ the runtime's leaf module `runtime/manifest.py`; this module fills it from the I
 from __future__ import annotations
 
 from ...runtime import manifest as contract
+from ...runtime.manifest import Manifest
 from ..ir.nodes import Layout, MapSpec, Program
+
+__all__ = ["MANIFEST_VERSION", "Manifest", "contract", "manifest_for"]
 
 MANIFEST_VERSION = contract.MANIFEST_VERSION
 

@@ -9,10 +9,11 @@ import functools
 import os
 from pathlib import Path
 
-from ...runtime import features
-from ...runtime.tracefs import TRACEFS_ROOTS, FormatField, available_events, parse_format, read_format, tracefs_root
+from ...host import elf, features
+from ...host.btf import btf_strings
+from ...host.tracefs import TRACEFS_ROOTS, FormatField, available_events, read_format, tracefs_root
 
-__all__ = ["FormatField", "HostFactsError", "HostInfo", "RecordedHost", "btf_strings", "parse_format"]
+__all__ = ["FormatField", "HostFactsError", "HostInfo", "RecordedHost"]
 
 
 class HostInfo:
@@ -154,24 +155,4 @@ def _typed(facts: dict, key: str, kind: type):
 
 @functools.lru_cache(maxsize=64)
 def _open_elf(path: str):
-    from ...runtime import elf
     return elf.ElfFile(path)
-
-
-def btf_strings(path: str) -> set[str] | None:
-    """All names in a BTF blob's string section (header: magic, version, flags, hdr_len,
-    type_off, type_len, str_off, str_len)."""
-    import struct
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    if len(data) < 24:
-        return None
-    magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
-    if magic != 0xEB9F:
-        return None
-    _type_off, _type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
-    start = hdr_len + str_off
-    return {s.decode("ascii", "replace") for s in data[start:start + str_len].split(b"\0") if s}

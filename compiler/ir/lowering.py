@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 
+from ...host import elf
 from ...runtime.manifest import EVENT_HEADER
 from ..diagnostics import Diagnostics, did_you_mean, shown
 from ..escaping import bpftrace_address_part, visible
@@ -108,7 +109,6 @@ class Lowering:
             path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(self.spec.file)), path))
         if not self.host.enabled:
             return path
-        from ...runtime import elf
         try:
             return elf.resolve_binary(path)
         except elf.ElfError as exc:
@@ -140,7 +140,6 @@ class Lowering:
             return None
         if not self.host.enabled:
             return addr.name, addr.offset or 0
-        from ...runtime import elf
         try:
             ef = self.host.binary(path)
             found = elf.find_function(path, addr.name)
@@ -178,7 +177,6 @@ class Lowering:
     def usdt_args(self, addr: ProbeAddress, path: str) -> int | None:
         if not self.host.enabled:
             return None
-        from ...runtime import elf
         try:
             probes = elf.usdt_probes(path)
         except elf.ElfError as exc:

@@ -17,7 +17,7 @@ from ..expr.ast import SIZE_UNITS, TIME_UNITS, Expr, Name
 from ..expr.parser import parse_expression
 from .limits import (EVENT_RECORD_KEYS, HISTOGRAM_LABELS, INT_MAX, LIMITS, MAX_BUCKETS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH,
                      RESERVED_METRIC_PREFIX, RESERVED_SPEC_NAMES, exposed_names, expression_depth, out_of_range)
-from .model import (PROBE_KINDS, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
+from .model import (PROBE_KINDS, AlertSpec, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
                     MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef)
 from .yaml_source import MAX_SPEC_BYTES, YMap, YNode, YScalar, YSeq, load_yaml
 
@@ -36,7 +36,14 @@ SPAN_KEYS = ("begin", "end", "function", "syscall", "kernel", "key", "filter", "
 WITHIN_KEYS = ("span", "key", "end_key")
 SIDE_KEYS = ("probe", "key")
 METRIC_KEYS = ("help", "histogram", "parts", "count", "sum", "on", "filter", "labels", "buckets",
-               "within", "unit")
+               "within", "unit", "alert")
+# `alert: p99 > 50ms for 5m`: a quantile (p50, p90, p95, p99, p999), a threshold with the
+# histogram's unit or a multiple of its baseline (`3x baseline`), and optionally how long it must
+# hold (Prometheus durations: s, m, h, d).
+ALERT = re.compile(r"\s*p([0-9]{2,3})\s*>\s*(?:([0-9]{1,6}(?:\.[0-9]{1,6})?)x\s+baseline|(\S+))"
+                   r"(?:\s+for\s+([0-9]+)(s|m|min|h|d))?\s*")
+ALERT_QUANTILES = ("50", "90", "95", "99", "999")
+ALERT_FOR_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 EVENT_KEYS = ("on", "when", "sample", "fields")
 LIMIT_KEYS = ("concurrency", "series", "ringbuf")
 BINARY_KEYS = ("path", "optional")
@@ -262,7 +269,7 @@ class SpecLoader:
     def prometheus_names(self, metrics: dict[str, MetricSpec]) -> None:
         """Refuse what makes Prometheus drop the whole scrape: two metrics whose exported names
         meet (a counter `calls` beside `calls_total`, a histogram X beside X_sum), and histogram
-        labels its own series carry (`le`, and `quantile` of its NAME_quantile gauges). Labels
+        labels its own series carry (`le`, and `quantile` of its NAME_window summary). Labels
         starting with `__` are refused with every other such name (name_rules)."""
         owner: dict[str, str] = {}
         for m in metrics.values():
@@ -696,9 +703,60 @@ class SpecLoader:
         if parts and any(lab.name == "part" for lab in labels):
             self.d.error("E122", f"{what}: label 'part' is the name of the part already", next(
                 lab.span for lab in labels if lab.name == "part"), "name this label otherwise")
+        alert = None
+        if m.get("alert") is not None:
+            if kind != "histogram":
+                self.d.error("E117", f"{what}: only histograms have alerts", m.get("alert").span,
+                             "alerts watch a quantile, e.g. 'alert: p99 > 50ms for 5m' on a histogram")
+            else:
+                alert = self.alert(m.get("alert"), what, buckets)
         return MetricSpec(key.value, key.span, "histogram" if kind == "histogram" else "counter",
                           help_node.value if help_node else "", on, value, filt, labels, buckets,
-                          self.within_ref(m.get("within"), f"{what}.within"), unit, parts)
+                          self.within_ref(m.get("within"), f"{what}.within"), unit, parts, alert)
+
+    def alert(self, node: YNode, what: str, buckets: Buckets) -> AlertSpec | None:
+        """`p99 > 50ms for 5m`: the threshold in the unit of the histogram's bucket edges; or
+        `p99 > 3x baseline for 10m`: a multiple of the quantile's usual value."""
+        s = self.expect_scalar(node, f"{what}.alert")
+        if s is None:
+            return None
+        m = ALERT.fullmatch(s.value)
+        if not m:
+            self.d.error("E117", f"{what}: alert '{shown(s.value)}' not understood", s.span,
+                         "write 'pNN > THRESHOLD [for DURATION]' or 'pNN > Nx baseline [for DURATION]', "
+                         "e.g. 'p99 > 50ms for 5m'")
+            return None
+        if m.group(1) not in ALERT_QUANTILES:
+            self.d.error("E117", f"{what}: alert quantile 'p{m.group(1)}' is none of "
+                         f"{', '.join('p' + q for q in ALERT_QUANTILES)}", s.text_span(m.start(1) - 1, len(m.group(1)) + 1))
+            return None
+        threshold, dimension, multiple = 0, buckets.dimension, 0.0
+        if m.group(2) is not None:
+            multiple = float(m.group(2))
+            if multiple <= 1:
+                self.d.error("E117", f"{what}: alert multiple '{m.group(2)}x' is not above the baseline",
+                             s.text_span(m.start(2), len(m.group(2)) + 1), "write a multiple above 1, e.g. '2x baseline'")
+                return None
+        else:
+            threshold_span = s.text_span(m.start(3), len(m.group(3)))
+            quantity = self.quantity(s, m.group(3), threshold_span)
+            if quantity is None:
+                return None
+            threshold, dimension = quantity
+            if dimension != buckets.dimension:
+                said = {"time": "a duration", "size": "a size", "none": "a plain number"}
+                self.d.error("E117", f"{what}: alert threshold '{m.group(3)}' is {said[dimension]}, the histogram's "
+                             f"buckets are {said[buckets.dimension]}", threshold_span,
+                             "write the threshold in the unit of the buckets")
+                return None
+        for_seconds = 0
+        if m.group(4) is not None:
+            for_seconds = int(m.group(4)[:MAX_DIGITS]) * ALERT_FOR_UNITS[m.group(5)]
+            if for_seconds > 86_400 * 365:
+                self.d.error("E117", f"{what}: alert duration '{m.group(4)}{m.group(5)}' is over a year",
+                             s.text_span(m.start(4), len(m.group(4)) + len(m.group(5))))
+                return None
+        return AlertSpec(int(m.group(1)) / 10 ** len(m.group(1)), threshold, dimension, for_seconds, s.span, multiple)
 
     def sample(self, node) -> tuple[int, int]:
         s = self.expect_scalar(node, "sample")

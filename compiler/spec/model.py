@@ -87,6 +87,18 @@ class LabelSpec:
 
 
 @dataclass(frozen=True)
+class AlertSpec:
+    """`alert: p99 > 50ms for 5m` on a histogram: its quantile above a threshold for a while; or
+    `alert: p99 > 3x baseline`: above a multiple of the quantile's median over the last day."""
+    quantile: float                       # 0.99 for p99
+    threshold: int                        # in the metric's base units (ns, bytes or plain numbers)
+    dimension: str                        # time | size | none, as the threshold was written
+    for_seconds: int                      # 0: fire at the first evaluation above it
+    span: SourceSpan
+    multiple: float = 0.0                 # > 1: a multiple of the baseline instead of a threshold
+
+
+@dataclass(frozen=True)
 class MetricSpec:
     name: str
     span: SourceSpan
@@ -100,6 +112,7 @@ class MetricSpec:
     within: WithinRef | None
     unit: str = ""                         # seconds | bytes | "" (derived when not given)
     parts: tuple[tuple[str, Expr, SourceSpan], ...] = ()   # `parts:` histograms: (part, value, where)
+    alert: AlertSpec | None = None         # histograms: `alert: p99 > 50ms for 5m` (probec rules)
 
 
 @dataclass(frozen=True)

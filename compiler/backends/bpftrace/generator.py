@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 
-from ....runtime import manifest as contract
 from ...diagnostics import Diagnostics, SourceSpan
 from ...escaping import bpftrace_address_part, bpftrace_string, visible
 from ...ir import nodes as ir
 from ..base import Backend, Bundle, template_environment
+from ..manifest import contract
 
 SEPARATOR = "\\037"          # ASCII unit separator between printf fields: never in a number
 EVENT_MARK = "E"

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 
-from ....runtime import manifest as contract
 from ...diagnostics import Diagnostics, SourceSpan
 from ...spec.limits import STACK_BUDGET
 from ...ir import nodes as ir
 from ..base import Backend, Bundle, template_environment
+from ..manifest import contract
 from . import toolchain
 
 U64_MAX = (1 << 64) - 1
