@@ -322,3 +322,22 @@ class BtfVarSecinfo(ctypes.Structure):  # struct btf_var_secinfo
 assert sizeof(UprobeOpts) == 40 and sizeof(UsdtOpts) == 16 and sizeof(MapBatchOpts) == 24
 assert sizeof(BpfProgInfo) == 232 and BpfProgInfo.run_time_ns.offset == 192
 assert sizeof(PerfEventAttr) == 128
+
+
+class Closing:
+    """A handle to a C object that close() frees: usable in `with`, and closed when collected."""
+
+    def close(self) -> None:  # pragma: no cover - every subclass has its own
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from . import perf
 from .errors import BpfError, Call, kprobe_hint, load_hint, logger, tracefs_hint
-from .ffi import BpfProgInfo, BtfType, BtfVarSecinfo, UprobeOpts, UsdtOpts, cstr, lib
+from .ffi import BpfProgInfo, BtfType, BtfVarSecinfo, Closing, UprobeOpts, UsdtOpts, cstr, lib
 from .links import Link, LinkGroup
 from .maps import Map
 
@@ -240,7 +240,7 @@ class Program:
 # the object
 
 
-class BpfObject:
+class BpfObject(Closing):
     """A BPF ELF object: open, configure, load, attach, read; close when done."""
 
     def __init__(self, ptr: int, path: str):
@@ -305,18 +305,6 @@ class BpfObject:
         self.destroy_links()
         ptr, self._ptr = self._ptr, None
         lib().bpf_object__close(ptr)
-
-    def __enter__(self) -> "BpfObject":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # -- lookup by name
 

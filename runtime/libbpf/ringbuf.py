@@ -9,13 +9,13 @@ from ctypes import c_void_p
 from typing import Callable
 
 from .errors import BpfError, Call
-from .ffi import SAMPLE_FN, lib
+from .ffi import SAMPLE_FN, Closing, lib
 from .maps import Map
 
 _CALLBACK_RAISED = -_errno.ECANCELED
 
 
-class RingBuffer:
+class RingBuffer(Closing):
     """ring_buffer__new/poll/consume over one or more BPF_MAP_TYPE_RINGBUF maps.
 
     ``callback(data: bytes)`` runs on the polling thread.  If it raises, the
@@ -84,15 +84,3 @@ class RingBuffer:
         ptr, self._ptr = self._ptr, None
         if ptr is not None:
             lib().ring_buffer__free(ptr)
-
-    def __enter__(self) -> "RingBuffer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
