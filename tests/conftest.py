@@ -67,6 +67,16 @@ def require_kernel(need_bpftrace: bool = False, need_clang: bool = False) -> Non
     pytest.skip(reason)
 
 
+def require_core_kernel() -> None:
+    """Kernel tests of the core backend: clang, and bpftool once for vmlinux.h."""
+    require_kernel(need_clang=True)
+    if shutil.which("bpftool") is None and not os.environ.get("PROBEC_VMLINUX_H"):
+        reason = "bpftool is not installed (needed once to generate vmlinux.h)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def workloads() -> Path:
     """Build the test workloads once per session."""

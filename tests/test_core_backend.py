@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, WORKLOADS, require_kernel
+from conftest import ROOT, WORKLOADS, require_core_kernel, require_kernel
 from harness import assert_histogram_matches, buckets, measured_durations, parse_metrics, per_bucket
 
 from probec.compiler.driver import build_bundle, check_file
@@ -36,13 +36,6 @@ US, MS = 1_000, 1_000_000
 
 
 # --- helpers -------------------------------------------------------------------------------------
-def core_kernel() -> None:
-    require_kernel(need_clang=True)
-    if shutil.which("bpftool") is None and not os.environ.get("PROBEC_VMLINUX_H"):
-        reason = "bpftool is not installed (needed once to generate vmlinux.h)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 def write_spec(directory: Path, name: str, text: str) -> Path:
@@ -227,7 +220,7 @@ RECORD_VALUES = (0, 1, 2, 3, 4, 5, 1023, 1024, 1025, 1026)
 def main_run(tmp_path_factory, workloads):
     """Build MAIN_SPEC with `probec build`, run it with `probec run`, drive the workloads, stop with
     SIGINT; hand the tests the snapshot, the events and what bpftool saw."""
-    core_kernel()
+    require_core_kernel()
     tmp = tmp_path_factory.mktemp("core_main")
     spec = write_spec(tmp, "core_main", MAIN_SPEC)
     out = tmp / "bundle"
@@ -396,7 +389,7 @@ metrics:
 
 @pytest.fixture(scope="module")
 def small_bundle(tmp_path_factory, workloads):
-    core_kernel()
+    require_core_kernel()
     tmp = tmp_path_factory.mktemp("core_small")
     return build(write_spec(tmp, "core_small", SMALL_SPEC), tmp / "bundle")
 
@@ -465,7 +458,7 @@ metrics:
 @pytest.mark.kernel
 def test_bpftrace_and_core_agree_on_the_same_workload(tmp_path, workloads):
     """Both backends' bundles of one spec, attached at the same time to one workload."""
-    core_kernel()
+    require_core_kernel()
     require_kernel(need_bpftrace=True)
     spec = write_spec(tmp_path, "core_diff", DIFF_SPEC)
     bundles = {}
@@ -544,7 +537,7 @@ metrics:
 
 @pytest.mark.kernel
 def test_full_begin_map_counts_overflows(tmp_path, workloads):
-    core_kernel()
+    require_core_kernel()
     # a HASH begin map, sized by limits.concurrency (task storage has a slot per thread instead)
     out = build(write_spec(tmp_path, "core_overflow", OVERFLOW_SPEC), tmp_path / "bundle", task_storage=False)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -586,7 +579,7 @@ def test_label_sets_past_the_limit_fold_in_the_kernel_under_contention(tmp_path,
     label sets; every call is still counted, in a kept series or in __overflow__, and the 5 label
     sets folded are counted once each."""
     from probec.runtime.store import OVERFLOW
-    core_kernel()
+    require_core_kernel()
     out = build(write_spec(tmp_path, "core_thread_series", THREAD_SERIES_SPEC), tmp_path / "bundle")
     values = [str(v % 200) for v in range(400)]
     store, _, log = run_in_process(out, lambda: run_workload("--comm", "core_ts", "--threads", "8", "record",
@@ -642,7 +635,7 @@ metrics:
 
 @pytest.mark.kernel
 def test_kernel_span_attaches_its_first_working_variant(tmp_path, workloads):
-    core_kernel()
+    require_core_kernel()
     out = build(write_spec(tmp_path, "core_fallback", FALLBACK_SPEC), tmp_path / "bundle")
     store, runner, log = run_in_process(out, lambda: run_workload("--comm", "core_fb", "sleep", "3", "3000"))
     attached = store.health.attached
@@ -658,7 +651,7 @@ def test_kernel_span_attaches_its_first_working_variant(tmp_path, workloads):
 def test_kprobe_programs_pass_the_verifier_and_fail_attach_clearly(tmp_path, workloads):
     """Built with --kernel any: the kprobe programs load (verifier) though this kernel cannot
     attach them; running the bundle fails naming the probe and what works, leaving nothing behind."""
-    core_kernel()
+    require_core_kernel()
     from probec.runtime import libbpf as L
     from probec.host.features import kprobes_available
     out = build(write_spec(tmp_path, "core_kprobes", KPROBE_SPEC), tmp_path / "bundle", kernel="any")
@@ -723,7 +716,7 @@ events:
 
 @pytest.mark.kernel
 def test_ring_buffer_drops_are_counted(tmp_path, workloads):
-    core_kernel()
+    require_core_kernel()
     out = build(write_spec(tmp_path, "core_drops", DROPS_SPEC), tmp_path / "bundle")
     events = tmp_path / "events.jsonl"
     store, _, _ = run_in_process(out, lambda: run_workload("--comm", "core_drops", "write", "20000", "0"), events)
@@ -806,7 +799,7 @@ events:
 
 @pytest.mark.kernel
 def test_every_construct_passes_the_verifier(tmp_path, workloads):
-    core_kernel()
+    require_core_kernel()
     from probec.runtime import libbpf as L
     out = build(write_spec(tmp_path, "core_kitchen_sink", KITCHEN_SINK_SPEC), tmp_path / "bundle")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -819,7 +812,7 @@ def test_every_construct_passes_the_verifier(tmp_path, workloads):
 
 @pytest.mark.kernel
 def test_every_spec_in_the_repo_compiles_with_werror(tmp_path, workloads):
-    core_kernel()
+    require_core_kernel()
     specs = sorted(SPECS.glob("*.yaml"))
     assert specs
     for spec in specs:

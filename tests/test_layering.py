@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, WORKLOADS, require_kernel
+from conftest import require_core_kernel, ROOT, WORKLOADS, require_kernel
 from harness import parse_metrics
 
 # The folders that make up the package probec, by the module name each one is imported as.
@@ -238,18 +238,11 @@ def test_loader_help_runs_without_the_compiler(tmp_path, workloads):
     assert "refused" not in r.stderr
 
 
-def _core_kernel() -> None:
-    require_kernel(need_clang=True)
-    if shutil.which("bpftool") is None and not os.environ.get("PROBEC_VMLINUX_H"):
-        reason = "bpftool is not installed (needed once to generate vmlinux.h)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 @pytest.mark.kernel
 def test_loader_attaches_and_counts_without_the_compiler(tmp_path, workloads):
-    _core_kernel()
+    require_core_kernel()
     bundle = _build_core(tmp_path, compile=True)
     assert json.loads((bundle / "manifest.json").read_text())["backend"] == "core"
     snapshot = tmp_path / "snapshot.txt"
@@ -293,7 +286,7 @@ def test_loader_attaches_and_counts_without_the_compiler(tmp_path, workloads):
 @pytest.mark.kernel
 def test_probec_run_of_a_spec_builds_then_runs(tmp_path, workloads):
     # the one path of `run` that needs the compiler builds in probec/cli.py, then hands the bundle over
-    _core_kernel()
+    require_core_kernel()
     spec = tmp_path / "layering_loader.yaml"
     spec.write_text(LOADER_SPEC.replace("@W@", str(WORKLOADS)))
     r = subprocess.run([sys.executable, "-m", "probec", "run", str(spec), "--backend", "core", "--duration", "1",
