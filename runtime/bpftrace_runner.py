@@ -206,7 +206,8 @@ class BpftraceRunner:
         health = store.health
         targets = {HealthSlot.EVENT_SEEN: health.events_emitted,
                    HealthSlot.EVENT_RATE_LIMITED: health.events_rate_limited,
-                   HealthSlot.SPAN_OUTSIDE: health.span_outside}
+                   HealthSlot.SPAN_OUTSIDE: health.span_outside,
+                   HealthSlot.SPAN_OVERFLOW: health.span_overflows}
         self.counters: dict[str, tuple[dict[str, int], str]] = {}
         self.counter_base: dict[str, int] = {}   # health counts of earlier bpftrace processes
         for c in self.settings.counters:
@@ -214,8 +215,8 @@ class BpftraceRunner:
                 raise BundleError(f"{bundle.path}/manifest.json: bpftrace counts {c.kind} in {c.map}, which this "
                                   "runtime does not read; rebuild the bundle with this probec")
             self.counters[c.map] = (targets[c.kind], c.name)
-            if c.kind == HealthSlot.SPAN_OUTSIDE:
-                health.span_outside[c.name] = 0
+            if c.kind in (HealthSlot.SPAN_OUTSIDE, HealthSlot.SPAN_OVERFLOW):
+                self.counters[c.map][0][c.name] = 0     # shown as 0 from the start, as core shows its slots
         self.thread: threading.Thread | None = None
 
     # -- process -------------------------------------------------------------------------------

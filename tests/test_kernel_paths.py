@@ -608,3 +608,36 @@ metrics:
     # At most one tick per 100 ms from the start of the run to its end; at least one per 100 ms
     # of the time the probes were surely attached, less the tick in flight at each end.
     assert (stopping - attached) / 0.1 - 2 <= ticks <= (stopped - started) / 0.1 + 1, ticks
+
+
+OVERFLOW_SPEC = """
+name: begin_overflow
+limits:
+  concurrency: 2
+binaries:
+  lib: $WORK/libpwork.so
+spans:
+  held:
+    # keyed by the recorded value, and never ended: every distinct value holds a begin-map entry
+    begin: {probe: "uprobe:lib:pwork_record", key: arg0}
+    end: {probe: "uprobe:lib:pwork_nop", key: arg0}
+metrics:
+  held_seconds:
+    histogram: held.duration
+    buckets: [1ms]
+"""
+
+
+def test_span_begins_a_full_map_drops_are_counted(tmp_path, backend):
+    """Both backends count the begins their begin map had no room for: core's map holds
+    2 x limits.concurrency, every bpftrace map BPFTRACE_MAP_KEYS_MAX (bpftrace itself says nothing
+    when a full map refuses a key; the script reads the begin back)."""
+    import json
+    values = 10_000
+    metrics, run = run_spec(tmp_path, backend, OVERFLOW_SPEC,
+                            ("pwork", "record", *map(str, range(1, values + 1))))
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    capacity = (manifest["spans"][0]["capacity"] if backend == "core" else manifest["bpftrace"]["map_keys_max"])
+    assert capacity < values
+    assert value(metrics, "probec_span_begin_overflow_total", span="held") == values - capacity
+    assert value(metrics, "held_seconds_count") == 0

@@ -51,7 +51,8 @@ def test_the_bpftrace_section_names_every_map_the_runner_reads(built):
     section = typed.bpftrace
     assert {(c.map, c.kind, c.name) for c in section.counters} == {
         ("@__ev_slow_sleep_seen", contract.HealthSlot.EVENT_SEEN, "slow_sleep"),
-        ("@__ev_slow_sleep_limited", contract.HealthSlot.EVENT_RATE_LIMITED, "slow_sleep")}
+        ("@__ev_slow_sleep_limited", contract.HealthSlot.EVENT_RATE_LIMITED, "slow_sleep"),
+        ("@__span_sleep_overflow", contract.HealthSlot.SPAN_OVERFLOW, "sleep")}
     assert {(mm.map, mm.role) for mm in section.metric_maps} == {
         ("@m_pwork_sleep_duration_seconds", contract.MetricMapRole.MAIN),
         ("@m_pwork_sleep_duration_seconds_sum", contract.MetricMapRole.SUM),

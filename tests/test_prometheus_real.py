@@ -166,10 +166,7 @@ def test_prometheus_scrapes_exact_counts_and_quantiles_in_the_true_bucket(tmp_pa
         alerts = server.api("alerts")["data"]["alerts"]
         firing = sorted(a["labels"]["alertname"] for a in alerts if a["state"] == "firing")
         assert firing == ["SleepDurationSecondsP99High"], alerts
-        # Every query of the dashboard and the rules names only what this collector exports. One
-        # exception, said here: the bpftrace collector exports no probec_span_begin_overflow_total
-        # (its runner has no count of begins a full map dropped), so that alert and panel stay
-        # empty under bpftrace.
+        # Every query of the dashboard and the rules names only what this collector exports.
         scraped = {dict(k)["__name__"] for k in server.vector(f"group by (__name__) ({sel})", at)}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             declared = exposition_names(r.read().decode())
@@ -178,7 +175,7 @@ def test_prometheus_scrapes_exact_counts_and_quantiles_in_the_true_bucket(tmp_pa
                           "scrape_samples_post_metric_relabeling", "ALERTS", "ALERTS_FOR_STATE"}
         assert scraped - prometheus_own - recorded_names <= declared
         for expr in exprs + dashboard_queries(dashboard):
-            names = metric_names(expr) - ({"probec_span_begin_overflow_total"} if backend == "bpftrace" else set())
+            names = metric_names(expr)
             assert names <= declared | recorded_names | {"up"}, (expr, names - declared)
         run.stop()
     finally:

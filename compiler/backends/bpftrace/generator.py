@@ -114,7 +114,7 @@ class BpftraceBackend(Backend):
     def generated_names(kind: str, name: str, histogram: bool = False) -> tuple[str, ...]:
         total, count = ir.accumulator_maps(name)
         if kind == "span":
-            return (f"@span_{name}_begin", outside_counter(name), "@" + total, "@" + count)
+            return (f"@span_{name}_begin", outside_counter(name), overflow_counter(name), "@" + total, "@" + count)
         if kind == "metric":
             return (f"@m_{name}", "@" + count) + ((f"@m_{name}_sum",) if histogram else ())
         return tuple(event_maps(name).values())
@@ -177,7 +177,8 @@ class BpftraceBackend(Backend):
             if not a.restart:      # keep the first begin: only while the span is not open on this key
                 first = f"{begin_map}[{key}] == 0"
                 guard = f"({guard}) && ({first})" if guard else first
-            return self.render("span_begin.bt.j2", guard=guard, map=begin_map, key=key, resets=resets)
+            return self.render("span_begin.bt.j2", guard=guard, map=begin_map, key=key, resets=resets,
+                               overflow=overflow_counter(a.span))
         if isinstance(a, ir.SpanEnd):
             then = [line for t in a.then for line in self.action(t, em, program)]
             total, count = (self.map_name(m) for m in ir.accumulator_maps(a.span))
@@ -277,8 +278,11 @@ class BpftraceBackend(Backend):
         cleared = [self.map_name(m.name) for m in program.maps if m.purpose in ("span_begin", "accumulator")]
         cleared.append(EPOCH)
         printed += [outside_counter(span) for span in program.checked_at_end()]
+        printed += [overflow_counter(s.name) for s in program.spans]
         counters = [contract.BpftraceCounter(outside_counter(span), contract.HealthSlot.SPAN_OUTSIDE, span)
                     for span in program.checked_at_end()]
+        counters += [contract.BpftraceCounter(overflow_counter(s.name), contract.HealthSlot.SPAN_OVERFLOW, s.name)
+                     for s in program.spans]
         for e in program.events:
             maps = event_maps(e.name)
             counters += [contract.BpftraceCounter(maps["seen"], contract.HealthSlot.EVENT_SEEN, e.name),
@@ -314,6 +318,11 @@ def event_maps(event: str) -> dict[str, str]:
 def outside_counter(span: str) -> str:
     """The bpftrace count of a span's ends dropped for outliving their `within` span."""
     return f"@__span_{span}_outside"
+
+
+def overflow_counter(span: str) -> str:
+    """The bpftrace count of a span's begins dropped because its begin map was full."""
+    return f"@__span_{span}_overflow"
 
 
 def parse_version(text: str) -> tuple[int, int] | None:
