@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 
+from ..host.features import tool_version
 from .backends.base import check_generated_names
 from .diagnostics import Diagnostics
 from .ir.host import HostInfo
@@ -40,14 +39,8 @@ def check_file(path: str, host: HostInfo | None = None, kernel: str = "host") ->
 
 def bpftrace_version() -> tuple[int, int] | None:
     from .backends.bpftrace.generator import parse_version
-    exe = shutil.which("bpftrace")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return parse_version(out)
+    text = tool_version("bpftrace")
+    return parse_version(text) if text else None
 
 
 def build_bundle(result: CheckResult, backend: str, target_version: str | None = None, **options):

@@ -84,7 +84,9 @@ def kernel_functions() -> set[str] | None:
     return names or None
 
 
-def _tool_version(tool: str) -> str | None:
+def tool_version(tool: str) -> str | None:
+    """The first line `TOOL --version` prints (the path where it prints nothing), or None when
+    the tool is not installed."""
     exe = shutil.which(tool)
     if exe is None:
         return None
@@ -131,7 +133,7 @@ def host_facts(kernel_symbols: bool = True) -> dict:
             "kprobe": kprobes_available(root),
             "fentry": probe_fentry(),
         },
-        "tools": {tool: _tool_version(tool) for tool in ("bpftrace", "clang", "bpftool")} | {"libbpf": _libbpf_version()},
+        "tools": {tool: tool_version(tool) for tool in ("bpftrace", "clang", "bpftool")} | {"libbpf": _libbpf_version()},
         "tracepoints": tracepoints,
         "kernel_functions": sorted(functions) if functions is not None else None,
     }

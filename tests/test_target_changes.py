@@ -51,14 +51,19 @@ metrics:
 """
 
 
-def test_replaced_library_is_attached_again(tmp_path, backend):
-    """rm and a fresh copy, as a deploy does: processes started before and after are both counted."""
+def deployed(tmp_path, backend):
+    """pwork and libpwork.so copied to a deploy folder, and a bundle probing that copy."""
     deploy = tmp_path / "deploy"
     deploy.mkdir()
     for name in ("pwork", "libpwork.so"):
         shutil.copy2(WORKLOADS / name, deploy / name)
     lib = deploy / "libpwork.so"
-    bundle = build(write_spec(tmp_path, NOP_SPEC.format(lib=lib)), backend, tmp_path / "bundle")
+    return deploy, lib, build(write_spec(tmp_path, NOP_SPEC.format(lib=lib)), backend, tmp_path / "bundle")
+
+
+def test_replaced_library_is_attached_again(tmp_path, backend):
+    """rm and a fresh copy, as a deploy does: processes started before and after are both counted."""
+    deploy, lib, bundle = deployed(tmp_path, backend)
     port = free_port()
     run = Run(bundle, tmp_path, port=port)
     try:
@@ -198,12 +203,7 @@ def perf_links(pid: int) -> int:
 def test_processes_on_the_replaced_library(tmp_path, backend):
     """A process that loaded the library before the deploy runs the old file to its end: core keeps
     its probes there and counts it; bpftrace attaches to one file per path and says it no longer can."""
-    deploy = tmp_path / "deploy"
-    deploy.mkdir()
-    for name in ("pwork", "libpwork.so"):
-        shutil.copy2(WORKLOADS / name, deploy / name)
-    lib = deploy / "libpwork.so"
-    bundle = build(write_spec(tmp_path, NOP_SPEC.format(lib=lib)), backend, tmp_path / "bundle")
+    deploy, lib, bundle = deployed(tmp_path, backend)
     port = free_port()
     run = Run(bundle, tmp_path, port=port)
     old = subprocess.Popen([str(deploy / "pwork"), "--wait-stdin", "nop", "700"], stdin=subprocess.PIPE,
@@ -238,12 +238,7 @@ def test_processes_on_the_replaced_library(tmp_path, backend):
 def test_a_replacement_without_the_symbol_is_reported_and_retried(tmp_path, backend):
     """A deploy puts a file without the probed function at the path: the probe reads as detached,
     the log says why once, and the next file there is attached to."""
-    deploy = tmp_path / "deploy"
-    deploy.mkdir()
-    for name in ("pwork", "libpwork.so"):
-        shutil.copy2(WORKLOADS / name, deploy / name)
-    lib = deploy / "libpwork.so"
-    bundle = build(write_spec(tmp_path, NOP_SPEC.format(lib=lib)), backend, tmp_path / "bundle")
+    deploy, lib, bundle = deployed(tmp_path, backend)
     port = free_port()
     run = Run(bundle, tmp_path, port=port)
     try:
