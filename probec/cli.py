@@ -204,6 +204,12 @@ def _run(args) -> int:
         if built is None:
             return EXIT_ERRORS
         args.target = built
+        try:
+            from .runtime.session import run_target
+            return run_target(args)
+        finally:       # the bundle was only ever this run's: leave no folder behind in /tmp
+            import shutil
+            shutil.rmtree(built, ignore_errors=True)
     from .runtime.session import run_target
     return run_target(args)
 

@@ -289,10 +289,14 @@ def test_probec_run_of_a_spec_builds_then_runs(tmp_path, workloads):
     require_core_kernel()
     spec = tmp_path / "layering_loader.yaml"
     spec.write_text(LOADER_SPEC.replace("@W@", str(WORKLOADS)))
+    scratch = tmp_path / "tmp"          # where the run's temporary bundle goes, and must not stay
+    scratch.mkdir()
     r = subprocess.run([sys.executable, "-m", "probec", "run", str(spec), "--backend", "core", "--duration", "1",
-                        "--port", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+                        "--port", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "TMPDIR": str(scratch)})
     assert r.returncode == 0, r.stderr
     assert "attached (core)" in r.stderr, r.stderr
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("probec-")] == []
 
 
 def test_every_subpackage_is_in_the_wheel():
