@@ -51,6 +51,21 @@ def one_line(text: str) -> str:
     return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
 
 
+def _string_literal(data: bytes, backslashed: str, other) -> str:
+    """`data` between double quotes: the characters in `backslashed` after a backslash, other
+    printable ASCII as it is, every other byte as `other(byte)` spells it."""
+    out = []
+    for b in data:
+        ch = chr(b)
+        if ch in backslashed:
+            out.append("\\" + ch)
+        elif " " <= ch <= "~":
+            out.append(ch)
+        else:
+            out.append(other(b))
+    return '"' + "".join(out) + '"'
+
+
 # -- C --------------------------------------------------------------------------------------------
 def c_comment(text: str) -> str:
     """Text inside /* */: cannot close the comment or open a nested one (clang -Wcomment)."""
@@ -58,17 +73,9 @@ def c_comment(text: str) -> str:
 
 
 def c_string(text: str) -> str:
-    """A C string literal; other than printable ASCII, bytes as three-digit octal escapes."""
-    out = []
-    for b in text.encode("utf-8", "surrogateescape"):
-        ch = chr(b)
-        if ch in '"\\?':               # '?': no trigraph can form
-            out.append("\\" + ch)
-        elif " " <= ch <= "~":
-            out.append(ch)
-        else:
-            out.append(f"\\{b:03o}")
-    return '"' + "".join(out) + '"'
+    """A C string literal; other than printable ASCII, bytes as three-digit octal escapes
+    ('?' escaped too: no trigraph can form)."""
+    return _string_literal(text.encode("utf-8", "surrogateescape"), '"\\?', lambda b: f"\\{b:03o}")
 
 
 # -- Python ---------------------------------------------------------------------------------------
@@ -87,16 +94,7 @@ def bpftrace_comment(text: str) -> str:
 def bpftrace_string(data: bytes) -> str:
     """A bpftrace string literal (spec strings are printable ASCII, checked in typing; the rest
     is escaped all the same)."""
-    out = []
-    for b in data:
-        ch = chr(b)
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif " " <= ch <= "~":
-            out.append(ch)
-        else:
-            out.append(f"\\x{b:02x}")
-    return '"' + "".join(out) + '"'
+    return _string_literal(data, '"\\', lambda b: f"\\x{b:02x}")
 
 
 def bpftrace_address_part(text: str) -> str | None:
