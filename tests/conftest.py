@@ -77,6 +77,14 @@ def require_core_kernel() -> None:
         pytest.skip(reason)
 
 
+@pytest.fixture(params=["bpftrace", "core"])
+def backend(request, workloads):
+    """Each backend in turn, for kernel tests that must hold under the prototype and production
+    paths alike (a module may define its own, as test_examples does)."""
+    require_kernel(need_bpftrace=request.param == "bpftrace", need_clang=request.param == "core")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def workloads() -> Path:
     """Build the test workloads once per session."""

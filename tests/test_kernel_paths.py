@@ -16,12 +16,6 @@ BACKENDS = ["bpftrace", "core"]
 pytestmark = pytest.mark.kernel
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, workloads):
-    require_kernel(need_bpftrace=request.param == "bpftrace", need_clang=request.param == "core")
-    return request.param
-
-
 def run_spec(tmp_path, backend, spec_text, *workload_calls, extra=()):
     spec = write_spec(tmp_path, spec_text)
     bundle = build(spec, backend, tmp_path / "bundle")

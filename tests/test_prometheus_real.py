@@ -13,12 +13,11 @@ import urllib.request
 
 import pytest
 
-from conftest import probec, require_kernel
+from conftest import probec
 from harness import Run, build, measured_durations, workload, write_spec
 from prometheus_server import PrometheusServer, free_port
 from test_rules import dashboard_queries, metric_names, rule_queries
 
-BACKENDS = ["bpftrace", "core"]
 pytestmark = pytest.mark.kernel
 JOB = "prom_real"
 EDGES = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05)
@@ -52,12 +51,6 @@ events:
     sample: at most 1000/s
     fields: [comm, duration]
 """
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, workloads):
-    require_kernel(need_bpftrace=request.param == "bpftrace", need_clang=request.param == "core")
-    return request.param
 
 
 def exposition_names(text: str) -> set[str]:

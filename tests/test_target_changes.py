@@ -11,17 +11,10 @@ import time
 
 import pytest
 
-from conftest import WORKLOADS, require_kernel
+from conftest import WORKLOADS
 from harness import Run, build, value, write_spec
 
-BACKENDS = ["bpftrace", "core"]
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, workloads):
-    require_kernel(need_bpftrace=request.param == "bpftrace", need_clang=request.param == "core")
-    return request.param
 
 
 def free_port() -> int:
