@@ -6,7 +6,10 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(bpftrace clang llvm libbpf-dev libbpf1 bpftool systemtap-sdt-dev libelf-dev zlib1g-dev
           gcc g++ make binutils iproute2
-          prometheus)   # promtool: the exposition lint test
+          prometheus                                      # Prometheus and promtool for the real-scrape tests
+          python3-bpfcc linux-headers-amd64               # the BCC backend (hosts without BTF)
+          qemu-system-x86 busybox-static linux-image-amd64 # the kernel matrix: Debian's 6.1 under qemu
+          podman buildah mmdebstrap uidmap)               # the collector image
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -27,6 +30,12 @@ if [ ! -d /sys/kernel/tracing/events/sched ] && [ "$(id -u)" -eq 0 ]; then
   mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
 fi
 
+# virtme-ng boots the matrix kernels with this machine's root file system; it is not packaged for Debian 12.
+if [ ! -x /opt/vng/bin/vng ] && [ "$(id -u)" -eq 0 ]; then
+  echo "setup: installing virtme-ng into /opt/vng" >&2
+  python3 -m venv /opt/vng && /opt/vng/bin/pip install -q --disable-pip-version-check virtme-ng 2>&1 | grep -v "Running pip as the 'root' user" >&2 || true
+fi
+
 PYTHON=${PYTHON:-python3}
 # The demo's model server and its test use PyTorch (CPU). A local wheel is used where pip finds one.
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
@@ -35,7 +44,7 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
 fi
 # Installed, with its dependencies, and from this checkout (not another clone on the machine).
 here=$(pwd -P)
-installed=$("$PYTHON" -c "import os, probec.compiler, probec.runtime, lark, jinja2, yaml, prometheus_client, pytest, jsonschema
+installed=$("$PYTHON" -c "import os, probec.compiler, probec.runtime, lark, jinja2, yaml, prometheus_client, pytest, jsonschema, opentelemetry.sdk, kubernetes_validate
 print(os.path.dirname(os.path.dirname(os.path.realpath(probec.compiler.__file__))))" 2>/dev/null || true)
 if [ "$installed" != "$here" ] || [ pyproject.toml -nt .setup-stamp ]; then
   echo "setup: installing the probec Python package" >&2
