@@ -21,6 +21,9 @@ from prometheus_server import assert_promtool_finds_nothing, free_port, scrape_t
 BACKENDS = ["bpftrace", "core"]
 EXAMPLES = ROOT / "examples"
 WORK = EXAMPLES / "workloads" / "build"
+# Bundles built elsewhere, NAME.BACKEND in this folder: the kernel matrix (tests/kernels/) builds
+# each example's core bundle once on the host with --kernel any and runs these tests on every kernel.
+PREBUILT = os.environ.get("PROBEC_BUNDLES")
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +45,13 @@ def backend(request):
 
 def run_example(tmp_path: Path, backend: str, name: str, body) -> dict:
     """Build examples/NAME/spec.yaml, run it, call body() while it runs, return the final scrape.
-    A scrape over HTTP after body() passes `promtool check metrics` without a lint."""
-    bundle = build(EXAMPLES / name / "spec.yaml", backend, tmp_path / "bundle")
+    A scrape over HTTP after body() passes `promtool check metrics` without a lint.
+    With PROBEC_BUNDLES set, a bundle found there is run instead of one built here."""
+    prebuilt = Path(PREBUILT) / f"{name}.{backend}" if PREBUILT else None
+    if prebuilt is not None and prebuilt.is_dir():
+        bundle = prebuilt
+    else:
+        bundle = build(EXAMPLES / name / "spec.yaml", backend, tmp_path / "bundle")
     port = free_port()
     run = Run(bundle, tmp_path, port=port)
     try:

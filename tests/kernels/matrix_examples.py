@@ -1,0 +1,165 @@
+"""Every example on this kernel: the core bundle built once on the host with --kernel any
+(PROBEC_BUNDLES), and the bpftrace backend built here, against the examples' workloads, checked
+with the same numbers as tests/test_examples.py (whose tests these call)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import test_examples as ex
+from conftest import ROOT, probec
+from harness import Run, build, value
+from matrix_plugin import bundles
+from prometheus_server import free_port
+
+pytestmark = pytest.mark.kernel
+BACKENDS = ["core", "bpftrace"]
+TESTS_WORK = ROOT / "tests" / "workloads" / "build"
+
+CONSTRUCTS = {
+    "send_latency": "send_latency: span kernel:tcp_sendmsg, fallback syscall:sendto",
+    "runqueue": "runqueue: tracepoint span keyed by fields (sched_wakeup to sched_switch)",
+    "retransmits": "retransmits: span keyed by socket(fd), within by args.skaddr, tcp_retransmit_skb",
+    "correlation": "correlation: uprobe span, within, off-CPU from sched_switch, parts, sampled events",
+    "inference": "inference: C++ uprobe span by demangled name, counter within, sum of arg1, events",
+    "gpu": "gpu: CUDA uprobes (optional libraries) and a syscall span",
+    "torch_serving": "torch_serving: PyTorch server, syscall span and libtorch uprobes",
+}
+
+
+@pytest.fixture(autouse=True)
+def prebuilt(monkeypatch):
+    """test_examples runs the core bundles built on the host; bpftrace builds its script here."""
+    monkeypatch.setattr(ex, "PREBUILT", str(bundles()))
+    for path in (ex.WORK / "sendlat", ex.WORK / "rtx_drop.bpf.o", TESTS_WORK / "inference"):
+        assert path.exists(), f"{path} is missing: run_matrix.py builds the workloads on the host"
+
+
+def mechanism(tmp_path: Path, backend: str, group: str) -> str:
+    """Which variant of a `kernel:` span group ran: the core runtime says when it fell back; a
+    bpftrace script holds only the variant its build chose for this kernel."""
+    if backend == "core":
+        manifest = json.loads((bundles() / "send_latency.core" / "manifest.json").read_text())
+        labels = manifest["groups"][group]
+        stderr = (tmp_path / "run.stderr").read_text()
+        used = next((label for label in labels if f"{group}: using {label} on this kernel" in stderr), labels[0])
+        return used
+    script = next((tmp_path / "bundle").glob("*.bt")).read_text()
+    if "kfunc:tcp_sendmsg" in script:
+        return "fentry:tcp_sendmsg"
+    if "kprobe:tcp_sendmsg" in script:
+        return "kprobe:tcp_sendmsg"
+    assert "sys_enter_sendto" in script, script
+    return "syscall:sendto"
+
+
+def expected_mechanism() -> str:
+    from probec.host.features import kprobes_available, probe_fentry
+    if probe_fentry():
+        return "fentry:tcp_sendmsg"
+    return "kprobe:tcp_sendmsg" if kprobes_available() else "syscall:sendto"
+
+
+def result_of(used: str, first: str = "fentry:tcp_sendmsg") -> str:
+    return f"works ({used})" if used == first else f"falls back to {used}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_send_latency(tmp_path, backend, matrix):
+    row = matrix.row(CONSTRUCTS["send_latency"], backend)
+    ex.test_send_latency(tmp_path, backend)
+    used = mechanism(tmp_path, backend, "span_send")
+    # The first variant this kernel can attach, as `probec doctor` finds it, and no other.
+    assert used == expected_mechanism(), used
+    row.result = result_of(used)
+
+
+def test_send_latency_bpftrace_on_kprobe(tmp_path, matrix, monkeypatch):
+    """The `kernel:` span of the example on its second variant, kprobe: built with --target, from
+    this kernel's own facts with fentry marked missing, as for a kernel that has kprobes only."""
+    row = matrix.row(CONSTRUCTS["send_latency"] + " (kprobe variant forced)", "bpftrace")
+    from probec.host.features import kprobes_available
+    facts = json.loads(probec("doctor", "--format", "json").stdout)
+    facts["mechanisms"]["fentry"] = False
+    (tmp_path / "facts.json").write_text(json.dumps(facts))
+    out = tmp_path / "prebuilt"
+    built = subprocess.run([sys.executable, "-m", "probec", "build", str(ex.EXAMPLES / "send_latency" / "spec.yaml"),
+                            "--backend", "bpftrace", "--target", str(tmp_path / "facts.json"),
+                            "-o", str(out / "send_latency.bpftrace")], capture_output=True, text=True, timeout=180)
+    assert built.returncode == 0, built.stderr
+    script = next((out / "send_latency.bpftrace").glob("*.bt")).read_text()
+    if not kprobes_available():
+        # The record says no kprobes either: the build falls back, and says so.
+        assert "W311" in built.stderr and "kprobe:tcp_sendmsg" not in script, built.stderr
+        row.result, row.detail = "not available", "no CONFIG_KPROBES"
+        return
+    assert "kprobe:tcp_sendmsg" in script and "kfunc:" not in script, script
+    monkeypatch.setattr(ex, "PREBUILT", str(out))
+    ex.test_send_latency(tmp_path, "bpftrace")
+    row.result = "works (kprobe:tcp_sendmsg)"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runqueue(tmp_path, backend, matrix):
+    row = matrix.row(CONSTRUCTS["runqueue"], backend)
+    ex.test_runqueue(tmp_path, backend)
+    row.result = "works"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retransmits(tmp_path, backend, matrix):
+    row = matrix.row(CONSTRUCTS["retransmits"], backend)
+    ex.test_retransmits(tmp_path, backend, drop=True)
+    row.result = "works"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_correlation(tmp_path, backend, matrix):
+    row = matrix.row(CONSTRUCTS["correlation"], backend)
+    ex.test_correlation(tmp_path, backend)
+    row.result = "works"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference(tmp_path, backend, matrix):
+    """examples/inference: 20 fast and 3 slow Forward calls, each making one Allocate(64)."""
+    row = matrix.row(CONSTRUCTS["inference"], backend)
+    fast, slow = 20, 3
+    metrics = ex.run_example(tmp_path, backend, "inference",
+                             lambda: subprocess.run([str(TESTS_WORK / "inference"), "--comm", "inf_matrix", "forward",
+                                                     str(fast), "1000", str(slow), "60000"],
+                                                    check=True, timeout=120))
+    assert value(metrics, "model_inference_duration_seconds_count", comm="inf_matrix") == fast + slow
+    assert value(metrics, "model_allocations_total") == fast + slow
+    assert value(metrics, "model_allocated_bytes_total") == 64 * (fast + slow)
+    total = value(metrics, "model_inference_duration_seconds_sum", comm="inf_matrix")
+    assert fast * 0.001 + slow * 0.060 <= total < fast * 0.001 + slow * 0.060 + 5.0
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    # The slow calls only (over 50 ms), each with its user stack through Forward.
+    assert len(events) == slow, events
+    assert all(e["duration_seconds"] >= 0.060 and e["comm"] == "inf_matrix" for e in events), events
+    assert all(any("Inference::Forward" in f for f in e["ustack"]) for e in events), events
+    row.result = "works"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_without_cuda(tmp_path, backend, matrix):
+    """No CUDA device or library here or in the guest: the build leaves out the probes on the
+    missing libraries, and what is left (the request span on syscalls) loads and attaches."""
+    row = matrix.row(CONSTRUCTS["gpu"], backend)
+    bundle = bundles() / "gpu.core" if backend == "core" else \
+        build(ex.EXAMPLES / "gpu" / "spec.yaml", backend, tmp_path / "bundle")
+    assert not Path(ex.LIBCUDA).exists(), "a CUDA host: run examples/gpu on its workload instead"
+    run = Run(bundle, tmp_path, port=free_port())
+    try:
+        assert "attached" in run.stderr()
+        run.stop()
+    finally:
+        run.kill()
+    row.result, row.detail = "loads only", "CUDA probes left out at build (no libcuda here); its workload needs a GPU"

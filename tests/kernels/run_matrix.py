@@ -1,0 +1,186 @@
+"""`make kernel-matrix`: build every example's core bundle once, here, with --kernel any, then run
+the tests/kernels suite against those bundles on this machine's kernel and on Debian 12's 6.1
+under qemu (virtme-ng, software emulation), and write docs/kernel-matrix.md from the results.
+
+    python3 tests/kernels/run_matrix.py [--kernels host,6.1] [--suites examples,spans] [-k EXPR]
+
+Every kernel run holds the shared kernel lock (/tmp/probec-kernel.lock) and a time limit; a guest
+that does not finish in time is killed and its run counts as failed. The exit status is 1 when any
+run failed, timed out or wrote no results, so CI fails instead of hanging or skipping.
+Results: build/kernel-matrix/ (a JSON file per kernel and suite, and results.json, all merged);
+with --write-docs, docs/kernel-matrix.json and docs/kernel-matrix.md too."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+LOCK = "/tmp/probec-kernel.lock"
+SUITES = {"examples": "tests/kernels/matrix_examples.py", "spans": "tests/kernels/matrix_kernel_spans.py"}
+VNG = "/opt/vng/bin/vng"
+
+
+def guest_kernels() -> dict[str, str]:
+    """Kernel images to boot, by name: Debian's generic 6.1 (the cloud flavour has no 9p)."""
+    return {"6.1": path for path in sorted(glob.glob("/boot/vmlinuz-6.1.0-*-amd64"))[-1:]}
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, text=True, **kw)
+
+
+def build_bundles(out: Path) -> list[dict]:
+    """Core bundles of examples/NAME/spec.yaml (as NAME.core) and tests/kernels/specs/NAME.yaml,
+    built with --kernel any; a build that fails is reported as a failed row."""
+    for folder in ("tests/workloads", "examples/workloads"):
+        run(["make", "-s", "-C", folder], check=True)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    env = dict(os.environ)
+    try:
+        import torch
+        env.setdefault("TORCH_LIB", os.path.join(os.path.dirname(torch.__file__), "lib"))
+    except ImportError:
+        pass
+    failed = []
+    specs = {spec.parent.name: spec for spec in sorted(ROOT.glob("examples/*/spec.yaml"))}
+    specs |= {spec.stem: spec for spec in sorted(HERE.glob("specs/*.yaml"))}
+    for name, spec in specs.items():
+        result = run([sys.executable, "-m", "probec", "build", str(spec), "--backend", "core", "--kernel", "any",
+                      "-o", str(out / f"{name}.core")], capture_output=True, env=env, timeout=300)
+        if result.returncode != 0:
+            failed.append({"construct": f"build of {spec.relative_to(ROOT)} (--kernel any)", "backend": "core",
+                           "result": "", "outcome": "failed", "message": result.stderr.strip()[-400:],
+                           "test": "build", "detail": "", "measured": {}, "seconds": 0.0})
+        print(f"kernel-matrix: built {name}.core" + (" FAILED" if result.returncode else ""), file=sys.stderr)
+    return failed
+
+
+def pytest_command(suite: str, results: Path, bundles: Path, select: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "matrix_plugin", SUITES[suite],
+           "--rootdir", str(ROOT)]
+    return cmd + (["-k", select] if select else [])
+
+
+def suite_env(results: Path, bundles: Path) -> dict[str, str]:
+    return {"PYTHONPATH": f"{ROOT}:{HERE}", "PYTHONDONTWRITEBYTECODE": "1", "PROBEC_BUNDLES": str(bundles),
+            "PROBEC_MATRIX_OUT": str(results), "CI": os.environ.get("CI", "")}
+
+
+def kernel_lock():
+    """The shared kernel lock, held for one kernel run: timing-sensitive kernel tests of others
+    must not run beside a guest that takes both cores. Returns the open file (close to release)."""
+    import fcntl
+    f = open(LOCK, "a")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+def run_here(suite: str, results: Path, bundles: Path, select: str | None, limit: int) -> tuple[int, float, float]:
+    env = dict(os.environ) | suite_env(results, bundles)
+    with kernel_lock():
+        start = time.monotonic()
+        rc = run(["timeout", "-k", "10", str(limit), *pytest_command(suite, results, bundles, select)],
+                 env=env).returncode
+        return rc, time.monotonic() - start, 0.0
+
+
+def run_guest(image: str, suite: str, results: Path, bundles: Path, select: str | None, limit: int,
+              rwdir: Path) -> tuple[int, float, float]:
+    """Boot IMAGE under qemu and run the suite inside; the guest sees this machine's files
+    read-only and writes only under RWDIR (the results and its log). Returns the exit status,
+    the seconds from start to power-off, and the seconds it took to boot (to the suite's start)."""
+    env = suite_env(results, bundles)
+    script = rwdir / f"guest-{suite}.sh"
+    exports = " ".join(f"{k}={_quote(v)}" for k, v in env.items())
+    script.write_text(
+        "#!/bin/bash\n"
+        "# Written by tests/kernels/run_matrix.py: runs inside the guest.\n"
+        "echo 'kernel-matrix: guest up'\n"
+        "mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null\n"
+        f"export {exports} PATH={_quote(os.path.dirname(sys.executable))}:$PATH\n"
+        f"cd {_quote(str(ROOT))}\n"
+        f"{' '.join(_quote(c) for c in pytest_command(suite, results, bundles, select))}\n"
+        f"echo $? > {_quote(str(results))}.rc\n")
+    cmd = ["nice", "-n", "19", "timeout", "-k", "10", str(limit), VNG, "--run", image,
+           "--user", "root", "--cpus", "2", "--memory", "2G", "--disable-kvm", "--force-9p",
+           "--rwdir", str(rwdir), "--exec", f"bash {script}"]
+    env = dict(os.environ) | {"PATH": f"/opt/vng/bin:{os.environ['PATH']}"}
+    booted = 0.0
+    with kernel_lock(), open(rwdir / f"guest-{suite}.log", "w") as log:
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            if not booted and "kernel-matrix: guest up" in line:
+                booted = time.monotonic() - start
+            log.write(line)
+            sys.stdout.write(line)
+        rc = proc.wait()
+        took = time.monotonic() - start
+    if rc != 0:
+        return rc, took, booted          # timeout (124, 137) or qemu failed
+    rc_file = Path(f"{results}.rc")
+    return (int(rc_file.read_text()) if rc_file.exists() else 125), took, booted
+
+
+def _quote(s: str) -> str:
+    import shlex
+    return shlex.quote(s)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernels", default="host,6.1", help="comma-separated: host, 6.1 (default both)")
+    p.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated: {', '.join(SUITES)}")
+    p.add_argument("-k", dest="select", help="pytest -k expression within the suites")
+    p.add_argument("--limit", type=int, default=360, help="seconds per kernel and suite (default 360)")
+    p.add_argument("--out", default=str(ROOT / "build" / "kernel-matrix"))
+    p.add_argument("--write-docs", action="store_true", help="write docs/kernel-matrix.{json,md} from the results")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bundles = out / "bundles"
+    merged = {"runs": [], "build_failures": build_bundles(bundles)}
+    images = guest_kernels()
+    status = 1 if merged["build_failures"] else 0
+    for kernel in args.kernels.split(","):
+        for suite in args.suites.split(","):
+            results = out / f"results-{kernel}-{suite}.json"
+            results.unlink(missing_ok=True)
+            Path(f"{results}.rc").unlink(missing_ok=True)
+            if kernel == "host":
+                rc, took, booted = run_here(suite, results, bundles, args.select, args.limit)
+            elif kernel in images:
+                rc, took, booted = run_guest(images[kernel], suite, results, bundles, args.select, args.limit, out)
+            else:
+                print(f"kernel-matrix: no image for kernel {kernel} (have: host, {', '.join(images)})", file=sys.stderr)
+                rc, took, booted = 127, 0.0, 0.0
+            found = json.loads(results.read_text()) if results.exists() else None
+            why = {124: f"timed out after {args.limit} s", 137: "killed after its time limit"}.get(rc, f"exit {rc}")
+            print(f"kernel-matrix: {kernel} {suite}: {why} in {took:.0f} s" + (f" (booted in {booted:.0f} s)"
+                  if booted else ""), file=sys.stderr)
+            merged["runs"].append({"kernel": kernel, "uname": found["kernel"] if found else None, "suite": suite,
+                                   "rc": rc, "seconds": round(took), "boot_seconds": round(booted),
+                                   "rows": found["rows"] if found else []})
+            if rc != 0 or found is None:
+                status = 1
+    (out / "results.json").write_text(json.dumps(merged, indent=1) + "\n")
+    if args.write_docs:
+        shutil.copy(out / "results.json", ROOT / "docs" / "kernel-matrix.json")
+        run([sys.executable, str(HERE / "write_table.py"), str(ROOT / "docs" / "kernel-matrix.json"),
+             str(ROOT / "docs" / "kernel-matrix.md")], check=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
