@@ -54,6 +54,10 @@ class MetricReader:
                     raise BundleError(f"manifest: histogram '{self.name}' has no bucket in its key layout")
                 self.bucket_at = bucket[0].offset
 
+    def wrap(self, value: int) -> int:
+        """A sum of totals, wrapped as the kernel's 64-bit slot would."""
+        return _signed64(value) if self.signed else value & MASK64
+
     def total(self, values) -> int:
         raw = _percpu_total(values)
         return _signed64(raw) if self.signed else raw
@@ -77,18 +81,20 @@ class MetricReader:
             buckets = [_percpu_total(slots[i]) if i in slots else 0 for i in range(self.nb)]
             total = self.total(slots[self.sum_slot]) if self.sum_slot in slots else 0
             return {(): HistogramSeries(buckets, total)} if any(buckets) else {}
+        # Two kernel keys can decode to one label set (bytes after a string label's NUL differ):
+        # their counts and sums add up, as their buckets do.
         out: dict[tuple, object] = {}
         for key, values in items:
             labels = self.labels(key)
             if not self.histogram:
-                out[labels] = self.total(values)
+                out[labels] = self.wrap(out.get(labels, 0) + self.total(values))
                 continue
             bucket = int.from_bytes(key[self.bucket_at:self.bucket_at + 4], "little")
             series = out.get(labels)
             if series is None:
                 series = out[labels] = HistogramSeries([0] * self.nb)
             if bucket == self.sum_slot:
-                series.sum = self.total(values)
+                series.sum = self.wrap(series.sum + self.total(values))
             elif bucket < self.nb:
                 series.buckets[bucket] += _percpu_total(values)
         return out

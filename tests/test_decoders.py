@@ -132,6 +132,31 @@ def test_core_overflow_of_a_metric_below_its_limit_is_empty(core):
     assert maps[sleep.folded_map] == []
 
 
+def test_core_keys_that_differ_after_a_names_nul_are_one_series(core):
+    """A comm label is 16 bytes of the key; before 6.x (Debian's 6.1) bpf_get_current_comm leaves
+    the bytes after the name's NUL as they were, so one thread's updates could land under several
+    kernel keys that decode to one label set (the kernel matrix found sums that kept only one).
+    The bundle now zeroes the name first; a reader still adds such keys up, sums and counts alike."""
+    runner, maps, _store, _events = core
+    for name in ("rec_sleep_seconds", "rec_records_total"):
+        reader = next(r for r in runner.readers if r.name == name)
+        offset, size, ctype = reader.label_fields[0]
+        assert ctype == "char"
+        items = maps[reader.map]
+        twins = []
+        for key, values in items:
+            end = key.index(b"\0", offset) + 1
+            assert end < offset + size
+            twins.append((key[:end] + b"\xaa" * (offset + size - end) + key[offset + size:], values))
+        once, twice = reader.decode(items), reader.decode(items + twins)
+        assert set(once) == set(twice) and once, name
+        for labels, series in once.items():
+            if isinstance(series, HistogramSeries):
+                assert twice[labels] == HistogramSeries([2 * b for b in series.buckets], 2 * series.sum), name
+            else:
+                assert twice[labels] == 2 * series, name
+
+
 def test_core_ring_buffer_records_decode_to_event_lines(core):
     runner, _maps, store, events = core
     assert_record_events(events)

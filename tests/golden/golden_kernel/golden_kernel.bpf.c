@@ -183,7 +183,7 @@ SEC("tp/syscalls/sys_enter_read")
 int tracepoint_sys_enter_read(void *ctx)
 {
 	__u64 probec_now;
-	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
+	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8))) = {};
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
@@ -201,7 +201,7 @@ int tracepoint_sys_exit_read(void *ctx)
 {
 	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
-	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
+	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8))) = {};
 
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
@@ -475,7 +475,7 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 SEC("perf_event")
 int profile_49(struct bpf_perf_event_data *ctx)
 {
-	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
+	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8))) = {};
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;

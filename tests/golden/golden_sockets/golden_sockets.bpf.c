@@ -107,7 +107,7 @@ SEC("tp/syscalls/sys_enter_sendto")
 int tracepoint_sys_enter_sendto(void *ctx)
 {
 	__u64 probec_now;
-	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
+	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8))) = {};
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;

@@ -251,7 +251,7 @@ SEC("uprobe")
 int uprobe_pwork_sleep_us(struct pt_regs *ctx)
 {
 	__u64 probec_now;
-	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
+	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8))) = {};
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
@@ -268,7 +268,7 @@ SEC("uretprobe")
 int uretprobe_pwork_sleep_us(struct pt_regs *ctx)
 {
 	__u64 probec_now;
-	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
+	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8))) = {};
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
@@ -377,7 +377,7 @@ int uretprobe_Inference__Forward(struct pt_regs *ctx)
 {
 	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
-	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
+	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8))) = {};
 
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
