@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup workloads demo test check fuzz bench soak clean
+.PHONY: setup workloads demo test check fuzz bench soak kernel-matrix clean
 
 setup:
 	@bash scripts/setup.sh
@@ -32,6 +32,15 @@ bench: workloads
 # and fds over time, in benchmarks/results/soak.md.
 soak: workloads
 	@$(PYTHON) benchmarks/soak.py
+
+# The kernel matrix (tests/kernels/): every example's core bundle, built once here with --kernel any,
+# loaded and checked on this kernel and on Debian 12's 6.1 under qemu (virtme-ng), with the bpftrace
+# backend and tcp_sendmsg on fentry, kprobe and the syscall fallback; writes docs/kernel-matrix.md.
+# About 12 minutes; KERNELS=host or KERNELS=6.1, SUITES=core,bpftrace,spans for a part.
+KERNELS ?= host,6.1
+SUITES ?= core,bpftrace,spans
+kernel-matrix: workloads
+	@$(PYTHON) tests/kernels/run_matrix.py --kernels $(KERNELS) --suites $(SUITES) --write-docs
 
 clean:
 	@$(MAKE) -s -C tests/workloads clean
