@@ -74,9 +74,18 @@ def pytest_runtest_makereport(item, call):
                 r.message = " ".join(ln[1:].strip() for ln in lines[:3])[:400] or text[-400:]
 
 
-def pytest_sessionfinish(session, exitstatus):
+def _write(exitstatus: int | None) -> None:
     if not OUT:
         return
     Path(OUT).parent.mkdir(parents=True, exist_ok=True)
-    Path(OUT).write_text(json.dumps({"kernel": platform.release(), "exitstatus": int(exitstatus),
+    Path(OUT).write_text(json.dumps({"kernel": platform.release(), "exitstatus": exitstatus,
                                      "rows": [asdict(r) for r in _rows]}, indent=1) + "\n")
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """After every test, so a run killed at its time limit still tells what it found."""
+    _write(None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _write(int(exitstatus))
