@@ -11,6 +11,7 @@ from ...runtime.manifest import EVENT_HEADER
 from ..diagnostics import Diagnostics, did_you_mean, shown
 from ..escaping import bpftrace_address_part, visible
 from ..expr import ast
+from ..kinds import METRIC_KINDS, PROBE_KINDS
 from ..spec.limits import BPFTRACE_PRINTF_HEADER, BPFTRACE_STACK_BYTES, MAX_PROBES, STACK_BUDGET
 from ..spec.model import EventSpec, MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef
 from .host import HostInfo
@@ -233,9 +234,10 @@ class Lowering:
     def mechanism_available(self, kind: str) -> bool | None:
         if self.opt.kernel == "any" or not self.host.enabled:
             return None
-        if kind in ("kprobe", "kretprobe"):
+        mechanism = PROBE_KINDS[kind].mechanism
+        if mechanism == "kprobes":
             return self.host.has_kprobes
-        if kind in ("fentry", "fexit"):
+        if mechanism == "fentry":
             return self.host.has_fentry
         return True
 
@@ -332,14 +334,13 @@ class Lowering:
     # -- spans ---------------------------------------------------------------------------------
     def span_variants(self, s: SpanSpec) -> list[tuple[tuple[str, str], SpanSide, SpanSide]]:
         """(begin kind, end kind) choices for a span, in order of preference."""
-        kinds = (s.begin.probe.kind, s.end.probe.kind)
-        if "kernel" not in kinds and "kernelret" not in kinds:
-            return [((s.begin.probe.kind, s.end.probe.kind), s.begin, s.end)]
+        begin, end = PROBE_KINDS[s.begin.probe.kind], PROBE_KINDS[s.end.probe.kind]
+        if not begin.picks and not end.picks:
+            return [((begin.name, end.name), s.begin, s.end)]
         out = []
-        for mech in (("fentry", "fexit"), ("kprobe", "kretprobe")):
-            b = mech[0] if s.begin.probe.kind == "kernel" else mech[1] if s.begin.probe.kind == "kernelret" else s.begin.probe.kind
-            e = mech[1] if s.end.probe.kind == "kernelret" else mech[0] if s.end.probe.kind == "kernel" else s.end.probe.kind
-            out.append(((b, e), s.begin, s.end))
+        for choice in range(len(begin.picks or end.picks)):     # kernel:/kernelret: pick a mechanism
+            out.append(((begin.picks[choice] if begin.picks else begin.name,
+                         end.picks[choice] if end.picks else end.name), s.begin, s.end))
         if s.fallback:
             fb, fe = s.fallback
             out.append(((fb.probe.kind, fe.probe.kind), fb, fe))
@@ -435,7 +436,7 @@ class Lowering:
                              did_you_mean(on.span_name, self.spec.spans))
                 return []
             return [(b, key, True) for b, key in self.span_ends.get(on.span_name, [])]
-        if on.kind in ("kernel", "kernelret"):
+        if PROBE_KINDS[on.kind].picks:
             self.d.error("E312", f"{what}: '{on.kind}:' picks a mechanism for spans only", on.span,
                          "use it in a span with a fallback, or name tracepoint:/kprobe:/fentry: directly")
             return []
@@ -509,14 +510,15 @@ class Lowering:
         self.cardinality(m, labels or [], len(edges))
         members = [(f"l_{lab.name}", lab.expr.type if lab.expr.type.kind == "str" else
                     ValueType("int", signed=lab.expr.type.signed), lab.name) for lab in labels or []]
-        hist = m.kind == "histogram"
+        kind = METRIC_KINDS[m.kind]
+        hist, slots = kind.buckets, kind.slots(edges)
         if members:
             key = struct_layout(f"{m.name}_key", members, bucket=hist)
-            entries = self.spec.limits.series * ((len(edges) + 2) if hist else 1)
+            entries = self.spec.limits.series * slots
             mtype = "PERCPU_HASH"
         else:
             key = u32_key(f"{m.name}_key")
-            entries = len(edges) + 2 if hist else 1
+            entries = slots
             mtype = "PERCPU_ARRAY"
         mp = MapSpec(f"m_{m.name}", mtype, key, u64_value(f"{m.name}_value"), entries, "metric")
         fold: dict[str, MapSpec] = {}
@@ -524,7 +526,7 @@ class Lowering:
             # Past limits.series label sets, updates go to a per-CPU array that is the __overflow__
             # series, and the label set is remembered (up to FOLDED_TRACKED of them) to be counted.
             fold["overflow_map"] = MapSpec(f"m_{m.name}_overflow", "PERCPU_ARRAY", u32_key(f"{m.name}_overflow_key"),
-                                           u64_value(f"{m.name}_value"), len(edges) + 2 if hist else 1,
+                                           u64_value(f"{m.name}_value"), slots,
                                            "metric_overflow")
             fold["folded_map"] = MapSpec(f"m_{m.name}_folded", "HASH", key, u64_value(f"{m.name}_value"),
                                          FOLDED_TRACKED, "metric_folded")
@@ -551,12 +553,13 @@ class Lowering:
         return "", 1.0
 
     def naming(self, m: MetricSpec, unit: str) -> None:
-        if m.kind == "counter" and not m.name.endswith("_total"):
-            self.d.warning("W401", f"counter '{m.name}' should end in '_total' (Prometheus convention)", m.span)
+        suffix = METRIC_KINDS[m.kind].suffix
+        if suffix and not m.name.endswith(suffix):
+            self.d.warning("W401", f"{m.kind} '{m.name}' should end in '{suffix}' (Prometheus convention)", m.span)
         base = m.name[:-6] if m.name.endswith("_total") else m.name
         if unit and not base.endswith("_" + unit):
             self.d.warning("W402", f"metric '{m.name}' is in {unit}; Prometheus names end in '_{unit}'", m.span,
-                           f"e.g. '{base}_{unit}{'_total' if m.kind == 'counter' else ''}'")
+                           f"e.g. '{base}_{unit}{suffix}'")
 
     # Labels that take a value per thread, process, argument or address: fine for a few, a series
     # explosion on a busy host.
@@ -578,7 +581,7 @@ class Lowering:
                                "label by something with few values (comm, a state), or raise limits.series "
                                "knowingly")
         if labels:
-            slots = series * ((n_edges + 2) if m.kind == "histogram" else 1)
+            slots = series * (n_edges + 2 if METRIC_KINDS[m.kind].buckets else 1)
             cpus = os.cpu_count() or 1
             key_bytes = 8 * len(labels) + 16 * sum(1 for lab in labels if lab.expr.type.kind == "str") + 8
             approx = slots * (key_bytes + 8 * cpus + 64)
@@ -697,7 +700,7 @@ class Lowering:
                 if not m.labels:
                     continue
                 key = sum(8 if lab.expr.type.kind != "str" else lab.expr.type.length for lab in m.labels)
-                needs.append((strings + comm + m.map.key.size, key + (8 if m.kind == "histogram" else 0),
+                needs.append((strings + comm + m.map.key.size, key + (8 if METRIC_KINDS[m.kind].buckets else 0),
                               f"metric '{m.name}'", self.spec.metrics[m.name].span))
             for emit in emits:
                 ev = by_event[emit.event]

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..diagnostics import Diagnostics, SourceSpan, did_you_mean, shown
 from ..expr.ast import SIZE_UNITS, TIME_UNITS, Expr, Name
 from ..expr.parser import parse_expression
+from ..kinds import METRIC_SPEC_KEYS
 from .limits import (EVENT_RECORD_KEYS, HISTOGRAM_LABELS, INT_MAX, LIMITS, MAX_BUCKETS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH,
                      RESERVED_METRIC_PREFIX, RESERVED_SPEC_NAMES, exposed_names, expression_depth, out_of_range)
 from .model import (PROBE_KINDS, AlertSpec, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
@@ -35,8 +36,7 @@ SPAN_KEYS = ("begin", "end", "function", "syscall", "kernel", "key", "filter", "
              "restart", "fallback", "description")
 WITHIN_KEYS = ("span", "key", "end_key")
 SIDE_KEYS = ("probe", "key")
-METRIC_KEYS = ("help", "histogram", "parts", "count", "sum", "on", "filter", "labels", "buckets",
-               "within", "unit", "alert")
+METRIC_KEYS = ("help", *METRIC_SPEC_KEYS, "on", "filter", "labels", "buckets", "within", "unit", "alert")
 # `alert: p99 > 50ms for 5m`: a quantile (p50, p90, p95, p99, p999), a threshold with the
 # histogram's unit or a multiple of its baseline (`3x baseline`), and optionally how long it must
 # hold (Prometheus durations: s, m, h, d).
@@ -644,12 +644,13 @@ class SpecLoader:
         if m is None:
             return None
         self.check_keys(m, METRIC_KEYS, what)
-        kinds = [k for k in ("histogram", "parts", "count", "sum") if m.get(k) is not None]
+        kinds = [k for k in METRIC_SPEC_KEYS if m.get(k) is not None]
         if len(kinds) != 1:
-            self.d.error("E113", f"{what} needs exactly one of histogram, parts, count or sum", key.span,
+            keys = list(METRIC_SPEC_KEYS)
+            self.d.error("E113", f"{what} needs exactly one of {', '.join(keys[:-1])} or {keys[-1]}", key.span,
                          "e.g. 'histogram: inference.duration' or 'count: tracepoint:tcp:tcp_retransmit_skb'")
             return None
-        kind = kinds[0]
+        kind, metric_kind = kinds[0], METRIC_SPEC_KEYS[kinds[0]]
         parts: tuple = ()
         on_node = m.get("on")
         on = self.probe_address(on_node, f"{what}.on", allow_span_end=True) if on_node is not None else None
@@ -666,7 +667,6 @@ class SpecLoader:
                 self.d.error("E113", f"{what}: say where the parts are measured with 'on'", key.span,
                              "e.g. 'on: request.end'")
                 return None
-            kind = "histogram"
         else:
             s = self.expect_scalar(m.get(kind), f"{what}.{kind}")
             if s is None:
@@ -684,7 +684,7 @@ class SpecLoader:
         if on is None:
             return None
         buckets = None
-        if kind == "histogram":
+        if metric_kind.buckets:
             if m.get("buckets") is None:
                 self.d.error("E120", f"{what} needs 'buckets'", key.span, "e.g. 'buckets: exp2(1us, 16s)'")
                 return None
@@ -705,12 +705,12 @@ class SpecLoader:
                 lab.span for lab in labels if lab.name == "part"), "name this label otherwise")
         alert = None
         if m.get("alert") is not None:
-            if kind != "histogram":
+            if not metric_kind.buckets:
                 self.d.error("E117", f"{what}: only histograms have alerts", m.get("alert").span,
                              "alerts watch a quantile, e.g. 'alert: p99 > 50ms for 5m' on a histogram")
             else:
                 alert = self.alert(m.get("alert"), what, buckets)
-        return MetricSpec(key.value, key.span, "histogram" if kind == "histogram" else "counter",
+        return MetricSpec(key.value, key.span, metric_kind.name,
                           help_node.value if help_node else "", on, value, filt, labels, buckets,
                           self.within_ref(m.get("within"), f"{what}.within"), unit, parts, alert)
 

@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 
 from ..diagnostics import SourceSpan
 from ..expr.ast import Expr
+from ..kinds import PROBE_KINDS as PROBE_KIND_REGISTRY
 
-# Probe address kinds as written in a spec.
-PROBE_KINDS = ("tracepoint", "syscall", "syscallret", "uprobe", "uretprobe", "usdt",
-               "kprobe", "kretprobe", "fentry", "fexit", "kernel", "kernelret",
-               "profile", "interval")
+# Probe address kinds as written in a spec (compiler/kinds.py).
+PROBE_KINDS = tuple(PROBE_KIND_REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ class AlertSpec:
 class MetricSpec:
     name: str
     span: SourceSpan
-    kind: str                             # counter | histogram
+    kind: str                             # a metric kind of compiler/kinds.py: counter | histogram
     help: str
     on: ProbeAddress | SpanEndRef          # where the metric is updated
     value: Expr | None                     # None: count events

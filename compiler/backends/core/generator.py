@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from ...diagnostics import Diagnostics, SourceSpan
-from ...spec.limits import STACK_BUDGET
+from ...kinds import METRIC_KINDS
+from ...spec.limits import MAX_BUCKETS
 from ...ir import nodes as ir
 from ..base import Backend, Bundle, template_environment
 from ..manifest import contract
@@ -28,21 +29,21 @@ HEADER_FIELDS = contract.EVENT_HEADER_NAMES
 HEADER_C = {"event": "{index}", "cpu": "bpf_get_smp_processor_id()", "ts": "probec_now",
             "pid": "probec_id >> 32", "tid": "(__u32)probec_id"}
 
-# kind -> (SEC() name pattern, type of ctx)
-SECTIONS = {
-    "tracepoint": ("tp/{category}/{name}", "void *"),
-    "uprobe": ("uprobe", "struct pt_regs *"),
-    "uretprobe": ("uretprobe", "struct pt_regs *"),
-    "usdt": ("usdt", "struct pt_regs *"),
-    "kprobe": ("kprobe", "struct pt_regs *"),
-    "kretprobe": ("kretprobe", "struct pt_regs *"),
-    "fentry": ("fentry/{name}", "__u64 *"),
-    "fexit": ("fexit/{name}", "__u64 *"),
-    "profile": ("perf_event", "struct bpf_perf_event_data *"),
-    "interval": ("perf_event", "struct bpf_perf_event_data *"),
-}
 # sys_exit_* tracepoints: `retval` is the `ret` field (verified against tracefs at load time).
 SYSCALL_RET_FIELD = ir.TracepointField("ret", 16, 8, ir.SINT)
+
+
+@dataclass(frozen=True)
+class CoreProbe:
+    """How the core backend attaches a probe kind: its SEC() name pattern and the type of its
+    context, and the C that reads an argument (`{index}`) or the return value where the kind has
+    them (compiler/kinds.py says where; typing refuses them elsewhere)."""
+    section: str
+    ctx_type: str
+    arg: str = ""
+    retval: str | ir.TracepointField = ""
+
+
 CONTEXT_C = {
     "pid": "((__u64)(probec_id >> 32))",
     "tid": "((__u64)(__u32)probec_id)",
@@ -71,6 +72,10 @@ def bucket_steps(n_edges: int) -> int:
     while (1 << steps) < n_edges + 1:
         steps += 1
     return steps
+
+
+# The spec's bucket limit fits the kernel side's bucket search (no table needs refusing here).
+assert bucket_steps(MAX_BUCKETS) <= MAX_BUCKET_STEPS
 
 
 def signed_metrics(program: ir.Program) -> dict[str, bool]:
@@ -120,7 +125,6 @@ class CExpression:
         self.probe = probe
         self.backend = backend
         self.needs: set[str] = set()                       # comm, now
-        self.metrics: set[str] = set()                     # metrics this probe updates
         self.duration_uses = 0
         self.tp_strings: dict[str, ir.TracepointField] = {}
         self.tp_fields: dict[str, ir.TracepointField] = {}  # every field read, for load-time checks
@@ -130,38 +134,23 @@ class CExpression:
     def where(self) -> str:
         return self.probe.spec_text or self.probe.id
 
-    def tracepoint_field(self, f: ir.TracepointField) -> ir.TracepointField | None:
-        if f.offset < 0:
-            self.backend.unsupported("tracepoint fields with unknown offsets", where=f"{self.where()}: args.{f.name}")
-            return None
+    def tracepoint_field(self, f: ir.TracepointField) -> ir.TracepointField:
         self.tp_fields[f.name] = f
         return f
 
     def value(self, e: ir.IRExpr) -> str:
         """A C expression of type __u64 or __s64 (per e.type.signed)."""
         if isinstance(e, ir.Context):
-            if e.name not in CONTEXT_C:
-                self.backend.unsupported("this context value", where=f"{self.where()}: {e.name}")
-                return "0"
             if e.name in ("pid", "tid"):
                 self.needs.add("id")
             return CONTEXT_C[e.name]
         if isinstance(e, ir.Arg):
-            return self.argument(e.index)
+            return CoreBackend.PROBES[self.probe.kind].arg.format(index=e.index)
         if isinstance(e, ir.Retval):
-            kind = self.probe.kind
-            if kind in ("uretprobe", "kretprobe"):
-                return "((__s64)PT_REGS_RC(ctx))"
-            if kind == "fexit":
-                return "((__s64)probec_func_ret(ctx))"
-            if kind == "tracepoint":
-                return self.value(SYSCALL_RET_FIELD)
-            self.backend.unsupported("retval here", where=self.where())
-            return "0"
+            retval = CoreBackend.PROBES[self.probe.kind].retval
+            return self.value(retval) if isinstance(retval, ir.TracepointField) else retval
         if isinstance(e, ir.TracepointField):
             f = self.tracepoint_field(e)
-            if f is None:
-                return "0"
             if f.type.kind == "str":
                 raise AssertionError("string field used as a number")  # pragma: no cover
             ctype = SCALAR_C[(f.size, f.type.signed)]
@@ -204,22 +193,6 @@ class CExpression:
             return f"((__u64){self.condition(e)})"
         raise AssertionError(type(e))  # pragma: no cover
 
-    def argument(self, index: int) -> str:
-        kind = self.probe.kind
-        if kind == "uprobe":
-            if index >= 6 and self.probe.offset not in (0, 4):
-                self.backend.unsupported("stack arguments away from a function's entry",
-                                         where=f"{self.where()}: arg{index}")
-            return f"probec_regs_arg(ctx, {index}, true)"
-        if kind == "kprobe":
-            return f"probec_regs_arg(ctx, {index}, false)"
-        if kind == "usdt":
-            return f"((__u64)probec_usdt_arg(ctx, {index}))"
-        if kind == "fentry":
-            return f"probec_func_arg(ctx, {index})"
-        self.backend.unsupported("positional arguments here", where=self.where())
-        return "0"
-
     def condition(self, e: ir.IRExpr) -> str:
         if isinstance(e, ir.Cmp):
             signed = e.left.type.signed or e.right.type.signed
@@ -245,8 +218,6 @@ class CExpression:
             return "probec_comm", COMM_LEN
         if isinstance(e, ir.TracepointField):
             f = self.tracepoint_field(e)
-            if f is None:
-                return "probec_comm", 0
             self.tp_strings[f.name] = f
             return f"probec_tp_{f.name}", f.size
         if isinstance(e, ir.StrConst):
@@ -265,20 +236,22 @@ class CExpression:
 
 class CoreBackend(Backend):
     name = "core"
-    FEATURES = {
-        "this probe kind": "the core backend has no BPF program type for it",
-        "this context value": "it has no BPF helper here",
-        "this much stack": f"strings and keys would need more than the {STACK_BUDGET} bytes of BPF stack "
-                           "probec allows a program; use fewer or shorter string labels",
-        "tracepoint fields with unknown offsets": "tracefs was not readable when the spec was checked; "
-                                                  "mount it (mount -t tracefs nodev /sys/kernel/tracing) and rebuild",
-        "stack arguments away from a function's entry": "arguments past arg5 live on the stack, found from the "
-                                                        "stack pointer only at the function's entry",
-        "positional arguments here": "only uprobes, kprobes, fentry and USDT probes have arg0..argN",
-        "retval here": "only return probes and syscallret: have a return value",
-        "bucket tables this large": f"histograms take at most {(1 << MAX_BUCKET_STEPS) - 1} edges",
-        "bucket edges above 2^64-1": "values are 64-bit",
+    PROBES = {
+        "tracepoint": CoreProbe("tp/{category}/{name}", "void *", retval=SYSCALL_RET_FIELD),
+        "uprobe": CoreProbe("uprobe", "struct pt_regs *", arg="probec_regs_arg(ctx, {index}, true)"),
+        "uretprobe": CoreProbe("uretprobe", "struct pt_regs *", retval="((__s64)PT_REGS_RC(ctx))"),
+        "usdt": CoreProbe("usdt", "struct pt_regs *", arg="((__u64)probec_usdt_arg(ctx, {index}))"),
+        "kprobe": CoreProbe("kprobe", "struct pt_regs *", arg="probec_regs_arg(ctx, {index}, false)"),
+        "kretprobe": CoreProbe("kretprobe", "struct pt_regs *", retval="((__s64)PT_REGS_RC(ctx))"),
+        "fentry": CoreProbe("fentry/{name}", "__u64 *", arg="probec_func_arg(ctx, {index})"),
+        "fexit": CoreProbe("fexit/{name}", "__u64 *", retval="((__s64)probec_func_ret(ctx))"),
+        "profile": CoreProbe("perf_event", "struct bpf_perf_event_data *"),
+        "interval": CoreProbe("perf_event", "struct bpf_perf_event_data *"),
     }
+    # The template that updates each metric kind's maps.
+    METRICS = {"counter": "metric_update.j2", "histogram": "metric_update.j2"}
+    FIELD_OFFSETS = ("tracefs was not readable when the spec was checked; mount it "
+                     "(mount -t tracefs nodev /sys/kernel/tracing) and rebuild")
 
     def __init__(self, diags: Diagnostics, compile: bool = True, spec_span: SourceSpan | None = None,
                  task_storage: bool = True):
@@ -292,17 +265,6 @@ class CoreBackend(Backend):
         self.env = template_environment("core")
         self.strings = StringTable()
         self.health = HealthSlots()
-
-    def unsupported(self, feature: str, span: SourceSpan | None = None, severity: str = "error",
-                    where: str = "") -> bool:
-        verdict = self.FEATURES.get(feature, True)
-        if verdict is True:
-            return True
-        report = self.d.error if severity == "error" else self.d.warning
-        place = f" ({where})" if where else ""
-        report("E501" if severity == "error" else "W501",
-               f"the {self.name} backend cannot do {feature}{place}: {verdict}", span or self.spec_span)
-        return False
 
     # -- rendering helpers ---------------------------------------------------------------------
     def render(self, template: str, **values) -> str:
@@ -393,8 +355,7 @@ class CoreBackend(Backend):
 
     def metric_update(self, a: ir.MetricUpdate, em: CExpression, program: ir.Program) -> list[str]:
         m = program.metric(a.metric)
-        em.metrics.add(m.name)
-        histogram = m.kind == "histogram"
+        histogram = METRIC_KINDS[m.kind].buckets
         value = em.value(a.value) if a.value is not None else "1ULL"
         signed = a.value is not None and a.value.type.signed
         key_lines: list[str] = []
@@ -412,7 +373,7 @@ class CoreBackend(Backend):
                     else:
                         key_lines.append(f"{target} = ({f.ctype}){em.value(expr)};")
         return self.lines(
-            "metric_update.j2", guard=self.guard(a.guard, em, program), histogram=histogram,
+            self.METRICS[m.kind], guard=self.guard(a.guard, em, program), histogram=histogram,
             labelled=labelled, value=value, value_ctype="__s64" if signed else "__u64",
             map=m.map.name, key_struct=self.struct_name(m.map.key), key_lines=key_lines,
             bucket_fn="probec_bucket_s64" if signed else "probec_bucket_u64",
@@ -454,22 +415,16 @@ class CoreBackend(Backend):
             lost_slot=self.health.add("events_lost"), field_lines=field_lines)
 
     # -- whole program -------------------------------------------------------------------------
-    def probe_program(self, p: ir.Probe, program: ir.Program) -> tuple[str, CExpression] | None:
-        if p.kind not in SECTIONS:
-            self.unsupported("this probe kind", where=p.spec_text or p.kind)
-            return None
-        section, ctx_type = SECTIONS[p.kind]
+    def probe_program(self, p: ir.Probe, program: ir.Program) -> tuple[str, CExpression]:
+        # The BPF stack a program needs is checked in lowering (E351), for both backends.
+        kind = self.PROBES[p.kind]
         em = CExpression(p, self)
         actions: list[str] = []
         for a in p.actions:
             actions += self.action(a, em, program)
-        stack = sum(f.size for f in em.tp_strings.values()) + (COMM_LEN if "comm" in em.needs else 0) \
-            + max([m.map.key.size for m in program.metrics if m.labels and m.name in em.metrics] + [0])
-        if stack > STACK_BUDGET:
-            self.unsupported("this much stack", where=f"{p.spec_text or p.id}: about {stack} bytes")
         text = self.render(
-            "probe.bpf.c.j2", comment=p.spec_text or p.id, section=section.format(
-                category=p.category, name=p.name), name=p.id, ctx_type=ctx_type, now="now" in em.needs,
+            "probe.bpf.c.j2", comment=p.spec_text or p.id, section=kind.section.format(
+                category=p.category, name=p.name), name=p.id, ctx_type=kind.ctx_type, now="now" in em.needs,
             comm="comm" in em.needs, pid_tgid="id" in em.needs,
             tp_strings=[{"name": f"probec_tp_{f.name}", "size": f.size, "offset": f.offset}
                         for f in sorted(em.tp_strings.values(), key=lambda f: f.offset)],
@@ -479,15 +434,9 @@ class CoreBackend(Backend):
     def edge_tables(self, program: ir.Program) -> list[dict]:
         tables = []
         for m in program.metrics:
-            if m.kind != "histogram":
+            if not METRIC_KINDS[m.kind].buckets:
                 continue
             steps = bucket_steps(len(m.edges))
-            if steps > MAX_BUCKET_STEPS:
-                self.unsupported("bucket tables this large", where=f"metric '{m.name}' has {len(m.edges)} edges")
-                continue
-            if any(e > U64_MAX for e in m.edges):
-                self.unsupported("bucket edges above 2^64-1", where=f"metric '{m.name}'")
-                continue
             padded = list(m.edges) + [U64_MAX] * ((1 << steps) - len(m.edges))
             tables.append({"name": f"probec_edges_{m.name}", "size": len(padded),
                            "edges": ", ".join(c_u64(v) for v in padded)})
@@ -546,12 +495,9 @@ class CoreBackend(Backend):
         probe_texts = []
         tp_checks = []
         for p in program.probes:
-            built = self.probe_program(p, program)
-            if built is None:
-                continue
-            text, em = built
+            text, em = self.probe_program(p, program)
             probe_texts.append(text)
-            section = SECTIONS[p.kind][0].format(category=p.category, name=p.name)
+            section = self.PROBES[p.kind].section.format(category=p.category, name=p.name)
             programs_meta.append({"probe": p.id, "program": p.id, "section": section, "kind": p.kind})
             for f in sorted(em.tp_fields.values(), key=lambda f: f.offset):
                 tp_checks.append({"probe": p.id, "tracepoint": f"{p.category}:{p.name}", "field": f.name,

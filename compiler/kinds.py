@@ -1,0 +1,80 @@
+"""The registries of probe kinds and metric kinds: what each kind is, said once.
+
+A probe kind says how its address is written, what an expression may read where it fires
+(arguments, a return value), and the kernel mechanism it needs. A metric kind says which spec
+key makes one, whether it has buckets, and how many slots its map keeps per label set. The spec
+loader, the type checker and lowering read these entries; each backend keeps a table keyed by
+the same names saying how it renders a kind, and what is not in a backend's table is what that
+backend cannot do (compiler/backends/base.py reports it).
+
+Adding a kind: an entry here, a row in each backend's table, and the runtime's export of it
+(runtime/manifest.py MetricKind, runtime/exporter.py) for a metric kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+# --- probe kinds ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProbeKind:
+    name: str              # as the spec writes it before ':'
+    address: str           # the address grammar, for messages
+    args: int = 0          # arg0 .. arg{args-1} can be read (0: no positional arguments)
+    retval: bool = False   # `retval` can be read
+    mechanism: str = ""    # the kernel feature it needs beyond tracepoints and uprobes: kprobes | fentry
+    binary: bool = False   # attaches to a binary (resolved at check, a path in the bundle)
+    lowers_to: str = ""    # the IR kind it becomes, when not its own name (syscall -> tracepoint)
+    picks: tuple[str, ...] = ()   # spans only: the IR kinds it chooses from, in order, by what the kernel has
+
+
+PROBE_KINDS: dict[str, ProbeKind] = {k.name: k for k in (
+    ProbeKind("tracepoint", "tracepoint:CATEGORY:NAME"),
+    ProbeKind("syscall", "syscall:NAME", lowers_to="tracepoint"),
+    ProbeKind("syscallret", "syscallret:NAME", retval=True, lowers_to="tracepoint"),
+    ProbeKind("uprobe", "uprobe:BINARY:SYMBOL[+OFFSET]", args=10, binary=True),
+    ProbeKind("uretprobe", "uretprobe:BINARY:SYMBOL", retval=True, binary=True),
+    ProbeKind("usdt", "usdt:BINARY:PROVIDER:NAME", args=12, binary=True),
+    ProbeKind("kprobe", "kprobe:FUNCTION", args=6, mechanism="kprobes"),
+    ProbeKind("kretprobe", "kretprobe:FUNCTION", retval=True, mechanism="kprobes"),
+    ProbeKind("fentry", "fentry:FUNCTION", args=6, mechanism="fentry"),
+    ProbeKind("fexit", "fexit:FUNCTION", retval=True, mechanism="fentry"),
+    ProbeKind("kernel", "kernel:FUNCTION", picks=("fentry", "kprobe")),
+    ProbeKind("kernelret", "kernelret:FUNCTION", picks=("fexit", "kretprobe")),
+    ProbeKind("profile", "profile:hz:N"),
+    ProbeKind("interval", "interval:s:N"),
+)}
+
+# What a program attaches: the kinds lowering leaves in the IR (every backend table covers these).
+IR_PROBE_KINDS = tuple(k.name for k in PROBE_KINDS.values() if not k.lowers_to and not k.picks)
+
+
+def probe_kind(name: str) -> ProbeKind:
+    return PROBE_KINDS[name]
+
+
+# --- metric kinds --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MetricKind:
+    name: str              # the manifest's metric kind (runtime/manifest.py MetricKind)
+    spec_keys: tuple[str, ...]   # the spec keys that make a metric of this kind
+    buckets: bool = False  # has bucket edges, a +Inf bucket and a sum
+    suffix: str = ""       # what its Prometheus name ends in, by convention
+
+    def slots(self, edges: tuple[int, ...]) -> int:
+        """Map slots per label set: one value, or a count per bucket, the +Inf bucket and the sum."""
+        return len(edges) + 2 if self.buckets else 1
+
+
+METRIC_KINDS: dict[str, MetricKind] = {k.name: k for k in (
+    MetricKind("histogram", ("histogram", "parts"), buckets=True),
+    MetricKind("counter", ("count", "sum"), suffix="_total"),
+)}
+
+# spec key -> the metric kind it makes
+METRIC_SPEC_KEYS = {key: k for k in METRIC_KINDS.values() for key in k.spec_keys}
+
+
+def metric_kind(name: str) -> MetricKind:
+    return METRIC_KINDS[name]
