@@ -61,15 +61,26 @@ class MetricKind:
     spec_keys: tuple[str, ...]   # the spec keys that make a metric of this kind
     buckets: bool = False  # has bucket edges, a +Inf bucket and a sum
     suffix: str = ""       # what its Prometheus name ends in, by convention
+    # The family and sample names the runtime exports for a metric NAME (runtime/exporter.py);
+    # {base} is NAME without `_total`. `_created` is Prometheus's own suffix.
+    exports: tuple[str, ...] = ("{name}",)
 
     def slots(self, edges: tuple[int, ...]) -> int:
         """Map slots per label set: one value, or a count per bucket, the +Inf bucket and the sum."""
         return len(edges) + 2 if self.buckets else 1
 
+    def exposed_names(self, name: str) -> tuple[str, ...]:
+        base = name[:-6] if name.endswith("_total") else name
+        return tuple(form.format(name=name, base=base) for form in self.exports)
+
 
 METRIC_KINDS: dict[str, MetricKind] = {k.name: k for k in (
-    MetricKind("histogram", ("histogram", "parts"), buckets=True),
-    MetricKind("counter", ("count", "sum"), suffix="_total"),
+    # a histogram, with the summary NAME_window of its window quantiles beside it (a summary's own
+    # _count and _sum names reserved too)
+    MetricKind("histogram", ("histogram", "parts"), buckets=True,
+               exports=("{name}", "{name}_bucket", "{name}_sum", "{name}_count", "{name}_created", "{name}_window",
+                        "{name}_window_count", "{name}_window_sum", "{name}_window_created")),
+    MetricKind("counter", ("count", "sum"), suffix="_total", exports=("{base}", "{base}_total", "{base}_created")),
 )}
 
 # spec key -> the metric kind it makes

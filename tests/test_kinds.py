@@ -10,6 +10,7 @@ from probec.compiler.diagnostics import Diagnostics
 from probec.compiler.driver import build_bundle, check_file
 from probec.compiler.ir.host import HostInfo
 from probec.compiler.kinds import IR_PROBE_KINDS, METRIC_KINDS, METRIC_SPEC_KEYS, PROBE_KINDS
+from probec.compiler.monitoring.dashboard import PANELS
 from probec.compiler.spec.loader import METRIC_KEYS
 from probec.compiler.spec.model import PROBE_KINDS as SPEC_PROBE_KINDS
 
@@ -37,6 +38,10 @@ def test_every_shipped_backend_renders_every_kind():
     for backend in (BpftraceBackend, CoreBackend):
         assert set(backend.PROBES) == set(IR_PROBE_KINDS), backend.name
         assert set(backend.METRICS) == set(METRIC_KINDS), backend.name
+
+
+def test_every_metric_kind_has_a_dashboard_panel():
+    assert set(PANELS) == set(METRIC_KINDS)
 
 
 def test_the_spec_reads_its_kinds_from_the_registries():

@@ -136,14 +136,15 @@ def health_panels(layout: DashboardLayout, program: Program, job: str) -> None:
                  **timeseries("s"))
 
 
+# The panels of each metric kind (compiler/kinds.py).
+PANELS = {"counter": counter_panel, "histogram": histogram_panels}
+
+
 def dashboard_document(program: Program, job: str) -> dict:
     layout = DashboardLayout()
     layout.row("Metrics")
     for metric in program.metrics:
-        if metric.kind == "histogram":
-            histogram_panels(layout, metric, job)
-        else:
-            counter_panel(layout, metric, job)
+        PANELS[metric.kind](layout, metric, job)
     health_panels(layout, program, job)
     return {
         "title": f"probec: {program.name}",
