@@ -4,8 +4,8 @@ A probe kind says how its address is written, what an expression may read where 
 (arguments, a return value), and the kernel mechanism it needs. A metric kind says which spec
 key makes one, whether it has buckets, and how many slots its map keeps per label set. The spec
 loader, the type checker and lowering read these entries; each backend keeps a table keyed by
-the same names saying how it renders a kind, and what is not in a backend's table is what that
-backend cannot do (compiler/backends/base.py reports it).
+the same names (for metrics: by how they are updated) saying how it renders a kind, and what is
+not in a backend's table is what that backend cannot do (compiler/backends/base.py reports it).
 
 Adding a kind: an entry here, a row in each backend's table, and the runtime's export of it
 (runtime/manifest.py MetricKind, runtime/exporter.py) for a metric kind.
@@ -64,6 +64,12 @@ class MetricKind:
     # The family and sample names the runtime exports for a metric NAME (runtime/exporter.py);
     # {base} is NAME without `_total`. `_created` is Prometheus's own suffix.
     exports: tuple[str, ...] = ("{name}",)
+
+    @property
+    def update(self) -> str:
+        """How a probe updates it, which is all a backend renders (compiler/backends/base.py):
+        `add` a value to its one slot, or count a value in its `buckets` and add it to the sum."""
+        return "buckets" if self.buckets else "add"
 
     def slots(self, edges: tuple[int, ...]) -> int:
         """Map slots per label set: one value, or a count per bucket, the +Inf bucket and the sum."""

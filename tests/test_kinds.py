@@ -37,7 +37,7 @@ metrics:
 def test_every_shipped_backend_renders_every_kind():
     for backend in (BpftraceBackend, CoreBackend):
         assert set(backend.PROBES) == set(IR_PROBE_KINDS), backend.name
-        assert set(backend.METRICS) == set(METRIC_KINDS), backend.name
+        assert set(backend.UPDATES) == {k.update for k in METRIC_KINDS.values()}, backend.name
 
 
 def test_every_metric_kind_has_a_dashboard_panel():
@@ -62,7 +62,7 @@ def test_a_backend_without_a_probe_or_metric_kind_says_so(tmp_path):
 
     class NoProfile(CoreBackend):
         PROBES = {k: v for k, v in CoreBackend.PROBES.items() if k != "profile"}
-        METRICS = {k: v for k, v in CoreBackend.METRICS.items() if k != "histogram"}
+        UPDATES = {k: v for k, v in CoreBackend.UPDATES.items() if k != "buckets"}
 
     d = Diagnostics()
     assert not NoProfile(d, compile=False).supports(result.program)
@@ -70,7 +70,8 @@ def test_a_backend_without_a_probe_or_metric_kind_says_so(tmp_path):
     assert len(messages) == 2, d.items
     assert messages[0].startswith("the core backend cannot do profile probes (profile:hz:99): it attaches ")
     assert "tracepoint" in messages[0] and "profile," not in messages[0]
-    assert messages[1] == "the core backend cannot do histogram metrics (metric 'nap_seconds'): it exports counter"
+    assert messages[1] == ("the core backend cannot do histogram metrics (metric 'nap_seconds'): they are updated "
+                           "by 'buckets', and it renders only add")
 
 
 def test_shipped_backends_support_the_program(tmp_path):

@@ -42,13 +42,15 @@ class Bundle:
 
 class Backend:
     """A backend turns a Program into a Bundle. Subclasses set `name` and declare what they can
-    do: `PROBES` and `METRICS` say how they render each probe and metric kind of
-    compiler/kinds.py (a kind missing there is one they cannot do), and `FIELD_OFFSETS` whether
-    they need the offsets of the tracepoint fields they read (a sentence saying why, or "")."""
+    do: `PROBES` says how they render each probe kind of compiler/kinds.py and `UPDATES` each way
+    a metric kind is updated (MetricKind.update: a backend adds to a counter and to a gauge alike;
+    what the value means is the runtime's business), and `FIELD_OFFSETS` whether they need the
+    offsets of the tracepoint fields they read (a sentence saying why, or ""). A kind missing
+    from a table is one the backend cannot do."""
 
     name = ""
     PROBES: Mapping[str, object] = {}
-    METRICS: Mapping[str, object] = {}
+    UPDATES: Mapping[str, object] = {}
     FIELD_OFFSETS = ""
 
     def __init__(self, diags: Diagnostics, spec_span: SourceSpan | None = None):
@@ -73,9 +75,10 @@ class Backend:
                     self.cannot("tracepoint fields with unknown offsets", f"{where}: args.{name}", self.FIELD_OFFSETS,
                                 p.span)
         for m in program.metrics:
-            if m.kind not in self.METRICS:
-                self.cannot(f"{m.kind} metrics", f"metric '{m.name}'", f"it exports {', '.join(sorted(self.METRICS))}",
-                            None)
+            update = METRIC_KINDS[m.kind].update
+            if update not in self.UPDATES:
+                self.cannot(f"{m.kind} metrics", f"metric '{m.name}'", f"they are updated by '{update}', and it "
+                            f"renders only {', '.join(sorted(self.UPDATES))}", None)
         return self.d.error_count == before
 
     def build(self, program: Program) -> Bundle:

@@ -127,8 +127,8 @@ class BpftraceBackend(Backend):
         "profile": lambda backend, p: f"profile:hz:{p.rate}",
         "interval": lambda backend, p: f"interval:ms:{max(1, p.rate // 1_000_000)}",
     }
-    # The template that updates each metric kind's maps.
-    METRICS = {"counter": "metric_update.bt.j2", "histogram": "metric_update.bt.j2"}
+    # The template of each way a metric is updated (compiler/kinds.py MetricKind.update).
+    UPDATES = {"add": "metric_update.bt.j2", "buckets": "metric_update.bt.j2"}
 
     def __init__(self, diags: Diagnostics, version: tuple[int, int] = (0, 17), interval_ms: int = 1000,
                  spec_span: SourceSpan | None = None):
@@ -208,7 +208,7 @@ class BpftraceBackend(Backend):
                 em.prelude.append(epoch)
             labels = ["$__epoch"] + labels
             return self.render(
-                self.METRICS[m.kind], guard=self.guard(a.guard, em), histogram=hist,
+                self.UPDATES[METRIC_KINDS[m.kind].update], guard=self.guard(a.guard, em), histogram=hist,
                 var=self.var("value"), bucket=self.var("bucket"),
                 value=em.emit(a.value) if a.value is not None else "", edges=list(m.edges),
                 edges_descending=list(reversed(edges)), map=self.map_name(m.map.name),

@@ -248,8 +248,8 @@ class CoreBackend(Backend):
         "profile": CoreProbe("perf_event", "struct bpf_perf_event_data *"),
         "interval": CoreProbe("perf_event", "struct bpf_perf_event_data *"),
     }
-    # The template that updates each metric kind's maps.
-    METRICS = {"counter": "metric_update.j2", "histogram": "metric_update.j2"}
+    # The template of each way a metric is updated (compiler/kinds.py MetricKind.update).
+    UPDATES = {"add": "metric_update.j2", "buckets": "metric_update.j2"}
     FIELD_OFFSETS = ("tracefs was not readable when the spec was checked; mount it "
                      "(mount -t tracefs nodev /sys/kernel/tracing) and rebuild")
 
@@ -373,7 +373,7 @@ class CoreBackend(Backend):
                     else:
                         key_lines.append(f"{target} = ({f.ctype}){em.value(expr)};")
         return self.lines(
-            self.METRICS[m.kind], guard=self.guard(a.guard, em, program), histogram=histogram,
+            self.UPDATES[METRIC_KINDS[m.kind].update], guard=self.guard(a.guard, em, program), histogram=histogram,
             labelled=labelled, value=value, value_ctype="__s64" if signed else "__u64",
             map=m.map.name, key_struct=self.struct_name(m.map.key), key_lines=key_lines,
             bucket_fn="probec_bucket_s64" if signed else "probec_bucket_u64",
