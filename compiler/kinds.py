@@ -64,6 +64,9 @@ class MetricKind:
     # The family and sample names the runtime exports for a metric NAME (runtime/exporter.py);
     # {base} is NAME without `_total`. `_created` is Prometheus's own suffix.
     exports: tuple[str, ...] = ("{name}",)
+    # How lowering updates it: where a probe fires or a span ends (`on:`, `count:`, SPAN.duration),
+    # or, counting open spans, +1 where its span opens at a key and -1 where it closes there.
+    open_spans: bool = False
 
     @property
     def update(self) -> str:
@@ -87,6 +90,8 @@ METRIC_KINDS: dict[str, MetricKind] = {k.name: k for k in (
                exports=("{name}", "{name}_bucket", "{name}_sum", "{name}_count", "{name}_created", "{name}_window",
                         "{name}_window_count", "{name}_window_sum", "{name}_window_created")),
     MetricKind("counter", ("count", "sum"), suffix="_total", exports=("{base}", "{base}_total", "{base}_created")),
+    # `gauge: SPAN.open`: how many of the span are open now (requests in flight, queue depth)
+    MetricKind("gauge", ("gauge",), open_spans=True),
 )}
 
 # spec key -> the metric kind it makes

@@ -13,12 +13,13 @@ from ..escaping import bpftrace_address_part, visible
 from ..expr import ast
 from ..kinds import METRIC_KINDS, PROBE_KINDS
 from ..spec.limits import BPFTRACE_PRINTF_HEADER, BPFTRACE_STACK_BYTES, MAX_PROBES, STACK_BUDGET
-from ..spec.model import EventSpec, MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef
+from ..spec.model import (EventSpec, MetricSpec, ProbeAddress, SpanEndRef, SpanOpenRef, SpanSide, SpanSpec, Spec,
+                          WithinRef)
 from .host import HostInfo
 from .layout import struct_layout, u32_key, u64_value
-from .nodes import (INT, TID, Action, Const, Context, EmitEvent, Event, EventField, Guard, IRExpr, Label,
-                    MapSpec, Metric, MetricUpdate, Probe, Program, SpanBegin, SpanEnd, SpanInfo, TracepointField,
-                    ValueType, Within, kept_accumulators, walk)
+from .nodes import (INT, SINT, TID, Action, ActiveSpan, Cmp, Const, Context, EmitEvent, Event, EventField, Guard,
+                    IRExpr, Label, Logic, MapSpec, Metric, MetricUpdate, Probe, Program, SpanBegin, SpanEnd, SpanInfo,
+                    TracepointField, ValueType, Within, kept_accumulators, walk)
 from .typecheck import ProbeContext, TypeChecker
 
 # Label sets folded into __overflow__ that the core backend's kernel side tells apart (and counts)
@@ -450,6 +451,8 @@ class Lowering:
 
     def lower_metric(self, m: MetricSpec) -> Metric | None:
         what = f"metric '{m.name}'"
+        if METRIC_KINDS[m.kind].open_spans:
+            return self.lower_gauge(m, what)
         sites = self.where(m.on, what)
         if not sites:
             return None
@@ -541,6 +544,35 @@ class Lowering:
                 build.actions.append(upd)
         return Metric(m.name, m.kind, m.help or f"{m.kind} from {m.on.span_name + '.end' if isinstance(m.on, SpanEndRef) else m.on.text}",
                       unit, scale, tuple(labels or ()), edges, mp, self.spec.limits.series, **fold)
+
+    def lower_gauge(self, m: MetricSpec, what: str) -> Metric | None:
+        """`gauge: SPAN.open`: +1 where the span opens at a key it was not open at, -1 where it
+        closes. At each begin the gauge goes up under the begin's own guard if the span is not open
+        at the key yet, and back down if it still is not once the begin ran (a full begin map
+        refused it); at each end it goes down if the span is open at the end key (run() puts that
+        before the end). Ordinary updates of existing IR: a backend needs nothing of its own."""
+        span = m.on.span_name
+        if span not in self.spec.spans:
+            self.d.error("E320", f"{what}: unknown span '{span}'", m.on.span, did_you_mean(span, self.spec.spans))
+            return None
+        if span not in self.span_maps:      # its probes failed: reported there
+            return None
+        for build in self.probes.values():
+            actions = []
+            for a in build.actions:
+                if isinstance(a, SpanBegin) and a.span == span:
+                    closed = Cmp("==", ActiveSpan((span,), ValueType("int", render="enum", names=("none", span)),
+                                                  a.key), Const(0))
+                    guard = Guard(Logic("&&", a.guard.filter, closed) if a.guard.filter else closed, a.guard.within)
+                    actions += [MetricUpdate(m.name, Const(1), guard), a, MetricUpdate(m.name, Const(-1, SINT), guard)]
+                else:
+                    actions.append(a)
+            build.actions[:] = actions
+        self.gauges.setdefault(span, []).append(m.name)
+        key = u32_key(f"{m.name}_key")
+        mp = MapSpec(f"m_{m.name}", "PERCPU_ARRAY", key, u64_value(f"{m.name}_value"), 1, "metric")
+        return Metric(m.name, m.kind, m.help or f"spans '{span}' open now", "", 1.0, (), (), mp,
+                      self.spec.limits.series)
 
     def metric_unit(self, m: MetricSpec, vt: ValueType | None) -> tuple[str, float]:
         dim = vt.dimension if vt is not None else "none"
@@ -638,6 +670,7 @@ class Lowering:
     # -- the whole program ---------------------------------------------------------------------
     def run(self) -> Program | None:
         self.pending_end: dict[int, list] = {}
+        self.gauges: dict[str, list[str]] = {}     # span -> the gauges that count it open
         for s in self.spec.spans.values():
             self.lower_span(s)
         metrics = [m for m in (self.lower_metric(m) for m in self.spec.metrics.values()) if m]
@@ -645,6 +678,8 @@ class Lowering:
         for span, ends in self.span_ends.items():
             for build, key in ends:
                 then = tuple(upd for name, upd in self.pending_end.get(id(build), []) if name == span)
+                build.actions += [MetricUpdate(gauge, Const(-1, SINT), Guard(within=(Within(span, key),)))
+                                  for gauge in self.gauges.get(span, ())]
                 build.actions.append(SpanEnd(span, key, then))
         if self.left_out_binaries and not self.d.has_errors():
             metrics, events = self.leave_out(metrics, events)
@@ -831,7 +866,7 @@ class Lowering:
     def unused_spans(self) -> None:
         used = set()
         for m in self.spec.metrics.values():
-            if isinstance(m.on, SpanEndRef):
+            if isinstance(m.on, (SpanEndRef, SpanOpenRef)):
                 used.add(m.on.span_name)
             if m.within:
                 used.add(m.within.name)

@@ -97,6 +97,12 @@ def counter_panel(layout: DashboardLayout, metric: Metric, job: str) -> None:
                  [target(expr, legend(labels) or counter_name(metric))], **timeseries(unit))
 
 
+def gauge_panel(layout: DashboardLayout, metric: Metric, job: str) -> None:
+    """The value itself, summed over the collectors (spans open on every host of the job)."""
+    layout.panel("timeseries", f"{metric.name}: now", metric.help,
+                 [target(f"sum ({selector(metric.name, job)})", metric.name)], **timeseries("short"))
+
+
 def health_panels(layout: DashboardLayout, program: Program, job: str) -> None:
     def rate(name: str, keep: str = "") -> str:
         inner = f"rate({selector(HEALTH[name], job)}[{RATE}])"
@@ -137,7 +143,7 @@ def health_panels(layout: DashboardLayout, program: Program, job: str) -> None:
 
 
 # The panels of each metric kind (compiler/kinds.py).
-PANELS = {"counter": counter_panel, "histogram": histogram_panels}
+PANELS = {"counter": counter_panel, "histogram": histogram_panels, "gauge": gauge_panel}
 
 
 def dashboard_document(program: Program, job: str) -> dict:

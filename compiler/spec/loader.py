@@ -19,7 +19,7 @@ from ..kinds import METRIC_SPEC_KEYS
 from .limits import (EVENT_RECORD_KEYS, HISTOGRAM_LABELS, INT_MAX, LIMITS, MAX_BUCKETS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH,
                      RESERVED_METRIC_PREFIX, RESERVED_SPEC_NAMES, exposed_names, expression_depth, out_of_range)
 from .model import (PROBE_KINDS, AlertSpec, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
-                    MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef)
+                    MetricSpec, ProbeAddress, SpanEndRef, SpanOpenRef, SpanSide, SpanSpec, Spec, WithinRef)
 from .yaml_source import MAX_SPEC_BYTES, YMap, YNode, YScalar, YSeq, load_yaml
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -651,6 +651,8 @@ class SpecLoader:
                          "e.g. 'histogram: inference.duration' or 'count: tracepoint:tcp:tcp_retransmit_skb'")
             return None
         kind, metric_kind = kinds[0], METRIC_SPEC_KEYS[kinds[0]]
+        if metric_kind.open_spans:
+            return self.gauge_spec(key, m, what)
         parts: tuple = ()
         on_node = m.get("on")
         on = self.probe_address(on_node, f"{what}.on", allow_span_end=True) if on_node is not None else None
@@ -713,6 +715,25 @@ class SpecLoader:
         return MetricSpec(key.value, key.span, metric_kind.name,
                           help_node.value if help_node else "", on, value, filt, labels, buckets,
                           self.within_ref(m.get("within"), f"{what}.within"), unit, parts, alert)
+
+    def gauge_spec(self, key: YScalar, m: YMap, what: str) -> MetricSpec | None:
+        """`gauge: SPAN.open`: how many of the span are open now. It changes where the span opens
+        and closes, so nothing else says where or what it counts."""
+        for k, node in m.entries:
+            if k.value not in ("gauge", "help"):
+                self.d.error("E113", f"{what}: a gauge counts the spans open now; '{k.value}' does not apply "
+                             "to it", k.span, "a gauge follows its span: give the span the filter or key")
+        s = self.expect_scalar(m.get("gauge"), f"{what}.gauge")
+        if s is None:
+            return None
+        ref = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\.open\s*", s.value)
+        if not ref:
+            self.d.error("E113", f"{what}: 'gauge: {shown(s.value)}' should be 'gauge: SPAN.open'", s.span,
+                         "e.g. 'gauge: request.open': the requests in flight")
+            return None
+        help_node = self.expect_scalar(m.get("help"), "help")
+        return MetricSpec(key.value, key.span, "gauge", help_node.value if help_node else "",
+                          SpanOpenRef(ref.group(1), s.text_span(0, len(s.value.strip()))), None, None, (), None, None)
 
     def alert(self, node: YNode, what: str, buckets: Buckets) -> AlertSpec | None:
         """`p99 > 50ms for 5m`: the threshold in the unit of the histogram's bucket edges; or

@@ -41,6 +41,13 @@ class SpanEndRef:
 
 
 @dataclass(frozen=True)
+class SpanOpenRef:
+    """`request.open`: the spans of that name open now (a gauge)."""
+    span_name: str
+    span: SourceSpan
+
+
+@dataclass(frozen=True)
 class SpanSide:
     probe: ProbeAddress
     key: Expr | None          # None: the thread id
@@ -101,9 +108,9 @@ class AlertSpec:
 class MetricSpec:
     name: str
     span: SourceSpan
-    kind: str                             # a metric kind of compiler/kinds.py: counter | histogram
+    kind: str                             # a metric kind of compiler/kinds.py: counter | histogram | gauge
     help: str
-    on: ProbeAddress | SpanEndRef          # where the metric is updated
+    on: ProbeAddress | SpanEndRef | SpanOpenRef   # where the metric is updated
     value: Expr | None                     # None: count events
     filter: Expr | None
     labels: tuple[LabelSpec, ...]
