@@ -383,7 +383,7 @@ class Lowering:
                                  side.probe.span, f"use kernel:{side.probe.name} with a 'fallback', or {alt}; "
                                  "build with --kernel any to target another kernel")
                     return
-        begin_map = MapSpec(f"span_{s.name}_begin", "HASH", None, None, 2 * self.spec.limits.concurrency, "span_begin")
+        begin_map = MapSpec(f"span_{s.name}_begin", "table", None, None, 2 * self.spec.limits.concurrency, "span_begin")
         self.span_maps[s.name] = begin_map
         for i, ((bk, ek), bside, eside) in enumerate(variants):
             b = self.probe(bside.probe, bk, group, i)
@@ -518,24 +518,24 @@ class Lowering:
         if members:
             key = struct_layout(f"{m.name}_key", members, bucket=hist)
             entries = self.spec.limits.series * slots
-            mtype = "PERCPU_HASH"
+            shape = "table"
         else:
             key = u32_key(f"{m.name}_key")
             entries = slots
-            mtype = "PERCPU_ARRAY"
-        mp = MapSpec(f"m_{m.name}", mtype, key, u64_value(f"{m.name}_value"), entries, "metric")
+            shape = "slots"
+        mp = MapSpec(f"m_{m.name}", shape, key, u64_value(f"{m.name}_value"), entries, "metric")
         fold: dict[str, MapSpec] = {}
         if members:
             # Past limits.series label sets, updates go to a per-CPU array that is the __overflow__
             # series, and the label set is remembered (up to FOLDED_TRACKED of them) to be counted.
-            fold["overflow_map"] = MapSpec(f"m_{m.name}_overflow", "PERCPU_ARRAY", u32_key(f"{m.name}_overflow_key"),
+            fold["overflow_map"] = MapSpec(f"m_{m.name}_overflow", "slots", u32_key(f"{m.name}_overflow_key"),
                                            u64_value(f"{m.name}_value"), slots,
                                            "metric_overflow")
-            fold["folded_map"] = MapSpec(f"m_{m.name}_folded", "HASH", key, u64_value(f"{m.name}_value"),
+            fold["folded_map"] = MapSpec(f"m_{m.name}_folded", "table", key, u64_value(f"{m.name}_value"),
                                          FOLDED_TRACKED, "metric_folded")
             if hist:
                 # a histogram's label set takes a slot per bucket used: admit label sets, not slots
-                fold["sets_map"] = MapSpec(f"m_{m.name}_sets", "HASH", key, u64_value(f"{m.name}_value"),
+                fold["sets_map"] = MapSpec(f"m_{m.name}_sets", "table", key, u64_value(f"{m.name}_value"),
                                            self.spec.limits.series, "metric_sets")
         for build, in_span, upd in updates:
             if in_span:
@@ -570,7 +570,7 @@ class Lowering:
             build.actions[:] = actions
         self.gauges.setdefault(span, []).append(m.name)
         key = u32_key(f"{m.name}_key")
-        mp = MapSpec(f"m_{m.name}", "PERCPU_ARRAY", key, u64_value(f"{m.name}_value"), 1, "metric")
+        mp = MapSpec(f"m_{m.name}", "slots", key, u64_value(f"{m.name}_value"), 1, "metric")
         return Metric(m.name, m.kind, m.help or f"spans '{span}' open now", "", 1.0, (), (), mp,
                       self.spec.limits.series)
 
@@ -658,7 +658,7 @@ class Lowering:
             else:
                 t = f.expr.type
                 members.append((f.name, t if t.kind == "str" else ValueType("int", signed=t.signed), ""))
-        header = [(f.name, f.ctype, f.size, f.code) for f in EVENT_HEADER]
+        header = [(f.name, "signed" if f.ctype.startswith("__s") else "unsigned", f.size, f.code) for f in EVENT_HEADER]
         record = struct_layout(f"event_{ev.name}", members, header=header)
         for build, in_span, emit in emits:
             if in_span:
@@ -704,9 +704,9 @@ class Lowering:
         maps = [s.begin_map for s in spans] + accumulators + [m.map for m in metrics]
         maps += [mp for m in metrics for mp in (m.sets_map, m.overflow_map, m.folded_map) if mp is not None]
         if events:
-            maps.append(MapSpec("events", "RINGBUF", None, None, self.spec.limits.ringbuf_bytes, "event"))
+            maps.append(MapSpec("events", "ring", None, None, self.spec.limits.ringbuf_bytes, "event"))
         if self.needs_stacks:
-            maps.append(MapSpec("stacks", "STACK_TRACE", None, None, 1024, "stacks"))
+            maps.append(MapSpec("stacks", "stacks", None, None, 1024, "stacks"))
         return Program(self.spec.name, self.spec.file.rsplit("/", 1)[-1], self.spec.description, tuple(probes),
                        spans, tuple(metrics), tuple(events), tuple(maps), self.spec.limits.ringbuf_bytes,
                        self.needs_stacks, tuple(self.groups.items()), tuple(self.chosen.items()),
@@ -859,7 +859,7 @@ class Lowering:
                     new.append(a)
                 build.actions[:] = new
             capacity = self.span_maps[outer].max_entries
-            maps += [MapSpec(name, "HASH", None, None, capacity, "accumulator")
+            maps += [MapSpec(name, "table", None, None, capacity, "accumulator")
                      for name in kept_accumulators(inner, is_span)]
         return maps
 

@@ -308,7 +308,7 @@ class BpftraceBackend(Backend):
             printed_maps=printed, cleared_maps=cleared, ready_mark=READY_MARK,
             dump_mark=DUMP_MARK, epoch=EPOCH, ready_map=READY_MAP).split("\n"))
         script_name = f"{program.name}.bt"
-        keys_max = max([m.max_entries for m in program.maps if m.type not in ("RINGBUF", "STACK_TRACE")] + [4096])
+        keys_max = max([m.max_entries for m in program.maps if m.shape in ("slots", "table")] + [4096])
         manifest = self.base_manifest(program, {"script": script_name}, bpftrace=contract.BpftraceSection(
             version=f"{self.version[0]}.{self.version[1]}", interval_ms=self.interval_ms,
             map_keys_max=2 * keys_max,      # two epochs of each label set

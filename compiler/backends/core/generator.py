@@ -17,7 +17,7 @@ from ...kinds import METRIC_KINDS
 from ...spec.limits import MAX_BUCKETS
 from ...ir import nodes as ir
 from ..base import Backend, Bundle, template_environment
-from ..manifest import contract
+from ..manifest import contract, field_ctype, map_info
 from . import toolchain
 
 U64_MAX = (1 << 64) - 1
@@ -64,6 +64,11 @@ def c_member(layout_field: ir.Field, is_event_member: bool) -> str:
     if is_event_member and not layout_field.name.startswith("__pad"):
         return "f_" + layout_field.name
     return layout_field.name
+
+
+def sum_slot(m: ir.Metric) -> int:
+    """The slot of a histogram's map that carries its sum: after the +Inf bucket."""
+    return len(m.edges) + 1
 
 
 def bucket_steps(n_edges: int) -> int:
@@ -262,6 +267,7 @@ class CoreBackend(Backend):
         # measured it at 0.6x the HASH begin map on a syscall span.
         self.task_storage = task_storage
         self.task_spans: set[str] = set()
+        self.task_maps: frozenset[str] = frozenset()      # their begin maps
         self.env = template_environment("core")
         self.strings = StringTable()
         self.health = HealthSlots()
@@ -368,16 +374,16 @@ class CoreBackend(Backend):
                     key_lines.append(f"__builtin_memset({target}, 0, {f.length});")
                 elif f.label:
                     expr = by_name[f.label]
-                    if f.ctype == "char":
+                    if f.kind == "bytes":
                         key_lines += em.copy_string(target, f.length, expr)
                     else:
-                        key_lines.append(f"{target} = ({f.ctype}){em.value(expr)};")
+                        key_lines.append(f"{target} = ({field_ctype(f)}){em.value(expr)};")
         return self.lines(
             self.UPDATES[METRIC_KINDS[m.kind].update], guard=self.guard(a.guard, em, program), histogram=histogram,
             labelled=labelled, value=value, value_ctype="__s64" if signed else "__u64",
             map=m.map.name, key_struct=self.struct_name(m.map.key), key_lines=key_lines,
             bucket_fn="probec_bucket_s64" if signed else "probec_bucket_u64",
-            edges=f"probec_edges_{m.name}", steps=bucket_steps(len(m.edges)), sum_slot=m.sum_slot,
+            edges=f"probec_edges_{m.name}", steps=bucket_steps(len(m.edges)), sum_slot=sum_slot(m),
             full_slot=self.health.add("metric_map_full", m.name) if labelled and histogram else -1,
             overflow_map=m.overflow_map.name if m.overflow_map else "",
             folded_map=m.folded_map.name if m.folded_map else "",
@@ -390,7 +396,7 @@ class CoreBackend(Backend):
         em.needs.update(("now", "id"))
         fields = {f.name: f for f in ev.fields}
         field_lines: list[str] = []
-        stacks = next((mp.name for mp in program.maps if mp.type == "STACK_TRACE"), "")
+        stacks = next((mp.name for mp in program.maps if mp.shape == "stacks"), "")
         for lf in ev.record.fields[len(HEADER_FIELDS):]:
             target = f"probec_e->{c_member(lf, True)}"
             if lf.name.startswith("__pad"):
@@ -400,11 +406,11 @@ class CoreBackend(Backend):
             if f.stack:
                 flags = "BPF_F_USER_STACK" if f.stack == "user" else "0"
                 field_lines.append(f"{target} = bpf_get_stackid(ctx, &{stacks}, {flags});")
-            elif lf.ctype == "char":
+            elif lf.kind == "bytes":
                 field_lines += em.copy_string(target, lf.length, f.expr)
             else:
-                field_lines.append(f"{target} = ({lf.ctype}){em.value(f.expr)};")
-        ringbuf = next(mp.name for mp in program.maps if mp.type == "RINGBUF")
+                field_lines.append(f"{target} = ({field_ctype(lf)}){em.value(f.expr)};")
+        ringbuf = next(mp.name for mp in program.maps if mp.shape == "ring")
         return self.lines(
             "emit_event.j2", condition=self.guard(a.guard, em, program, extra=a.when),
             name=ev.name, struct=self.struct_name(ev.record), ringbuf=ringbuf,
@@ -442,22 +448,32 @@ class CoreBackend(Backend):
                            "edges": ", ".join(c_u64(v) for v in padded)})
         return tables
 
+    def map_type(self, mp: ir.MapSpec) -> tuple[str, int]:
+        """The BPF map type that holds a logical map here, and its max_entries: a metric's maps
+        per CPU (no two CPUs add to one slot), thread-keyed begin times in task storage (one slot
+        per thread, made on first use, sized by the threads rather than by max_entries)."""
+        if mp.name in self.task_maps:
+            return "TASK_STORAGE", 0
+        if mp.shape in ("ring", "stacks"):
+            return {"ring": "RINGBUF", "stacks": "STACK_TRACE"}[mp.shape], mp.max_entries
+        per_cpu = "PERCPU_" if mp.purpose in ("metric", "metric_overflow") else ""
+        return per_cpu + ("ARRAY" if mp.shape == "slots" else "HASH"), mp.max_entries
+
     def map_definitions(self, program: ir.Program) -> list[dict]:
         out = []
-        task_maps = {s.begin_map.name for s in program.spans if s.name in self.task_spans}
         for mp in program.maps:
-            d = {"name": mp.name, "type": mp.type, "max_entries": mp.max_entries, "key": "", "value": "",
+            map_type, entries = self.map_type(mp)
+            d = {"name": mp.name, "type": map_type, "max_entries": entries, "key": "", "value": "",
                  "key_size": "", "value_size": "", "flags": ""}
-            if mp.name in task_maps:
-                # one slot per thread, made on first use; sized by the threads, not by max_entries
-                d.update(type="TASK_STORAGE", max_entries=0, key="int", value="__u64", flags="BPF_F_NO_PREALLOC")
-            elif mp.type == "STACK_TRACE":
+            if map_type == "TASK_STORAGE":
+                d.update(key="int", value="__u64", flags="BPF_F_NO_PREALLOC")
+            elif map_type == "STACK_TRACE":
                 d["key_size"], d["value_size"] = "sizeof(__u32)", f"{STACK_DEPTH} * sizeof(__u64)"
-            elif mp.type in ("ARRAY", "PERCPU_ARRAY"):
+            elif mp.shape == "slots":
                 # the kernel wants an array's key typed as a 32-bit int (the layout's one __u32)
                 d["key"] = "__u32"
                 d["value"] = f"struct {self.struct_name(mp.value)}" if mp.value is not None else "__u64"
-            elif mp.type != "RINGBUF":
+            elif map_type != "RINGBUF":
                 d["key"] = f"struct {self.struct_name(mp.key)}" if mp.key is not None else "__u64"
                 d["value"] = f"struct {self.struct_name(mp.value)}" if mp.value is not None else "__u64"
             out.append(d)
@@ -478,7 +494,7 @@ class CoreBackend(Backend):
             members = []
             for i, f in enumerate(lay.fields):
                 member = c_member(f, is_event and i >= len(HEADER_FIELDS))
-                members.append({"ctype": f.ctype, "name": member, "array": f"[{f.length}]" if f.ctype == "char" else "",
+                members.append({"ctype": field_ctype(f), "name": member, "array": f"[{f.length}]" if f.kind == "bytes" else "",
                                 "offset": f.offset})
             # 8-byte alignment lets clang copy strings into keys a word at a time; the layouts are
             # multiples of 8 already, so it changes no size (arrays' 4-byte keys stay 4)
@@ -490,6 +506,7 @@ class CoreBackend(Backend):
         self.strings, self.health = StringTable(), HealthSlots()
         self.program = program
         self.task_spans = self.thread_keyed_spans(program) if self.task_storage else set()
+        self.task_maps = frozenset(s.begin_map.name for s in program.spans if s.name in self.task_spans)
         name = program.name
         programs_meta = []
         probe_texts = []
@@ -503,7 +520,7 @@ class CoreBackend(Backend):
                 tp_checks.append({"probe": p.id, "tracepoint": f"{p.category}:{p.name}", "field": f.name,
                                   "offset": f.offset, "size": f.size})
         edge_tables = self.edge_tables(program)
-        ringbuf = next((mp for mp in program.maps if mp.type == "RINGBUF"), None)
+        ringbuf = next((mp for mp in program.maps if mp.shape == "ring"), None)
         wakeup = max(1, program.ringbuf_bytes // 4) if ringbuf else 0
         settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0}]
         if ringbuf is not None:
@@ -536,8 +553,10 @@ class CoreBackend(Backend):
             if obj is not None:
                 files[object_name] = obj
                 file_roles["object"] = object_name
-        task_maps = frozenset(s.begin_map.name for s in program.spans if s.name in self.task_spans)
-        manifest = self.base_manifest(program, file_roles, task_maps=task_maps, core=contract.CoreSection(
+        manifest = self.base_manifest(
+            program, file_roles, maps=tuple(map_info(mp, *self.map_type(mp)) for mp in program.maps),
+            sum_slots={m.name: sum_slot(m) for m in program.metrics if METRIC_KINDS[m.kind].buckets},
+            task_maps=self.task_maps, core=contract.CoreSection(
             object=file_roles.get("object"),
             programs=tuple(contract.CoreProgram(**p) for p in programs_meta),
             settings=tuple(contract.CoreSetting(s["name"], s["size"], s["value"]) for s in settings),
@@ -546,7 +565,7 @@ class CoreBackend(Backend):
                          for s in self.health.slots),
             tracepoint_fields=tuple(contract.TracepointCheck(**c) for c in tp_checks),
             ringbuf=contract.RingBufferInfo(ringbuf.name, ringbuf.max_entries, wakeup) if ringbuf else None,
-            stack_map=next((mp.name for mp in program.maps if mp.type == "STACK_TRACE"), None),
+            stack_map=next((mp.name for mp in program.maps if mp.shape == "stacks"), None),
             stack_depth=STACK_DEPTH,
             value_signed=signed_metrics(program),
         ))
