@@ -193,7 +193,8 @@ class BpftraceBackend(Backend):
             total, count = (self.map_name(m) for m in ir.accumulator_maps(a.span))
             inside = self.guard(ir.Guard(within=(a.inside,)), em) if a.inside else ""
             return self.render("span_end.bt.j2", start=self.var("start"), map=self.map_name(f"span_{a.span}_begin"),
-                               key=em.emit(a.key), then=then, inside=inside, outside=outside_counter(a.span),
+                               key=em.emit(a.key), then=then, inside=inside, pad="  " if inside else "",
+                               outside=outside_counter(a.span),
                                accumulate=a.accumulate_into is not None,
                                outer_key=em.emit(a.accumulate_into.key) if a.accumulate_into else "",
                                total=total, count=count,
@@ -207,8 +208,9 @@ class BpftraceBackend(Backend):
             if epoch not in em.prelude:
                 em.prelude.append(epoch)
             labels = ["$__epoch"] + labels
+            guard = self.guard(a.guard, em)
             return self.render(
-                self.UPDATES[METRIC_KINDS[m.kind].update], guard=self.guard(a.guard, em), histogram=hist,
+                self.UPDATES[METRIC_KINDS[m.kind].update], guard=guard, ind="  " if guard else "", histogram=hist,
                 var=self.var("value"), bucket=self.var("bucket"),
                 value=em.emit(a.value) if a.value is not None else "", edges=list(m.edges),
                 edges_descending=list(reversed(edges)), map=self.map_name(m.map.name),

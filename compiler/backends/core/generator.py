@@ -329,14 +329,7 @@ class CoreBackend(Backend):
 
     def action(self, a: ir.Action, em: CExpression, program: ir.Program) -> list[str]:
         if isinstance(a, ir.SpanBegin):
-            em.needs.add("now")
-            task = a.span in self.task_spans
-            return self.lines("span_begin.j2", guard=self.guard(a.guard, em, program),
-                              map=self.begin_map(program, a.span),
-                              key=em.value(a.key) if not task or a.resets else "",
-                              overflow_slot=self.health.add("span_overflow", a.span),
-                              resets=[m for inner in a.resets for m in program.accumulators(inner)],
-                              task=task, keep_first=not a.restart)
+            return self.span_begin(a, em, program)
         if isinstance(a, ir.SpanEnd):
             key = em.value(a.key) if a.span not in self.task_spans or a.clears else ""
             before = em.duration_uses
@@ -347,7 +340,7 @@ class CoreBackend(Backend):
             total, count = ir.accumulator_maps(a.span)
             return self.lines("span_end.j2", map=self.begin_map(program, a.span), key=key, then=then,
                               duration=em.duration_uses > before,
-                              inside=self.open_span(a.inside, em) if a.inside else "",
+                              inside=self.open_span(a.inside, em) if a.inside else "", pad="\t" if a.inside else "",
                               outside_slot=self.health.add("span_outside", a.span) if a.inside else -1,
                               accumulate=a.accumulate_into is not None,
                               outer_key=em.value(a.accumulate_into.key) if a.accumulate_into else "",
@@ -358,6 +351,27 @@ class CoreBackend(Backend):
         if isinstance(a, ir.EmitEvent):
             return self.emit_event(a, em, program)
         raise AssertionError(type(a))  # pragma: no cover
+
+    def span_begin(self, a: ir.SpanBegin, em: CExpression, program: ir.Program) -> list[str]:
+        """The begin time written at the key (in the thread's task storage for a thread-keyed
+        span), under the guard; a span that keeps its first begin (restart: false) only where it
+        is not open yet."""
+        em.needs.add("now")
+        guard = self.guard(a.guard, em, program)
+        task = a.span in self.task_spans
+        begin_map = self.begin_map(program, a.span)
+        key = em.value(a.key) if not task or a.resets else ""
+        slot = self.health.add("span_overflow", a.span)
+        keep_first = "false" if a.restart else "true"
+        if task:
+            begin = f"probec_task_span_begin(&{begin_map}, probec_now, &probec_health, {slot}, {keep_first});"
+            is_open = f"probec_task_within(&{begin_map})"
+        else:
+            begin = f"probec_span_begin(&{begin_map}, {key}, probec_now, &probec_health, {slot}, {keep_first});"
+            is_open = f"probec_within(&{begin_map}, {key})"
+        conditions = ([guard] if guard else []) + ([] if a.restart else [f"!{is_open}"])
+        return self.lines("span_begin.j2", condition=" && ".join(conditions), begin=begin, key=key,
+                          resets=[m for inner in a.resets for m in program.accumulators(inner)])
 
     def metric_update(self, a: ir.MetricUpdate, em: CExpression, program: ir.Program) -> list[str]:
         m = program.metric(a.metric)
@@ -432,6 +446,7 @@ class CoreBackend(Backend):
             "probe.bpf.c.j2", comment=p.spec_text or p.id, section=kind.section.format(
                 category=p.category, name=p.name), name=p.id, ctx_type=kind.ctx_type, now="now" in em.needs,
             comm="comm" in em.needs, pid_tgid="id" in em.needs,
+            pid_tgid_value="probec_id" if "id" in em.needs else "bpf_get_current_pid_tgid()",
             tp_strings=[{"name": f"probec_tp_{f.name}", "size": f.size, "offset": f.offset}
                         for f in sorted(em.tp_strings.values(), key=lambda f: f.offset)],
             actions=["\t" + line if line else "" for line in em.prelude + ([""] if em.prelude else []) + actions])
