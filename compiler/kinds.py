@@ -20,11 +20,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ProbeKind:
     name: str              # as the spec writes it before ':'
-    address: str           # the address grammar, for messages
+    address: str           # the address grammar, as messages show it
     args: int = 0          # arg0 .. arg{args-1} can be read (0: no positional arguments)
     retval: bool = False   # `retval` can be read
     mechanism: str = ""    # the kernel feature it needs beyond tracepoints and uprobes: kprobes | fentry
-    binary: bool = False   # attaches to a binary (resolved at check, a path in the bundle)
     lowers_to: str = ""    # the IR kind it becomes, when not its own name (syscall -> tracepoint)
     picks: tuple[str, ...] = ()   # spans only: the IR kinds it chooses from, in order, by what the kernel has
 
@@ -33,9 +32,9 @@ PROBE_KINDS: dict[str, ProbeKind] = {k.name: k for k in (
     ProbeKind("tracepoint", "tracepoint:CATEGORY:NAME"),
     ProbeKind("syscall", "syscall:NAME", lowers_to="tracepoint"),
     ProbeKind("syscallret", "syscallret:NAME", retval=True, lowers_to="tracepoint"),
-    ProbeKind("uprobe", "uprobe:BINARY:SYMBOL[+OFFSET]", args=10, binary=True),
-    ProbeKind("uretprobe", "uretprobe:BINARY:SYMBOL", retval=True, binary=True),
-    ProbeKind("usdt", "usdt:BINARY:PROVIDER:NAME", args=12, binary=True),
+    ProbeKind("uprobe", "uprobe:BINARY:SYMBOL", args=10),
+    ProbeKind("uretprobe", "uretprobe:BINARY:SYMBOL", retval=True),
+    ProbeKind("usdt", "usdt:BINARY:PROVIDER:NAME", args=12),
     ProbeKind("kprobe", "kprobe:FUNCTION", args=6, mechanism="kprobes"),
     ProbeKind("kretprobe", "kretprobe:FUNCTION", retval=True, mechanism="kprobes"),
     ProbeKind("fentry", "fentry:FUNCTION", args=6, mechanism="fentry"),
@@ -43,15 +42,11 @@ PROBE_KINDS: dict[str, ProbeKind] = {k.name: k for k in (
     ProbeKind("kernel", "kernel:FUNCTION", picks=("fentry", "kprobe")),
     ProbeKind("kernelret", "kernelret:FUNCTION", picks=("fexit", "kretprobe")),
     ProbeKind("profile", "profile:hz:N"),
-    ProbeKind("interval", "interval:s:N"),
+    ProbeKind("interval", "interval:s:N or interval:ms:N"),
 )}
 
 # What a program attaches: the kinds lowering leaves in the IR (every backend table covers these).
 IR_PROBE_KINDS = tuple(k.name for k in PROBE_KINDS.values() if not k.lowers_to and not k.picks)
-
-
-def probe_kind(name: str) -> ProbeKind:
-    return PROBE_KINDS[name]
 
 
 # --- metric kinds --------------------------------------------------------------------------------
@@ -96,7 +91,3 @@ METRIC_KINDS: dict[str, MetricKind] = {k.name: k for k in (
 
 # spec key -> the metric kind it makes
 METRIC_SPEC_KEYS = {key: k for k in METRIC_KINDS.values() for key in k.spec_keys}
-
-
-def metric_kind(name: str) -> MetricKind:
-    return METRIC_KINDS[name]

@@ -11,7 +11,7 @@ from probec.compiler.driver import build_bundle, check_file
 from probec.compiler.ir.host import HostInfo
 from probec.compiler.kinds import IR_PROBE_KINDS, METRIC_KINDS, METRIC_SPEC_KEYS, PROBE_KINDS
 from probec.compiler.monitoring.dashboard import PANELS
-from probec.compiler.spec.loader import METRIC_KEYS
+from probec.compiler.spec.loader import METRIC_KEYS, load_spec_text
 from probec.compiler.spec.model import PROBE_KINDS as SPEC_PROBE_KINDS
 
 from harness import write_spec
@@ -49,6 +49,14 @@ def test_the_spec_reads_its_kinds_from_the_registries():
     assert set(METRIC_SPEC_KEYS) <= set(METRIC_KEYS)
     # what lowering leaves in the IR: no syscall (a tracepoint) and no kernel (a mechanism chosen)
     assert "syscall" not in IR_PROBE_KINDS and "kernel" not in IR_PROBE_KINDS and "tracepoint" in IR_PROBE_KINDS
+
+
+def test_an_address_of_the_wrong_shape_is_told_its_grammar():
+    for address, kind in (("uprobe:onlybinary", "uprobe"), ("kprobe:a:b", "kprobe"), ("interval:h:1", "interval")):
+        d = Diagnostics()
+        load_spec_text(f"name: t\nmetrics:\n  t_total:\n    count: {address}\n", "t.yaml", d)
+        assert [x.code for x in d.items] == ["E111"], d.items
+        assert f"should be {PROBE_KINDS[kind].address}" in d.items[0].message
 
 
 def _checked(tmp_path):

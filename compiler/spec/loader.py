@@ -15,7 +15,7 @@ from pathlib import Path
 from ..diagnostics import Diagnostics, SourceSpan, did_you_mean, shown
 from ..expr.ast import SIZE_UNITS, TIME_UNITS, Expr, Name
 from ..expr.parser import parse_expression
-from ..kinds import METRIC_SPEC_KEYS
+from ..kinds import METRIC_SPEC_KEYS, PROBE_KINDS as PROBE_KIND_REGISTRY
 from .limits import (EVENT_RECORD_KEYS, HISTOGRAM_LABELS, INT_MAX, LIMITS, MAX_BUCKETS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH,
                      RESERVED_METRIC_PREFIX, RESERVED_SPEC_NAMES, exposed_names, expression_depth, out_of_range)
 from .model import (PROBE_KINDS, AlertSpec, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
@@ -181,23 +181,24 @@ class SpecLoader:
                          did_you_mean(kind, PROBE_KINDS) or "probe kinds: " + ", ".join(PROBE_KINDS))
             return None
         parts = rest.split(":")
+        grammar = PROBE_KIND_REGISTRY[kind].address
 
         def bad(message: str, hint: str = "") -> None:
             self.d.error("E111", message, span, hint)
 
         if kind == "tracepoint":
             if len(parts) != 2 or not all(IDENT.match(p) for p in parts):
-                return bad(f"'{shown(text)}' should be tracepoint:CATEGORY:NAME", "e.g. tracepoint:sched:sched_switch")
+                return bad(f"'{shown(text)}' should be {grammar}", "e.g. tracepoint:sched:sched_switch")
             return ProbeAddress(kind, text, span, target=parts[0], name=parts[1])
         if kind in ("syscall", "syscallret", "kprobe", "kretprobe", "fentry", "fexit", "kernel", "kernelret"):
             if len(parts) != 1 or not IDENT.match(parts[0]):
-                return bad(f"'{shown(text)}' should be {kind}:NAME",
+                return bad(f"'{shown(text)}' should be {grammar}",
                            f"e.g. {kind}:" + ("sendmsg" if "sys" in kind else "tcp_sendmsg"))
             return ProbeAddress(kind, text, span, name=parts[0])
         if kind in ("uprobe", "uretprobe"):
             binary, _, symbol = rest.partition(":")
             if not binary or not symbol:
-                return bad(f"'{shown(text)}' should be {kind}:BINARY:SYMBOL",
+                return bad(f"'{shown(text)}' should be {grammar}",
                            "BINARY is a path or a name from 'binaries'")
             offset = None
             m = re.fullmatch(r"(.*?)\+(0x[0-9a-fA-F]+|[0-9]+)", symbol)
@@ -216,17 +217,17 @@ class SpecLoader:
         if kind == "usdt":
             if len(parts) != 3 or not all(parts) or not SAFE_PATH.match(parts[0]) \
                     or not IDENT.match(parts[1]) or not IDENT.match(parts[2]):
-                return bad(f"'{shown(text)}' should be usdt:BINARY:PROVIDER:NAME")
+                return bad(f"'{shown(text)}' should be {grammar}")
             return ProbeAddress(kind, text, span, target=parts[0], provider=parts[1], name=parts[2])
         if kind == "profile":
             if len(parts) != 2 or parts[0] != "hz" or not re.fullmatch(r"[0-9]{1,5}", parts[1]) \
                     or not 1 <= int(parts[1]) <= 10_000:
-                return bad(f"'{shown(text)}' should be profile:hz:N with 1 <= N <= 10000", "e.g. profile:hz:99")
+                return bad(f"'{shown(text)}' should be {grammar} with 1 <= N <= 10000", "e.g. profile:hz:99")
             return ProbeAddress(kind, text, span, rate=int(parts[1]))
         if kind == "interval":
             scale = {"s": 1_000_000_000, "ms": 1_000_000}
             if len(parts) != 2 or parts[0] not in scale or not parts[1].isdigit() or int(parts[1]) == 0:
-                return bad(f"'{shown(text)}' should be interval:s:N or interval:ms:N", "e.g. interval:s:1")
+                return bad(f"'{shown(text)}' should be {grammar}", "e.g. interval:s:1")
             period = int(parts[1]) * scale[parts[0]] if len(parts[1]) <= 20 else LIMITS["interval"].high + 1
             if out_of_range("interval", period):
                 self.d.error("E130", f"'{shown(text)}': an interval is at most a day", span, LIMITS["interval"].why)
