@@ -7,8 +7,12 @@ loader, the type checker and lowering read these entries; each backend keeps a t
 the same names (for metrics: by how they are updated) saying how it renders a kind, and what is
 not in a backend's table is what that backend cannot do (compiler/backends/base.py reports it).
 
-Adding a kind: an entry here, a row in each backend's table, and the runtime's export of it
-(runtime/manifest.py MetricKind, runtime/exporter.py) for a metric kind.
+Adding a probe kind: an entry here, its address in the spec loader, its resolution in
+compiler/ir/resolve.py, a row in each backend's PROBES table and the runtime's attachment.
+Adding a metric kind: an entry here, its spec form in the loader, its lowering if its updates are
+new, its export in the runtime (runtime/manifest.py MetricKind, runtime/exporter.py) and its
+dashboard panel; the backends render it without a change while it updates as an existing kind
+does (`gauge` touched 8 files outside docs and tests, none of them a backend or a template).
 """
 
 from __future__ import annotations
