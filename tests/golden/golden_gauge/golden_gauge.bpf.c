@@ -66,7 +66,7 @@ SEC("uprobe")
 int uprobe_pwork_hold(struct pt_regs *ctx)
 {
 	__u64 probec_now;
-	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
+	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8))) = {};
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
