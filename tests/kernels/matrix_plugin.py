@@ -66,7 +66,9 @@ def pytest_runtest_makereport(item, call):
     mine = [r for r in _rows if r.test == item.nodeid]
     if report.when == "call" or (report.when == "setup" and not report.passed):
         for r in mine:
-            r.outcome = report.outcome
+            r.outcome = "known failure" if hasattr(report, "wasxfail") and report.skipped else report.outcome
+            if r.outcome == "known failure":
+                r.result, r.detail = "", report.wasxfail
             r.seconds = round(report.duration, 1)
             if not report.passed:
                 text = str(report.longrepr)

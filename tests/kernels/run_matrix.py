@@ -107,7 +107,7 @@ def run_guest(image: str, suite: str, results: Path, bundles: Path, select: str 
     """Boot IMAGE under qemu and run the suite inside; the guest sees this machine's files
     read-only and writes only under RWDIR (the results and its log). Returns the exit status,
     the seconds from start to power-off, and the seconds it took to boot (to the suite's start)."""
-    env = suite_env(results, bundles)
+    env = suite_env(results, bundles) | {"PROBEC_MATRIX_GUEST": "1"}
     script = rwdir / f"guest-{suite}.sh"
     exports = " ".join(f"{k}={_quote(v)}" for k, v in env.items())
     script.write_text(

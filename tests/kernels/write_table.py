@@ -30,6 +30,8 @@ def cell(row: dict | None) -> str:
     if row["outcome"] == "passed":
         text = row["result"] or "passed"
         return f"{text}: {row['detail']}" if row["detail"] else text
+    if row["outcome"] == "known failure":
+        return f"known failure: {row['detail']}"
     if row["outcome"] == "not reached":
         return "not run (its run ended first)"
     message = " ".join(row["message"].split()).replace("|", "\\|")
