@@ -27,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 LOCK = "/tmp/probec-kernel.lock"
 # One guest boot per suite, each well under the time limit (pytest file, -k expression).
 KERNEL_SIDE = "send_latency or runqueue or retransmits"
-SUITES = {"core": ("tests/kernels/matrix_examples.py", "core"),
+SUITES = {"core-kernel": ("tests/kernels/matrix_examples.py", f"core and ({KERNEL_SIDE})"),
+          "core-user": ("tests/kernels/matrix_examples.py", f"core and not ({KERNEL_SIDE})"),
           "bpftrace-kernel": ("tests/kernels/matrix_examples.py", f"bpftrace and ({KERNEL_SIDE})"),
           "bpftrace-user": ("tests/kernels/matrix_examples.py", f"bpftrace and not ({KERNEL_SIDE})"),
           "spans": ("tests/kernels/matrix_kernel_spans.py", "")}
