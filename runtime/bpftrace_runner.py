@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 
+from .cgroups import CgroupMap, ForeignMap, bpftrace_map_name
 from .events import EventSink
 from .manifest import BpftraceSection, Bundle, BundleError, HealthSlot, Manifest, MetricInfo, MetricMapRole
 from .store import HistogramSeries, MetricStore
@@ -174,8 +175,11 @@ class MapDecoder:
 
 
 class BpftraceRunner:
-    def __init__(self, bundle: Bundle, store: MetricStore, sink: EventSink | None, log=print):
+    def __init__(self, bundle: Bundle, store: MetricStore, sink: EventSink | None, log=print,
+                 cgroup_map: CgroupMap | None = None):
         self.bundle = bundle
+        self.cgroup_map = cgroup_map
+        self.cgroup_fd: ForeignMap | None = None    # bpftrace's cgroup map, through a copy of its fd
         self.store = store
         self.sink = sink
         self.log = log
@@ -226,7 +230,9 @@ class BpftraceRunner:
         env["BPFTRACE_MAP_KEYS_MAX"] = str(self.settings.map_keys_max)
         env.setdefault("BPFTRACE_CACHE_USER_SYMBOLS", "1")
         env.setdefault("BPFTRACE_STRLEN", "64")
-        cmd = [exe, "-f", "json", str(self.script), str(max(pid, 0))]   # $1: the script's pid filter
+        # $1: the script's pid filter; $2: 1 with --cgroup (only the cgroups marked in its cgroup map)
+        path_filter = int(self.cgroup_map is not None and self.cgroup_map.path is not None)
+        cmd = [exe, "-f", "json", str(self.script), str(max(pid, 0)), str(path_filter)]
         self.pid = pid
         self.stopping = False
         if pid > 0:
@@ -251,7 +257,28 @@ class BpftraceRunner:
             if time.monotonic() > deadline:
                 self.stop()
                 raise BpftraceError(f"bpftrace did not attach within {timeout:.0f}s")
+        if self.cgroup_map is not None:
+            self.open_cgroup_map()
         self.store.health.up = 1
+
+    def open_cgroup_map(self) -> None:
+        """bpftrace's cgroup map, reached through a copy of its file descriptor, and filled: until
+        then the script's container and pod filters (and --cgroup) match nothing."""
+        if self.cgroup_fd is not None:
+            self.cgroup_fd.close()
+        self.cgroup_map.written = {}           # a new bpftrace starts with an empty map
+        try:
+            self.cgroup_fd = ForeignMap(self.proc.pid, bpftrace_map_name(self.cgroup_map.section.map))
+        except OSError as exc:
+            self.stop()
+            raise BpftraceError(f"cannot fill bpftrace's cgroup map (container and pod filters, --cgroup): {exc}")
+        self.sync_cgroups()
+
+    def sync_cgroups(self) -> None:
+        if self.cgroup_fd is None or self.cgroup_fd.fd < 0:
+            return
+        self.cgroup_map.sync(self.cgroup_fd.update, self.cgroup_fd.delete)
+        self.store.health.cgroups_marked = len(self.cgroup_map.written)
 
     def explain_failure(self) -> str:
         lines = [line for line in self.stderr_tail if line.strip()]
@@ -449,6 +476,8 @@ class BpftraceRunner:
     def poll(self) -> None:
         """Called periodically: restart bpftrace if it died on its own after attaching."""
         self.read_missed()
+        if self.proc is not None and self.proc.poll() is None:
+            self.sync_cgroups()
         if self.stopping or self.proc is None or self.proc.poll() is None:
             return
         if self.pid > 0 and process_start(self.pid) is None:
@@ -558,4 +587,7 @@ class BpftraceRunner:
                 continue
         if self.thread is not None:
             self.thread.join(5)
+        if self.cgroup_fd is not None:
+            self.cgroup_fd.close()
+            self.cgroup_fd = None
         self.store.health.up = 0

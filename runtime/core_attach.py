@@ -52,12 +52,13 @@ def attach_hint(kind: str, err: int | None) -> str:
 class ProbeAttacher:
     """Loads a core bundle's object and attaches its programs, as its manifest says."""
 
-    def __init__(self, manifest: Manifest, log=print, pid: int = -1):
+    def __init__(self, manifest: Manifest, log=print, pid: int = -1, cgroup_filter: bool = False):
         self.manifest = manifest
         self.core = manifest.core
         self.probes = {p.id: p for p in manifest.probes}
         self.log = log
         self.pid = pid
+        self.cgroup_filter = cgroup_filter     # --cgroup: only tasks whose cgroup the runtime marked
 
     def settings(self) -> list[tuple[str, bytes]]:
         out = []
@@ -65,6 +66,8 @@ class ProbeAttacher:
             value = s.value
             if s.name == "probec_target_pid" and self.pid > 0:
                 value = self.pid
+            elif s.name == "probec_filter_cgroup":
+                value = int(self.cgroup_filter)
             out.append((s.name, int(value).to_bytes(s.size, "little")))
         return out
 

@@ -7,6 +7,7 @@ import collections
 import struct
 
 from .manifest import EVENT_HEADER_NAMES, BundleError, EventInfo, MapInfo, MetricInfo
+from .cgroups import CGROUP_LABELS
 from .store import HistogramSeries
 
 MASK64 = (1 << 64) - 1
@@ -39,6 +40,8 @@ class MetricReader:
         self.signed = signed
         self.labelled = bool(meta.labels)
         self.label_fields = []
+        self.cgroup_fields: list[int] = []         # offsets of the labels that hold a cgroup id
+        self.sets_map: str | None = None           # histograms: the label sets admitted (set by the runner)
         self.bucket_at = None
         if self.labelled:
             fields = {f.label: f for f in map_meta.key.fields if f.label}
@@ -48,11 +51,17 @@ class MetricReader:
                     raise BundleError(f"manifest: metric '{self.name}' has label '{lab.name}' but its key "
                                       "layout has no field for it")
                 self.label_fields.append((f.offset, f.size, f.ctype))
+                if lab.render in CGROUP_LABELS:
+                    self.cgroup_fields.append(f.offset)
             bucket = [f for f in map_meta.key.fields if f.name == "bucket"]
             if self.histogram:
                 if not bucket:
                     raise BundleError(f"manifest: histogram '{self.name}' has no bucket in its key layout")
                 self.bucket_at = bucket[0].offset
+
+    def cgroup_ids(self, key: bytes) -> list[int]:
+        """The cgroup ids a key's container and pod labels hold."""
+        return [int.from_bytes(key[o:o + 8], "little") for o in self.cgroup_fields]
 
     def total(self, values) -> int:
         raw = _percpu_total(values)

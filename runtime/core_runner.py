@@ -21,7 +21,8 @@ from .core_attach import ProbeAttacher, _destroy, _libbpf
 from .core_decode import EventDecoder, MetricReader, StackSymbols, _percpu_total, decode_event
 from .core_preflight import check_tracepoint_fields, check_uprobe_placement
 from .events import EventSink
-from .manifest import Bundle, BundleError, CoreProgram, HealthSlot
+from .cgroups import CgroupMap
+from .manifest import Bundle, BundleError, CoreProgram, HealthSlot, MapPurpose
 from .store import MetricStore
 from .watch import FileIdentity, inodes_mapped
 
@@ -33,7 +34,7 @@ EVENT_POLL_MS = 50          # the reader drains the ring at least this often (th
 # --- the runner ----------------------------------------------------------------------------------
 class CoreRunner:
     def __init__(self, bundle: Bundle, store: MetricStore, sink: EventSink | None, log=print, pid: int = -1,
-                 bpf_stats: bool | None = None):
+                 bpf_stats: bool | None = None, cgroup_map: CgroupMap | None = None):
         self.bundle = bundle
         self.store = store
         self.sink = sink
@@ -44,7 +45,9 @@ class CoreRunner:
             raise BundleError(f"{bundle.path} has no 'core' section in its manifest: rebuild it with "
                               "'probec build SPEC --backend core'")
         self.core = core
-        self.attacher = ProbeAttacher(self.manifest, log, pid if pid and pid > 0 else -1)
+        self.cgroup_map = cgroup_map
+        self.attacher = ProbeAttacher(self.manifest, log, pid if pid and pid > 0 else -1,
+                                      cgroup_filter=cgroup_map is not None and cgroup_map.path is not None)
         self.failure: str | None = None
         self.bpf_stats = os.environ.get("PROBEC_BPF_STATS") == "1" if bpf_stats is None else bpf_stats
         try:
@@ -54,6 +57,9 @@ class CoreRunner:
             self.readers = [MetricReader(m, maps[m.map], bool(signed.get(m.name)))
                             for m in self.manifest.metrics]
             self.decoders = {e.index: EventDecoder(e) for e in self.manifest.events}
+            sets = {m.name for m in self.manifest.maps if m.purpose == MapPurpose.METRIC_SETS}
+            for reader in self.readers:
+                reader.sets_map = f"{reader.map}_sets" if f"{reader.map}_sets" in sets else None
         except (KeyError, TypeError, ValueError, struct.error) as exc:
             raise BundleError(f"{bundle.path}/manifest.json is damaged or from another probec version "
                               f"({type(exc).__name__}: {exc}); rebuild the bundle") from None
@@ -98,6 +104,7 @@ class CoreRunner:
         L = _libbpf()
         L.libbpf_version()   # a missing or old libbpf says so here, before anything else
         self.obj, self.links, self.active = self.attacher.load_and_attach(path)
+        self.sync_cgroups()
         health = self.store.health
         health.attached = {pid: int(pid in self.links) for pid in self.probes}
         for m in self.manifest.maps:
@@ -127,9 +134,12 @@ class CoreRunner:
             return
         started = time.monotonic()
         health = self.store.health
+        self.sync_cgroups()
         for reader in self.readers:
             bmap = self.obj.map(reader.map)
             items = bmap.items_batch()
+            if reader.cgroup_fields and self.store.cgroups is not None:
+                items = self.forget_expired(reader, items)
             health.map_entries[reader.map] = len(items)
             overflow, folded = None, 0
             if reader.overflow_map:
@@ -147,6 +157,32 @@ class CoreRunner:
         health.last_read_seconds = time.monotonic() - started
         health.reads += 1
         self.store.remember()
+
+    def sync_cgroups(self) -> None:
+        """The kernel's cgroup map as the spec's container and pod filters and --cgroup say now."""
+        if self.cgroup_map is None or self.obj is None:
+            return
+        cmap = self.obj.map(self.cgroup_map.section.map)
+        self.cgroup_map.sync(lambda cgid, bits: cmap.update(cgid.to_bytes(8, "little"), bits.to_bytes(8, "little")),
+                             lambda cgid: cmap.delete(cgid.to_bytes(8, "little")))
+        self.store.health.cgroups_marked = len(self.cgroup_map.written)
+
+    def forget_expired(self, reader: MetricReader, items: list) -> list:
+        """Series of cgroups gone past the grace period: handed to the store once more (which
+        counts and drops them), and deleted from the kernel's maps, where they would hold a place
+        under limits.series for good."""
+        resolver = self.store.cgroups
+        stale = {k for k, _ in items if any(resolver.expired(c) for c in reader.cgroup_ids(k))}
+        if not stale:
+            return items
+        for name in (reader.map, reader.sets_map, reader.folded_map):
+            if not name:
+                continue
+            bmap = self.obj.map(name)
+            for key in (stale if name == reader.map else
+                        [k for k, _ in bmap.items_batch() if any(resolver.expired(c) for c in reader.cgroup_ids(k))]):
+                bmap.delete(key)
+        return items
 
     def read_health(self) -> None:
         hm = self.core.health_map

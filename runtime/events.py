@@ -10,6 +10,7 @@ import struct
 import sys
 import threading
 
+from .cgroups import CGROUP_LABELS
 from .manifest import EventField, Label, Manifest
 
 
@@ -55,6 +56,7 @@ class EventSink:
         self.written = 0
         self.dropped = 0
         self.failing: str | None = None              # why the last write failed, while it does
+        self.cgroups = None                          # a cgroups.CgroupResolver, where fields show pods
 
     def field_name(self, spec: EventField) -> str:
         return f"{spec.name}_seconds" if spec.unit == "time" else spec.name
@@ -62,6 +64,8 @@ class EventSink:
     def value(self, spec: EventField, raw):
         if spec.unit == "time" and isinstance(raw, int):
             return raw / 1e9
+        if self.cgroups is not None and spec.render in CGROUP_LABELS and isinstance(raw, int):
+            return self.cgroups.attribute(spec.render, raw)     # the container or pod of a cgroup id
         return rendered(raw, spec)
 
     def write(self, record: dict) -> None:

@@ -124,6 +124,18 @@ class StoreCollector:
                           "so this one would cover time outside it.", "span", h.span_outside)
         yield counter("probec_series_dropped", "Label sets folded into __overflow__ by the series limit.",
                       "metric", {n: s.dropped_series for n, s in snap.items() if s.meta.labels})
+        expired = {n: len(s.expired) for n, s in snap.items() if s.meta.labels}
+        if self.store.cgroups is not None:
+            yield counter("probec_series_expired", "Label sets dropped because their container's cgroup was gone "
+                          "for longer than the grace period (--cgroup-grace).", "metric", expired)
+        if h.kubelet_up is not None:
+            yield GaugeMetricFamily("probec_kubelet_up", "1 while the kubelet's pod list (--kubelet) answers; 0: "
+                                    "pod, namespace and container labels of new pods stay empty.", value=h.kubelet_up)
+            yield counter("probec_kubelet_errors", "Reads of the kubelet's pod list that failed.",
+                          value=h.kubelet_errors)
+        if h.cgroups_marked is not None:
+            yield GaugeMetricFamily("probec_cgroups_marked", "Cgroups marked in the kernel's cgroup map for the "
+                                    "spec's container and pod filters and --cgroup.", value=h.cgroups_marked)
         yield gauge("probec_map_entries", "Entries in each BPF map at the last read.", "map", h.map_entries)
         yield gauge("probec_map_capacity", "Capacity (max_entries) of each BPF map.", "map", h.map_capacity)
         yield gauge("probec_probe_attached", "1 for each probe attached.", "probe", h.attached)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 SUPPORTED_MANIFEST = MANIFEST_VERSION
 
 
@@ -49,6 +49,7 @@ class MapPurpose(StrEnum):
     EVENT = "event"
     STACKS = "stacks"
     HEALTH = "health"
+    CGROUP_SETS = "cgroup_sets"              # cgroup id -> bits of the spec's container/pod matches
 
 
 class HealthSlot(StrEnum):
@@ -276,6 +277,23 @@ class BpftraceSection:
 
 
 @dataclass(frozen=True)
+class CgroupMatchInfo:
+    bit: int               # of the cgroup map's value
+    attribute: str         # container_id | pod_uid | pod | namespace | container
+    value: str
+
+
+@dataclass(frozen=True)
+class CgroupSection:
+    """The map the runtime fills with the cgroups a spec's `namespace == "serving"` comparisons
+    match (bit `bit` of each cgroup's entry), and those under `probec run --cgroup PATH` (bit
+    `path_bit`). The kernel side tests bits; it never sees a name."""
+    map: str               # core: the BPF map's name; bpftrace: the map as the script writes it (@name)
+    path_bit: int
+    matches: tuple[CgroupMatchInfo, ...]
+
+
+@dataclass(frozen=True)
 class Manifest:
     probec_manifest: int
     name: str
@@ -291,6 +309,7 @@ class Manifest:
     groups: dict[str, tuple[str, ...]]   # variant group -> its variants' labels
     core: CoreSection | None = None
     bpftrace: BpftraceSection | None = None
+    cgroups: CgroupSection | None = None
 
     def to_dict(self) -> dict:
         return _encode(self)

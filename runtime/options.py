@@ -19,5 +19,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="trace only the process whose id FILE holds, re-read at every interval: when a new "
                         "process id appears there (a restarted service), the probes follow it")
     p.add_argument("--snapshot", metavar="FILE", help="write the final metrics text here on exit")
+    p.add_argument("--cgroup", metavar="PATH",
+                   help="trace only tasks in this cgroup v2 folder and the ones below it (absolute, or relative to "
+                        "the cgroup v2 root), tested in the kernel by cgroup id; cgroups made later below it are "
+                        "picked up at the next read")
+    p.add_argument("--kubelet", metavar="URL",
+                   help="the node's kubelet pod list (http://127.0.0.1:10255/pods, or https://NODE:10250/pods with "
+                        "the service account's token), read-only, for pod, namespace and container labels and "
+                        "filters")
+    p.add_argument("--cgroup-grace", metavar="SECONDS", type=float, default=300.0,
+                   help="how long the series of a container whose cgroup is gone stay before they are dropped "
+                        "(default 300)")
     p.add_argument("--bpf-stats", action="store_true",
                    help="core: turn on the kernel's BPF run-time stats while running (per-probe run time and count)")

@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..host.containers import CgroupTree
+from .cgroups import CgroupMap, CgroupResolver, KubeletPods, uses_cgroups, uses_kubelet
 from .events import EventSink
 from .exporter import Exporter, format_edge, label_text
 from .manifest import BundleError, MetricInfo, load_bundle
@@ -26,13 +28,13 @@ def log(message: str) -> None:
     print(f"probec: {message}", file=sys.stderr, flush=True)
 
 
-def make_runner(bundle, store, sink, pid: int, bpf_stats: bool = False):
+def make_runner(bundle, store, sink, pid: int, bpf_stats: bool = False, cgroup_map: CgroupMap | None = None):
     if bundle.backend == "bpftrace":
         from .bpftrace_runner import BpftraceRunner
-        return BpftraceRunner(bundle, store, sink, log=log)
+        return BpftraceRunner(bundle, store, sink, log=log, cgroup_map=cgroup_map)
     if bundle.backend == "core":
         from .core_runner import CoreRunner
-        return CoreRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None)
+        return CoreRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None, cgroup_map=cgroup_map)
     raise BundleError(f"unknown backend '{bundle.backend}' in {bundle.path}")
 
 
@@ -157,6 +159,38 @@ def check_target(runner, target: ProcessTarget, store: MetricStore, failed: dict
         log(f"following process {pid} (from {target.pid_file})")
 
 
+def container_view(bundle, args, health) -> tuple[CgroupResolver | None, CgroupMap | None]:
+    """What labels, filters and --cgroup need to know of cgroups, containers and pods (None each
+    where the bundle and the options need nothing). Raises BundleError for a --cgroup that is not one."""
+    path = getattr(args, "cgroup", None)
+    manifest = bundle.manifest
+    if not uses_cgroups(manifest) and not path:
+        return None, None
+    tree = CgroupTree(refresh_s=max(1.0, args.interval))
+    if path:
+        if tree.root is None:
+            raise BundleError("--cgroup: this host has no cgroup v2 hierarchy mounted")
+        full = os.path.realpath(path if os.path.isabs(path) else os.path.join(tree.root, path))
+        root = os.path.realpath(tree.root)
+        if not os.path.isdir(full) or not (full == root or full.startswith(root + "/")):
+            raise BundleError(f"--cgroup {path}: not a cgroup v2 folder under {tree.root}")
+        path = full
+    tree.scan()
+    kubelet = None
+    if uses_kubelet(manifest):
+        url = getattr(args, "kubelet", None)
+        if url:
+            kubelet = KubeletPods(url, health, log, refresh_s=max(1.0, args.interval) * 10)
+            kubelet.fetch()
+        else:
+            health.kubelet_up = 0
+            log("warning: the spec uses pod, namespace or container names, which come from the kubelet's pod list: "
+                "without --kubelet URL they stay empty and filters on them match nothing")
+    resolver = CgroupResolver(tree, kubelet, grace_s=getattr(args, "cgroup_grace", 300.0))
+    needs_map = manifest.cgroups is not None and (manifest.cgroups.matches or path)
+    return resolver, (CgroupMap(manifest.cgroups, resolver, path) if needs_map else None)
+
+
 def run_target(args) -> int:
     target = Path(args.target)
     try:
@@ -183,6 +217,12 @@ def run_target(args) -> int:
             return 1
         pid = target.pid
     store = MetricStore(bundle.manifest, window_s=args.window, log=log)
+    try:
+        cgroups, cgroup_map = container_view(bundle, args, store.health)
+    except BundleError as exc:
+        log(f"error: {exc}")
+        return 1
+    store.cgroups = cgroups
     if target is not None:
         store.health.target_pid, store.health.target_up = target.pid, 1
     watch = binary_watch(bundle, store)
@@ -193,6 +233,8 @@ def run_target(args) -> int:
     except OSError as exc:
         log(f"error: cannot write events to {args.events}: {exc.strerror or exc}")
         return 1
+    if sink is not None:
+        sink.cgroups = cgroups
     stop = threading.Event()
     received = []
 
@@ -204,7 +246,7 @@ def run_target(args) -> int:
     exporter = Exporter(store, bundle.name, bundle.backend)
     runner = None
     try:
-        runner = make_runner(bundle, store, sink, pid, args.bpf_stats)
+        runner = make_runner(bundle, store, sink, pid, args.bpf_stats, cgroup_map)
         runner.start(pid=pid) if bundle.backend == "bpftrace" else runner.start()
         if args.port:
             try:
@@ -228,6 +270,8 @@ def run_target(args) -> int:
             if target is not None:
                 check_target(runner, target, store, failed_retarget)
             check_binaries(runner, watch, store, failed_reattach)
+            if cgroups is not None:
+                cgroups.refresh()
             runner.poll()
             if sink is not None:
                 sink.flush()

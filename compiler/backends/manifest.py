@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ...runtime import manifest as contract
 from ...runtime.manifest import Manifest
-from ..ir.nodes import Layout, MapSpec, Program
+from ..ir.nodes import CGROUP_MAP, CGROUP_PATH_BIT, Layout, MapSpec, Program
 
 __all__ = ["MANIFEST_VERSION", "Manifest", "contract", "manifest_for"]
 
@@ -45,7 +45,7 @@ def event_field_kind(f) -> str:
 
 def manifest_for(program: Program, backend: str, files: dict[str, str], *,
                  core: contract.CoreSection | None = None, bpftrace: contract.BpftraceSection | None = None,
-                 task_maps: frozenset[str] = frozenset()) -> contract.Manifest:
+                 task_maps: frozenset[str] = frozenset(), cgroup_map: str = CGROUP_MAP) -> contract.Manifest:
     checked = set(program.checked_at_end())
     return contract.Manifest(
         probec_manifest=MANIFEST_VERSION,
@@ -83,4 +83,6 @@ def manifest_for(program: Program, backend: str, files: dict[str, str], *,
         groups={name: tuple(variants) for name, variants in program.variant_groups},
         core=core,
         bpftrace=bpftrace,
+        cgroups=contract.CgroupSection(cgroup_map, CGROUP_PATH_BIT, tuple(
+            contract.CgroupMatchInfo(bit, attribute, value) for bit, (attribute, value) in enumerate(program.cgroup_sets))),
     )

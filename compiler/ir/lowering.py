@@ -15,7 +15,7 @@ from ..spec.limits import BPFTRACE_PRINTF_HEADER, BPFTRACE_STACK_BYTES, MAX_PROB
 from ..spec.model import EventSpec, MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef
 from .host import HostInfo
 from .layout import struct_layout, u32_key, u64_value
-from .nodes import (INT, TID, Action, Const, Context, EmitEvent, Event, EventField, Guard, IRExpr, Label,
+from .nodes import (CGROUP_MAP, CGROUP_MAP_ENTRIES, INT, TID, Action, Const, Context, EmitEvent, Event, EventField, Guard, IRExpr, Label,
                     MapSpec, Metric, MetricUpdate, Probe, Program, SpanBegin, SpanEnd, SpanInfo, TracepointField,
                     ValueType, Within, kept_accumulators, walk)
 from .typecheck import ProbeContext, TypeChecker
@@ -669,10 +669,13 @@ class Lowering:
             maps.append(MapSpec("events", "RINGBUF", None, None, self.spec.limits.ringbuf_bytes, "event"))
         if self.needs_stacks:
             maps.append(MapSpec("stacks", "STACK_TRACE", None, None, 1024, "stacks"))
+        # the cgroups of `namespace == "serving"` and of `probec run --cgroup PATH`: every bundle
+        # has it, filled by the runtime
+        maps.append(MapSpec(CGROUP_MAP, "HASH", None, None, CGROUP_MAP_ENTRIES, "cgroup_sets"))
         return Program(self.spec.name, self.spec.file.rsplit("/", 1)[-1], self.spec.description, tuple(probes),
                        spans, tuple(metrics), tuple(events), tuple(maps), self.spec.limits.ringbuf_bytes,
                        self.needs_stacks, tuple(self.groups.items()), tuple(self.chosen.items()),
-                       tuple(self.notes))
+                       tuple(self.notes), tuple(self.types.cgroup_sets))
 
     def check_budgets(self, probes: list[Probe], metrics: list[Metric], events: list[Event]) -> None:
         """What clang and bpftrace would refuse for size, found here with the spec's places: the BPF

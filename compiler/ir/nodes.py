@@ -26,9 +26,27 @@ class ValueType:
     def describe(self) -> str:
         if self.render == "ipv4":
             return "an IPv4 address"
+        if self.render in CGROUP_RENDERS:
+            return CGROUP_RENDERS[self.render]
         if self.kind == "int" and self.dimension != "none":
             return "a duration" if self.dimension == "time" else "a size"
         return {"int": "an integer", "str": "a string", "bool": "a condition"}[self.kind]
+
+
+# Values the kernel holds as the task's cgroup id and user space shows as the container or pod it
+# belongs to (host/containers.py): labels and event fields, or compared with a string literal.
+CGROUP_RENDERS = {"cgroup_id": "a cgroup id", "container_id": "a container id", "pod_uid": "a pod uid",
+                  "pod": "a pod name", "namespace": "a namespace", "container": "a container name"}
+
+
+CGROUP_MAP = "probec_cgroups"     # cgroup id -> bits: bit i is Program.cgroup_sets[i]; filled by the runtime
+CGROUP_PATH_BIT = 62              # set for the cgroups under `probec run --cgroup PATH`
+CGROUP_MAP_ENTRIES = 4096         # cgroups matched at once (a node has a few hundred; bpftrace sizes every map alike)
+
+
+def opaque(t: "ValueType") -> bool:
+    """A value that is shown, never computed with: an IPv4 address, a container or pod attribute."""
+    return t.render == "ipv4" or (t.render in CGROUP_RENDERS and t.render != "cgroup_id")
 
 
 INT = ValueType("int")
@@ -160,8 +178,18 @@ class FdSocket:
     type: ValueType = INT
 
 
+@dataclass(frozen=True)
+class CgroupMatch:
+    """`namespace == "serving"`: the current task's cgroup is one whose `attribute` (a name from
+    CGROUP_RENDERS) is `value`. The kernel tests a bit of the task's cgroup id in a map that the
+    runtime fills (Program.cgroup_sets numbers the bits); names are never compared in the kernel."""
+    attribute: str
+    value: str
+    type: ValueType = BOOL
+
+
 IRExpr = Union[Context, Arg, Retval, TracepointField, Duration, SpanTotal, ActiveSpan, FdSocket, Const,
-               StrConst, BinOp, Cmp, StrEq, Logic, Not, Neg]
+               StrConst, BinOp, Cmp, StrEq, Logic, Not, Neg, CgroupMatch]
 
 
 # --- layouts -----------------------------------------------------------------------------------
@@ -366,6 +394,8 @@ class Program:
     variant_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()   # group -> variant descriptions
     host_variants: tuple[tuple[str, int], ...] = ()                # group -> variant that works here
     notes: tuple[str, ...] = field(default=())
+    # (attribute, value) of each CgroupMatch, by bit of the cgroup map (CGROUP_MAP) the runtime fills
+    cgroup_sets: tuple[tuple[str, str], ...] = ()
 
     def metric(self, name: str) -> Metric:
         return next(m for m in self.metrics if m.name == name)

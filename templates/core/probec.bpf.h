@@ -16,6 +16,19 @@
 #define PROBEC_EEXIST 17 /* errno's EEXIST: vmlinux.h has no errno values */
 #define PROBEC_MAX_BUCKET_STEPS 10 /* edge tables of up to 2^10 - 1 edges */
 
+/* --- containers and pods -------------------------------------------------------------------- */
+
+/* Whether bit `bit` is set in the current task's cgroup entry of `map` (cgroup id -> bits), which
+ * the runtime fills: one bit per `namespace == "serving"` of the spec, one for `--cgroup PATH`.
+ * Names never reach the kernel; a cgroup the runtime has not marked (yet) matches nothing. */
+static __always_inline bool probec_cgroup_has(void *map, __u32 bit)
+{
+	__u64 id = bpf_get_current_cgroup_id();
+	__u64 *bits = bpf_map_lookup_elem(map, &id);
+
+	return bits && ((*bits >> bit) & 1);
+}
+
 /* --- histogram buckets ---------------------------------------------------------------------- */
 
 /* The bucket of `v` for ascending `edges`, padded by the generator with ~0ULL to 2^steps entries

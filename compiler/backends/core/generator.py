@@ -49,6 +49,8 @@ CONTEXT_C = {
     "cgroup": "bpf_get_current_cgroup_id()",
     "cpu": "((__u64)bpf_get_smp_processor_id())",
     "uid": "((__u64)(__u32)bpf_get_current_uid_gid())",
+    # shown in user space as the container or pod of that cgroup (runtime/cgroups.py)
+    **{name: "bpf_get_current_cgroup_id()" for name in ir.CGROUP_RENDERS},
 }
 SCALAR_C = {(1, False): "__u8", (2, False): "__u16", (4, False): "__u32", (8, False): "__u64",
             (1, True): "__s8", (2, True): "__s16", (4, True): "__s32", (8, True): "__s64"}
@@ -200,7 +202,7 @@ class CExpression:
             return f"((__s64){result})" if e.type.signed else result
         if isinstance(e, ir.Neg):
             return f"((__s64)0 - (__s64){self.value(e.operand)})"
-        if isinstance(e, (ir.Cmp, ir.StrEq, ir.Logic, ir.Not)):
+        if isinstance(e, (ir.Cmp, ir.StrEq, ir.Logic, ir.Not, ir.CgroupMatch)):
             return f"((__u64){self.condition(e)})"
         raise AssertionError(type(e))  # pragma: no cover
 
@@ -236,6 +238,9 @@ class CExpression:
             return f"({self.condition(e.left)} {e.op} {self.condition(e.right)})"
         if isinstance(e, ir.Not):
             return f"(!{self.condition(e.operand)})"
+        if isinstance(e, ir.CgroupMatch):
+            bit = self.backend.program.cgroup_sets.index((e.attribute, e.value))
+            return f"probec_cgroup_has(&{ir.CGROUP_MAP}, {bit})"
         return f"({self.value(e)} != 0)"
 
     def string(self, e: ir.IRExpr) -> tuple[str, int]:
@@ -470,7 +475,8 @@ class CoreBackend(Backend):
         text = self.render(
             "probe.bpf.c.j2", comment=p.spec_text or p.id, section=section.format(
                 category=p.category, name=p.name), name=p.id, ctx_type=ctx_type, now="now" in em.needs,
-            comm="comm" in em.needs, pid_tgid="id" in em.needs,
+            comm="comm" in em.needs, pid_tgid="id" in em.needs, cgroup_map=ir.CGROUP_MAP,
+            cgroup_path_bit=ir.CGROUP_PATH_BIT,
             tp_strings=[{"name": f"probec_tp_{f.name}", "size": f.size, "offset": f.offset}
                         for f in sorted(em.tp_strings.values(), key=lambda f: f.offset)],
             actions=["\t" + line if line else "" for line in em.prelude + ([""] if em.prelude else []) + actions])
@@ -559,7 +565,8 @@ class CoreBackend(Backend):
         edge_tables = self.edge_tables(program)
         ringbuf = next((mp for mp in program.maps if mp.type == "RINGBUF"), None)
         wakeup = max(1, program.ringbuf_bytes // 4) if ringbuf else 0
-        settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0}]
+        settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0},
+                    {"name": "probec_filter_cgroup", "ctype": "__u32", "size": 4, "value": 0}]
         if ringbuf is not None:
             settings.append({"name": "probec_wakeup_bytes", "ctype": "__u64", "size": 8, "value": wakeup})
         for e in program.events:

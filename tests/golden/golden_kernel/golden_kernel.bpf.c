@@ -11,6 +11,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 /* Settings the loader fills in before load (.rodata); the values here are the spec's. */
 const volatile __u32 probec_target_pid = 0;
+const volatile __u32 probec_filter_cgroup = 0;
 const volatile __u64 probec_wakeup_bytes = 16384;
 const volatile __u64 probec_sample_every_retransmit = 1;
 const volatile __u64 probec_max_per_second_retransmit = 10;
@@ -155,6 +156,13 @@ struct {
 	__uint(value_size, 127 * sizeof(__u64));
 } stacks SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u64);
+} probec_cgroups SEC(".maps");
+
 /* Self-monitoring counters, one per slot of the manifest's core.health list. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -187,6 +195,8 @@ int tracepoint_sys_enter_read(void *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
 	if ((probec_bytes_eq(probec_comm, probec_str_0, 13) || probec_bytes_eq(probec_comm, probec_str_1, 6))) {
@@ -204,6 +214,8 @@ int tracepoint_sys_exit_read(void *ctx)
 	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
 
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
@@ -277,6 +289,8 @@ int fentry_tcp_sendmsg(__u64 *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	probec_now = bpf_ktime_get_ns();
 	if (!probec_task_within(&span_send_begin)) {
 		probec_task_span_begin(&span_send_begin, probec_now, &probec_health, 5, true);
@@ -291,6 +305,8 @@ int fexit_tcp_sendmsg(__u64 *ctx)
 	__u64 probec_now;
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	{
@@ -319,6 +335,8 @@ int kprobe_tcp_sendmsg(struct pt_regs *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	probec_now = bpf_ktime_get_ns();
 	if (!probec_task_within(&span_send_begin)) {
 		probec_task_span_begin(&span_send_begin, probec_now, &probec_health, 5, true);
@@ -333,6 +351,8 @@ int kretprobe_tcp_sendmsg(struct pt_regs *ctx)
 	__u64 probec_now;
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	{
@@ -361,6 +381,8 @@ int tracepoint_sys_enter_sendto(void *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	probec_now = bpf_ktime_get_ns();
 	if (!probec_task_within(&span_send_begin)) {
 		probec_task_span_begin(&span_send_begin, probec_now, &probec_health, 5, true);
@@ -375,6 +397,8 @@ int tracepoint_sys_exit_sendto(void *ctx)
 	__u64 probec_now;
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	{
@@ -404,6 +428,8 @@ int tracepoint_sched_switch(void *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	bpf_probe_read_kernel(probec_tp_prev_comm, sizeof(probec_tp_prev_comm), (char *)ctx + 8);
 	bpf_probe_read_kernel(probec_tp_next_comm, sizeof(probec_tp_next_comm), (char *)ctx + 40);
 	if ((!probec_bytes_eq(probec_tp_prev_comm, probec_str_2, 10) && ((__s64)((__s64)*(__s32 *)((char *)ctx + 56)) > (__s64)0ULL))) {
@@ -429,6 +455,8 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 	__u64 probec_now;
 
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	{
@@ -479,6 +507,8 @@ int profile_49(struct bpf_perf_event_data *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
 	{
 		struct probec_samples_total_key probec_k;
@@ -501,6 +531,8 @@ int interval_1000000000(struct bpf_perf_event_data *ctx)
 {
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	{
 		probec_array_add(&m_ticks_total, 0, (__u64)1ULL);

@@ -11,6 +11,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 /* Settings the loader fills in before load (.rodata); the values here are the spec's. */
 const volatile __u32 probec_target_pid = 0;
+const volatile __u32 probec_filter_cgroup = 0;
 const volatile __u64 probec_wakeup_bytes = 262144;
 const volatile __u64 probec_sample_every_retransmitting_request = 1;
 const volatile __u64 probec_max_per_second_retransmitting_request = 0;
@@ -83,6 +84,13 @@ struct {
 	__uint(max_entries, 1048576);
 } events SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u64);
+} probec_cgroups SEC(".maps");
+
 /* Self-monitoring counters, one per slot of the manifest's core.health list. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -110,6 +118,8 @@ int tracepoint_sys_enter_sendto(void *ctx)
 	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
@@ -144,6 +154,8 @@ int tracepoint_sock_recv_length(void *ctx)
 	__u64 probec_now;
 
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	{
@@ -194,6 +206,8 @@ int tracepoint_sys_exit_sendto(void *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	probec_now = bpf_ktime_get_ns();
 	{
 		__u64 *probec_start = bpf_task_storage_get(&span_send_begin, bpf_get_current_task_btf(), 0, 0);
@@ -219,6 +233,8 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 {
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	if (probec_within(&span_request_begin, ((__u64)*(__u64 *)((char *)ctx + 16)))) {
 		probec_array_add(&m_retransmits_in_requests_total, 0, (__u64)1ULL);

@@ -13,6 +13,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 /* Settings the loader fills in before load (.rodata); the values here are the spec's. */
 const volatile __u32 probec_target_pid = 0;
+const volatile __u32 probec_filter_cgroup = 0;
 const volatile __u64 probec_wakeup_bytes = 262144;
 const volatile __u64 probec_sample_every_slow_inference = 10;
 const volatile __u64 probec_max_per_second_slow_inference = 20;
@@ -225,6 +226,13 @@ struct {
 	__uint(value_size, 127 * sizeof(__u64));
 } stacks SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u64);
+} probec_cgroups SEC(".maps");
+
 /* Self-monitoring counters, one per slot of the manifest's core.health list. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -255,6 +263,8 @@ int uprobe_pwork_sleep_us(struct pt_regs *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
 	if (probec_bytes_eq(probec_comm, probec_str_0, 6)) {
@@ -271,6 +281,8 @@ int uretprobe_pwork_sleep_us(struct pt_regs *ctx)
 	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
@@ -319,6 +331,8 @@ int uprobe_pwork_sleep_us_2(struct pt_regs *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	probec_now = bpf_ktime_get_ns();
 	probec_task_span_begin(&span_cet_sleep_begin, probec_now, &probec_health, 2, false);
 	return 0;
@@ -331,6 +345,8 @@ int uretprobe_pwork_sleep_us_2(struct pt_regs *ctx)
 	__u64 probec_now;
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	{
@@ -360,6 +376,8 @@ int uprobe_Inference__Forward(struct pt_regs *ctx)
 
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	probec_now = bpf_ktime_get_ns();
 	probec_acc_reset(&acc_alloc_total, ((__u64)(__u32)probec_id));
 	probec_acc_reset(&acc_alloc_count, ((__u64)(__u32)probec_id));
@@ -380,6 +398,8 @@ int uretprobe_Inference__Forward(struct pt_regs *ctx)
 	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
 
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
@@ -537,6 +557,8 @@ int uprobe_serving__Allocator__Allocate(struct pt_regs *ctx)
 
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	probec_now = bpf_ktime_get_ns();
 	if (probec_within(&span_inference_begin, ((__u64)(__u32)probec_id))) {
 		probec_task_span_begin(&span_alloc_begin, probec_now, &probec_health, 8, false);
@@ -552,6 +574,8 @@ int uretprobe_serving__Allocator__Allocate(struct pt_regs *ctx)
 	__u64 probec_now;
 
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	{
@@ -581,6 +605,8 @@ int tracepoint_sys_enter_write(void *ctx)
 
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	probec_now = bpf_ktime_get_ns();
 	if (probec_within(&span_inference_begin, ((__u64)(__u32)probec_id))) {
 		probec_task_span_begin(&span_write_begin, probec_now, &probec_health, 10, false);
@@ -596,6 +622,8 @@ int tracepoint_sys_exit_write(void *ctx)
 	__u64 probec_now;
 
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	{
@@ -623,6 +651,8 @@ int tracepoint_sched_switch(void *ctx)
 	__u64 probec_now;
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	if (probec_within(&span_inference_begin, ((__s64)*(__s32 *)((char *)ctx + 24)))) {
@@ -655,6 +685,8 @@ int uretprobe_pwork_record(struct pt_regs *ctx)
 
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	{
 		struct probec_records_total_key probec_k;
 
@@ -676,6 +708,8 @@ int usdt_tick(struct pt_regs *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
 	{
 		probec_array_add(&m_ticks_total, 0, (__u64)((__u64)probec_usdt_arg(ctx, 0)));
 	}
@@ -688,6 +722,8 @@ int usdt_lib_tick(struct pt_regs *ctx)
 {
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	{
 		struct probec_lib_ticks_total_key probec_k;
