@@ -313,3 +313,26 @@ def test_cgroup_option_traces_one_pod_in_the_kernel(backend, workloads, pod_cgro
     assert metrics["getpid_calls_total"] == {
         frozenset({"cgroup_id": str(cgroup_id(str(made["b"]))), "container_id": B_CID, "pod_uid": B_UID}.items()): 200}
     assert value(metrics, "probec_cgroups_marked") == 2        # the pod and its container
+
+
+def test_series_of_a_removed_container_expire(backend, workloads, pod_cgroups, tmp_path):
+    """A container that is gone keeps its series for --cgroup-grace, then they are dropped and
+    counted; the core backend also deletes them from the kernel's map (bpftrace's map keeps its
+    keys: the runtime only stops showing them)."""
+    base, made = pod_cgroups
+    spec = write_spec(tmp_path, SPEC.split("  serving_calls_total:")[0].replace("pod, namespace, container", ""))
+    bundle = build(spec, backend, tmp_path / "bundle")
+    run = Run(bundle, tmp_path, "--cgroup-grace", "1")
+    try:
+        for name in ("a", "b"):
+            run_in(made[name], workloads, CALLS[name])
+        time.sleep(1.2)
+        made["b"].rmdir()              # its process has exited: the container is gone
+        time.sleep(3.5)                # a tree walk (each read here), then the grace period
+    finally:
+        metrics = run.stop()
+    series = metrics["getpid_calls_total"]
+    assert list(series.values()) == [CALLS["a"]] and dict(next(iter(series)))["container_id"] == A_CID
+    assert value(metrics, "probec_series_expired_total", metric="getpid_calls_total") == 1
+    if backend == "core":
+        assert value(metrics, "probec_map_entries", map="m_getpid_calls_total") == 1
