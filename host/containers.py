@@ -208,3 +208,80 @@ def in_container_root(pid: int, path: str) -> str:
     """`path` as the process `pid` sees it, through /proc/PID/root: its mount namespace's file,
     which the kernel resolves to the inode that process maps."""
     return f"/proc/{pid}/root/{path.lstrip('/')}"
+
+
+def resolve_in_root(pid: int, path: str) -> str:
+    """`path` as process `pid` sees it, with its symlinks followed inside that process's root (an
+    absolute link points into the container, not the host): `/proc/PID/root/REAL/PATH`. Raises
+    OSError when the process or the file does not exist."""
+    root = f"/proc/{pid}/root"
+    os.stat(root)                                   # the process is there (and we may look inside)
+    parts = [p for p in path.split("/") if p]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        here = root + "/" + "/".join(resolved + [part])
+        if os.path.islink(here):
+            hops += 1
+            if hops > 40:
+                raise OSError(40, f"too many levels of symbolic links in {path} (process {pid})")
+            target = os.readlink(here)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        resolved.append(part)
+    full = root + "/" + "/".join(resolved)
+    if not os.path.isfile(full):
+        raise FileNotFoundError(2, f"process {pid} has no file {path}")
+    return full
+
+
+def process_cgroup(pid: int) -> str | None:
+    """The cgroup v2 path of a process (`0::/...` in /proc/PID/cgroup), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        return None
+    return None
+
+
+def container_processes(name: str, pods: PodList) -> list[int]:
+    """The processes running in containers named `name` (any pod), found from their cgroups."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        path = process_cgroup(int(entry))
+        if not path:
+            continue
+        ref = parse_cgroup_path(path)
+        if ref.container_id and pods.containers.get(ref.container_id, ("", ""))[1] == name:
+            out.append(int(entry))
+    return sorted(out)
+
+
+def mapped_inode(pid: int, path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file the process maps at `path` as /proc/PID/maps says: the file a
+    uprobe really sits in (overlayfs shows its lower file there, shared by every container of an
+    image), or None when it is not mapped."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == path:
+                    major, minor = (int(x, 16) for x in fields[3].split(":"))
+                    return os.makedev(major, minor), int(fields[4])
+    except (OSError, ValueError):
+        return None
+    return None

@@ -32,7 +32,7 @@ def cgroup_labels(labels) -> list[tuple[int, str]]:
 
 
 def uses_cgroups(manifest: Manifest) -> bool:
-    return any(cgroup_labels(m.labels) for m in manifest.metrics) or \
+    return any(cgroup_labels(m.labels) for m in manifest.metrics) or any(p.container for p in manifest.probes) or \
         any(cgroup_labels(e.fields) for e in manifest.events) or \
         bool(manifest.cgroups and manifest.cgroups.matches)
 
@@ -41,7 +41,7 @@ def uses_kubelet(manifest: Manifest) -> bool:
     attrs = {a for m in manifest.metrics for _, a in cgroup_labels(m.labels)}
     attrs |= {a for e in manifest.events for _, a in cgroup_labels(e.fields)}
     attrs |= {m.attribute for m in (manifest.cgroups.matches if manifest.cgroups else ())}
-    return bool(attrs & set(NAMED))
+    return bool(attrs & set(NAMED)) or any(p.container for p in manifest.probes)
 
 
 class KubeletPods:

@@ -10,8 +10,10 @@ loading and attaching in core_attach.py, and decoding maps and records in core_d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -21,6 +23,7 @@ from .core_attach import ProbeAttacher, _destroy, _libbpf
 from .core_decode import EventDecoder, MetricReader, StackSymbols, _percpu_total, decode_event
 from .core_preflight import check_tracepoint_fields, check_uprobe_placement
 from .events import EventSink
+from ..host.containers import container_processes, mapped_inode, resolve_in_root
 from .cgroups import CgroupMap
 from .manifest import Bundle, BundleError, CoreProgram, HealthSlot, MapPurpose
 from .store import MetricStore
@@ -65,6 +68,15 @@ class CoreRunner:
                               f"({type(exc).__name__}: {exc}); rebuild the bundle") from None
         self.obj = None
         self.links: dict[str, object] = {}
+        # Probes on a file inside containers: (container, path) -> probe ids; the files attached to
+        # so far, by the inode the processes map; and those links.
+        self.container_files: dict[tuple[str, str], list[str]] = {}
+        for p in self.manifest.probes:
+            if p.container:
+                self.container_files.setdefault((p.container, p.path_in_container), []).append(p.id)
+        self.container_inodes: dict[tuple[str, str], set] = {}
+        self.container_links: list = []
+        self.container_failed: set = set()
         # Links left on a binary's old inode after it was replaced on disk, kept while a process
         # still maps that inode (it keeps running the old code, and is counted): (dev, ino), link
         self.retired: list[tuple[tuple[int, int], object]] = []
@@ -100,10 +112,16 @@ class CoreRunner:
             # failing to load is expected, not news)
             libbpf_log.addHandler(logging.NullHandler())
         check_tracepoint_fields(self.core.tracepoint_fields)
+        self.find_container_files()
         check_uprobe_placement(self.probes.values())
         L = _libbpf()
         L.libbpf_version()   # a missing or old libbpf says so here, before anything else
         self.obj, self.links, self.active = self.attacher.load_and_attach(path)
+        for (name, inside), ids in self.container_files.items():     # the file the build found
+            built = self.probes[ids[0]].binary
+            key = _file_key(built, inside)
+            if key is not None:
+                self.container_inodes.setdefault((name, inside), set()).add(key)
         self.sync_cgroups()
         health = self.store.health
         health.attached = {pid: int(pid in self.links) for pid in self.probes}
@@ -157,6 +175,66 @@ class CoreRunner:
         health.last_read_seconds = time.monotonic() - started
         health.reads += 1
         self.store.remember()
+
+    def find_container_files(self) -> None:
+        """Where the process the build read a container's file from has gone, the same file of
+        another process of that container (the probes attach to one at start, then follow)."""
+        resolver = self.store.cgroups
+        for (name, inside), ids in self.container_files.items():
+            if os.path.exists(self.probes[ids[0]].binary):
+                continue
+            pods = resolver.kubelet.pods if resolver is not None and resolver.kubelet is not None else None
+            for pid in (container_processes(name, pods) if pods is not None else []):
+                try:
+                    full = resolve_in_root(pid, inside)
+                except OSError:
+                    continue
+                for probe_id in ids:
+                    self.probes[probe_id] = dataclasses.replace(self.probes[probe_id], binary=full)
+                break
+            else:
+                raise BundleError(f"no process of a container named '{name}' has {inside} now"
+                                  + ("" if pods is not None else " (pass --kubelet URL to find them)")
+                                  + ": start the container first")
+
+    def follow_containers(self) -> None:
+        """Probes on a file of a container (`binaries: {X: {path: P, container: NAME}}`): attached
+        to that file of every process in a container so named, once per file (by the inode the
+        process maps: containers of one image share it), as new containers start."""
+        resolver = self.store.cgroups
+        if not self.container_files or self.obj is None or resolver is None or resolver.kubelet is None:
+            return
+        L = _libbpf()
+        pods = resolver.kubelet.pods
+        for (name, inside), ids in self.container_files.items():
+            seen = self.container_inodes.setdefault((name, inside), set())
+            for pid in container_processes(name, pods):
+                try:
+                    full = resolve_in_root(pid, inside)
+                except OSError:
+                    continue            # exited, or not this file
+                key = _file_key(full, inside)
+                if key is None or key in seen:
+                    continue
+                links = []
+                try:
+                    for p in self.active:
+                        if p.probe in ids:
+                            probe = dataclasses.replace(self.probes[p.probe], binary=full)
+                            links.append(self.attacher.attach(self.obj, p.program, probe))
+                except L.BpfError as exc:
+                    for link in links:
+                        _destroy(link)
+                    if key not in self.container_failed:
+                        self.container_failed.add(key)
+                        self.log(f"error: cannot attach to {inside} of container '{name}' (process {pid}): {exc}")
+                    continue
+                seen.add(key)
+                self.container_links += links
+                health = self.store.health
+                health.container_files[name] = health.container_files.get(name, 0) + 1
+                self.log(f"attached {', '.join(ids)} to {inside} of container '{name}' (process {pid}, "
+                         f"inode {key[1]})")
 
     def sync_cgroups(self) -> None:
         """The kernel's cgroup map as the spec's container and pod filters and --cgroup say now."""
@@ -230,6 +308,7 @@ class CoreRunner:
     def poll(self) -> None:
         if self.stopped or self.obj is None or self.failure:
             return
+        self.follow_containers()
         try:
             self.read()
         except Exception as exc:  # a map read that fails once will keep failing: stop with the reason
@@ -314,9 +393,9 @@ class CoreRunner:
         self.events_stop.set()
         if self.thread is not None:
             self.thread.join(5)
-        for link in reversed(list(self.links.values()) + [link for _, link in self.retired]):
+        for link in reversed(list(self.links.values()) + [link for _, link in self.retired] + self.container_links):
             _destroy(link)
-        self.links, self.retired = {}, []
+        self.links, self.retired, self.container_links = {}, [], []
         if self.ring is not None:
             try:
                 self.ring.consume()
@@ -335,6 +414,21 @@ class CoreRunner:
             os.close(self.stats_fd)
             self.stats_fd = None
         self.store.health.up = 0
+
+
+def _file_key(full: str, inside: str) -> tuple[int, int] | None:
+    """The file a uprobe at `full` (/proc/PID/root/...) sits in: the inode that process maps at
+    `inside` (overlayfs maps its lower file, which every container of an image shares), else the
+    inode found at the path; None when it is gone."""
+    m = re.match(r"/proc/(\d+)/root/", full)
+    mapped = mapped_inode(int(m.group(1)), inside) if m else None
+    if mapped is not None:
+        return mapped
+    try:
+        st = os.stat(full)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _stats_enabled() -> bool:

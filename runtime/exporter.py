@@ -133,6 +133,10 @@ class StoreCollector:
                                     "pod, namespace and container labels of new pods stay empty.", value=h.kubelet_up)
             yield counter("probec_kubelet_errors", "Reads of the kubelet's pod list that failed.",
                           value=h.kubelet_errors)
+        if h.container_files:
+            yield counter("probec_container_files_attached", "Files inside containers the probes were attached "
+                          "to after start (a container of that name started with a file not seen before).",
+                          "container", h.container_files)
         if h.cgroups_marked is not None:
             yield GaugeMetricFamily("probec_cgroups_marked", "Cgroups marked in the kernel's cgroup map for the "
                                     "spec's container and pod filters and --cgroup.", value=h.cgroups_marked)

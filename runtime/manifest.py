@@ -186,6 +186,8 @@ class ProbeInfo:
     group: str
     variant: int
     address: str           # as the spec wrote it
+    container: str = ""          # uprobes: also every process of containers so named (core) ...
+    path_in_container: str = ""  # ... in this file, as they see it (/proc/PID/root/PATH)
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ class Health:
     kubelet_up: int | None = None       # None: the bundle needs no pod names
     kubelet_errors: int = 0
     cgroups_marked: int | None = None   # cgroups in the kernel's cgroup map (None: nothing to mark)
+    container_files: dict[str, int] = field(default_factory=dict)   # container -> files attached to since start
 
 
 class MetricStore:

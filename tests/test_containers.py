@@ -336,3 +336,117 @@ def test_series_of_a_removed_container_expire(backend, workloads, pod_cgroups, t
     assert value(metrics, "probec_series_expired_total", metric="getpid_calls_total") == 1
     if backend == "core":
         assert value(metrics, "probec_map_entries", map="m_getpid_calls_total") == 1
+
+
+# --- binaries inside containers -------------------------------------------------------------------
+IN_CONTAINER = "/opt/app/libpwork.so"       # exists only in the workloads' own mount namespaces
+NAMESPACED = """#!/bin/sh
+# $1: cgroup folder ("" for none), $2: the library, $3: pwork, $4: calls. pwork runs in a mount
+# namespace of its own where the library is bind-mounted at /opt/app/libpwork.so (a tmpfs hides the
+# host's /opt there), waits for a line on stdin, then calls pwork_nop $4 times.
+[ -n "$1" ] && echo $$ > "$1/cgroup.procs"
+exec unshare -m --propagation private sh -c '
+  mount -t tmpfs probec-test /opt && mkdir /opt/app && : > /opt/app/libpwork.so &&
+  mount --bind "$0" /opt/app/libpwork.so && LD_LIBRARY_PATH=/opt/app exec "$1" --comm ctrwork --wait-stdin nop "$2"
+' "$2" "$3" "$4"
+"""
+NOP_SPEC = """
+name: container_binary
+binaries:
+  lib: {path: /opt/app/libpwork.so, WHERE}
+metrics:
+  nop_calls_total:
+    count: uprobe:lib:pwork_nop
+"""
+
+
+class Namespaced:
+    """A pwork with its library at a path only its mount namespace has, waiting to start."""
+
+    def __init__(self, tmp_path: Path, workloads: Path, library: Path, calls: int, cgroup: Path | None = None):
+        script = tmp_path / "namespaced.sh"
+        script.write_text(NAMESPACED)
+        self.proc = subprocess.Popen(["sh", str(script), str(cgroup or ""), str(library), str(workloads / "pwork"),
+                                      str(calls)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()       # "PID N": the library is mapped, the calls wait
+        assert line.startswith("PID "), line
+        self.pid = int(line.split()[1])
+        assert IN_CONTAINER in Path(f"/proc/{self.pid}/maps").read_text()
+
+    def release(self) -> None:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.close()
+        assert self.proc.wait(60) == 0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def library_copy(workloads: Path, folder: Path) -> Path:
+    """A copy of libpwork.so: an inode of its own, as a container image's file would be."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / "libpwork.so"
+    shutil.copy(workloads / "libpwork.so", copy)
+    return copy
+
+
+def test_binary_of_a_process_in_its_own_mount_namespace(backend, workloads, tmp_path):
+    """`pid: N`: the uprobe sits in the file process N maps, reached through /proc/N/root, though
+    no path on the host leads to it any more."""
+    assert not os.path.exists(IN_CONTAINER)
+    copy = library_copy(workloads, tmp_path / "image")
+    work = Namespaced(tmp_path, workloads, copy, 1000)
+    run = None
+    try:
+        copy.unlink()                        # only the workload's mount namespace has the file now
+        spec = write_spec(tmp_path, NOP_SPEC.replace("WHERE", f"pid: {work.pid}"))
+        bundle = build(spec, backend, tmp_path / "bundle")
+        run = Run(bundle, tmp_path)
+        work.release()
+        time.sleep(1.2)
+    finally:
+        work.kill()
+        metrics = run.stop() if run is not None else {}
+    assert value(metrics, "nop_calls_total") == 1000
+
+
+def test_binary_in_a_container_is_followed_into_new_containers(workloads, pod_cgroups, kubelet, tmp_path):
+    """`container: server`: the build reads the file of a running process of that container; the
+    core runtime attaches to the same file of every new container named so, once per file: a new
+    container of the same image (the same file) adds nothing, one with another file is attached to
+    without a restart."""
+    require_kernel(need_clang=True)
+    base, made = pod_cgroups
+    second = base / f"kubepods/burstable/pod{C_UID}/5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f"
+    second.mkdir()                           # model-1's "server" container (tests/recorded/kubelet_pods.json)
+    image_1, image_2 = library_copy(workloads, tmp_path / "v1"), library_copy(workloads, tmp_path / "v2")
+    first = Namespaced(tmp_path, workloads, image_1, 300, made["a"])      # model-0's "server"
+    others: list[Namespaced] = []
+    run = None
+    try:
+        spec = write_spec(tmp_path, NOP_SPEC.replace("WHERE", "container: server"))
+        import sys
+        result = subprocess.run([sys.executable, "-m", "probec", "build", str(spec), "--backend", "core",
+                                 "-o", str(tmp_path / "bundle")], capture_output=True, text=True, timeout=180,
+                                env={**os.environ, "PROBEC_KUBELET": kubelet.url})
+        assert result.returncode == 0, result.stderr
+        run = Run(tmp_path / "bundle", tmp_path, "--kubelet", kubelet.url)
+        first.release()
+        others.append(Namespaced(tmp_path, workloads, image_2, 200, second))   # a new container, a new file
+        deadline = time.monotonic() + 20
+        while "of container 'server'" not in run.stderr():
+            assert time.monotonic() < deadline, run.stderr()
+            time.sleep(0.1)
+        others[-1].release()
+        others.append(Namespaced(tmp_path, workloads, image_1, 100, made["a"]))  # the first file again
+        time.sleep(1.2)                                                          # a read: nothing new to attach
+        others[-1].release()
+        time.sleep(1.2)
+    finally:
+        for w in [first, *others]:
+            w.kill()
+        metrics = run.stop() if run is not None else {}
+    assert value(metrics, "nop_calls_total") == 600                    # each call once: no file twice
+    assert value(metrics, "probec_container_files_attached_total", container="server") == 1

@@ -78,7 +78,7 @@ def manifest_for(program: Program, backend: str, files: dict[str, str], *,
         probes=tuple(contract.ProbeInfo(
             id=p.id, kind=p.kind, category=p.category, name=p.name, binary=p.binary, symbol=p.symbol,
             offset=p.offset, provider=p.provider, rate=p.rate, group=p.group, variant=p.variant,
-            address=p.spec_text,
+            address=p.spec_text, container=p.container, path_in_container=p.path_in_container,
         ) for p in program.probes),
         groups={name: tuple(variants) for name, variants in program.variant_groups},
         core=core,

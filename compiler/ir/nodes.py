@@ -377,6 +377,8 @@ class Probe:
     spec_text: str = ""            # the address as the user wrote it (for messages)
     past_endbr64: bool = False     # `offset` is probec's placement past endbr64, not the spec's
     span: SourceSpan | None = field(default=None, compare=False)   # where the address is written
+    container: str = ""            # uprobe/usdt: also in this file of every process of containers so named
+    path_in_container: str = ""    # the file's path as those containers see it
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from ..expr.ast import SIZE_UNITS, TIME_UNITS, Expr, Name
 from ..expr.parser import parse_expression
 from .limits import (EVENT_RECORD_KEYS, HISTOGRAM_LABELS, INT_MAX, LIMITS, MAX_BUCKETS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH,
                      RESERVED_METRIC_PREFIX, RESERVED_SPEC_NAMES, exposed_names, expression_depth, out_of_range)
+from ...host.containers import DNS_LABEL
 from .model import (PROBE_KINDS, AlertSpec, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
                     MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef)
 from .yaml_source import MAX_SPEC_BYTES, YMap, YNode, YScalar, YSeq, load_yaml
@@ -46,7 +47,7 @@ ALERT_QUANTILES = ("50", "90", "95", "99", "999")
 ALERT_FOR_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 EVENT_KEYS = ("on", "when", "sample", "fields")
 LIMIT_KEYS = ("concurrency", "series", "ringbuf")
-BINARY_KEYS = ("path", "optional")
+BINARY_KEYS = ("path", "optional", "container", "pid")
 STACK_FIELDS = {"ustack": "user", "kstack": "kernel"}
 # Every number in a spec ends up in a 64-bit unsigned field in the kernel or the manifest.
 # Digits read as a number at all; what fits is then held to limits.LIMITS (E130, E212), which
@@ -325,11 +326,15 @@ class SpecLoader:
         for key, value in section.entries:
             if not self.ident(key, "binary name"):
                 continue
-            optional = False
+            optional, container, pid = False, "", 0
             if isinstance(value, YMap):
                 self.check_keys(value, BINARY_KEYS, f"binary '{key.value}'")
                 opt = self.expect_scalar(value.get("optional"), "optional")
                 optional = opt is not None and opt.value.lower() in ("true", "yes", "1")
+                inside = self.inside_container(key.value, value)
+                if inside is None:
+                    continue
+                container, pid = inside
                 value = value.get("path")
                 if value is None:
                     self.d.error("E108", f"binary '{key.value}' needs a 'path'", key.span)
@@ -341,8 +346,34 @@ class SpecLoader:
                 self.d.error("E111", f"path '{shown(s.value)}' has characters probec does not accept in a path",
                              s.span, "use letters, digits and ._/+@-, and ${VARIABLE} for the environment")
                 continue
-            out[key.value] = Binary(key.value, s.value, s.span, optional)
+            if (container or pid) and not s.value.startswith("/"):
+                self.d.error("E118", f"binary '{key.value}': a path inside a container is absolute, as the "
+                             "container sees it", s.span, "e.g. path: /opt/app/libmodel.so")
+                continue
+            out[key.value] = Binary(key.value, s.value, s.span, optional, container, pid)
         return out
+
+    def inside_container(self, alias: str, value: YMap) -> tuple[str, int] | None:
+        """`container: NAME` or `pid: N`: where the path is seen from (None after an error)."""
+        container, pid = "", 0
+        if value.get("container") is not None:
+            s = self.expect_scalar(value.get("container"), "container")
+            if s is None:
+                return None
+            if not DNS_LABEL.match(s.value):
+                self.d.error("E118", f"binary '{alias}': '{shown(s.value)}' is not a container name", s.span,
+                             "a container name as the pod spec gives it: lowercase letters, digits and '-'")
+                return None
+            container = s.value
+        if value.get("pid") is not None:
+            pid = self.integer(value.get("pid"), "pid", minimum=1)
+            if pid is None:
+                return None
+            if container:
+                self.d.error("E118", f"binary '{alias}': 'container' and 'pid' exclude each other",
+                             value.get("pid").span, "name the container, or one process in it")
+                return None
+        return container, pid
 
     def limits(self, node) -> Limits:
         section = self.expect_map(node, "limits")

@@ -148,6 +148,8 @@ class Binary:
     path: str
     span: SourceSpan
     optional: bool = False                 # a missing file is a warning, not an error
+    container: str = ""                    # the file as the processes of this container see it
+    pid: int = 0                           # the file as process `pid` sees it (/proc/PID/root)
 
 
 @dataclass(frozen=True)
