@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -140,12 +141,20 @@ def parse_pod_list(data: bytes | str) -> PodList:
     return out
 
 
+SERVICE_ACCOUNT_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
+
 def fetch_pod_list(url: str, timeout: float = 2.0, token: str | None = None) -> PodList:
-    """GET the kubelet's pod list (read-only). Raises OSError or ValueError when it cannot."""
+    """GET the kubelet's pod list (read-only). Over https the kubelet's certificate is checked
+    against the service account's CA where there is one (a kubelet serving certificate signed by
+    the cluster), else the system's. Raises OSError or ValueError when it cannot."""
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=timeout) as response:   # noqa: S310 (a URL the operator gave)
+    context = None
+    if url.startswith("https:") and os.path.exists(SERVICE_ACCOUNT_CA):
+        context = ssl.create_default_context(cafile=SERVICE_ACCOUNT_CA)
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:   # noqa: S310 (the operator's URL)
         return parse_pod_list(response.read(16 << 20))
 
 
@@ -215,7 +224,9 @@ def resolve_in_root(pid: int, path: str) -> str:
     absolute link points into the container, not the host): `/proc/PID/root/REAL/PATH`. Raises
     OSError when the process or the file does not exist."""
     root = f"/proc/{pid}/root"
-    os.stat(root)                                   # the process is there (and we may look inside)
+    if not os.path.exists(f"/proc/{pid}"):
+        raise ProcessLookupError(3, f"process {pid} is not running")
+    os.stat(root)                                   # we may look inside (PermissionError: not root)
     parts = [p for p in path.split("/") if p]
     resolved: list[str] = []
     hops = 0

@@ -343,11 +343,13 @@ IN_CONTAINER = "/opt/app/libpwork.so"       # exists only in the workloads' own 
 NAMESPACED = """#!/bin/sh
 # $1: cgroup folder ("" for none), $2: the library, $3: pwork, $4: calls. pwork runs in a mount
 # namespace of its own where the library is bind-mounted at /opt/app/libpwork.so (a tmpfs hides the
-# host's /opt there), waits for a line on stdin, then calls pwork_nop $4 times.
+# host's /opt there) and /opt/app/current.so links to it (an absolute link, which only means the
+# right file inside that namespace), waits for a line on stdin, then calls pwork_nop $4 times.
 [ -n "$1" ] && echo $$ > "$1/cgroup.procs"
 exec unshare -m --propagation private sh -c '
   mount -t tmpfs probec-test /opt && mkdir /opt/app && : > /opt/app/libpwork.so &&
-  mount --bind "$0" /opt/app/libpwork.so && LD_LIBRARY_PATH=/opt/app exec "$1" --comm ctrwork --wait-stdin nop "$2"
+  mount --bind "$0" /opt/app/libpwork.so && ln -s /opt/app/libpwork.so /opt/app/current.so &&
+  LD_LIBRARY_PATH=/opt/app exec "$1" --comm ctrwork --wait-stdin nop "$2"
 ' "$2" "$3" "$4"
 """
 NOP_SPEC = """
@@ -401,7 +403,7 @@ def test_binary_of_a_process_in_its_own_mount_namespace(backend, workloads, tmp_
     run = None
     try:
         copy.unlink()                        # only the workload's mount namespace has the file now
-        spec = write_spec(tmp_path, NOP_SPEC.replace("WHERE", f"pid: {work.pid}"))
+        spec = write_spec(tmp_path, NOP_SPEC.replace("WHERE", f"pid: {work.pid}").replace("libpwork.so", "current.so"))
         bundle = build(spec, backend, tmp_path / "bundle")
         run = Run(bundle, tmp_path)
         work.release()

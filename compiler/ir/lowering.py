@@ -148,11 +148,12 @@ class Lowering:
             raise failure
         except (OSError, ValueError) as exc:
             report = self.d.warning if b.optional else self.d.error
+            hint = "probes on it are left out of this build" if b.optional else \
+                "build on the node while the process runs: the symbols are read from its file" if b.pid else \
+                "build on the node while the container runs, with PROBEC_KUBELET set to the kubelet's pod list " \
+                "(http://127.0.0.1:10255/pods): the symbols are read from the file of one of its processes"
             report("W302" if b.optional else "E302", f"binary '{b.alias}' in {where} not found: "
-                   f"{getattr(exc, 'strerror', None) or exc}", b.span,
-                   "build where the container runs (the symbols are read from its file); for a container, set "
-                   "PROBEC_KUBELET to the node's kubelet pod list (http://127.0.0.1:10255/pods)" if not b.optional
-                   else "probes on it are left out of this build")
+                   f"{getattr(exc, 'strerror', None) or exc}", b.span, hint)
             if b.optional:
                 self.left_out_binaries.add(b.alias)
             return None
