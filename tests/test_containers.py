@@ -265,6 +265,7 @@ def run_in(folder: Path | None, workloads: Path, calls: int) -> None:
     subprocess.run(argv, check=True, timeout=60)
 
 
+@pytest.mark.kernel
 def test_series_carry_each_containers_ids_and_names(backend, workloads, pod_cgroups, kubelet, tmp_path):
     base, made = pod_cgroups
     bundle = build(write_spec(tmp_path, SPEC), backend, tmp_path / "bundle")
@@ -297,6 +298,7 @@ def test_series_carry_each_containers_ids_and_names(backend, workloads, pod_cgro
     assert mine > 0
 
 
+@pytest.mark.kernel
 def test_cgroup_option_traces_one_pod_in_the_kernel(backend, workloads, pod_cgroups, tmp_path):
     base, made = pod_cgroups
     spec = write_spec(tmp_path, SPEC.split("  serving_calls_total:")[0].replace("pod, namespace, container", ""))
@@ -315,6 +317,7 @@ def test_cgroup_option_traces_one_pod_in_the_kernel(backend, workloads, pod_cgro
     assert value(metrics, "probec_cgroups_marked") == 2        # the pod and its container
 
 
+@pytest.mark.kernel
 def test_series_of_a_removed_container_expire(backend, workloads, pod_cgroups, tmp_path):
     """A container that is gone keeps its series for --cgroup-grace, then they are dropped and
     counted; the core backend also deletes them from the kernel's map (bpftrace's map keeps its
@@ -394,6 +397,7 @@ def library_copy(workloads: Path, folder: Path) -> Path:
     return copy
 
 
+@pytest.mark.kernel
 def test_binary_of_a_process_in_its_own_mount_namespace(backend, workloads, tmp_path):
     """`pid: N`: the uprobe sits in the file process N maps, reached through /proc/N/root, though
     no path on the host leads to it any more."""
@@ -414,6 +418,7 @@ def test_binary_of_a_process_in_its_own_mount_namespace(backend, workloads, tmp_
     assert value(metrics, "nop_calls_total") == 1000
 
 
+@pytest.mark.kernel
 def test_binary_in_a_container_is_followed_into_new_containers(workloads, pod_cgroups, kubelet, tmp_path):
     """`container: server`: the build reads the file of a running process of that container; the
     core runtime attaches to the same file of every new container named so, once per file: a new
