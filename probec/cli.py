@@ -200,6 +200,8 @@ def _monitoring(args) -> int:
 
 def _run(args) -> int:
     if os.path.isfile(args.target) and os.path.splitext(args.target)[1] in (".yaml", ".yml"):
+        if getattr(args, "kubelet", None):     # the build finds containers' files through the same pod list
+            os.environ.setdefault("PROBEC_KUBELET", args.kubelet)
         built = _build_from_spec(args.target, args.backend or "bpftrace", args.interval)
         if built is None:
             return EXIT_ERRORS
