@@ -120,17 +120,19 @@ class CgroupResolver:
         if self.kubelet is not None:
             self.kubelet.refresh()
 
-    def attribute(self, attribute: str, cgid: int):
+    def attribute(self, attribute: str, cgid: int, fetch: bool = True):
+        """What `attribute` of the cgroup `cgid` is ("" where unknown). fetch=False never asks the
+        kubelet (the event reader must not wait on it: the ring buffer would fill meanwhile)."""
         if attribute == "cgroup_id":
             return cgid
         found = self.known.get((attribute, cgid))
         if found is None:
-            found = self.find(attribute, cgid)
+            found = self.find(attribute, cgid, fetch)
             if found:
                 self.known[(attribute, cgid)] = found
         return found
 
-    def find(self, attribute: str, cgid: int) -> str:
+    def find(self, attribute: str, cgid: int, fetch: bool = True) -> str:
         path = self.tree.path(cgid) or self.last_path.get(cgid)
         if path is None:
             return ""
@@ -143,8 +145,8 @@ class CgroupResolver:
         if self.kubelet is None or not (ref.pod_uid or ref.container_id):
             return ""
         pods = self.kubelet.pods
-        if (ref.pod_uid and ref.pod_uid not in pods.pods) or \
-                (attribute == "container" and ref.container_id and ref.container_id not in pods.containers):
+        if fetch and ((ref.pod_uid and ref.pod_uid not in pods.pods) or
+                      (attribute == "container" and ref.container_id and ref.container_id not in pods.containers)):
             self.kubelet.refresh(missing=True)
             pods = self.kubelet.pods
         if attribute == "container":

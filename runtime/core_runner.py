@@ -253,7 +253,8 @@ class CoreRunner:
         stale = {k for k, _ in items if any(resolver.expired(c) for c in reader.cgroup_ids(k))}
         if not stale:
             return items
-        for name in (reader.map, reader.sets_map, reader.folded_map):
+        # (not from the folded map: the label sets folded there are counted, and a count never goes down)
+        for name in (reader.map, reader.sets_map):
             if not name:
                 continue
             bmap = self.obj.map(name)

@@ -65,7 +65,7 @@ class EventSink:
         if spec.unit == "time" and isinstance(raw, int):
             return raw / 1e9
         if self.cgroups is not None and spec.render in CGROUP_LABELS and isinstance(raw, int):
-            return self.cgroups.attribute(spec.render, raw)     # the container or pod of a cgroup id
+            return self.cgroups.attribute(spec.render, raw, fetch=False)    # the container or pod of a cgroup id
         return rendered(raw, spec)
 
     def write(self, record: dict) -> None:
