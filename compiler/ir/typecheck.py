@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..diagnostics import Diagnostics, SourceSpan, did_you_mean
 from ..expr import ast
+from ..kinds import PROBE_KINDS
 from ..spec.limits import LIMITS
 from .host import FormatField
 from ...host.containers import literal_problem
@@ -21,8 +22,9 @@ CGROUP_HINT = "known in user space from the task's cgroup id: a label, an event 
 CGROUP_EXAMPLES = {"container_id": "3f1c...e9 (64 hex digits)", "pod_uid": "4f6e2b9c-0d1a-4c55-9a2e-6b3f8d7e1a20",
                    "pod": "model-0", "namespace": "serving", "container": "server"}
 MAX_CGROUP_SETS = CGROUP_PATH_BIT   # bits of the cgroup map a spec's comparisons may use
-ARG_KINDS = {"uprobe": 10, "kprobe": 6, "fentry": 6, "usdt": 12}
-RETVAL_KINDS = ("uretprobe", "kretprobe", "fexit", "syscallret")
+# Where positional arguments and a return value can be read: compiler/kinds.py.
+ARG_KINDS = {k.name: k.args for k in PROBE_KINDS.values() if k.args}
+RETVAL_KINDS = tuple(k.name for k in PROBE_KINDS.values() if k.retval)
 ADDRESS_HINT = "an IPv4 address (__u8[4]) can be a label, an event field or a span key, shown as a dotted quad"
 
 
