@@ -188,6 +188,10 @@ class BpftraceRunner:
         self.attached = threading.Event()
         self.dumped = threading.Condition()      # notified on each whole dump
         self.last_dump = 0.0
+        # When the last applied dump froze its epoch (CLOCK_MONOTONIC ns, time.monotonic_ns's
+        # clock): what the store shows is every update up to that instant. 0: not said.
+        self.flipped_ns = 0
+        self.dumps = 0
         # A dump is applied only once its mark arrives (a bundle without a mark: map by map).
         self.dump_mark = self.settings.dump_mark
         self.pending: dict[str, object] = {}     # maps of the dump in progress: name -> data
@@ -321,8 +325,9 @@ class BpftraceRunner:
             if not self.dump_mark:
                 self.apply_dump()
         elif kind == "printf" and self.dump_mark and isinstance(data, str) and data.startswith(self.dump_mark):
-            epoch = data[len(self.dump_mark):].strip()
-            self.apply_dump(int(epoch) if epoch.isdigit() else None)
+            words = data[len(self.dump_mark):].split()     # the epoch frozen, then when (ns), if said
+            flipped = int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
+            self.apply_dump(int(words[0]) if words and words[0].isdigit() else None, flipped_ns=flipped)
         elif kind == "printf" and isinstance(data, str):
             self.event(data)
         elif kind == "lost_events":
@@ -340,13 +345,22 @@ class BpftraceRunner:
                      "label sets without counting them, so this metric now undercounts; use fewer label "
                      "values (the core backend folds the excess into __overflow__ and counts it)")
 
-    def apply_dump(self, frozen: int | None = None, final: bool = False) -> None:
+    def apply_dump(self, frozen: int | None = None, final: bool = False, flipped_ns: int = 0) -> None:
         """Install the maps of one whole dump: a restart carries over what the store shows, so
         counters and histograms come from the same dump, never one from a dump cut by a kill.
 
         A metric map's counts are the epoch this dump froze plus the other one as the dump before
         froze it: both stopped at a flip, so all maps agree. The final dump, printed after the
-        probes detached, holds both epochs complete."""
+        probes detached, holds both epochs complete. Applied under `dumped`'s lock: a reader that
+        takes it sees the store of one whole dump, and `flipped_ns` and `dumps` of that dump."""
+        with self.dumped:
+            self._apply_dump(frozen, final)
+            self.last_dump = time.monotonic()
+            self.flipped_ns = flipped_ns
+            self.dumps += 1
+            self.dumped.notify_all()
+
+    def _apply_dump(self, frozen: int | None, final: bool) -> None:
         started = time.monotonic()
         for name, value in self.pending.items():
             if isinstance(value, dict) and name in self.decoder.by_map:
@@ -368,9 +382,6 @@ class BpftraceRunner:
         self.store.health.last_read_seconds = time.monotonic() - started
         self.store.health.reads += 1
         self.store.remember()
-        with self.dumped:
-            self.last_dump = time.monotonic()
-            self.dumped.notify_all()
 
     @staticmethod
     def split_epochs(data: dict) -> dict[int, dict[str, int]]:
