@@ -1,0 +1,350 @@
+"""probec promote: the comparison on recorded and built snapshots (no root), then promote itself
+on real workloads: the examples pass with an exact report, a workload built to disagree fails
+naming the metric and the bucket, a process paused at the edges compares exactly while it runs
+through them, and Ctrl-C leaves nothing behind.
+
+tests/recorded/promote/*.json are parity reports that promote wrote on real runs (the runqueue
+example; the past-entry case below); compare() runs again on the snapshots they hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, WORKLOADS, probec, require_core_kernel, require_kernel
+from harness import bpf_program_count, write_spec
+
+from probec.compiler.promote.parity import Edge, Hist, MetricFacts, compare, one_bucket_moves, quantile_bucket
+from probec.compiler.promote.report import recompare, report_text
+from probec.promote import parse_duration
+
+RECORDED = ROOT / "tests" / "recorded" / "promote"
+EXAMPLES = ROOT / "examples"
+
+
+# --- the comparison, on snapshots --------------------------------------------------------------
+def test_one_bucket_moves():
+    assert one_bucket_moves([3, 5, 0], [3, 5, 0]) == 0
+    assert one_bucket_moves([3, 5, 0], [4, 4, 0]) == 1          # one down
+    assert one_bucket_moves([3, 5, 0], [2, 5, 1]) == 2           # one from 0 to 1, another from 1 to 2
+    assert one_bucket_moves([1, 0, 0], [0, 0, 1]) is None        # 0 -> 2: two buckets
+    assert one_bucket_moves([2, 0, 0], [0, 1, 1]) is None
+    assert one_bucket_moves([0, 2, 0], [1, 0, 1]) == 2           # one each way from the middle
+    assert one_bucket_moves([0, 1, 0], [1, 0, 1]) is None        # totals differ
+    assert one_bucket_moves([1, 0, 1], [0, 2, 0]) == 2
+    assert one_bucket_moves([1, 1, 0], [0, 1, 1]) == 2
+    assert one_bucket_moves([1, 0, 1], [0, 0, 2]) is None
+
+
+def test_quantile_bucket():
+    assert quantile_bucket(0.5, [0, 0, 0]) is None
+    assert quantile_bucket(0.5, [1, 1, 0, 2]) == 1
+    assert quantile_bucket(0.99, [10, 0, 0, 1]) == 3
+
+
+FACTS = [MetricFacts("calls_total", "counter", ("comm",)),
+         MetricFacts("lat_seconds", "histogram", (), ("0.001", "0.002", "0.004"), at_entry=("uprobe:lib:f",))]
+
+
+def snap(calls: dict, buckets: list[int]) -> dict:
+    return {"calls_total": {(k,): v for k, v in calls.items()}, "lat_seconds": {(): Hist(buckets)}}
+
+
+def edge(proto, before, after=None, paused=False) -> Edge:
+    return Edge(proto, before, after or before, {}, paused)
+
+
+def test_exact_parity():
+    start = edge(snap({"a": 5}, [1, 0, 0, 0]), snap({"a": 9}, [1, 1, 0, 0]))
+    end = edge(snap({"a": 15, "b": 2}, [3, 5, 2, 0]), snap({"a": 19, "b": 2}, [3, 6, 2, 0]))
+    parity = compare(FACTS, start, end)
+    assert parity.ok
+    assert [m.verdict for m in parity.metrics] == ["exact", "exact"]
+    series = {s.labels["comm"]: (s.prototype, s.core) for s in parity.metrics[0].series}
+    assert series == {"a": (10, 10), "b": (2, 2)}
+    assert "PASS" in report_text(parity, {"spec": "t"})
+
+
+def test_one_bucket_apart_passes_two_fail_naming_the_buckets():
+    start = edge(snap({}, [0, 0, 0, 0]), snap({}, [0, 0, 0, 0]))
+    moved = compare(FACTS, start, edge(snap({}, [4, 6, 0, 0]), snap({}, [5, 5, 0, 0])))
+    assert moved.ok and moved.metrics[1].verdict == "within tolerance"
+    assert moved.metrics[1].series[0].moved == 1
+    assert any("endbr64" in why for why in moved.metrics[1].why)     # the prototype's entry placement
+    far = compare(FACTS, start, edge(snap({}, [4, 6, 0, 0]), snap({}, [4, 4, 0, 2])))
+    assert not far.ok
+    problems = far.metrics[1].series[0].problems
+    assert problems == ["buckets: le=0.002, le=+Inf (observations more than one bucket apart)"], problems
+    text = report_text(far, {"spec": "t"})
+    assert "FAIL: lat_seconds disagree" in text and "le=0.002" in text
+
+
+def test_count_differs_names_the_metric_series_and_buckets():
+    start = edge(snap({"a": 0}, [0, 0, 0, 0]), snap({"a": 0}, [0, 0, 0, 0]))
+    parity = compare(FACTS, start, edge(snap({"a": 3}, [3, 0, 0, 0]), snap({"a": 6, "x": 1}, [3, 0, 0, 3])))
+    assert not parity.ok
+    calls = {s.labels["comm"]: s.problems for s in parity.metrics[0].series}
+    assert calls == {"a": ["count: prototype 3, core 6"], "x": ["count: prototype 0, core 1"]}
+    assert parity.metrics[1].series[0].problems == ["count: prototype 3, core 6", "buckets: le=+Inf"]
+
+
+def test_a_busy_edge_is_compared_within_what_moved_there():
+    # core read 9 before the prototype's instant and 11 after: the prototype's 10 is inside
+    start = edge(snap({"a": 0}, [0, 0, 0, 0]), snap({"a": 0}, [0, 0, 0, 0]))
+    busy = edge(snap({"a": 10}, [2, 0, 0, 0]), snap({"a": 9}, [2, 0, 0, 0]), snap({"a": 11}, [2, 0, 0, 0]))
+    parity = compare(FACTS, start, busy)
+    assert parity.ok and parity.metrics[0].verdict == "within tolerance"
+    s = parity.metrics[0].series[0]
+    assert (s.prototype, s.core, s.low, s.high) == (10, 9, 9, 11)
+    assert any("not quiet" in why and "--pid" in why for why in parity.metrics[0].why)
+    outside = edge(snap({"a": 12}, [2, 0, 0, 0]), snap({"a": 9}, [2, 0, 0, 0]), snap({"a": 11}, [2, 0, 0, 0]))
+    bad = compare(FACTS, start, outside)
+    assert bad.metrics[0].series[0].problems == ["count: prototype 12, core 9..11 (window edges not quiet)"]
+
+
+def test_overflow_is_compared_by_the_total():
+    start = edge(snap({}, [0] * 4), snap({}, [0] * 4))
+    end = edge(snap({"a": 5, "__overflow__": 3}, [0] * 4), snap({"b": 5, "__overflow__": 3}, [0] * 4))
+    parity = compare(FACTS, start, end)
+    counter = parity.metrics[0]
+    assert parity.ok and counter.compared_by_total and counter.series[0].prototype == 8
+    assert "__overflow__" in counter.why[0]
+
+
+def test_recorded_runqueue_report_passes_again():
+    report = json.loads((RECORDED / "runqueue.json").read_text())
+    parity = recompare(report)
+    assert parity.ok and report["verdict"] == "pass"
+    [metric] = parity.metrics
+    assert metric.name == "runqueue_latency_seconds"
+    counts = {s.labels["thread"]: (s.prototype, s.core, s.low, s.high) for s in metric.series}
+    assert counts == {"rq_ping": (597, 597, 597, 597), "rq_pong": (599, 599, 599, 599)}
+    # both collectors' clocks are read a little apart on each probe: some wake-ups sit one bucket away
+    assert 0 < sum(s.moved for s in metric.series) < 0.1 * 1196
+
+
+def test_recorded_past_entry_report_fails_again():
+    report = json.loads((RECORDED / "past_entry.json").read_text())
+    parity = recompare(report)
+    assert not parity.ok and report["verdict"] == "fail"
+    by_name = {m.name: m for m in parity.metrics}
+    hist = by_name["entry_record_value"]
+    assert hist.series[0].problems == ["count: prototype 3, core 6", "buckets: le=1024"]
+    assert any("uprobe:pwork:pwork_record at the function's entry" in why for why in hist.why)
+    assert by_name["entry_records_total"].series[0].problems == ["count: prototype 3, core 6"]
+
+
+def test_durations_and_usage_errors(tmp_path):
+    assert parse_duration("60s") == 60 and parse_duration("5m") == 300 and parse_duration("500ms") == 0.5
+    assert parse_duration("90") == 90 and parse_duration("soon") is None
+    result = probec("promote", str(EXAMPLES / "runqueue" / "spec.yaml"), "--for", "soon")
+    assert result.returncode == 2 and "--for 'soon' is not a duration" in result.stderr
+    result = probec("promote", str(EXAMPLES / "runqueue" / "spec.yaml"), "--pid", "1", "--pid-file", "x")
+    assert result.returncode == 2 and "exclude each other" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- promote on real workloads -----------------------------------------------------------------
+class Promote:
+    """`probec promote` in the background, for a workload run once its window is open."""
+
+    def __init__(self, tmp: Path, spec: Path, *extra: str, seconds: float = 3):
+        self.out, self.report = tmp / "production", tmp / "parity.json"
+        self.stderr_path = tmp / "promote.stderr"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "probec", "promote", str(spec), "--for", f"{seconds}s", "-o", str(self.out),
+             "--report", str(self.report), *extra],
+            stdout=subprocess.PIPE, stderr=open(self.stderr_path, "w"), text=True, cwd=ROOT)
+        deadline = time.monotonic() + 120
+        while "window open" not in self.stderr():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"promote did not open its window:\n{self.stderr()}")
+            time.sleep(0.05)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def finish(self) -> tuple[int, str]:
+        try:
+            out, _ = self.proc.communicate(timeout=120)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        assert "Traceback" not in self.stderr(), self.stderr()
+        return self.proc.returncode, out
+
+    def json(self) -> dict:
+        return json.loads(self.report.read_text())
+
+
+def example_workload(*args: str) -> None:
+    subprocess.run([str(EXAMPLES / "workloads" / "build" / args[0]), *args[1:]], check=True, timeout=60,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def promote_ready():
+    require_kernel(need_bpftrace=True)
+    require_core_kernel()
+    for folder in (EXAMPLES / "workloads", ROOT / "tests" / "workloads"):
+        built = subprocess.run(["make", "-s", "-C", str(folder)], capture_output=True, text=True)
+        assert built.returncode == 0, built.stderr
+
+
+EXAMPLE_RUNS = {
+    "runqueue": (("runq", "200", "1000"), {"runqueue_latency_seconds": 400}),   # a wake-up per hand-off
+    "correlation": (("corr", "2", "40", "1000", "3000", "6000"),
+                    {"inference_duration_seconds": 80, "sendto_by_phase_seconds": 160,
+                     "inference_time_by_part_seconds": 240}),
+}
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("example", sorted(EXAMPLE_RUNS))
+def test_examples_promote_with_parity(tmp_path, promote_ready, example):
+    workload, at_least = EXAMPLE_RUNS[example]
+    run = Promote(tmp_path, EXAMPLES / example / "spec.yaml")
+    example_workload(*workload)
+    rc, text = run.finish()
+    assert rc == 0, f"{text}\n{run.stderr()}"
+    report = run.json()
+    assert report["verdict"] == "pass" and text.rstrip().endswith("PASS: every metric agrees")
+    by_name = {m["metric"]: m for m in report["metrics"]}
+    for metric in report["metrics"]:
+        assert metric["verdict"] in ("exact", "within tolerance"), metric
+        for s in metric["series"]:
+            # the window's edges were quiet: both counts are known exactly, and equal
+            assert s["prototype"] == s["core"] == s["low"] == s["high"], (metric["metric"], s)
+    for name, count in at_least.items():
+        assert sum(s["prototype"] for s in by_name[name]["series"]) >= count, name
+    # the production bundle: core, with its parity report and rules beside it
+    manifest = json.loads((run.out / "manifest.json").read_text())
+    assert manifest["backend"] == "core"
+    assert (run.out / "parity.txt").read_text() == text
+    assert json.loads((run.out / "parity.json").read_text())["verdict"] == "pass"
+    assert "ProbecProbeDetached" in (run.out / "rules.yml").read_text()
+    if example == "correlation":    # its event's own `sample: 1/8, at most 50/s` stays
+        assert report["production_defaults"] == []
+        [event] = manifest["events"]
+        assert (event["sample_every"], event["max_per_second"]) == (8, 50)
+
+
+PAST_ENTRY_SPEC = """
+name: promote_entry
+binaries:
+  pwork: $WORK/libpwork_cet.so
+metrics:
+  entry_records_total:
+    count: uprobe:pwork:pwork_record
+    filter: comm == "promote_ent"
+  entry_record_value:
+    histogram: arg0
+    on: uprobe:pwork:pwork_record
+    filter: comm == "promote_ent"
+    buckets: [1, 2, 4, 1024]
+"""
+
+
+@pytest.mark.kernel
+def test_a_call_the_prototype_cannot_see_fails_naming_metric_and_bucket(tmp_path, promote_ready):
+    """libpwork_cet's pwork_record starts with endbr64: core probes past it, bpftrace 0.17 at the
+    entry. Calls that enter past the endbr64 (a jump past a function's entry) are core's alone."""
+    spec = write_spec(tmp_path, PAST_ENTRY_SPEC)
+    run = Promote(tmp_path, spec, seconds=2)
+    pwork = str(WORKLOADS / "pwork_cet")
+    subprocess.run([pwork, "--comm", "promote_ent", "record", "1", "2", "3"], check=True, timeout=30)
+    subprocess.run([pwork, "--comm", "promote_ent", "record-past-entry", "1000", "1000", "1000"], check=True,
+                   timeout=30)
+    rc, text = run.finish()
+    assert rc == 1, text
+    assert "no production bundle written" in run.stderr() and not run.out.exists()
+    assert "entry_record_value: buckets: le=1024" in text and "FAIL: entry_records_total, entry_record_value" in text
+    by_name = {m["metric"]: m for m in run.json()["metrics"]}
+    hist = by_name["entry_record_value"]
+    assert hist["verdict"] == "differs"
+    [series] = hist["series"]
+    assert (series["prototype"], series["core"]) == (3, 6)
+    assert {b["le"]: (b["prototype"], b["core"]) for b in series["buckets"]} == \
+        {"1": (1, 1), "2": (1, 1), "4": (1, 1), "1024": (0, 3)}
+    assert any("at the function's entry" in why and "past endbr64" in why for why in hist["why"])
+    assert by_name["entry_records_total"]["series"][0]["problems"] == ["count: prototype 3, core 6"]
+
+
+BUSY_SPEC = """
+name: promote_busy
+binaries:
+  pwork: $WORK/libpwork.so
+spans:
+  spin:
+    function: pwork:pwork_sleep_us
+metrics:
+  busy_spin_seconds:
+    histogram: spin.duration
+    buckets: exp2(64us, 1s)
+  busy_records_total:
+    count: uprobe:pwork:pwork_record
+    filter: comm == "promote_none"          # nothing: a counter both leave at 0
+events:
+  slow_spin:                                # no rate limit here: production gives it one
+    on: spin.end
+    when: duration > 100ms
+    fields: [pid, duration]
+"""
+
+
+@pytest.mark.kernel
+def test_a_process_paused_at_the_edges_compares_exactly_while_it_runs(tmp_path, promote_ready):
+    """The workload runs through both edges; --pid stops it (SIGSTOP) while each edge is read, so
+    each series is quiet there and both counts are exact, not bracketed."""
+    work = subprocess.Popen([str(WORKLOADS / "pwork"), "sleep", "100000", "1000"])
+    try:
+        run = Promote(tmp_path, write_spec(tmp_path, BUSY_SPEC), "--pid", str(work.pid), seconds=2)
+        rc, text = run.finish()
+        assert work.poll() is None, "the workload must run on after promote"
+        with open(f"/proc/{work.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] != "T", "promote left the process stopped"
+    finally:
+        work.kill()
+        work.wait()
+    assert rc == 0, f"{text}\n{run.stderr()}"
+    report = run.json()
+    assert report["paused"] is True and report["pid"] == work.pid
+    [spin] = [m for m in report["metrics"] if m["metric"] == "busy_spin_seconds"]
+    [s] = spin["series"]
+    # about 2 s of 1 ms calls, all counted by both, to the call
+    assert s["prototype"] == s["core"] == s["low"] == s["high"] > 1000, s
+    assert report["production_defaults"] == ["event slow_spin: at most 100/s (the spec sets no limit)"]
+    [event] = json.loads((run.out / "manifest.json").read_text())["events"]
+    assert (event["sample_every"], event["max_per_second"]) == (1, 100)
+
+
+@pytest.mark.kernel
+def test_ctrl_c_detaches_both_resumes_the_process_and_writes_nothing(tmp_path, promote_ready):
+    before = bpf_program_count()
+    work = subprocess.Popen([str(WORKLOADS / "pwork"), "sleep", "100000", "1000"])
+    try:
+        run = Promote(tmp_path, write_spec(tmp_path, BUSY_SPEC), "--pid", str(work.pid), seconds=60)
+        time.sleep(1)
+        run.proc.send_signal(signal.SIGINT)
+        rc, text = run.finish()
+        assert rc == 130, run.stderr()
+        assert "interrupted" in run.stderr() and "nothing written" in run.stderr()
+        assert not run.out.exists() and not run.report.exists()
+        with open(f"/proc/{work.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] != "T"
+    finally:
+        work.kill()
+        work.wait()
+    deadline = time.monotonic() + 10
+    while bpf_program_count() > before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert bpf_program_count() <= before
+    assert not [p for p in os.listdir("/tmp") if p.startswith("probec-promote-promote_busy-")]
