@@ -188,6 +188,9 @@ class SideBySide:
                 return True
             if self.stop.wait(min(0.5, left)):
                 return False
+            if self.pid > 0 and not os.path.exists(f"/proc/{self.pid}"):
+                raise PromoteError(f"the traced process {self.pid} exited during the window: nothing to compare "
+                                   "after it (--pid-file does not follow a restart here)")
             core = self.runners["core"]
             core.poll()
             if core.failure:
