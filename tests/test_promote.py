@@ -125,9 +125,9 @@ def test_recorded_runqueue_report_passes_again():
     [metric] = parity.metrics
     assert metric.name == "runqueue_latency_seconds"
     counts = {s.labels["thread"]: (s.prototype, s.core, s.low, s.high) for s in metric.series}
-    assert counts == {"rq_ping": (597, 597, 597, 597), "rq_pong": (599, 599, 599, 599)}
+    assert counts == {"rq_ping": (600, 600, 600, 600), "rq_pong": (599, 599, 599, 599)}
     # both collectors' clocks are read a little apart on each probe: some wake-ups sit one bucket away
-    assert 0 < sum(s.moved for s in metric.series) < 0.1 * 1196
+    assert 0 < sum(s.moved for s in metric.series) < 0.1 * 1199
 
 
 def test_recorded_past_entry_report_fails_again():
@@ -328,10 +328,13 @@ def test_a_process_paused_at_the_edges_compares_exactly_while_it_runs(tmp_path, 
 
 @pytest.mark.kernel
 def test_ctrl_c_detaches_both_resumes_the_process_and_writes_nothing(tmp_path, promote_ready):
+    """The process named by --pid-file; SIGINT in the middle of the window."""
     before = bpf_program_count()
     work = subprocess.Popen([str(WORKLOADS / "pwork"), "sleep", "100000", "1000"])
     try:
-        run = Promote(tmp_path, write_spec(tmp_path, BUSY_SPEC), "--pid", str(work.pid), seconds=60)
+        (tmp_path / "service.pid").write_text(f"{work.pid}\n")
+        run = Promote(tmp_path, write_spec(tmp_path, BUSY_SPEC), "--pid-file", str(tmp_path / "service.pid"),
+                      seconds=60)
         time.sleep(1)
         run.proc.send_signal(signal.SIGINT)
         rc, text = run.finish()
