@@ -109,6 +109,32 @@ def test_a_busy_edge_is_compared_within_what_moved_there():
     assert bad.metrics[0].series[0].problems == ["count: prototype 12, core 9..11 (window edges not quiet)"]
 
 
+def test_a_busy_edge_and_one_bucket_moves_together():
+    start = edge(snap({}, [0, 0, 0, 0]), snap({}, [0, 0, 0, 0]))
+    # core's +Inf moved by one while the end edge was read; the prototype has one in le=0.001
+    # where core has it in le=0.002
+    busy = edge(snap({}, [3, 1, 0, 1]), snap({}, [2, 2, 0, 0]), snap({}, [2, 2, 0, 1]))
+    parity = compare(FACTS, start, busy)
+    assert parity.ok, parity.metrics[1].series[0].problems
+    assert parity.metrics[1].series[0].moved == 1
+
+
+def test_why_a_full_bpftrace_map_and_lost_begins():
+    facts = [MetricFacts("calls_total", "counter", ("comm",), map="m_calls_total", spans=("req",))]
+    start = Edge({"calls_total": {}}, {"calls_total": {}}, {"calls_total": {}},
+                 {"bpftrace": {"span_overflows": {"req": 0}}, "core": {"span_overflows": {"req": 2}}})
+    end = Edge({"calls_total": {("a",): 5}}, {"calls_total": {("a",): 9}}, {"calls_total": {("a",): 9}},
+               {"bpftrace": {"map_entries": {"m_calls_total": 16384}, "map_capacity": {"m_calls_total": 16384},
+                             "span_overflows": {"req": 0}, "events_lost": 3},
+                "core": {"span_overflows": {"req": 7}}})
+    parity = compare(facts, start, end)
+    why = parity.metrics[0].why
+    assert not parity.ok
+    assert any(w.startswith("prototype: bpftrace map @m_calls_total is full (16384 keys)") for w in why), why
+    assert any(w.startswith("core: begin map full, 5 begin(s) of req lost") for w in why), why
+    assert parity.notes == ["prototype: 3 event(s) lost in the window (ring/perf buffer full)"]
+
+
 def test_overflow_is_compared_by_the_total():
     start = edge(snap({}, [0] * 4), snap({}, [0] * 4))
     end = edge(snap({"a": 5, "__overflow__": 3}, [0] * 4), snap({"b": 5, "__overflow__": 3}, [0] * 4))

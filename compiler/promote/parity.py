@@ -211,8 +211,8 @@ def compare(facts: list[MetricFacts], start: Edge, end: Edge) -> Parity:
 
 
 def _window(m: MetricFacts, start: Edge, end: Edge):
-    """Per series: the prototype's window, core's before-before window, and its bracket."""
-    proto = {}
+    """Per series: the prototype's window, core's (read before each edge's instant), and the
+    bracket core's window at the prototype's instants lies in."""
     names = set()
     snaps = (start.prototype, end.prototype, start.core_before, start.core_after, end.core_before,
              end.core_after)
@@ -220,7 +220,7 @@ def _window(m: MetricFacts, start: Edge, end: Edge):
         names.update(s.get(m.name, {}))
     by_total = any(OVERFLOW in key for key in names)
     out = {}
-    keys = [()] if by_total else sorted(names)
+    keys = [()] if by_total else sorted(names)    # by_total: one row, the metric's total
 
     def get(snap, key):
         series = snap.get(m.name, {})
