@@ -353,6 +353,30 @@ def test_a_process_paused_at_the_edges_compares_exactly_while_it_runs(tmp_path, 
 
 
 @pytest.mark.kernel
+def test_without_a_process_a_busy_edge_is_bracketed(tmp_path, promote_ready):
+    """Every process traced, none paused: the workload runs through both edges, so core moves
+    between its two readings there, and the prototype's count must lie between the two."""
+    spec = write_spec(tmp_path, BUSY_SPEC.replace("function: pwork:pwork_sleep_us",
+                                                  "function: pwork:pwork_sleep_us\n    filter: comm == \"promote_brk\""))
+    work = subprocess.Popen([str(WORKLOADS / "pwork"), "--comm", "promote_brk", "sleep", "100000", "1000"])
+    try:
+        run = Promote(tmp_path, spec, seconds=2)
+        rc, text = run.finish()
+    finally:
+        work.kill()
+        work.wait()
+    assert rc == 0, f"{text}\n{run.stderr()}"
+    report = run.json()
+    assert report["paused"] is False and report["pid"] is None
+    [spin] = [m for m in report["metrics"] if m["metric"] == "busy_spin_seconds"]
+    [s] = spin["series"]
+    assert s["low"] <= s["prototype"] <= s["high"] and s["prototype"] > 1000, s
+    # a 1 ms call ends every millisecond: the edges, read over tens of milliseconds, were not quiet
+    assert s["low"] < s["high"] and spin["verdict"] == "within tolerance", s
+    assert any("not quiet" in why for why in spin["why"])
+
+
+@pytest.mark.kernel
 def test_ctrl_c_detaches_both_resumes_the_process_and_writes_nothing(tmp_path, promote_ready):
     """The process named by --pid-file; SIGINT in the middle of the window."""
     before = bpf_program_count()
