@@ -29,7 +29,14 @@ from .runtime.manifest import load_bundle
 from .runtime.session import make_runner
 from .runtime.store import OVERFLOW, HistogramSeries, MetricStore
 
-PAUSE_TIMEOUT_S = 2.0
+EXIT_OK, EXIT_DIFFERS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+PAUSE_TIMEOUT_S = 2.0  # the longest an edge waits for every thread of the traced process to stop
+SETTLE_S = 1.0         # both attached, then this long before the window opens: spans begun before the
+                       # later collector attached end meanwhile, and are in neither window
+
+
+def log(message: str) -> None:
+    print(f"probec: {message}", file=sys.stderr, flush=True)
 
 
 class PromoteError(Exception):
@@ -207,15 +214,6 @@ class SideBySide:
                 next_show = time.monotonic() + 1.0
 
 
-EXIT_OK, EXIT_DIFFERS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-SETTLE_S = 1.0       # both attached, then this long before the window opens: spans begun before the
-                     # later collector attached end meanwhile, and are in neither window
-
-
-def log(message: str) -> None:
-    print(f"probec: {message}", file=sys.stderr, flush=True)
-
-
 def parse_duration(text: str) -> float | None:
     """`60s`, `5m`, `1h`, `500ms` or a bare number of seconds."""
     text = text.strip()
@@ -283,10 +281,8 @@ def _run(args, seconds, pid, work, facts, defaults, name, out, report_path, core
     from .compiler.promote.report import report_json, report_text
     from .runtime.session import known_errors
     stop = threading.Event()
-    received = []
 
-    def on_signal(signum, _frame):
-        received.append(signum)
+    def on_signal(_signum, _frame):
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
