@@ -135,6 +135,13 @@ def test_why_a_full_bpftrace_map_and_lost_begins():
     assert parity.notes == ["prototype: 3 event(s) lost in the window (ring/perf buffer full)"]
 
 
+def test_a_metric_one_collector_lacks_is_said():
+    start = Edge({}, snap({}, [0] * 4), snap({}, [0] * 4))
+    parity = compare(FACTS[:1], start, Edge({}, snap({"a": 2}, [0] * 4), snap({"a": 2}, [0] * 4)))
+    assert not parity.ok
+    assert parity.metrics[0].why == ["prototype: the collector does not export this metric"]
+
+
 def test_overflow_is_compared_by_the_total():
     start = edge(snap({}, [0] * 4), snap({}, [0] * 4))
     end = edge(snap({"a": 5, "__overflow__": 3}, [0] * 4), snap({"b": 5, "__overflow__": 3}, [0] * 4))

@@ -255,6 +255,9 @@ def _compare_metric(m: MetricFacts, start: Edge, end: Edge) -> MetricResult:
         if isinstance(proto, Hist):
             _compare_buckets(m, s, p, lo, hi, c)
         result.series.append(s)
+    for side, snap in (("prototype", start.prototype), ("core", start.core_before)):
+        if m.name not in snap:
+            result.why.append(f"{side}: the collector does not export this metric")
     if result.compared_by_total:
         result.why.append(f"label sets past limits.series folded into '{OVERFLOW}': compared by the total over "
                           "all series (which label sets each collector kept may differ)")
