@@ -142,6 +142,16 @@ def test_a_metric_one_collector_lacks_is_said():
     assert parity.metrics[0].why == ["prototype: the collector does not export this metric"]
 
 
+def test_a_gauge_is_compared_at_the_end():
+    facts = [MetricFacts("in_flight", "gauge")]
+    start = Edge({"in_flight": {(): 4}}, {"in_flight": {(): 1}}, {"in_flight": {(): 1}})
+    same = compare(facts, start, Edge({"in_flight": {(): 2}}, {"in_flight": {(): 2}}, {"in_flight": {(): 2}}))
+    assert same.ok and same.metrics[0].series[0].prototype == 2
+    more = compare(facts, start, Edge({"in_flight": {(): 3}}, {"in_flight": {(): 2}}, {"in_flight": {(): 2}}))
+    assert more.metrics[0].series[0].problems == ["count: prototype 3, core 2"]
+    assert "spans open at the window's end" in more.metrics[0].why[0]
+
+
 def test_overflow_is_compared_by_the_total():
     start = edge(snap({}, [0] * 4), snap({}, [0] * 4))
     end = edge(snap({"a": 5, "__overflow__": 3}, [0] * 4), snap({"b": 5, "__overflow__": 3}, [0] * 4))

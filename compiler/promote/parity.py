@@ -13,6 +13,7 @@ before(start)], and the prototype's must fall in that bracket (a point when both
 
 Tolerances, per metric:
 - counters and histogram counts: exact (inside the bracket);
+- gauges (spans open now): their values at the window's end, exact (inside the bracket);
 - histogram buckets: each observation may sit one bucket away in the other collector (a value
   near an edge: the two read their clocks a few hundred nanoseconds apart, and a prototype's
   uprobe may sit at the entry where core's sits past `endbr64`), never two;
@@ -60,7 +61,7 @@ class Edge:
 class MetricFacts:
     """What the compiler knows about one metric, for the reasons a report gives."""
     name: str
-    kind: str                       # counter | histogram
+    kind: str                       # counter | histogram | gauge
     labels: tuple[str, ...] = ()
     edges: tuple[str, ...] = ()     # the `le` of each bucket as exported, +Inf left out
     map: str = ""                   # the metric's map (bpftrace: the same name)
@@ -234,6 +235,9 @@ def _window(m: MetricFacts, start: Edge, end: Edge):
         if like is not None:
             values = [v if isinstance(v, Hist) else _zero(like) for v in values]
         p0, p1, a0, b0, a1, b1 = values
+        if m.kind == "gauge":       # a value of now (spans open): compared at the window's end
+            out[key] = (int(p1), int(a1), min(int(a1), int(b1)), max(int(a1), int(b1)))
+            continue
         proto = _minus(p1, p0)
         core = _minus(a1, a0)
         low = _minus(a1, b0)
@@ -258,6 +262,9 @@ def _compare_metric(m: MetricFacts, start: Edge, end: Edge) -> MetricResult:
     for side, snap in (("prototype", start.prototype), ("core", start.core_before)):
         if m.name not in snap:
             result.why.append(f"{side}: the collector does not export this metric")
+    if m.kind == "gauge" and not result.ok:
+        result.why.append("a gauge counts the spans open at the window's end: one begun after the prototype "
+                          "attached but before core did, and still open, is the prototype's alone")
     if result.compared_by_total:
         result.why.append(f"label sets past limits.series folded into '{OVERFLOW}': compared by the total over "
                           "all series (which label sets each collector kept may differ)")
