@@ -184,6 +184,60 @@ def test_recorded_past_entry_report_fails_again():
     assert by_name["entry_records_total"].series[0].problems == ["count: prototype 3, core 6"]
 
 
+FACTS_SPEC = """
+name: promote_facts
+binaries:
+  pwork: $WORK/libpwork_cet.so
+spans:
+  spin:
+    function: pwork:pwork_sleep_us
+metrics:
+  spin_seconds:
+    histogram: spin.duration
+    buckets: exp2(64us, 1s)
+    labels: [comm]
+  records_total:
+    count: uprobe:pwork:pwork_record
+events:
+  slow_spin:
+    on: spin.end
+    when: duration > 100ms
+    fields: [pid]
+"""
+
+
+def test_facts_and_production_defaults_from_a_lowered_spec(tmp_path, workloads):
+    """What the compiler tells parity about each metric, the defaults production adds, and the
+    maps it names as too full (reading only the ELF files: no root)."""
+    from probec.compiler.driver import build_bundle, check_file
+    from probec.compiler.promote.production import map_use, metric_facts, production_check
+    from probec.runtime.exporter import format_edge
+    result = check_file(str(write_spec(tmp_path, FACTS_SPEC)))
+    assert result.program is not None, [d.message for d in result.diagnostics.items]
+    prototype = build_bundle(result, "bpftrace", "0.17")
+    facts = {f.name: f for f in metric_facts(result.program, prototype.manifest, format_edge)}
+    spin, records = facts["spin_seconds"], facts["records_total"]
+    assert (spin.kind, spin.labels, spin.spans, spin.edges[:2]) == ("histogram", ("comm",), ("spin",),
+                                                                    ("6.4e-05", "0.000128"))
+    # libpwork_cet's functions start with endbr64: the prototype probes their entries
+    assert spin.at_entry == ("uprobe:pwork:pwork_sleep_us", "uretprobe:pwork:pwork_sleep_us")
+    assert (records.at_entry, records.spans) == (("uprobe:pwork:pwork_record",), ())
+    assert spin.map and records.map
+    production, said = production_check(result, 100)
+    assert said == ["event slow_spin: at most 100/s (the spec sets no limit)"]
+    assert production.program.event("slow_spin").max_per_second == 100
+    assert result.program.event("slow_spin").max_per_second == 0        # the prototype's stays as written
+    assert production_check(result, 0)[1] == []
+    metric_map = production.program.metric("spin_seconds").map
+    full = {"map_entries": {metric_map.name: metric_map.max_entries},
+            "map_capacity": {metric_map.name: metric_map.max_entries}}
+    assert map_use(full, production.program) == [
+        f"core map {metric_map.name} is {metric_map.max_entries}/{metric_map.max_entries} full at the window's "
+        "end: raise limits.series"]
+    full["map_entries"][metric_map.name] = 1
+    assert map_use(full, production.program) == []
+
+
 def test_durations_and_usage_errors(tmp_path):
     assert parse_duration("60s") == 60 and parse_duration("5m") == 300 and parse_duration("500ms") == 0.5
     assert parse_duration("90") == 90 and parse_duration("soon") is None

@@ -91,6 +91,6 @@ def map_use(health: dict, program: Program) -> list[str]:
     limits = {"span_begin": "limits.concurrency", "metric": "limits.series"}
     for m in program.maps:
         cap, used = capacity.get(m.name, 0), entries.get(m.name, 0)
-        if m.purpose in limits and m.type.endswith("HASH") and cap and used > FULL_SHARE * cap:   # arrays are always full
+        if m.purpose in limits and m.shape == "table" and cap and used > FULL_SHARE * cap:   # slots are always full
             out.append(f"core map {m.name} is {used}/{cap} full at the window's end: raise {limits[m.purpose]}")
     return out
