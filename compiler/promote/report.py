@@ -73,7 +73,7 @@ def report_json(parity: Parity, facts: list[MetricFacts], start: Edge, end: Edge
             "metric": m.name, "kind": m.kind, "verdict": m.verdict, "compared_by_total": m.compared_by_total,
             "why": m.why,
             "series": [{"labels": s.labels, "prototype": s.prototype, "core": s.core, "low": s.low,
-                        "high": s.high, "moved": s.moved, "buckets": s.buckets, "quantiles": s.quantiles,
+                        "high": s.high, "moved": s.moved, "far": s.far, "buckets": s.buckets, "quantiles": s.quantiles,
                         "problems": s.problems} for s in m.series]} for m in parity.metrics],
         "events_seen": parity.events,
         "notes": parity.notes,
@@ -96,7 +96,9 @@ def report_text(parity: Parity, about: dict) -> str:
         proto = sum(s.prototype for s in m.series)
         core = sum(s.core for s in m.series)
         moved = sum(s.moved for s in m.series)
-        extra = f", {moved} observation(s) one bucket apart" if moved else ""
+        far = sum(s.far for s in m.series)
+        extra = (f", {moved} observation(s) in another bucket" + (f" ({far} further than the next)" if far else "")
+                 if moved else "")
         lines.append(f"  {m.name:<{width}}  {m.verdict:<16} prototype {proto}, core {core}{extra}")
         for s in m.series:
             for problem in s.problems:
