@@ -27,6 +27,7 @@ again.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import socket
@@ -176,7 +177,7 @@ class MetricsExport:
             kind = family.type
             if kind == "summary":        # the window quantiles: a Prometheus convenience
                 continue
-            name, unit = otel_name(getattr(meta, "otel_name", "") or family.name, meta.unit if meta else "")
+            name, unit = otel_name(meta.otel_name or family.name if meta else family.name, meta.unit if meta else "")
             if kind == "histogram":
                 points = []
                 for labels, (buckets, total) in _histograms(family).items():
@@ -290,46 +291,56 @@ def resource(attributes: dict) -> bytes:
 class SpanEncoder:
     """One event's rows -> encoded Span messages (each with its tag and length, ready to join).
 
-    The parts that repeat are encoded once: the name and kind, every attribute key, and each
-    distinct value of a field whose values repeat (pid, comm, a stack)."""
+    Everything loops in C over the batch's columns (`map` over struct packers and dict lookups):
+    the parts that repeat are encoded once (the name and kind, every attribute key, each distinct
+    value of a field whose values repeat: pid, comm, a stack), times and ids are packed at fixed
+    width."""
 
-    TIMES = struct.Struct("<BQBQ")        # start_time_unix_nano = 7, end_time_unix_nano = 8 (fixed64)
+    IDS = struct.Struct("16s8s")
+    # trace_id = 1, span_id = 2 (bytes); start_time_unix_nano = 7, end_time_unix_nano = 8 (fixed64)
+    FIXED = struct.Struct("<2s16s2s8sBQBQ")
 
     def __init__(self, fmt: EventFormat):
         self.format = fmt
         self.duration_at = fmt.duration_at
         self.head = field(0x2A, fmt.name.encode()) + bytes((0x30, SPAN_KIND_INTERNAL))   # name = 5, kind = 6
-        self.attributes = [(1, Memo(lambda pid: field(0x4A, attribute("process.pid", pid))).__getitem__),
-                           (2, Memo(lambda tid: field(0x4A, attribute("thread.id", tid))).__getitem__),
-                           (3, Memo(lambda cpu: field(0x4A, attribute("cpu.logical_number", cpu))).__getitem__)]
-        for at, f in enumerate(fmt.fields, start=4):
-            self.attributes.append((at, self.maker(field_key(f), f)))
+        self.attributes = [(1, self.column("process.pid", None)), (2, self.column("thread.id", None)),
+                           (3, self.column("cpu.logical_number", None))]
+        self.attributes += [(at, self.column(field_key(f), f)) for at, f in enumerate(fmt.fields, start=4)]
+        self.lengths = Memo(varint)
 
     @staticmethod
-    def maker(key: str, f):
-        """value of field `f` -> its encoded attribute; remembered per value where values repeat."""
-        if f.unit == "time" and not f.render:
-            return lambda ns: field(0x4A, attribute(key, ns / 1e9))
-        if f.kind.endswith("stack"):
+    def column(key: str, f):
+        """A column of field `f`'s values -> their encoded attributes (Span.attributes = 9)."""
+        if f is not None and f.unit == "time" and not f.render:
+            # a double: the same length every time, so one prefix before 8 packed bytes
+            prefix = field(0x4A, attribute(key, 0.0))[:-8]
+            pack = struct.Struct(f"<{len(prefix)}sd").pack
+            return lambda ns: map(pack, itertools.repeat(prefix), map((1e9).__rtruediv__, ns))
+        if f is not None and f.kind.endswith("stack"):
             memo = Memo(lambda frames: field(0x4A, attribute(key, list(frames))))
-            return lambda frames: memo[tuple(frames)]
-        if f.kind == "str":
-            return Memo(lambda raw: field(0x4A, attribute(key, text_of(raw)))).__getitem__
-        if f.render:
-            return Memo(lambda raw: field(0x4A, attribute(key, rendered(raw, f)))).__getitem__
-        return Memo(lambda value: field(0x4A, attribute(key, value))).__getitem__
+            return lambda stacks: map(memo.__getitem__, map(tuple, stacks))
+        if f is not None and f.kind == "str":
+            memo = Memo(lambda raw: field(0x4A, attribute(key, text_of(raw))))
+        elif f is not None and f.render:
+            memo = Memo(lambda raw: field(0x4A, attribute(key, rendered(raw, f))))
+        else:
+            memo = Memo(lambda value: field(0x4A, attribute(key, value)))
+        return lambda values: map(memo.__getitem__, values)
 
     def spans(self, rows: list[tuple], offset_ns: int) -> list[bytes]:
-        ids = os.urandom(24 * len(rows))
+        n = len(rows)
+        repeat = itertools.repeat
         cols = list(zip(*rows))
-        ends = [ts + offset_ns for ts in cols[0]]
+        ends = list(map(offset_ns.__add__, cols[0]))
         starts = ends if self.duration_at is None else list(map(int.__sub__, ends, cols[self.duration_at]))
-        parts = [[field(0x0A, ids[i:i + 16]) + field(0x12, ids[i + 16:i + 24]) for i in range(0, len(ids), 24)],
-                 [self.head] * len(rows), list(map(self.TIMES.pack, [0x39] * len(rows), starts,
-                                                   [0x41] * len(rows), ends))]
-        for at, make in self.attributes:
-            parts.append(map(make, cols[at]))
-        return [field(0x12, b"".join(span)) for span in zip(*parts)]     # ScopeSpans.spans = 2
+        trace_ids, span_ids = zip(*self.IDS.iter_unpack(os.urandom(24 * n)))
+        fixed = map(self.FIXED.pack, repeat(b"\x0a\x10", n), trace_ids, repeat(b"\x12\x08", n), span_ids,
+                    repeat(0x39, n), starts, repeat(0x41, n), ends)
+        parts = [fixed, repeat(self.head, n)] + [encode(cols[at]) for at, encode in self.attributes]
+        bodies = list(map(b"".join, zip(*parts)))
+        heads = map(b"\x12".__add__, map(self.lengths.__getitem__, map(len, bodies)))   # ScopeSpans.spans = 2
+        return list(map(bytes.__add__, heads, bodies))
 
 
 class SpanExport:

@@ -538,7 +538,8 @@ class Lowering:
             else:
                 build.actions.append(upd)
         return Metric(m.name, m.kind, m.help or f"{m.kind} from {m.on.span_name + '.end' if isinstance(m.on, SpanEndRef) else m.on.text}",
-                      unit, scale, tuple(labels or ()), edges, mp, self.spec.limits.series, **fold)
+                      unit, scale, tuple(labels or ()), edges, mp, self.spec.limits.series, **fold,
+                      otel_name=m.otel_name)
 
     def metric_unit(self, m: MetricSpec, vt: ValueType | None) -> tuple[str, float]:
         dim = vt.dimension if vt is not None else "none"
