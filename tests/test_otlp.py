@@ -270,3 +270,53 @@ def test_no_event_lost_at_a_moderate_rate(tmp_path, receiver, workloads):
     with open(run.events_path) as f:
         assert sum(1 for _ in f) == 100_000
     assert receiver.span_count == 100_000 and receiver.bad == []
+
+
+TWO_SIZES_SPEC = """
+name: two_sizes
+binaries:
+  pwork: $WORK/libpwork.so
+spans:
+  sleep:
+    function: pwork:pwork_sleep_us
+metrics:
+  sleeps_total:
+    count: sleep.end
+events:
+  short_record:
+    on: sleep.end
+    fields: [duration]
+  long_record:
+    on: sleep.end
+    fields: [comm, duration]
+"""
+
+
+@pytest.mark.kernel
+def test_records_of_two_sizes_interleaved_are_all_read(tmp_path, receiver, workloads):
+    """Two events of different record sizes at every call, so the ring holds them interleaved:
+    the bulk reader hands runs of one size over as blocks and the rest one by one. Every event of
+    both arrives in the JSON lines and as a span, with its own fields. Core only (the ring)."""
+    from conftest import require_kernel
+    require_kernel(need_clang=True)
+    bundle = build(write_spec(tmp_path, TWO_SIZES_SPEC), "core", tmp_path / "bundle")
+    sizes = {e["name"]: e["record"]["size"] for e in json.loads((bundle / "manifest.json").read_text())["events"]}
+    assert sizes["short_record"] != sizes["long_record"]
+    run = Run(bundle, tmp_path, "--otlp", receiver.url)
+    try:
+        workload("pwork", "--comm", "pw_sizes", "sleep", "3000", "5")
+        metrics = run.stop()
+    finally:
+        run.kill()
+    assert value(metrics, "probec_events_lost_total") == 0 and value(metrics, "probec_decode_errors_total") == 0
+    events = run.events()
+    by_name = {name: [e for e in events if e["event"] == name] for name in sizes}
+    assert {name: len(es) for name, es in by_name.items()} == {"short_record": 3000, "long_record": 3000}
+    assert all(e["comm"] == "pw_sizes" for e in by_name["long_record"])
+    assert all(set(e) == {"event", "ts_ns", "pid", "tid", "cpu", "duration_seconds"} for e in by_name["short_record"])
+    # each call's two events carry the same duration (one span end)
+    assert sorted(e["duration_seconds"] for e in by_name["short_record"]) == \
+        sorted(e["duration_seconds"] for e in by_name["long_record"])
+    spans = [span for _, span in receiver.spans()]
+    assert receiver.span_count == 6000 and receiver.bad == []
+    assert sum(1 for s in spans if s.name == "long_record" and attributes(s)["comm"] == "pw_sizes") == 3000
