@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 
-from .events import EventSink
+from .events import EventFormat, EventOutput, EventSink
 from .manifest import BpftraceSection, Bundle, BundleError, HealthSlot, Manifest, MetricInfo, MetricMapRole
 from .store import HistogramSeries, MetricStore
 from .watch import FileIdentity, inodes_mapped, missing_in, process_start
@@ -176,7 +176,7 @@ class MapDecoder:
 
 
 class BpftraceRunner:
-    def __init__(self, bundle: Bundle, store: MetricStore, sink: EventSink | None, log=print):
+    def __init__(self, bundle: Bundle, store: MetricStore, sink: EventOutput | EventSink | None, log=print):
         self.bundle = bundle
         self.store = store
         self.sink = sink
@@ -207,7 +207,7 @@ class BpftraceRunner:
         self.stopping = False
         self.failure: str | None = None
         self.stderr_tail: list[str] = []
-        self.events_by_index = {e.index: e for e in self.manifest.events}
+        self.formats = {e.index: EventFormat(e) for e in self.manifest.events}
         # bpftrace's own counts: map name -> (the Health dict it feeds, its key there)
         health = store.health
         targets = {HealthSlot.EVENT_SEEN: health.events_emitted,
@@ -407,31 +407,32 @@ class BpftraceRunner:
         return merged
 
     def event(self, text: str) -> None:
+        """One printf line of an event -> a row of its EventFormat (bpftrace prints one at a time)."""
         sep, mark = self.settings.separator, self.settings.event_mark
         parts = text.rstrip("\n").split(sep)
         if len(parts) < 6 or parts[0] != mark:
             return
         try:
-            spec = self.events_by_index[int(parts[1])]
-            record = {"event": spec.name, "ts_ns": int(parts[2]), "pid": int(parts[3]), "tid": int(parts[4]),
-                      "cpu": int(parts[5])}
+            index = int(parts[1])
+            fmt = self.formats[index]
             values = parts[6:]
-            if len(values) != len(spec.fields):
+            if len(values) != len(fmt.meta.fields):
                 raise ValueError("field count")
-            for f, raw in zip(spec.fields, values):
+            row = [int(parts[2]), int(parts[3]), int(parts[4]), int(parts[5])]
+            for f, raw in zip(fmt.meta.fields, values):
+                if f not in fmt.fields:          # pid, tid or cpu again: the header has it
+                    continue
                 if f.kind.endswith("stack"):
-                    record[f.name] = [frame.strip() for frame in raw.strip("\n").split("\n") if frame.strip()]
+                    row.append([frame.strip() for frame in raw.strip("\n").split("\n") if frame.strip()])
                 elif f.kind == "str" or f.render == "ipv4":   # bpftrace printed ntop() as text
-                    record[f.name] = raw
+                    row.append(raw)
                 else:
-                    v = int(raw)
-                    record[self.sink.field_name(f) if self.sink else f.name] = \
-                        self.sink.value(f, v) if self.sink else v
+                    row.append(int(raw))
         except (ValueError, KeyError):
             self.store.health.decode_errors += 1
             return
         if self.sink is not None:
-            self.sink.write(record)
+            self.sink.add(index, [tuple(row)])
 
     def read_missed(self) -> None:
         """Runs of bpftrace's programs the kernel skipped (another BPF program was running on that
