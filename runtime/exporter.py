@@ -165,9 +165,10 @@ class QuietHandler(WSGIRequestHandler):
 
 
 class Exporter:
-    def __init__(self, store: MetricStore, bundle_name: str, backend: str):
+    def __init__(self, store: MetricStore | None = None, bundle_name: str = "", backend: str = "", collector=None):
+        """One bundle's store, or any `collector` (runtime/collector.py's, for several)."""
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StoreCollector(store, bundle_name, backend))
+        self.registry.register(collector or StoreCollector(store, bundle_name, backend))
         self.server: MetricsServer | None = None
 
     def serve(self, address: str, port: int) -> int:
