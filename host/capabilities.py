@@ -41,6 +41,15 @@ def effective_capabilities(status: str = "/proc/self/status") -> set[str] | None
     return None
 
 
+def seccomp_filtered(status: str = "/proc/self/status") -> bool:
+    """True when a seccomp filter runs on this process's system calls (a container's profile)."""
+    try:
+        with open(status) as f:
+            return any(line.split() == ["Seccomp:", "2"] for line in f)
+    except OSError:
+        return False
+
+
 @functools.lru_cache(maxsize=1)
 def memlock_matters() -> bool | None:
     """True when this kernel charges BPF maps and programs to RLIMIT_MEMLOCK, False when it charges

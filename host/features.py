@@ -143,7 +143,8 @@ def host_facts(kernel_symbols: bool = True) -> dict:
 def privileges() -> dict:
     """The capabilities `probec run` needs on this kernel (for any probe kind), which this process
     has, and which it lacks; doctor's `privileges` record."""
-    from .capabilities import effective_capabilities, memlock_matters, run_privileges, uprobes_need_sys_admin
+    from .capabilities import (effective_capabilities, memlock_matters, run_privileges, seccomp_filtered,
+                               uprobes_need_sys_admin)
     need = run_privileges()
     have = effective_capabilities()
     return {
@@ -155,6 +156,7 @@ def privileges() -> dict:
         "uprobes_need_sys_admin": uprobes_need_sys_admin(),
         "memlock_matters": memlock_matters(),
         "bpftrace": need.bpftrace or "runs",
+        "seccomp_filtered": seccomp_filtered(),
     }
 
 
@@ -169,6 +171,9 @@ def doctor_report() -> str:
         rows.append((f"  {cap}", p["why"][cap]))
     if p["uprobes_need_sys_admin"] is None:
         rows.append(("  uprobes", "unknown whether they need CAP_SYS_ADMIN here (needs CAP_PERFMON to find out)"))
+    if p["seccomp_filtered"]:
+        rows.append(("seccomp", "a filter is on (a container's profile): it must allow bpf() and perf_event_open() "
+                                "(deploy/image/seccomp.py)"))
     if p["bpftrace"] != "runs":
         rows.append(("bpftrace backend", p["bpftrace"]))
     rows.append(("BTF (/sys/kernel/btf/vmlinux)", "yes" if os.path.exists("/sys/kernel/btf/vmlinux") else "no"))
