@@ -67,7 +67,7 @@ def kprobes_available(tracefs: Path | None = None) -> bool:
     if os.path.exists("/sys/bus/event_source/devices/kprobe"):
         return True
     roots = [tracefs] if tracefs is not None else [Path(r) for r in TRACEFS_ROOTS]
-    return any((root / "kprobe_events").exists() for root in roots)
+    return any(os.path.exists(root / "kprobe_events") for root in roots)   # False, not EACCES, where unreadable
 
 
 def kernel_functions() -> set[str] | None:
@@ -178,7 +178,12 @@ def doctor_report() -> str:
         rows.append(("bpftrace backend", p["bpftrace"]))
     rows.append(("BTF (/sys/kernel/btf/vmlinux)", "yes" if os.path.exists("/sys/kernel/btf/vmlinux") else "no"))
     tracefs = os.path.isdir("/sys/kernel/tracing/events/sched")
-    rows.append(("tracefs", "mounted" if tracefs else "not mounted: mount -t tracefs nodev /sys/kernel/tracing"))
+    if tracefs:
+        rows.append(("tracefs", "mounted"))
+    elif os.path.ismount("/sys/kernel/tracing"):
+        rows.append(("tracefs", "mounted, not readable by this process (uid 0, or CAP_DAC_READ_SEARCH)"))
+    else:
+        rows.append(("tracefs", "not mounted: mount -t tracefs nodev /sys/kernel/tracing"))
     rows.append(("tracepoints", "yes" if tracefs else "unknown"))
     rows.append(("uprobes", "yes" if os.path.exists("/sys/bus/event_source/devices/uprobe") else "no"))
     rows.append(("kprobes", "yes" if kprobes_available() else "no (no CONFIG_KPROBES): use tracepoints or syscalls"))

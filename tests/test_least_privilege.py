@@ -153,7 +153,12 @@ def test_core_as_another_uid(workloads, shared, runtime_only):
     metrics = counted(Run(target, shared, prefix=prefix, python=DEBIAN_PYTHON, env=runtime_only), uprobes=False)
     assert value(metrics, "lp_getpid_total") == 7
 
-    # without CAP_DAC_READ_SEARCH it cannot read tracefs, and says so before loading anything
+    # without CAP_DAC_READ_SEARCH it cannot read tracefs: doctor names it, run says so before loading anything
+    text = subprocess.run([*dropped("bpf", "perfmon", uid=NOBODY), DEBIAN_PYTHON, "-m", "probec", "doctor"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=runtime_only)
+    assert text.returncode == 0 and "Traceback" not in text.stderr, text.stderr
+    lacking = next(line for line in text.stdout.splitlines() if line.startswith("capabilities lacking"))
+    assert "CAP_DAC_READ_SEARCH" in lacking and "not readable by this process" in text.stdout
     message = refused(dropped("bpf", "perfmon", uid=NOBODY), target, DEBIAN_PYTHON, runtime_only)
     assert "lacks CAP_DAC_READ_SEARCH" in message and "tracefs" in message, message
 
