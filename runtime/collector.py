@@ -308,6 +308,7 @@ class FleetCollector:
     def collect(self):
         with self.fleet.lock:
             members = list(self.fleet.members.values())
+        loaded_now = dict(self.fleet.loaded)      # a copy: a reload may change it meanwhile
         health: dict[str, Metric] = {}
         for member in members:
             for fam in StoreCollector(member.store, member.name, member.bundle.backend).collect():
@@ -321,7 +322,7 @@ class FleetCollector:
         yield from health.values()
         loaded = GaugeMetricFamily("probec_source_loaded", "1 for each spec or bundle running, 0 for one that "
                                    "could not be started (see the log).", labels=["source"])
-        for source, up in sorted(self.fleet.loaded.items()):
+        for source, up in sorted(loaded_now.items()):
             loaded.add_metric([source], up)
         yield loaded
         yield CounterMetricFamily("probec_reloads", "Reloads of the specs (SIGHUP or a change in the folder).",
