@@ -60,12 +60,13 @@ def wait_for_log(run: Run, text: str, count: int = 1, timeout: float = 60) -> No
         time.sleep(0.1)
 
 
-def scrape_settled(run: Run, port: int, name: str, expected: float, **labels) -> dict:
-    """Scrape until `name` reads `expected` (the maps are read every 0.5 s) or 10 s pass."""
+def scrape_settled(run: Run, port: int, **expected: float) -> dict:
+    """Scrape until every metric named reads what is expected (each bpftrace dumps its maps on
+    its own clock, every 0.5 s) or 10 s pass; the caller asserts."""
     deadline = time.monotonic() + 10
     while True:
         metrics = run.scrape(port)
-        if value(metrics, name, **labels) == expected or time.monotonic() > deadline:
+        if all(value(metrics, name) == v for name, v in expected.items()) or time.monotonic() > deadline:
             return metrics
         time.sleep(0.2)
 
@@ -85,7 +86,7 @@ def test_folder_reload_keeps_unchanged_counts(backend_name, workloads, tmp_path)
         workload("pwork", "--comm", "fleeta", "getpid", "7")
         workload("pwork", "--comm", "fleetb", "record", "1", "2", "3")
         workload("pwork", "--comm", "other", "getpid", "5")
-        m = scrape_settled(run, port, "fleet_b_records_total", 3)
+        m = scrape_settled(run, port, fleet_a_getpid_total=7, fleet_b_records_total=3)
         assert value(m, "fleet_a_getpid_total") == 7 and value(m, "fleet_b_records_total") == 3
         assert value(m, "probec_up", bundle="fleet_a", backend=backend_name) == 1
         assert value(m, "probec_source_loaded", source=str(specs / "a.yaml")) == 1
@@ -96,7 +97,8 @@ def test_folder_reload_keeps_unchanged_counts(backend_name, workloads, tmp_path)
         assert "1 started (fleet_b), 1 stopped (fleet_b), 1 unchanged" in run.stderr()
         workload("pwork", "--comm", "fleeta", "getpid", "4")
         workload("pwork", "--comm", "fleetb", "record", "5")
-        m = scrape_settled(run, port, "fleet_a_getpid_total", 11)
+        m = scrape_settled(run, port, fleet_a_getpid_total=11, fleet_b_records_total=1,
+                           fleet_b_recorded_values_count=1)
         assert value(m, "fleet_a_getpid_total") == 11
         assert value(m, "fleet_b_records_total") == 1
         assert value(m, "fleet_b_recorded_values_count") == 1
@@ -118,7 +120,7 @@ def test_folder_reload_keeps_unchanged_counts(backend_name, workloads, tmp_path)
         wait_for_log(run, "reloaded:", 4)
         assert run.stderr().rstrip().endswith("reloaded: 0 started (-), 0 stopped (-), 2 unchanged"), run.stderr()
         workload("pwork", "--comm", "fleeta", "getpid", "2")
-        m = scrape_settled(run, port, "fleet_a_getpid_total", 13)
+        m = scrape_settled(run, port, fleet_a_getpid_total=13)
         assert value(m, "fleet_a_getpid_total") == 13 and value(m, "fleet_b_records_total") == 1
         assert value(m, "probec_reloads_total") == 4
     finally:
