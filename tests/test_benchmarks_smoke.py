@@ -28,6 +28,7 @@ BENCHMARKS = {
                    "Event per call, bpftrace / core"],
     "soak": ["## Counts", "**yes**", "## The collector over time"],
     "containers": ["## At every read (user space)", "core: + namespace == \"serving\"", "bpftrace: count"],
+    "otlp_events": ["## Lossless?", "(A) before", "`--events FILE --otlp URL`", "## Cost, medians"],
 }
 TIMEOUT = 120
 
