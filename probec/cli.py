@@ -51,9 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--interval", type=float, default=1.0, help="seconds between bpftrace map dumps (default 1)")
     b.add_argument("--no-compile", action="store_true", help="core: write C only, do not run clang")
     b.add_argument("--begin-map", choices=("auto", "task", "hash"), default="auto",
-                   help="core: where thread-keyed spans keep begin times: task-local storage (kernel 5.11+, "
-                        "cheapest) or a HASH map sized by limits.concurrency; auto: task storage unless "
-                        "--kernel any")
+                   help="core: where thread-keyed spans keep begin times: auto (or task): task-local storage "
+                        "where the kernel loading the bundle has it (5.11+, cheapest), else a HASH map sized "
+                        "by limits.concurrency, chosen at load; hash: always the HASH map")
 
     r = sub.add_parser("run", help="load a bundle (or build a spec) and export Prometheus metrics")
     r.add_argument("target", metavar="BUNDLE|SPEC")
@@ -132,7 +132,7 @@ def _build(args) -> int:
         options["interval_ms"] = max(1, int(args.interval * 1000))
     else:
         options["compile"] = not args.no_compile
-        options["task_storage"] = args.begin_map == "task" or (args.begin_map == "auto" and args.kernel == "host")
+        options["task_storage"] = args.begin_map != "hash"
     bundle = build_bundle(result, args.backend, args.bpftrace_version, **options)
     sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
     if bundle is None:

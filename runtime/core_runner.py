@@ -21,7 +21,7 @@ from .core_attach import ProbeAttacher, _destroy, _libbpf
 from .core_decode import EventDecoder, MetricReader, StackSymbols, _percpu_total, decode_event
 from .core_preflight import check_tracepoint_fields, check_uprobe_placement
 from .events import EventSink
-from .manifest import Bundle, BundleError, CoreProgram, HealthSlot
+from .manifest import Bundle, BundleError, CoreProgram, HealthSlot, MapPurpose
 from .store import MetricStore
 from .watch import FileIdentity, inodes_mapped
 
@@ -33,7 +33,7 @@ EVENT_POLL_MS = 50          # the reader drains the ring at least this often (th
 # --- the runner ----------------------------------------------------------------------------------
 class CoreRunner:
     def __init__(self, bundle: Bundle, store: MetricStore, sink: EventSink | None, log=print, pid: int = -1,
-                 bpf_stats: bool | None = None):
+                 bpf_stats: bool | None = None, btf_path: str | None = None):
         self.bundle = bundle
         self.store = store
         self.sink = sink
@@ -44,7 +44,9 @@ class CoreRunner:
             raise BundleError(f"{bundle.path} has no 'core' section in its manifest: rebuild it with "
                               "'probec build SPEC --backend core'")
         self.core = core
-        self.attacher = ProbeAttacher(self.manifest, log, pid if pid and pid > 0 else -1)
+        if btf_path is not None and not os.path.isfile(btf_path):
+            raise BundleError(f"--btf {btf_path}: no such file")
+        self.attacher = ProbeAttacher(self.manifest, log, pid if pid and pid > 0 else -1, btf_path)
         self.failure: str | None = None
         self.bpf_stats = os.environ.get("PROBEC_BPF_STATS") == "1" if bpf_stats is None else bpf_stats
         try:
@@ -99,9 +101,12 @@ class CoreRunner:
         L.libbpf_version()   # a missing or old libbpf says so here, before anything else
         self.obj, self.links, self.active = self.attacher.load_and_attach(path)
         health = self.store.health
+        health.mechanisms = self.attacher.mechanisms.describe(self.manifest)
         health.attached = {pid: int(pid in self.links) for pid in self.probes}
+        for span in self.manifest.spans:
+            health.map_capacity[self.begin_map(span)] = span.capacity
         for m in self.manifest.maps:
-            if m.type != "TASK_STORAGE":
+            if m.purpose not in (MapPurpose.SPAN_BEGIN, MapPurpose.EVENT):
                 health.map_capacity[m.name] = m.max_entries
         hm = self.core.health_map
         health.map_capacity[hm.name] = hm.slots
@@ -112,9 +117,8 @@ class CoreRunner:
                 self.log(f"warning: cannot turn on BPF run-time stats: {exc}")
         if self.core.stack_map:
             self.stacks = StackSymbols(self.obj.map(self.core.stack_map), self.core.stack_depth)
-        ring = self.core.ringbuf
-        if ring:
-            self.ring = L.RingBuffer(self.obj.map(ring.map), self.on_record)
+        if self.core.ringbuf:
+            self.ring = self.event_reader(self.obj)
             self.thread = threading.Thread(target=self.drain_events, name="probec-events", daemon=True)
             self.thread.start()
         self.read()
@@ -138,7 +142,7 @@ class CoreRunner:
                 health.map_entries[reader.folded_map] = folded
             self.store.replace(reader.name, reader.decode(items), overflow, folded)
         for span in self.manifest.spans:
-            if not span.task_storage:   # task-local storage cannot be listed; it has no capacity
+            if not self.in_task_storage(span):   # task-local storage cannot be listed; it has no capacity
                 health.map_entries[span.map] = len(self.obj.map(span.map).items_batch())
         if self.core.stack_map:
             health.map_entries[self.core.stack_map] = self.obj.map(self.core.stack_map).count_entries()
@@ -247,13 +251,32 @@ class CoreRunner:
                 self.thread.join(5)
             self.ring.consume()
             self.ring.close()
-            self.ring = L.RingBuffer(obj.map(self.core.ringbuf.map), self.on_record)
+            self.ring = self.event_reader(obj)
             self.events_stop.clear()
             self.thread = threading.Thread(target=self.drain_events, name="probec-events", daemon=True)
             self.thread.start()
         if self.stacks is not None:
             self.stacks.map = obj.map(self.core.stack_map)
         old.close()
+
+    # -- mechanisms chosen at load -------------------------------------------------------------
+    def in_task_storage(self, span) -> bool:
+        return bool(span.task_map) and self.attacher.mechanisms.task_storage
+
+    def begin_map(self, span) -> str:
+        return span.task_map if self.in_task_storage(span) else span.map
+
+    def event_reader(self, obj):
+        """The ring buffer, or the perf buffer where the kernel has none (as the object was loaded)."""
+        L = _libbpf()
+        ring = self.core.ringbuf
+        if self.attacher.mechanisms.ring_buffer:
+            return L.RingBuffer(obj.map(ring.map), self.on_record)
+        return L.PerfBuffer(obj.map(ring.perf_map), self.on_record)
+
+    def describe(self) -> str:
+        """The mechanisms in use, for the start line: 'events: perf_buffer, ...'."""
+        return ", ".join(f"{k}: {v}" for k, v in self.store.health.mechanisms.items())
 
     # -- events --------------------------------------------------------------------------------
     def drain_events(self) -> None:

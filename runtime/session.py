@@ -26,13 +26,15 @@ def log(message: str) -> None:
     print(f"probec: {message}", file=sys.stderr, flush=True)
 
 
-def make_runner(bundle, store, sink, pid: int, bpf_stats: bool = False):
+def make_runner(bundle, store, sink, pid: int, bpf_stats: bool = False, btf: str | None = None):
     if bundle.backend == "bpftrace":
         from .bpftrace_runner import BpftraceRunner
+        if btf:
+            raise BundleError("--btf is for core bundles (bpftrace reads the kernel's own BTF)")
         return BpftraceRunner(bundle, store, sink, log=log)
     if bundle.backend == "core":
         from .core_runner import CoreRunner
-        return CoreRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None)
+        return CoreRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None, btf_path=btf)
     raise BundleError(f"unknown backend '{bundle.backend}' in {bundle.path}")
 
 
@@ -204,17 +206,19 @@ def run_target(args) -> int:
     exporter = Exporter(store, bundle.name, bundle.backend)
     runner = None
     try:
-        runner = make_runner(bundle, store, sink, pid, args.bpf_stats)
+        runner = make_runner(bundle, store, sink, pid, args.bpf_stats, getattr(args, "btf", None))
         runner.start(pid=pid) if bundle.backend == "bpftrace" else runner.start()
+        using = runner.describe() if hasattr(runner, "describe") else ""
+        attached = f"attached ({bundle.backend})" + (f" using {using}" if using else "")
         if args.port:
             try:
                 port = exporter.serve(args.address, args.port)
             except OSError as exc:
                 log(f"error: cannot serve metrics on {args.address}:{args.port}: {exc.strerror or exc}")
                 return 1
-            log(f"{bundle.name}: attached ({bundle.backend}); metrics on http://{args.address}:{port}/metrics")
+            log(f"{bundle.name}: {attached}; metrics on http://{args.address}:{port}/metrics")
         else:
-            log(f"{bundle.name}: attached ({bundle.backend})")
+            log(f"{bundle.name}: {attached}")
         deadline = time.monotonic() + args.duration if args.duration else None
         next_show = time.monotonic() + 2
         next_read = time.monotonic() + args.interval

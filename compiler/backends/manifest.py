@@ -24,12 +24,20 @@ def layout_info(layout: Layout | None) -> contract.Layout | None:
                                  for f in layout.fields))
 
 
-def map_info(m: MapSpec, task_maps: frozenset[str] = frozenset()) -> contract.MapInfo:
-    if m.name in task_maps:    # core: one slot per thread, sized by the threads
-        return contract.MapInfo(m.name, "TASK_STORAGE", 0, contract.MapPurpose(m.purpose),
-                                layout_info(m.key), layout_info(m.value))
-    return contract.MapInfo(m.name, m.type, m.max_entries, contract.MapPurpose(m.purpose),
+def task_map_name(span: str) -> str:
+    """core: the TASK_STORAGE map a thread-keyed span keeps its begin times in, where the kernel has it."""
+    return f"span_{span}_task"
+
+
+def map_infos(m: MapSpec, task_spans: dict[str, str]) -> tuple[contract.MapInfo, ...]:
+    """A map of the IR; with the TASK_STORAGE map beside a thread-keyed span's HASH (core: the
+    loader uses one of them), one slot per thread, sized by the threads."""
+    info = contract.MapInfo(m.name, m.type, m.max_entries, contract.MapPurpose(m.purpose),
                             layout_info(m.key), layout_info(m.value))
+    if m.name not in task_spans:
+        return (info,)
+    return info, contract.MapInfo(task_map_name(task_spans[m.name]), "TASK_STORAGE", 0,
+                                  contract.MapPurpose(m.purpose), None, layout_info(m.value))
 
 
 def rendering(t) -> tuple[str, tuple[str, ...]]:
@@ -47,6 +55,7 @@ def manifest_for(program: Program, backend: str, files: dict[str, str], *,
                  core: contract.CoreSection | None = None, bpftrace: contract.BpftraceSection | None = None,
                  task_maps: frozenset[str] = frozenset()) -> contract.Manifest:
     checked = set(program.checked_at_end())
+    task_spans = {s.begin_map.name: s.name for s in program.spans if s.begin_map.name in task_maps}
     return contract.Manifest(
         probec_manifest=MANIFEST_VERSION,
         name=program.name,
@@ -54,9 +63,10 @@ def manifest_for(program: Program, backend: str, files: dict[str, str], *,
         description=program.description,
         backend=backend,
         files=dict(files),
-        maps=tuple(map_info(m, task_maps) for m in program.maps),
+        maps=tuple(info for m in program.maps for info in map_infos(m, task_spans)),
         spans=tuple(contract.SpanInfo(s.name, s.begin_map.name, s.begin_map.max_entries, s.name in checked,
-                                      s.begin_map.name in task_maps)
+                                      s.begin_map.name in task_maps,
+                                      task_map_name(s.name) if s.begin_map.name in task_maps else "")
                     for s in program.spans),
         metrics=tuple(contract.MetricInfo(
             name=m.name, kind=contract.MetricKind(m.kind), help=m.help, unit=m.unit, scale=m.scale,

@@ -16,7 +16,7 @@ from ...diagnostics import Diagnostics, SourceSpan
 from ...spec.limits import STACK_BUDGET
 from ...ir import nodes as ir
 from ..base import Backend, Bundle, template_environment
-from ..manifest import contract
+from ..manifest import contract, task_map_name
 from . import toolchain
 
 U64_MAX = (1 << 64) - 1
@@ -41,8 +41,16 @@ SECTIONS = {
     "profile": ("perf_event", "struct bpf_perf_event_data *"),
     "interval": ("perf_event", "struct bpf_perf_event_data *"),
 }
-# sys_exit_* tracepoints: `retval` is the `ret` field (verified against tracefs at load time).
+# sys_exit_* tracepoints: `retval` is the `ret` field (of trace_event_raw_sys_exit, or checked
+# against tracefs at load time where BTF did not tell).
 SYSCALL_RET_FIELD = ir.TracepointField("ret", 16, 8, ir.SINT)
+# Where the kernel has no ring buffer, events go through a perf buffer, built in a per-CPU record.
+PERF_MAP, SCRATCH_MAP = "probec_perfbuf", "probec_scratch"
+# Tracepoint fields are read through a local copy of the kernel's record type, named with this
+# flavour suffix (which CO-RE ignores when it matches types) and holding only the members read.
+RECORD_FLAVOUR = "___probec"
+SYS_ENTER = "trace_event_raw_sys_enter"   # syscall arguments: args[i], 8 bytes each from offset 16
+SYS_ENTER_ARGS, SYS_ENTER_COUNT = 16, 6
 CONTEXT_C = {
     "pid": "((__u64)(probec_id >> 32))",
     "tid": "((__u64)(__u32)probec_id)",
@@ -124,6 +132,7 @@ class CExpression:
         self.duration_uses = 0
         self.tp_strings: dict[str, ir.TracepointField] = {}
         self.tp_fields: dict[str, ir.TracepointField] = {}  # every field read, for load-time checks
+        self.tp_members: dict[str, str] = {}                # field -> its member in the record type ("": offset)
         self.prelude: list[str] = []                       # declarations the program computes first
         self.hoisted: dict[ir.IRExpr, str] = {}
 
@@ -135,7 +144,16 @@ class CExpression:
             self.backend.unsupported("tracepoint fields with unknown offsets", where=f"{self.where()}: args.{f.name}")
             return None
         self.tp_fields[f.name] = f
+        self.tp_members[f.name] = self.backend.record_member(self.probe, f)
         return f
+
+    def field_place(self, f: ir.TracepointField) -> str:
+        """A C expression for the field in the record: through the BTF record type (a CO-RE
+        relocation) where the probe has one, else at the build host's offset."""
+        member = self.tp_members[f.name]
+        if member:
+            return f"((struct {self.probe.record_type}{RECORD_FLAVOUR} *)ctx)->{member}"
+        return f"((char *)ctx + {f.offset})"
 
     def value(self, e: ir.IRExpr) -> str:
         """A C expression of type __u64 or __s64 (per e.type.signed)."""
@@ -166,7 +184,9 @@ class CExpression:
                 raise AssertionError("string field used as a number")  # pragma: no cover
             ctype = SCALAR_C[(f.size, f.type.signed)]
             wide = "__s64" if f.type.signed else "__u64"
-            return f"(({wide})*({ctype} *)((char *)ctx + {f.offset}))"
+            if self.tp_members[f.name] and f.type.render != "ipv4":
+                return f"(({wide}){self.field_place(f)})"
+            return f"(({wide})*({ctype} *){self.field_place(f)})"
         if isinstance(e, ir.Duration):
             self.needs.add("now")
             self.duration_uses += 1
@@ -292,6 +312,7 @@ class CoreBackend(Backend):
         self.env = template_environment("core")
         self.strings = StringTable()
         self.health = HealthSlots()
+        self.records: dict[str, dict[str, str]] = {}        # record type -> member -> its declaration
 
     def unsupported(self, feature: str, span: SourceSpan | None = None, severity: str = "error",
                     where: str = "") -> bool:
@@ -317,7 +338,7 @@ class CoreBackend(Backend):
         """Maps (span_X_begin, m_X, acc_X_*), structs (the layouts' names) and globals."""
         total, count = ir.accumulator_maps(name)
         if kind == "span":
-            return (f"span_{name}_begin", total, count)
+            return (f"span_{name}_begin", task_map_name(name), total, count)
         if kind == "metric":
             return (f"m_{name}", count, f"struct probec_{name}_key", f"struct probec_{name}_value",
                     f"probec_edges_{name}")
@@ -330,6 +351,34 @@ class CoreBackend(Backend):
 
     def begin_map(self, program: ir.Program, span: str) -> str:
         return next(s.begin_map.name for s in program.spans if s.name == span)
+
+    def record_member(self, probe: ir.Probe, f: ir.TracepointField) -> str:
+        """The member of the probe's BTF record type that holds field `f` ("args[2]", "pid"),
+        declared for the local copy of the type; "" where the field is read at its offset."""
+        record = probe.record_type
+        if not record:
+            return ""
+        members = self.records.setdefault(record, {})
+        if record == SYS_ENTER:
+            index, rest = divmod(f.offset - SYS_ENTER_ARGS, 8)
+            if rest or f.size != 8 or not 0 <= index < SYS_ENTER_COUNT:
+                return ""
+            members["args"] = f"__u64 args[{SYS_ENTER_COUNT}]"
+            return f"args[{index}]"
+        if f.type.kind == "str":
+            decl = f"char {f.name}[{f.size}]"
+        elif f.type.render == "ipv4":
+            decl = f"__u8 {f.name}[{f.size}]"
+        elif f.ckind == "ptr":
+            decl = f"const void *{f.name}"
+        elif f.ckind == "enum":
+            if f.size != 4:          # a C enum is 4 bytes
+                return ""
+            decl = f"enum {{ probec_{record}_{f.name} }} {f.name}"
+        else:
+            decl = f"{SCALAR_C[(f.size, f.type.signed)]} {f.name}"
+        members[f.name] = decl
+        return f.name
 
     def thread_keyed_spans(self, program: ir.Program) -> set[str]:
         """Spans only ever asked about at the current thread: begun and ended at its tid, and
@@ -346,9 +395,17 @@ class CoreBackend(Backend):
     def open_span(self, within: ir.Within, em: CExpression) -> str:
         """A C condition: the span is open at the key (computed here)."""
         begin_map = self.begin_map(self.program, within.span)
+        in_hash = f"probec_within(&{begin_map}, {em.value(within.key)})"
         if within.span in self.task_spans:
-            return f"probec_task_within(&{begin_map})"
-        return f"probec_within(&{begin_map}, {em.value(within.key)})"
+            return f"({contract.USE_TASK_STORAGE} ? probec_task_within(&{task_map_name(within.span)}) : {in_hash})"
+        return in_hash
+
+    @staticmethod
+    def either(setting: str, used: list[str], otherwise: list[str]) -> list[str]:
+        """Lines that run `used` where the loader left `setting` on, else `otherwise`: the setting
+        is a .rodata constant, so the verifier keeps only one of them."""
+        return ([f"if ({setting}) {{"] + ["\t" + line if line else "" for line in used] + ["} else {"]
+                + ["\t" + line if line else "" for line in otherwise] + ["}"])
 
     # -- guards and actions --------------------------------------------------------------------
     def guard(self, g: ir.Guard, em: CExpression, program: ir.Program, extra: ir.IRExpr | None = None) -> str:
@@ -362,29 +419,35 @@ class CoreBackend(Backend):
     def action(self, a: ir.Action, em: CExpression, program: ir.Program) -> list[str]:
         if isinstance(a, ir.SpanBegin):
             em.needs.add("now")
-            task = a.span in self.task_spans
-            return self.lines("span_begin.j2", guard=self.guard(a.guard, em, program),
-                              map=self.begin_map(program, a.span),
-                              key=em.value(a.key) if not task or a.resets else "",
-                              overflow_slot=self.health.add("span_overflow", a.span),
-                              resets=[m for inner in a.resets for m in program.accumulators(inner)],
-                              task=task, keep_first=not a.restart)
+            values = dict(guard=self.guard(a.guard, em, program), key=em.value(a.key),
+                          overflow_slot=self.health.add("span_overflow", a.span),
+                          resets=[m for inner in a.resets for m in program.accumulators(inner)],
+                          keep_first=not a.restart)
+            in_hash = self.lines("span_begin.j2", map=self.begin_map(program, a.span), task=False, **values)
+            if a.span not in self.task_spans:
+                return in_hash
+            return self.either(contract.USE_TASK_STORAGE, self.lines(
+                "span_begin.j2", map=task_map_name(a.span), task=True, **values), in_hash)
         if isinstance(a, ir.SpanEnd):
-            key = em.value(a.key) if a.span not in self.task_spans or a.clears else ""
+            key = em.value(a.key)
             before = em.duration_uses
             then = [line for t in a.then for line in self.action(t, em, program)]
             if a.accumulate_into:
                 em.needs.add("now")
                 em.duration_uses += 1
             total, count = ir.accumulator_maps(a.span)
-            return self.lines("span_end.j2", map=self.begin_map(program, a.span), key=key, then=then,
-                              duration=em.duration_uses > before,
-                              inside=self.open_span(a.inside, em) if a.inside else "",
-                              outside_slot=self.health.add("span_outside", a.span) if a.inside else -1,
-                              accumulate=a.accumulate_into is not None,
-                              outer_key=em.value(a.accumulate_into.key) if a.accumulate_into else "",
-                              total=total, count=count, task=a.span in self.task_spans,
-                              clears=[m for inner in a.clears for m in program.accumulators(inner)])
+            values = dict(key=key, then=then, duration=em.duration_uses > before,
+                          inside=self.open_span(a.inside, em) if a.inside else "",
+                          outside_slot=self.health.add("span_outside", a.span) if a.inside else -1,
+                          accumulate=a.accumulate_into is not None,
+                          outer_key=em.value(a.accumulate_into.key) if a.accumulate_into else "",
+                          total=total, count=count,
+                          clears=[m for inner in a.clears for m in program.accumulators(inner)])
+            in_hash = self.lines("span_end.j2", map=self.begin_map(program, a.span), task=False, **values)
+            if a.span not in self.task_spans:
+                return in_hash
+            return self.either(contract.USE_TASK_STORAGE, self.lines(
+                "span_end.j2", map=task_map_name(a.span), task=True, **values), in_hash)
         if isinstance(a, ir.MetricUpdate):
             return self.metric_update(a, em, program)
         if isinstance(a, ir.EmitEvent):
@@ -446,7 +509,8 @@ class CoreBackend(Backend):
         ringbuf = next(mp.name for mp in program.maps if mp.type == "RINGBUF")
         return self.lines(
             "emit_event.j2", condition=self.guard(a.guard, em, program, extra=a.when),
-            name=ev.name, struct=self.struct_name(ev.record), ringbuf=ringbuf,
+            name=ev.name, struct=self.struct_name(ev.record), ringbuf=ringbuf, use_ringbuf=contract.USE_RINGBUF,
+            perf_map=PERF_MAP, scratch_map=SCRATCH_MAP,
             header_lines=[f"probec_e->{f.name} = {HEADER_C[f.name].format(index=ev.index)};"
                           for f in contract.EVENT_HEADER],
             seen_slot=self.health.add("event_seen", ev.name),
@@ -471,7 +535,7 @@ class CoreBackend(Backend):
             "probe.bpf.c.j2", comment=p.spec_text or p.id, section=section.format(
                 category=p.category, name=p.name), name=p.id, ctx_type=ctx_type, now="now" in em.needs,
             comm="comm" in em.needs, pid_tgid="id" in em.needs,
-            tp_strings=[{"name": f"probec_tp_{f.name}", "size": f.size, "offset": f.offset}
+            tp_strings=[{"name": f"probec_tp_{f.name}", "size": f.size, "source": em.field_place(f)}
                         for f in sorted(em.tp_strings.values(), key=lambda f: f.offset)],
             actions=["\t" + line if line else "" for line in em.prelude + ([""] if em.prelude else []) + actions])
         return text.rstrip("\n"), em
@@ -495,14 +559,16 @@ class CoreBackend(Backend):
 
     def map_definitions(self, program: ir.Program) -> list[dict]:
         out = []
-        task_maps = {s.begin_map.name for s in program.spans if s.name in self.task_spans}
+        task_maps = {s.begin_map.name: s.name for s in program.spans if s.name in self.task_spans}
         for mp in program.maps:
             d = {"name": mp.name, "type": mp.type, "max_entries": mp.max_entries, "key": "", "value": "",
                  "key_size": "", "value_size": "", "flags": ""}
             if mp.name in task_maps:
-                # one slot per thread, made on first use; sized by the threads, not by max_entries
-                d.update(type="TASK_STORAGE", max_entries=0, key="int", value="__u64", flags="BPF_F_NO_PREALLOC")
-            elif mp.type == "STACK_TRACE":
+                # beside the HASH, one slot per thread, made on first use; sized by the threads, not
+                # by max_entries. The loader keeps one of the two (probec_use_task_storage).
+                out.append(dict(d, name=task_map_name(task_maps[mp.name]), type="TASK_STORAGE", max_entries=0,
+                                key="int", value="__u64", flags="BPF_F_NO_PREALLOC"))
+            if mp.type == "STACK_TRACE":
                 d["key_size"], d["value_size"] = "sizeof(__u32)", f"{STACK_DEPTH} * sizeof(__u64)"
             elif mp.type in ("ARRAY", "PERCPU_ARRAY"):
                 # the kernel wants an array's key typed as a 32-bit int (the layout's one __u32)
@@ -512,6 +578,13 @@ class CoreBackend(Backend):
                 d["key"] = f"struct {self.struct_name(mp.key)}" if mp.key is not None else "__u64"
                 d["value"] = f"struct {self.struct_name(mp.value)}" if mp.value is not None else "__u64"
             out.append(d)
+            if mp.type == "RINGBUF":
+                # the perf buffer used instead where the kernel has no ring buffer (one slot per
+                # CPU, sized by libbpf), and the per-CPU record an event is built in for it
+                out.append(dict(d, name=PERF_MAP, type="PERF_EVENT_ARRAY", max_entries=0,
+                                key_size="sizeof(__u32)", value_size="sizeof(__u32)"))
+                out.append(dict(d, name=SCRATCH_MAP, type="PERCPU_ARRAY", max_entries=1, key_size="sizeof(__u32)",
+                                value_size=str(max(e.record.size for e in program.events))))
         return out
 
     def layouts(self, program: ir.Program) -> list[dict]:
@@ -538,7 +611,7 @@ class CoreBackend(Backend):
         return out
 
     def build(self, program: ir.Program) -> Bundle:
-        self.strings, self.health = StringTable(), HealthSlots()
+        self.strings, self.health, self.records = StringTable(), HealthSlots(), {}
         self.program = program
         self.task_spans = self.thread_keyed_spans(program) if self.task_storage else set()
         name = program.name
@@ -554,13 +627,19 @@ class CoreBackend(Backend):
             section = SECTIONS[p.kind][0].format(category=p.category, name=p.name)
             programs_meta.append({"probe": p.id, "program": p.id, "section": section, "kind": p.kind})
             for f in sorted(em.tp_fields.values(), key=lambda f: f.offset):
+                member = em.tp_members[f.name]
                 tp_checks.append({"probe": p.id, "tracepoint": f"{p.category}:{p.name}", "field": f.name,
-                                  "offset": f.offset, "size": f.size})
+                                  "offset": f.offset, "size": f.size,
+                                  "btf_type": p.record_type if member else "", "member": member})
         edge_tables = self.edge_tables(program)
         ringbuf = next((mp for mp in program.maps if mp.type == "RINGBUF"), None)
         wakeup = max(1, program.ringbuf_bytes // 4) if ringbuf else 0
-        settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0}]
+        settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0},
+                    {"name": contract.USE_TASK_BTF, "ctype": "__u32", "size": 4, "value": 1}]
+        if self.task_spans:
+            settings.append({"name": contract.USE_TASK_STORAGE, "ctype": "__u32", "size": 4, "value": 1})
         if ringbuf is not None:
+            settings.append({"name": contract.USE_RINGBUF, "ctype": "__u32", "size": 4, "value": 1})
             settings.append({"name": "probec_wakeup_bytes", "ctype": "__u64", "size": 8, "value": wakeup})
         for e in program.events:
             settings.append({"name": f"probec_sample_every_{e.name}", "ctype": "__u64", "size": 8,
@@ -575,6 +654,8 @@ class CoreBackend(Backend):
             "program.bpf.c.j2", source=program.source, name=name, header=header_name, usdt=has_usdt,
             settings=settings, maps=self.map_definitions(program), health_slots=len(self.health.slots),
             edge_tables=edge_tables, strings=self.strings.definitions(),
+            records=[{"name": name + RECORD_FLAVOUR, "members": list(members.values())}
+                     for name, members in sorted(self.records.items()) if members],
             rates=[e.name for e in program.events], programs=probe_texts)
         header = self.render("header.h.j2", source=program.source, name=name,
                              guard=f"PROBEC_{name.upper()}_H", layouts=self.layouts(program),
@@ -599,7 +680,8 @@ class CoreBackend(Backend):
             health=tuple(contract.HealthSlotInfo(s["slot"], contract.HealthSlot(s["kind"]), s["name"])
                          for s in self.health.slots),
             tracepoint_fields=tuple(contract.TracepointCheck(**c) for c in tp_checks),
-            ringbuf=contract.RingBufferInfo(ringbuf.name, ringbuf.max_entries, wakeup) if ringbuf else None,
+            ringbuf=contract.RingBufferInfo(ringbuf.name, ringbuf.max_entries, wakeup, PERF_MAP, SCRATCH_MAP)
+            if ringbuf else None,
             stack_map=next((mp.name for mp in program.maps if mp.type == "STACK_TRACE"), None),
             stack_depth=STACK_DEPTH,
             value_signed=signed_metrics(program),
