@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="when TARGET is a spec: build it for this backend first (default bpftrace)")
     add_run_arguments(r)
 
+    t = sub.add_parser("btf", help="cut the minimal BTF a core bundle needs, for hosts without /sys/kernel/btf/vmlinux "
+                                   "('probec run --btf FILE' there)")
+    t.add_argument("bundle", metavar="BUNDLE")
+    t.add_argument("-o", "--output", metavar="FILE", required=True, help="where to write the BTF")
+    t.add_argument("--from", dest="source", metavar="BTF", default="/sys/kernel/btf/vmlinux",
+                   help="the target kernel's full BTF, e.g. from its vmlinux or a BTFHub archive "
+                        "(default: this kernel's, /sys/kernel/btf/vmlinux)")
+
     for name, what, default in (("rules", "write Prometheus recording and alerting rules for a spec's collector",
                                   "stdout"),
                                  ("dashboard", "write a Grafana dashboard (JSON) for a spec's collector", "stdout")):
@@ -214,6 +222,24 @@ def _run(args) -> int:
     return run_target(args)
 
 
+def _btf(args) -> int:
+    """`probec btf BUNDLE -o FILE`: the types the bundle's CO-RE relocations read, cut from a full
+    BTF by `bpftool gen min_core_btf`, to ship beside the bundle to hosts without kernel BTF."""
+    from .compiler.backends.core.toolchain import ToolchainError, min_core_btf
+    from .runtime.manifest import BundleError, load_bundle
+    try:
+        bundle = load_bundle(args.bundle)
+        if bundle.backend != "core":
+            raise BundleError(f"{args.bundle} is a {bundle.backend} bundle; 'probec btf' cuts BTF for core bundles")
+        size = min_core_btf(args.source, args.output, [str(bundle.file("object"))])
+    except (BundleError, ToolchainError) as exc:
+        print(f"probec: error: {exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    print(f"{args.output}: {size} bytes of BTF for {bundle.name}; run it with 'probec run BUNDLE --btf {args.output}'",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 def _doctor(args) -> int:
     from .host.features import doctor_report, host_facts
     if args.format == "json":
@@ -228,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"check": _check, "build": _build, "run": _run, "doctor": _doctor,
-                "rules": _monitoring, "dashboard": _monitoring}[args.command](args)
+                "rules": _monitoring, "dashboard": _monitoring, "btf": _btf}[args.command](args)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

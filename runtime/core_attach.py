@@ -262,35 +262,24 @@ def _short(exc) -> str:
     return name or str(exc).split("\n", 1)[0]
 
 
-# libbpf 1.1, where a CO-RE relocation finds no target (the field or type is not in this BTF):
-#   prog 'p': relo #3: kind <byte_off> (0), spec is [12] struct trace_event_raw_x___probec.pid (0:1 @ offset 8)
-#   prog 'p': relo #3: no matching targets found
-_RELO_SPEC = re.compile(r"prog '([^']+)': relo #(\d+): kind <[^>]+> \(\d+\), spec is \[\d+\] (?:struct|union) "
-                        r"([A-Za-z0-9_]+?)(?:___[A-Za-z0-9_]+)?\.([A-Za-z0-9_.\[\]]+)")
-_RELO_MISS = re.compile(r"prog '([^']+)': relo #(\d+): no matching targets found")
+# libbpf (0.8+) rewrites the verifier's complaint about an instruction it poisoned because a CO-RE
+# relocation found no target in the kernel's BTF into:
+#   failed to resolve CO-RE relocation <byte_off> [49] struct trace_event_raw_x___probec.comm (0:0 @ offset 0)
+_RELO_FAILED = re.compile(r"failed to resolve CO-RE relocation <[^>]+> \[\d+\] (?:struct|union) "
+                          r"([A-Za-z0-9_]+?)(?:___[A-Za-z0-9_]+)?\.([A-Za-z0-9_.\[\]]+)")
 
 
 def failed_relocation(log: list[str], fields: tuple[TracepointCheck, ...], program: str | None) -> str:
-    """The tracepoint fields whose CO-RE relocations found nothing in this kernel's BTF, said in
-    the spec's words, from libbpf's log; "" when no relocation failed."""
-    specs: dict[tuple[str, str], tuple[str, str]] = {}
-    failed = []
-    for line in log:
-        m = _RELO_SPEC.search(line)
-        if m:
-            specs[(m.group(1), m.group(2))] = (m.group(3), m.group(4))
-            continue
-        m = _RELO_MISS.search(line)
-        if m and (m.group(1), m.group(2)) in specs:
-            failed.append((m.group(1), *specs[(m.group(1), m.group(2))]))
-    if not failed:
+    """The tracepoint field whose CO-RE relocation found nothing in this kernel's BTF, said in the
+    spec's words, from libbpf's log of the failed load; "" when no relocation failed."""
+    found = next((m for m in map(_RELO_FAILED.search, log) if m), None)
+    if found is None:
         return ""
-    lines = []
-    for prog, struct, member in sorted(set(failed)):
-        field = next((c for c in fields if c.probe == prog and c.btf_type == struct
-                      and c.member == member.replace(".", "")), None)
-        what = f"tracepoint {field.tracepoint} field '{field.field}'" if field else f"member {member}"
-        lines.append(f"probe {prog}: {what} (struct {struct}.{member}) is not in this kernel's BTF")
-    return ("the bundle's CO-RE relocations do not resolve on this kernel; nothing is attached:\n  "
-            + "\n  ".join(lines) + "\n  help: this kernel's tracepoints differ from those the spec names; "
-            "rebuild the bundle for it, or pass --btf with this kernel's BTF if its own is not the one loaded")
+    struct, member = found.groups()
+    field = next((c for c in fields if c.btf_type == struct and c.member == member
+                  and (program is None or c.probe == program)), None)
+    what = f"tracepoint {field.tracepoint} field '{field.field}'" if field else "a kernel type it reads"
+    return (f"probe {program or '?'} reads {what} as {struct}.{member}, which this kernel's BTF does not "
+            "have (its CO-RE relocation found no target); nothing is attached"
+            "\n  help: this kernel's tracepoint differs from the build host's: rebuild the bundle for it; or, "
+            "with --btf, pass this kernel's own BTF")

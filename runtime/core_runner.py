@@ -21,7 +21,7 @@ from .core_attach import ProbeAttacher, _destroy, _libbpf
 from .core_decode import EventDecoder, MetricReader, StackSymbols, _percpu_total, decode_event
 from .core_preflight import check_tracepoint_fields, check_uprobe_placement
 from .events import EventSink
-from .manifest import Bundle, BundleError, CoreProgram, HealthSlot, MapPurpose
+from .manifest import Bundle, BundleError, CoreProgram, HealthSlot
 from .store import MetricStore
 from .watch import FileIdentity, inodes_mapped
 
@@ -103,10 +103,12 @@ class CoreRunner:
         health = self.store.health
         health.mechanisms = self.attacher.mechanisms.describe(self.manifest)
         health.attached = {pid: int(pid in self.links) for pid in self.probes}
-        for span in self.manifest.spans:
-            health.map_capacity[self.begin_map(span)] = span.capacity
+        unused = {s.map if self.in_task_storage(s) else s.task_map for s in self.manifest.spans}
+        if self.core.ringbuf and not self.attacher.mechanisms.ring_buffer:
+            unused.add(self.core.ringbuf.map)
         for m in self.manifest.maps:
-            if m.purpose not in (MapPurpose.SPAN_BEGIN, MapPurpose.EVENT):
+            # task-local storage has a slot per thread, no capacity; maps of mechanisms not taken stand by
+            if m.type != "TASK_STORAGE" and m.name not in unused:
                 health.map_capacity[m.name] = m.max_entries
         hm = self.core.health_map
         health.map_capacity[hm.name] = hm.slots
@@ -262,9 +264,6 @@ class CoreRunner:
     # -- mechanisms chosen at load -------------------------------------------------------------
     def in_task_storage(self, span) -> bool:
         return bool(span.task_map) and self.attacher.mechanisms.task_storage
-
-    def begin_map(self, span) -> str:
-        return span.task_map if self.in_task_storage(span) else span.map
 
     def event_reader(self, obj):
         """The ring buffer, or the perf buffer where the kernel has none (as the object was loaded)."""
