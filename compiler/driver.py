@@ -60,6 +60,8 @@ def build_bundle(result: CheckResult, backend: str, target_version: str | None =
         gen = CoreBackend(result.diagnostics, **options)
     else:
         raise ValueError(backend)
+    if not gen.supports(program):
+        return None
     bundle = gen.build(program)
     if result.diagnostics.has_errors():
         return None
