@@ -46,6 +46,21 @@ def variants(obj_path: Path, counted: bool) -> list[S.Variant]:
     return out
 
 
+def break_even(added: dict) -> list[str]:
+    """Where tp_btf starts to pay: it saves on each traced call and costs on every other syscall."""
+    saved = added["getpid"]["classic"][0] - added["getpid"]["tp_btf"][0]
+    extra = added["write"]["tp_btf"][0] - added["write"]["classic"][0]
+    if saved <= 0 or extra <= 0:
+        keep = "tp_btf" if saved > 0 >= extra else "classic"
+        return ["", f"Kept for probec's syscall spans: **{keep}** (it costs less on both workloads)."]
+    share = extra / (saved + extra)
+    return ["", f"tp_btf saves {saved:.0f} ns on each traced call and costs {extra:.0f} ns more on each other "
+            f"syscall: it pays only where the traced syscall is more than **{share:.0%}** of all syscalls on "
+            "the machine. A collector traces a few syscalls among many (a serving process makes reads, writes, "
+            "futexes, epolls), so probec keeps the classic per-syscall tracepoints for `syscall:` spans; the "
+            "typed raw tracepoints stay a measured alternative, not the default."]
+
+
 def main() -> int:
     quick = C.quick_flag()
     C.require_root()
@@ -77,6 +92,7 @@ def main() -> int:
             a, b = added[workload][name][0], added[workload]["classic"][0]
             lines.append(f"- {workload}: {name} / classic: **{a / b:.2f}x** CPU" if b > 0 else
                          f"- {workload}: {name}: {a:.0f} ns, classic {b:.0f} ns")
+    lines += break_even(added)
     C.write_result("tp_btf", lines, quick)
     return 0
 
