@@ -144,6 +144,7 @@ class CExpression:
         self.tp_members: dict[str, str] = {}                # field -> its member in the record type ("": offset)
         self.prelude: list[str] = []                       # declarations the program computes first
         self.hoisted: dict[ir.IRExpr, str] = {}
+        self.fields_read: set[str] = set()                 # tracepoint fields read into locals (prelude)
 
     def where(self) -> str:
         return self.probe.spec_text or self.probe.id
@@ -178,9 +179,16 @@ class CExpression:
                 raise AssertionError("string field used as a number")  # pragma: no cover
             ctype = SCALAR_C[(f.size, f.type.signed)]
             wide = "__s64" if f.type.signed else "__u64"
-            if self.tp_members[f.name] and f.type.render != "ipv4":
-                return f"(({wide}){self.field_place(f)})"
-            return f"(({wide})*({ctype} *){self.field_place(f)})"
+            if not self.tp_members[f.name]:
+                return f"(({wide})*({ctype} *){self.field_place(f)})"
+            # Read once, at the top: a relocated offset used twice may be kept in a register and
+            # added to ctx, and the verifier refuses a load through a modified ctx pointer.
+            name = f"probec_field_{f.name}"
+            if name not in self.fields_read:
+                self.fields_read.add(name)
+                load = self.field_place(f) if f.type.render != "ipv4" else f"*({ctype} *){self.field_place(f)}"
+                self.prelude.append(f"{wide} {name} = ({wide}){load};")
+            return name
         if isinstance(e, ir.Duration):
             self.needs.add("now")
             self.duration_uses += 1

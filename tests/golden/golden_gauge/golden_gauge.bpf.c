@@ -170,7 +170,8 @@ int tracepoint_sys_enter_sendto(void *ctx)
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	__u64 probec_socket_0 = probec_fd_socket(((__u64)((struct trace_event_raw_sys_enter___probec *)ctx)->args[0]));
+	__u64 probec_field_fd = (__u64)((struct trace_event_raw_sys_enter___probec *)ctx)->args[0];
+	__u64 probec_socket_0 = probec_fd_socket(probec_field_fd);
 
 	if (((__u64)(probec_within(&span_request_begin, probec_socket_0) ? 1ULL : 0ULL) == (__u64)0ULL)) {
 		probec_array_add(&m_requests_in_flight, 0, (__u64)1ULL);
@@ -191,11 +192,13 @@ int tracepoint_sock_recv_length(void *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
-	if (probec_within(&span_request_begin, ((__u64)((struct trace_event_raw_sock_msg_length___probec *)ctx)->sk))) {
+	__u64 probec_field_sk = (__u64)((struct trace_event_raw_sock_msg_length___probec *)ctx)->sk;
+
+	if (probec_within(&span_request_begin, probec_field_sk)) {
 		probec_array_add(&m_requests_in_flight, 0, (__u64)-1ULL);
 	}
 	{
-		__u64 probec_key = ((__u64)((struct trace_event_raw_sock_msg_length___probec *)ctx)->sk);
+		__u64 probec_key = probec_field_sk;
 		__u64 *probec_start = bpf_map_lookup_elem(&span_request_begin, &probec_key);
 
 		if (probec_start) {

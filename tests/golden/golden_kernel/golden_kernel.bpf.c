@@ -265,8 +265,10 @@ int tracepoint_sys_exit_read(void *ctx)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
-	if (((__s64)((__s64)((struct trace_event_raw_sys_exit___probec *)ctx)->ret) > (__s64)0ULL)) {
-		probec_array_add(&m_read_bytes_total, 0, (__u64)((__s64)((struct trace_event_raw_sys_exit___probec *)ctx)->ret));
+	__s64 probec_field_ret = (__s64)((struct trace_event_raw_sys_exit___probec *)ctx)->ret;
+
+	if (((__s64)probec_field_ret > (__s64)0ULL)) {
+		probec_array_add(&m_read_bytes_total, 0, (__u64)probec_field_ret);
 	}
 	if (probec_use_task_storage) {
 		{
@@ -321,7 +323,7 @@ int tracepoint_sys_exit_read(void *ctx)
 							probec_e->pid = probec_id >> 32;
 							probec_e->tid = (__u32)probec_id;
 							probec_e->f_duration = (__u64)probec_duration;
-							probec_e->f_retval = (__s64)((__s64)((struct trace_event_raw_sys_exit___probec *)ctx)->ret);
+							probec_e->f_retval = (__s64)probec_field_ret;
 							probec_e->f_kstack = bpf_get_stackid(ctx, &stacks, 0);
 							__builtin_memcpy(probec_e->f_comm, probec_comm, 16);
 							if (probec_use_ringbuf)
@@ -387,7 +389,7 @@ int tracepoint_sys_exit_read(void *ctx)
 							probec_e->pid = probec_id >> 32;
 							probec_e->tid = (__u32)probec_id;
 							probec_e->f_duration = (__u64)probec_duration;
-							probec_e->f_retval = (__s64)((__s64)((struct trace_event_raw_sys_exit___probec *)ctx)->ret);
+							probec_e->f_retval = (__s64)probec_field_ret;
 							probec_e->f_kstack = bpf_get_stackid(ctx, &stacks, 0);
 							__builtin_memcpy(probec_e->f_comm, probec_comm, 16);
 							if (probec_use_ringbuf)
@@ -621,10 +623,13 @@ int tracepoint_sched_switch(void *ctx)
 		return 0;
 	bpf_probe_read_kernel(probec_tp_prev_comm, sizeof(probec_tp_prev_comm), ((struct trace_event_raw_sched_switch___probec *)ctx)->prev_comm);
 	bpf_probe_read_kernel(probec_tp_next_comm, sizeof(probec_tp_next_comm), ((struct trace_event_raw_sched_switch___probec *)ctx)->next_comm);
-	if ((!probec_bytes_eq(probec_tp_prev_comm, probec_str_2, 10) && ((__s64)((__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->next_pid) > (__s64)0ULL))) {
+	__s64 probec_field_prev_prio = (__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->prev_prio;
+	__s64 probec_field_next_pid = (__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->next_pid;
+
+	if ((!probec_bytes_eq(probec_tp_prev_comm, probec_str_2, 10) && ((__s64)probec_field_next_pid > (__s64)0ULL))) {
 		struct probec_switches_total_key probec_k;
 
-		probec_k.l_prio = (__s64)((__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->prev_prio);
+		probec_k.l_prio = (__s64)probec_field_prev_prio;
 		__builtin_memcpy(probec_k.l_next_comm, probec_tp_next_comm, 16);
 		__u64 probec_d = (__u64)1ULL;
 
@@ -646,12 +651,18 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
+	__u64 probec_field_saddr = (__u64)*(__u32 *)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->saddr;
+	__u64 probec_field_daddr = (__u64)*(__u32 *)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->daddr;
+	__u64 probec_field_dport = (__u64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->dport;
+	__u64 probec_field_sport = (__u64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->sport;
+	__s64 probec_field_state = (__s64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->state;
+
 	{
 		struct probec_retransmits_total_key probec_k;
 
-		probec_k.l_saddr = (__u64)((__u64)*(__u32 *)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->saddr);
-		probec_k.l_daddr = (__u64)((__u64)*(__u32 *)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->daddr);
-		probec_k.l_port = (__u64)((__u64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->dport);
+		probec_k.l_saddr = (__u64)probec_field_saddr;
+		probec_k.l_daddr = (__u64)probec_field_daddr;
+		probec_k.l_port = (__u64)probec_field_dport;
 		__u64 probec_d = (__u64)1ULL;
 
 		if (!probec_hash_add(&m_retransmits_total, &probec_k, probec_d)) {
@@ -678,11 +689,11 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 				probec_e->ts = probec_now;
 				probec_e->pid = probec_id >> 32;
 				probec_e->tid = (__u32)probec_id;
-				probec_e->f_args_saddr = (__u64)((__u64)*(__u32 *)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->saddr);
-				probec_e->f_args_daddr = (__u64)((__u64)*(__u32 *)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->daddr);
-				probec_e->f_args_sport = (__u64)((__u64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->sport);
-				probec_e->f_args_dport = (__u64)((__u64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->dport);
-				probec_e->f_args_state = (__s64)((__s64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->state);
+				probec_e->f_args_saddr = (__u64)probec_field_saddr;
+				probec_e->f_args_daddr = (__u64)probec_field_daddr;
+				probec_e->f_args_sport = (__u64)probec_field_sport;
+				probec_e->f_args_dport = (__u64)probec_field_dport;
+				probec_e->f_args_state = (__s64)probec_field_state;
 				probec_e->f_kstack = bpf_get_stackid(ctx, &stacks, 0);
 				if (probec_use_ringbuf)
 					bpf_ringbuf_submit(probec_e, probec_ringbuf_flags(&events, probec_wakeup_bytes, sizeof(*probec_e)));

@@ -151,7 +151,8 @@ int tracepoint_sys_enter_sendto(void *ctx)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
-	__u64 probec_socket_0 = probec_fd_socket(((__u64)((struct trace_event_raw_sys_enter___probec *)ctx)->args[0]));
+	__u64 probec_field_fd = (__u64)((struct trace_event_raw_sys_enter___probec *)ctx)->args[0];
+	__u64 probec_socket_0 = probec_fd_socket(probec_field_fd);
 
 	if (probec_bytes_eq(probec_comm, probec_str_0, 7) && !probec_within(&span_request_begin, probec_socket_0)) {
 		probec_acc_reset(&acc_retransmits_in_requests_total_count, probec_socket_0);
@@ -190,8 +191,10 @@ int tracepoint_sock_recv_length(void *ctx)
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
+	__u64 probec_field_sk = (__u64)((struct trace_event_raw_sock_msg_length___probec *)ctx)->sk;
+
 	{
-		__u64 probec_key = ((__u64)((struct trace_event_raw_sock_msg_length___probec *)ctx)->sk);
+		__u64 probec_key = probec_field_sk;
 		__u64 *probec_start = bpf_map_lookup_elem(&span_request_begin, &probec_key);
 
 		if (probec_start) {
@@ -204,7 +207,7 @@ int tracepoint_sock_recv_length(void *ctx)
 				probec_array_add(&m_request_seconds, probec_bucket_u64(probec_v, probec_edges_request_seconds, 5), 1);
 				probec_array_add(&m_request_seconds, 22, (__u64)probec_v);
 			}
-			if (((__u64)probec_acc_read(&acc_retransmits_in_requests_total_count, ((__u64)((struct trace_event_raw_sock_msg_length___probec *)ctx)->sk)) > (__u64)0ULL)) {
+			if (((__u64)probec_acc_read(&acc_retransmits_in_requests_total_count, probec_field_sk) > (__u64)0ULL)) {
 				if (probec_sample(&probec_health, 2, &probec_sampled_retransmitting_request, probec_sample_every_retransmitting_request) &&
 				    probec_rate_ok(&probec_rate_retransmitting_request, probec_now, probec_max_per_second_retransmitting_request,
 						   &probec_health, 3)) {
@@ -224,7 +227,7 @@ int tracepoint_sock_recv_length(void *ctx)
 						probec_e->pid = probec_id >> 32;
 						probec_e->tid = (__u32)probec_id;
 						probec_e->f_duration = (__u64)probec_duration;
-						probec_e->f_retransmits_in_requests_total_count = (__u64)probec_acc_read(&acc_retransmits_in_requests_total_count, ((__u64)((struct trace_event_raw_sock_msg_length___probec *)ctx)->sk));
+						probec_e->f_retransmits_in_requests_total_count = (__u64)probec_acc_read(&acc_retransmits_in_requests_total_count, probec_field_sk);
 						if (probec_use_ringbuf)
 							bpf_ringbuf_submit(probec_e, probec_ringbuf_flags(&events, probec_wakeup_bytes, sizeof(*probec_e)));
 						else
@@ -292,9 +295,11 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
-	if (probec_within(&span_request_begin, ((__u64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->skaddr))) {
+	__u64 probec_field_skaddr = (__u64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->skaddr;
+
+	if (probec_within(&span_request_begin, probec_field_skaddr)) {
 		probec_array_add(&m_retransmits_in_requests_total, 0, (__u64)1ULL);
-		probec_acc_inc(&acc_retransmits_in_requests_total_count, ((__u64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->skaddr));
+		probec_acc_inc(&acc_retransmits_in_requests_total_count, probec_field_skaddr);
 	}
 	return 0;
 }

@@ -807,11 +807,14 @@ int tracepoint_sched_switch(void *ctx)
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	if (probec_within(&span_inference_begin, ((__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->prev_pid))) {
-		probec_span_begin(&span_offcpu_begin, ((__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->prev_pid), probec_now, &probec_health, 12, false);
+	__s64 probec_field_prev_pid = (__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->prev_pid;
+	__s64 probec_field_next_pid = (__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->next_pid;
+
+	if (probec_within(&span_inference_begin, probec_field_prev_pid)) {
+		probec_span_begin(&span_offcpu_begin, probec_field_prev_pid, probec_now, &probec_health, 12, false);
 	}
 	{
-		__u64 probec_key = ((__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->next_pid);
+		__u64 probec_key = probec_field_next_pid;
 		__u64 *probec_start = bpf_map_lookup_elem(&span_offcpu_begin, &probec_key);
 
 		if (probec_start) {
@@ -819,10 +822,10 @@ int tracepoint_sched_switch(void *ctx)
 
 			bpf_map_delete_elem(&span_offcpu_begin, &probec_key);
 			/* Still inside its `within` span here? If not, it outlived it: dropped, and counted. */
-			if (!(probec_within(&span_inference_begin, ((__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->next_pid)))) {
+			if (!(probec_within(&span_inference_begin, probec_field_next_pid))) {
 				probec_health_inc(&probec_health, 13);
 			} else {
-				probec_acc_add(&acc_offcpu_total, &acc_offcpu_count, ((__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->next_pid), probec_duration);
+				probec_acc_add(&acc_offcpu_total, &acc_offcpu_count, probec_field_next_pid, probec_duration);
 			}
 		}
 	}
