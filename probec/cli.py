@@ -1,4 +1,4 @@
-"""The `probec` command: check, build, run, doctor, rules, dashboard.
+"""The `probec` command: check, build, run, promote, doctor, rules, dashboard.
 
 `run` imports only the runtime, so a production host needs no compiler dependencies.
 """
@@ -55,8 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                         "where the kernel loading the bundle has it (5.11+, cheapest), else a HASH map sized "
                         "by limits.concurrency, chosen at load; hash: always the HASH map")
 
-    r = sub.add_parser("run", help="load a bundle (or build a spec) and export Prometheus metrics")
-    r.add_argument("target", metavar="BUNDLE|SPEC")
+    r = sub.add_parser("run", help="load bundles (or build specs) and export Prometheus metrics")
+    r.add_argument("target", metavar="BUNDLE|SPEC|FOLDER", nargs="+",
+                   help="one spec or bundle; or several, or a folder of them, run together on one port and "
+                        "reloaded on SIGHUP or when the folder changes")
     r.add_argument("--backend", choices=("bpftrace", "core"), default=None,
                    help="when TARGET is a spec: build it for this backend first (default bpftrace)")
     add_run_arguments(r)
@@ -76,6 +78,23 @@ def _parser() -> argparse.ArgumentParser:
         m.add_argument("spec", metavar="SPEC")
         m.add_argument("-o", "--output", metavar="FILE", help=f"where to write (default: {default})")
         m.add_argument("--job", metavar="JOB", help="the Prometheus scrape job of the collector (default: the spec's name)")
+
+    pr = sub.add_parser("promote", help="run the bpftrace prototype and the core collector side by side on the live "
+                                         "workload, compare them, and write the production bundle if they agree")
+    pr.add_argument("spec", metavar="SPEC")
+    pr.add_argument("--for", dest="for_", default="60s", metavar="DURATION",
+                    help="how long the comparison window stays open (60s, 5m; default 60s)")
+    pr.add_argument("--pid", type=int, default=-1, help="trace this process only; it is paused (SIGSTOP) for "
+                                                        "a moment at each edge of the window, so counts compare exactly")
+    pr.add_argument("--pid-file", metavar="FILE", help="trace only the process whose id FILE holds (read once)")
+    pr.add_argument("--no-pause", action="store_true", help="never pause the traced process at the window's edges")
+    pr.add_argument("-o", "--output", metavar="DIR", help="production bundle folder (default: ./NAME.core)")
+    pr.add_argument("--report", metavar="FILE", help="the parity report as JSON (default: ./NAME.parity.json)")
+    pr.add_argument("--events-rate", type=int, default=100, metavar="N",
+                    help="production default: at most N events a second for each event whose spec sets no "
+                         "limit (0: as the spec says; default 100)")
+    pr.add_argument("--interval", type=float, default=0.25,
+                    help="seconds between the prototype's map dumps (default 0.25): the longest a window edge waits")
 
     d = sub.add_parser("doctor", help="say what this machine can trace")
     d.add_argument("--format", choices=("text", "json"), default="text",
@@ -206,7 +225,30 @@ def _monitoring(args) -> int:
     return EXIT_OK
 
 
+def _spec_builder(backend: str, interval: float):
+    """How `probec run` with several sources builds a spec: into a temporary bundle, removed when
+    the spec stops. None where the compiler is not installed (a runtime-only image)."""
+    try:
+        from .compiler import driver  # noqa: F401  (is the compiler here at all?)
+    except ImportError:
+        return None
+
+    def prepare(spec):
+        import shutil
+        from .runtime.manifest import BundleError
+        built = _build_from_spec(str(spec), backend, interval)
+        if built is None:
+            raise BundleError(f"{spec}: the spec has errors (above)")
+        return built, lambda: shutil.rmtree(built, ignore_errors=True)
+    return prepare
+
+
 def _run(args) -> int:
+    from .runtime.collector import is_many
+    if is_many(args.target):
+        from .runtime.collector import run_many
+        return run_many(args, args.target, _spec_builder(args.backend or "bpftrace", args.interval))
+    args.target = args.target[0]
     if os.path.isfile(args.target) and os.path.splitext(args.target)[1] in (".yaml", ".yml"):
         built = _build_from_spec(args.target, args.backend or "bpftrace", args.interval)
         if built is None:
@@ -240,6 +282,11 @@ def _btf(args) -> int:
     return EXIT_OK
 
 
+def _promote(args) -> int:
+    from .promote import promote
+    return promote(args)
+
+
 def _doctor(args) -> int:
     from .host.features import doctor_report, host_facts
     if args.format == "json":
@@ -253,7 +300,7 @@ def _doctor(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"check": _check, "build": _build, "run": _run, "doctor": _doctor,
+        return {"check": _check, "build": _build, "run": _run, "promote": _promote, "doctor": _doctor,
                 "rules": _monitoring, "dashboard": _monitoring, "btf": _btf}[args.command](args)
     except KeyboardInterrupt:
         return 130

@@ -19,7 +19,7 @@ The package's modules, each importing only those above it:
 - ``links``: Link and LinkGroup
 - ``maps``: Map (settings before load, element access, batch lookup)
 - ``perf``: cpu-clock perf events, ``profile`` and ``interval`` attachments
-- ``ringbuf``: RingBuffer
+- ``ringbuf``: RingBuffer (a callback per record), RingReader (bulk reads)
 - ``perfbuf``: PerfBuffer (kernels without ring buffers)
 - ``probes``: what the kernel's BPF offers (map types, helpers)
 - ``objects``: BpfObject and Program, program info and run-time stats
@@ -45,7 +45,7 @@ from .objects import BPF_STATS_RUN_TIME, BTF_KIND_DATASEC, BpfObject, Program, P
 from .perf import PERF_COUNT_SW_CPU_CLOCK, PERF_FLAG_FD_CLOEXEC, PERF_TYPE_SOFTWARE, online_cpus, perf_event_open_cpu_clock
 from .perfbuf import PerfBuffer
 from .probes import Helper, ProgType, helper_supported, map_type_supported
-from .ringbuf import RingBuffer
+from .ringbuf import RingBuffer, RingReader
 
 __all__ = [
     "BpfError",
@@ -56,6 +56,7 @@ __all__ = [
     "Link",
     "LinkGroup",
     "RingBuffer",
+    "RingReader",
     "PerfBuffer",
     "Helper",
     "ProgType",

@@ -16,17 +16,22 @@ PAGES_PER_CPU = 64          # 256 KiB per CPU with 4 KiB pages (a power of two, 
 
 
 class PerfBuffer(Closing):
-    """perf_buffer__new/poll/consume over one PERF_EVENT_ARRAY map, as RingBuffer over a ring.
+    """perf_buffer__new/poll/consume over one PERF_EVENT_ARRAY map.
 
-    ``callback(data: bytes)`` runs on the polling thread; ``data`` may carry up to 7 bytes of the
-    kernel's padding after the record. ``lost`` counts the records the kernel reported lost (a
+    With ``callback(data: bytes)``, each record is handed to it on the polling thread, as
+    RingBuffer does; without, records are kept until read(), as RingReader's wait()/read() hand
+    them over (one by one: perf records carry no common size). ``data`` may carry up to 7 bytes of
+    the kernel's padding after the record. ``lost`` counts the records the kernel reported lost (a
     full per-CPU buffer). An exception in the callback is re-raised from poll()/consume().
     """
 
-    def __init__(self, bmap: Map, callback: Callable[[bytes], object], pages: int = PAGES_PER_CPU):
+    def __init__(self, bmap: Map, callback: Callable[[bytes], object] | None = None, pages: int = PAGES_PER_CPU):
         self._ptr: int | None = None
         self._pending: BaseException | None = None
         self.lost = 0
+        self._kept: list[bytes] = []
+        if callback is None:
+            callback = self._kept.append
 
         def on_sample(_ctx, _cpu, data, size):
             if self._pending is not None:
@@ -65,6 +70,16 @@ class PerfBuffer(Closing):
 
     def consume(self) -> int:
         return self._finish("perf_buffer__consume", lib().perf_buffer__consume(self._check()))
+
+    def wait(self, timeout_ms: int) -> None:
+        """Wait up to ``timeout_ms`` for records (RingReader's interface): kept for read()."""
+        self.poll(timeout_ms)
+
+    def read(self, _size: int = 0) -> tuple[bytes, int, list[bytes]]:
+        """The records that arrived, as RingReader.read() gives them: (b"", 0, records)."""
+        self.consume()
+        kept, self._kept[:] = list(self._kept), []
+        return b"", 0, kept
 
     def close(self) -> None:
         ptr, self._ptr = self._ptr, None
