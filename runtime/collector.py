@@ -149,7 +149,8 @@ class Member:
         self.store.cgroups = cgroups
         if cgroups is not None:
             events.CGROUP_VIEW = cgroups      # one node: any spec's view names its containers
-        self.runner = make_runner(self.bundle, self.store, self.sink, args.pid, args.bpf_stats, cgroup_map)
+        self.runner = make_runner(self.bundle, self.store, self.sink, args.pid, args.bpf_stats,
+                                  getattr(args, "btf", None), cgroup_map)
         if self.bundle.backend == "bpftrace":
             self.runner.start(pid=args.pid)
         else:

@@ -36,5 +36,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cgroup-grace", metavar="SECONDS", type=float, default=300.0,
                    help="how long the series of a container whose cgroup is gone stay before they are dropped "
                         "(default 300)")
+    p.add_argument("--btf", metavar="FILE",
+                   help="core: resolve CO-RE relocations against this BTF instead of /sys/kernel/btf/vmlinux "
+                        "(hosts without kernel BTF; cut one for the bundle with 'probec btf')")
     p.add_argument("--bpf-stats", action="store_true",
                    help="core: turn on the kernel's BPF run-time stats while running (per-probe run time and count)")

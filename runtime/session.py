@@ -30,13 +30,17 @@ def log(message: str) -> None:
     print(f"probec: {message}", file=sys.stderr, flush=True)
 
 
-def make_runner(bundle, store, sink, pid: int, bpf_stats: bool = False, cgroup_map: CgroupMap | None = None):
+def make_runner(bundle, store, sink, pid: int, bpf_stats: bool = False, btf: str | None = None,
+                cgroup_map: CgroupMap | None = None):
     if bundle.backend == "bpftrace":
         from .bpftrace_runner import BpftraceRunner
+        if btf:
+            raise BundleError("--btf is for core bundles (bpftrace reads the kernel's own BTF)")
         return BpftraceRunner(bundle, store, sink, log=log, cgroup_map=cgroup_map)
     if bundle.backend == "core":
         from .core_runner import CoreRunner
-        return CoreRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None, cgroup_map=cgroup_map)
+        return CoreRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None, btf_path=btf,
+                          cgroup_map=cgroup_map)
     raise BundleError(f"unknown backend '{bundle.backend}' in {bundle.path}")
 
 
@@ -261,17 +265,19 @@ def run_target(args) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     runner = None
     try:
-        runner = make_runner(bundle, store, output, pid, args.bpf_stats, cgroup_map)
+        runner = make_runner(bundle, store, output, pid, args.bpf_stats, getattr(args, "btf", None), cgroup_map)
         runner.start(pid=pid) if bundle.backend == "bpftrace" else runner.start()
+        using = runner.describe() if hasattr(runner, "describe") else ""
+        attached = f"attached ({bundle.backend})" + (f" using {using}" if using else "")
         if args.port:
             try:
                 port = exporter.serve(args.address, args.port)
             except OSError as exc:
                 log(f"error: cannot serve metrics on {args.address}:{args.port}: {exc.strerror or exc}")
                 return 1
-            log(f"{bundle.name}: attached ({bundle.backend}); metrics on http://{args.address}:{port}/metrics")
+            log(f"{bundle.name}: {attached}; metrics on http://{args.address}:{port}/metrics")
         else:
-            log(f"{bundle.name}: attached ({bundle.backend})")
+            log(f"{bundle.name}: {attached}")
         if otlp_metrics is not None:
             otlp_metrics.start(args.otlp_interval)
             log(f"{bundle.name}: metrics{' and events' if spans else ''} also over OTLP to {args.otlp}")

@@ -29,6 +29,8 @@ BENCHMARKS = {
     "soak": ["## Counts", "**yes**", "## The collector over time"],
     "containers": ["## At every read (user space)", "core: + namespace == \"serving\"", "bpftrace: count"],
     "otlp_events": ["## Lossless?", "(A) before", "`--events FILE --otlp URL`", "## Cost, medians"],
+    "tp_btf": ["## The traced syscall", "classic tracepoints", "tp_btf/sys_{enter,exit}", "## A syscall not traced",
+               "getpid: tp_btf / classic"],
 }
 TIMEOUT = 120
 

@@ -81,6 +81,7 @@ class TracepointField:
     offset: int
     size: int
     type: ValueType
+    ckind: str = "int"             # what the kernel declares it as: int | ptr | enum (CO-RE matches kinds)
 
 
 @dataclass(frozen=True)
@@ -374,6 +375,7 @@ class Probe:
     variant: int = 0
     spec_text: str = ""            # the address as the user wrote it (for messages)
     past_endbr64: bool = False     # `offset` is probec's placement past endbr64, not the spec's
+    record_type: str = ""          # tracepoint: its BTF record type (fields read by CO-RE); "": at offsets
     span: SourceSpan | None = field(default=None, compare=False)   # where the address is written
     container: str = ""            # uprobe/usdt: also in this file of every process of containers so named
     path_in_container: str = ""    # the file's path as those containers see it

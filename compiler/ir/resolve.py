@@ -293,7 +293,8 @@ class ProbeResolution:
                       provider, addr.rate, (), group, variant, addr.text,
                       past_endbr64=bool(offset) and addr.offset is None, span=addr.span,
                       container=declared.container if declared else "",
-                      path_in_container=declared.path if declared and declared.container else "")
+                      path_in_container=declared.path if declared and declared.container else "",
+                      record_type=(self.host.tracepoint_type(category, name) or "") if kind == "tracepoint" else "")
         if kind == "tracepoint" and fields is None and self.host.enabled and self.host.tracepoints is not None:
             fields = {}
         ctx = ProbeContext(ctx_kind, addr.text if addr.kind != "kernel" else f"{kind}:{addr.name}", fields,
