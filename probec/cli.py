@@ -1,4 +1,4 @@
-"""The `probec` command: check, build, run, doctor, rules, dashboard.
+"""The `probec` command: check, build, run, promote, doctor, rules, dashboard.
 
 `run` imports only the runtime, so a production host needs no compiler dependencies.
 """
@@ -51,15 +51,25 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--interval", type=float, default=1.0, help="seconds between bpftrace map dumps (default 1)")
     b.add_argument("--no-compile", action="store_true", help="core: write C only, do not run clang")
     b.add_argument("--begin-map", choices=("auto", "task", "hash"), default="auto",
-                   help="core: where thread-keyed spans keep begin times: task-local storage (kernel 5.11+, "
-                        "cheapest) or a HASH map sized by limits.concurrency; auto: task storage unless "
-                        "--kernel any")
+                   help="core: where thread-keyed spans keep begin times: auto (or task): task-local storage "
+                        "where the kernel loading the bundle has it (5.11+, cheapest), else a HASH map sized "
+                        "by limits.concurrency, chosen at load; hash: always the HASH map")
 
-    r = sub.add_parser("run", help="load a bundle (or build a spec) and export Prometheus metrics")
-    r.add_argument("target", metavar="BUNDLE|SPEC")
+    r = sub.add_parser("run", help="load bundles (or build specs) and export Prometheus metrics")
+    r.add_argument("target", metavar="BUNDLE|SPEC|FOLDER", nargs="+",
+                   help="one spec or bundle; or several, or a folder of them, run together on one port and "
+                        "reloaded on SIGHUP or when the folder changes")
     r.add_argument("--backend", choices=("bpftrace", "core"), default=None,
                    help="when TARGET is a spec: build it for this backend first (default bpftrace)")
     add_run_arguments(r)
+
+    t = sub.add_parser("btf", help="cut the minimal BTF a core bundle needs, for hosts without /sys/kernel/btf/vmlinux "
+                                   "('probec run --btf FILE' there)")
+    t.add_argument("bundle", metavar="BUNDLE")
+    t.add_argument("-o", "--output", metavar="FILE", required=True, help="where to write the BTF")
+    t.add_argument("--from", dest="source", metavar="BTF", default="/sys/kernel/btf/vmlinux",
+                   help="the target kernel's full BTF, e.g. from its vmlinux or a BTFHub archive "
+                        "(default: this kernel's, /sys/kernel/btf/vmlinux)")
 
     for name, what, default in (("rules", "write Prometheus recording and alerting rules for a spec's collector",
                                   "stdout"),
@@ -68,6 +78,23 @@ def _parser() -> argparse.ArgumentParser:
         m.add_argument("spec", metavar="SPEC")
         m.add_argument("-o", "--output", metavar="FILE", help=f"where to write (default: {default})")
         m.add_argument("--job", metavar="JOB", help="the Prometheus scrape job of the collector (default: the spec's name)")
+
+    pr = sub.add_parser("promote", help="run the bpftrace prototype and the core collector side by side on the live "
+                                         "workload, compare them, and write the production bundle if they agree")
+    pr.add_argument("spec", metavar="SPEC")
+    pr.add_argument("--for", dest="for_", default="60s", metavar="DURATION",
+                    help="how long the comparison window stays open (60s, 5m; default 60s)")
+    pr.add_argument("--pid", type=int, default=-1, help="trace this process only; it is paused (SIGSTOP) for "
+                                                        "a moment at each edge of the window, so counts compare exactly")
+    pr.add_argument("--pid-file", metavar="FILE", help="trace only the process whose id FILE holds (read once)")
+    pr.add_argument("--no-pause", action="store_true", help="never pause the traced process at the window's edges")
+    pr.add_argument("-o", "--output", metavar="DIR", help="production bundle folder (default: ./NAME.core)")
+    pr.add_argument("--report", metavar="FILE", help="the parity report as JSON (default: ./NAME.parity.json)")
+    pr.add_argument("--events-rate", type=int, default=100, metavar="N",
+                    help="production default: at most N events a second for each event whose spec sets no "
+                         "limit (0: as the spec says; default 100)")
+    pr.add_argument("--interval", type=float, default=0.25,
+                    help="seconds between the prototype's map dumps (default 0.25): the longest a window edge waits")
 
     d = sub.add_parser("doctor", help="say what this machine can trace")
     d.add_argument("--format", choices=("text", "json"), default="text",
@@ -132,7 +159,7 @@ def _build(args) -> int:
         options["interval_ms"] = max(1, int(args.interval * 1000))
     else:
         options["compile"] = not args.no_compile
-        options["task_storage"] = args.begin_map == "task" or (args.begin_map == "auto" and args.kernel == "host")
+        options["task_storage"] = args.begin_map != "hash"
     bundle = build_bundle(result, args.backend, args.bpftrace_version, **options)
     sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
     if bundle is None:
@@ -198,8 +225,33 @@ def _monitoring(args) -> int:
     return EXIT_OK
 
 
+def _spec_builder(backend: str, interval: float):
+    """How `probec run` with several sources builds a spec: into a temporary bundle, removed when
+    the spec stops. None where the compiler is not installed (a runtime-only image)."""
+    try:
+        from .compiler import driver  # noqa: F401  (is the compiler here at all?)
+    except ImportError:
+        return None
+
+    def prepare(spec):
+        import shutil
+        from .runtime.manifest import BundleError
+        built = _build_from_spec(str(spec), backend, interval)
+        if built is None:
+            raise BundleError(f"{spec}: the spec has errors (above)")
+        return built, lambda: shutil.rmtree(built, ignore_errors=True)
+    return prepare
+
+
 def _run(args) -> int:
+    from .runtime.collector import is_many
+    if is_many(args.target):
+        from .runtime.collector import run_many
+        return run_many(args, args.target, _spec_builder(args.backend or "bpftrace", args.interval))
+    args.target = args.target[0]
     if os.path.isfile(args.target) and os.path.splitext(args.target)[1] in (".yaml", ".yml"):
+        if getattr(args, "kubelet", None):     # the build finds containers' files through the same pod list
+            os.environ.setdefault("PROBEC_KUBELET", args.kubelet)
         built = _build_from_spec(args.target, args.backend or "bpftrace", args.interval)
         if built is None:
             return EXIT_ERRORS
@@ -212,6 +264,29 @@ def _run(args) -> int:
             shutil.rmtree(built, ignore_errors=True)
     from .runtime.session import run_target
     return run_target(args)
+
+
+def _btf(args) -> int:
+    """`probec btf BUNDLE -o FILE`: the types the bundle's CO-RE relocations read, cut from a full
+    BTF by `bpftool gen min_core_btf`, to ship beside the bundle to hosts without kernel BTF."""
+    from .compiler.backends.core.toolchain import ToolchainError, min_core_btf
+    from .runtime.manifest import BundleError, load_bundle
+    try:
+        bundle = load_bundle(args.bundle)
+        if bundle.backend != "core":
+            raise BundleError(f"{args.bundle} is a {bundle.backend} bundle; 'probec btf' cuts BTF for core bundles")
+        size = min_core_btf(args.source, args.output, [str(bundle.file("object"))])
+    except (BundleError, ToolchainError) as exc:
+        print(f"probec: error: {exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    print(f"{args.output}: {size} bytes of BTF for {bundle.name}; run it with 'probec run BUNDLE --btf {args.output}'",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def _promote(args) -> int:
+    from .promote import promote
+    return promote(args)
 
 
 def _doctor(args) -> int:
@@ -227,8 +302,8 @@ def _doctor(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"check": _check, "build": _build, "run": _run, "doctor": _doctor,
-                "rules": _monitoring, "dashboard": _monitoring}[args.command](args)
+        return {"check": _check, "build": _build, "run": _run, "promote": _promote, "doctor": _doctor,
+                "rules": _monitoring, "dashboard": _monitoring, "btf": _btf}[args.command](args)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

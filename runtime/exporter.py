@@ -119,10 +119,18 @@ class StoreCollector:
                       "engine was restarting: from the last whole map dump of the engine that died to the "
                       "attachment of the next. Events in them are in no metric.", value=h.backend_gap_seconds)
         dropped = CounterMetricFamily("probec_events_dropped", "Events decoded but not kept, by reason: "
-                                      "write = the --events file could not be written (disk full).",
+                                      "write = the --events file could not be written (disk full); otlp = "
+                                      "not sent as spans over --otlp (the receiver failed or fell behind).",
                                       labels=["reason"])
         dropped.add_metric(["write"], h.events_unwritten)
+        if h.otlp_failures:
+            dropped.add_metric(["otlp"], h.events_unsent)
         yield dropped
+        if h.otlp_failures:
+            yield counter("probec_otlp_export_failures", "OTLP exports (--otlp) that failed, by signal: metrics or "
+                          "traces; what failed is sent again at the next export (metrics) or dropped and "
+                          'counted in probec_events_dropped_total{reason="otlp"} (spans).', "signal",
+                          h.otlp_failures)
         yield counter("probec_backend_errors", "Error lines or failures from the tracing engine.",
                       value=h.backend_errors)
         yield counter("probec_decode_errors", "Map entries or events that could not be decoded.",
@@ -135,6 +143,22 @@ class StoreCollector:
                           "so this one would cover time outside it.", "span", h.span_outside)
         yield counter("probec_series_dropped", "Label sets folded into __overflow__ by the series limit.",
                       "metric", {n: s.dropped_series for n, s in snap.items() if s.meta.labels})
+        expired = {n: len(s.expired) for n, s in snap.items() if s.meta.labels}
+        if self.store.cgroups is not None:
+            yield counter("probec_series_expired", "Label sets dropped because their container's cgroup was gone "
+                          "for longer than the grace period (--cgroup-grace).", "metric", expired)
+        if h.kubelet_up is not None:
+            yield GaugeMetricFamily("probec_kubelet_up", "1 while the kubelet's pod list (--kubelet) answers; 0: "
+                                    "pod, namespace and container labels of new pods stay empty.", value=h.kubelet_up)
+            yield counter("probec_kubelet_errors", "Reads of the kubelet's pod list that failed.",
+                          value=h.kubelet_errors)
+        if h.container_files:
+            yield counter("probec_container_files_attached", "Files inside containers the probes were attached "
+                          "to after start (a container of that name started with a file not seen before).",
+                          "container", h.container_files)
+        if h.cgroups_marked is not None:
+            yield GaugeMetricFamily("probec_cgroups_marked", "Cgroups marked in the kernel's cgroup map for the "
+                                    "spec's container and pod filters and --cgroup.", value=h.cgroups_marked)
         yield gauge("probec_map_entries", "Entries in each BPF map at the last read.", "map", h.map_entries)
         yield gauge("probec_map_capacity", "Capacity (max_entries) of each BPF map.", "map", h.map_capacity)
         yield gauge("probec_probe_attached", "1 for each probe attached.", "probe", h.attached)
@@ -159,6 +183,14 @@ class StoreCollector:
                           h.program_runs)
             yield counter("probec_program_run_seconds", "Time spent in each BPF program (kernel BPF stats).",
                           "probe", {k: v / 1e9 for k, v in h.program_run_ns.items()})
+        if h.mechanisms:
+            mech = GaugeMetricFamily("probec_mechanism", "1 for the mechanism each feature uses on this kernel, "
+                                     "chosen at load (core: events ring_buffer or perf_buffer, span_begin_times "
+                                     "task_storage or hash, tracepoint_fields btf or offsets, current_task).",
+                                     labels=["feature", "mechanism"])
+            for feature, mechanism in sorted(h.mechanisms.items()):
+                mech.add_metric([feature, mechanism], 1)
+            yield mech
         yield GaugeMetricFamily("probec_last_read_seconds", "How long the last map read took.",
                                 value=h.last_read_seconds)
 
@@ -176,9 +208,11 @@ class QuietHandler(WSGIRequestHandler):
 
 
 class Exporter:
-    def __init__(self, store: MetricStore, bundle_name: str, backend: str):
+    def __init__(self, store: MetricStore | None = None, bundle_name: str = "", backend: str = "", collector=None):
+        """One bundle's store, or any `collector` (runtime/collector.py's, for several)."""
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StoreCollector(store, bundle_name, backend))
+        self.collector = collector or StoreCollector(store, bundle_name, backend)
+        self.registry.register(self.collector)
         self.server: MetricsServer | None = None
 
     def serve(self, address: str, port: int) -> int:

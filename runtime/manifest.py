@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 SUPPORTED_MANIFEST = MANIFEST_VERSION
 
 
@@ -50,6 +50,7 @@ class MapPurpose(StrEnum):
     EVENT = "event"
     STACKS = "stacks"
     HEALTH = "health"
+    CGROUP_SETS = "cgroup_sets"              # cgroup id -> bits of the spec's container/pod matches
 
 
 class HealthSlot(StrEnum):
@@ -119,10 +120,11 @@ class MapInfo:
 @dataclass(frozen=True)
 class SpanInfo:
     name: str
-    map: str
+    map: str               # the begin map (core: a HASH keyed by the span's key)
     capacity: int
     checked_at_end: bool   # ends dropped for outliving their `within` span are counted
-    task_storage: bool     # core: begin times in task-local storage (cannot be listed)
+    task_storage: bool     # core: begin times also kept in task-local storage, used where the kernel has it
+    task_map: str          # core: that TASK_STORAGE map ("" when none)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class MetricInfo:
     series_limit: int
     overflow_map: str | None
     folded_map: str | None
+    otel_name: str = ""    # named the OpenTelemetry way in the spec (`name` is the Prometheus name)
 
     @property
     def histogram(self) -> bool:
@@ -192,6 +195,8 @@ class ProbeInfo:
     group: str
     variant: int
     address: str           # as the spec wrote it
+    container: str = ""          # uprobes: also every process of containers so named (core) ...
+    path_in_container: str = ""  # ... in this file, as they see it (/proc/PID/root/PATH)
 
 
 @dataclass(frozen=True)
@@ -224,11 +229,16 @@ class HealthSlotInfo:
 
 @dataclass(frozen=True)
 class TracepointCheck:
+    """A tracepoint field a core program reads: through its BTF record type (`btf_type`, member
+    `member`: a CO-RE relocation that libbpf resolves at load), or, where BTF did not tell at
+    build time (btf_type ""), at `offset`, checked against this kernel's tracefs before load."""
     probe: str
     tracepoint: str        # category:name
     field: str
-    offset: int
+    offset: int            # on the build host
     size: int
+    btf_type: str          # trace_event_raw_..., or "" (read at the offset)
+    member: str            # the member read ("args[2]", "pid"), or ""
 
 
 @dataclass(frozen=True)
@@ -236,6 +246,15 @@ class RingBufferInfo:
     map: str
     bytes: int
     wakeup_bytes: int
+    perf_map: str          # the PERF_EVENT_ARRAY used instead where the kernel has no ring buffer
+    scratch_map: str       # a per-CPU record the perf path fills before bpf_perf_event_output
+
+
+# Mechanisms chosen at load time: `const volatile` settings of every core object (1: use it). The
+# runtime probes the kernel and clears a setting (and retypes the maps it leaves unused) before load.
+USE_RINGBUF = "probec_use_ringbuf"              # ring buffer, else perf buffer (kernels before 5.8)
+USE_TASK_STORAGE = "probec_use_task_storage"    # task-local storage, else the HASH (before 5.11)
+USE_TASK_BTF = "probec_use_task_btf"            # bpf_get_current_task_btf, else bpf_get_current_task
 
 
 @dataclass(frozen=True)
@@ -283,6 +302,23 @@ class BpftraceSection:
 
 
 @dataclass(frozen=True)
+class CgroupMatchInfo:
+    bit: int               # of the cgroup map's value
+    attribute: str         # container_id | pod_uid | pod | namespace | container
+    value: str
+
+
+@dataclass(frozen=True)
+class CgroupSection:
+    """The map the runtime fills with the cgroups a spec's `namespace == "serving"` comparisons
+    match (bit `bit` of each cgroup's entry), and those under `probec run --cgroup PATH` (bit
+    `path_bit`). The kernel side tests bits; it never sees a name."""
+    map: str               # core: the BPF map's name; bpftrace: the map as the script writes it (@name)
+    path_bit: int
+    matches: tuple[CgroupMatchInfo, ...]
+
+
+@dataclass(frozen=True)
 class Manifest:
     probec_manifest: int
     name: str
@@ -298,6 +334,7 @@ class Manifest:
     groups: dict[str, tuple[str, ...]]   # variant group -> its variants' labels
     core: CoreSection | None = None
     bpftrace: BpftraceSection | None = None
+    cgroups: CgroupSection | None = None
 
     def to_dict(self) -> dict:
         return _encode(self)

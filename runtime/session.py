@@ -12,7 +12,11 @@ import threading
 import time
 from pathlib import Path
 
-from .events import EventSink
+from ..host.capabilities import run_privileges
+from ..host.containers import CgroupTree
+from . import events
+from .cgroups import CgroupMap, CgroupResolver, KubeletPods, uses_cgroups, uses_kubelet
+from .events import EventOutput, EventSink
 from .exporter import Exporter, format_edge, label_text
 from .manifest import BundleError, MetricInfo, load_bundle
 from .options import add_run_arguments
@@ -26,13 +30,17 @@ def log(message: str) -> None:
     print(f"probec: {message}", file=sys.stderr, flush=True)
 
 
-def make_runner(bundle, store, sink, pid: int, bpf_stats: bool = False):
+def make_runner(bundle, store, sink, pid: int, bpf_stats: bool = False, btf: str | None = None,
+                cgroup_map: CgroupMap | None = None):
     if bundle.backend == "bpftrace":
         from .bpftrace_runner import BpftraceRunner
-        return BpftraceRunner(bundle, store, sink, log=log)
+        if btf:
+            raise BundleError("--btf is for core bundles (bpftrace reads the kernel's own BTF)")
+        return BpftraceRunner(bundle, store, sink, log=log, cgroup_map=cgroup_map)
     if bundle.backend == "core":
         from .core_runner import CoreRunner
-        return CoreRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None)
+        return CoreRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None, btf_path=btf,
+                          cgroup_map=cgroup_map)
     raise BundleError(f"unknown backend '{bundle.backend}' in {bundle.path}")
 
 
@@ -157,6 +165,38 @@ def check_target(runner, target: ProcessTarget, store: MetricStore, failed: dict
         log(f"following process {pid} (from {target.pid_file})")
 
 
+def container_view(bundle, args, health) -> tuple[CgroupResolver | None, CgroupMap | None]:
+    """What labels, filters and --cgroup need to know of cgroups, containers and pods (None each
+    where the bundle and the options need nothing). Raises BundleError for a --cgroup that is not one."""
+    path = getattr(args, "cgroup", None)
+    manifest = bundle.manifest
+    if not uses_cgroups(manifest) and not path:
+        return None, None
+    tree = CgroupTree(refresh_s=max(1.0, args.interval))
+    if path:
+        if tree.root is None:
+            raise BundleError("--cgroup: this host has no cgroup v2 hierarchy mounted")
+        full = os.path.realpath(path if os.path.isabs(path) else os.path.join(tree.root, path))
+        root = os.path.realpath(tree.root)
+        if not os.path.isdir(full) or not (full == root or full.startswith(root + "/")):
+            raise BundleError(f"--cgroup {path}: not a cgroup v2 folder under {tree.root}")
+        path = full
+    tree.scan()
+    kubelet = None
+    if uses_kubelet(manifest):
+        url = getattr(args, "kubelet", None)
+        if url:
+            kubelet = KubeletPods(url, health, log, refresh_s=max(1.0, args.interval) * 10)
+            kubelet.fetch()
+        else:
+            health.kubelet_up = 0
+            log("warning: the spec uses pod, namespace or container names, which come from the kubelet's pod list: "
+                "without --kubelet URL they stay empty and filters on them match nothing")
+    resolver = CgroupResolver(tree, kubelet, grace_s=getattr(args, "cgroup_grace", 300.0))
+    needs_map = manifest.cgroups is not None and (manifest.cgroups.matches or path)
+    return resolver, (CgroupMap(manifest.cgroups, resolver, path) if needs_map else None)
+
+
 def run_target(args) -> int:
     target = Path(args.target)
     try:
@@ -166,9 +206,9 @@ def run_target(args) -> int:
     except BundleError as exc:
         log(f"error: {exc}")
         return 1
-    if os.geteuid() != 0:
-        log("error: loading eBPF programs needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); "
-            "'probec check' works without")
+    refused = run_privileges({p.kind for p in bundle.manifest.probes}).error(bundle.backend)
+    if refused:
+        log(f"error: {refused}")
         return 1
     target = None
     pid = args.pid
@@ -183,16 +223,38 @@ def run_target(args) -> int:
             return 1
         pid = target.pid
     store = MetricStore(bundle.manifest, window_s=args.window, log=log)
+    try:
+        cgroups, cgroup_map = container_view(bundle, args, store.health)
+    except BundleError as exc:
+        log(f"error: {exc}")
+        return 1
+    store.cgroups = cgroups
     if target is not None:
         store.health.target_pid, store.health.target_up = target.pid, 1
     watch = binary_watch(bundle, store)
     failed_reattach: dict = {}
     failed_retarget: dict = {}
+    events_path = args.events if args.events is not None else (None if args.otlp else "-")
     try:
-        sink = EventSink(args.events, bundle.manifest, store.health, log) if bundle.manifest.events else None
+        sink = EventSink(events_path, bundle.manifest, store.health, log) \
+            if bundle.manifest.events and events_path else None
     except OSError as exc:
-        log(f"error: cannot write events to {args.events}: {exc.strerror or exc}")
+        log(f"error: cannot write events to {events_path}: {exc.strerror or exc}")
         return 1
+    events.CGROUP_VIEW = cgroups
+    exporter = Exporter(store, bundle.name, bundle.backend)
+    otlp_metrics = spans = None
+    if args.otlp:
+        try:
+            from .otlp import OtlpError, open_otlp
+            otlp_metrics, spans = open_otlp(args.otlp, exporter.collector, bundle.manifest, bundle.name,
+                                            bundle.backend, store.health, log)
+        except OtlpError as exc:
+            log(f"error: {exc}")
+            if sink is not None:
+                sink.close()
+            return 1
+    output = EventOutput(bundle.manifest, sink, spans) if sink is not None or spans is not None else None
     stop = threading.Event()
     received = []
 
@@ -201,20 +263,24 @@ def run_target(args) -> int:
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    exporter = Exporter(store, bundle.name, bundle.backend)
     runner = None
     try:
-        runner = make_runner(bundle, store, sink, pid, args.bpf_stats)
+        runner = make_runner(bundle, store, output, pid, args.bpf_stats, getattr(args, "btf", None), cgroup_map)
         runner.start(pid=pid) if bundle.backend == "bpftrace" else runner.start()
+        using = runner.describe() if hasattr(runner, "describe") else ""
+        attached = f"attached ({bundle.backend})" + (f" using {using}" if using else "")
         if args.port:
             try:
                 port = exporter.serve(args.address, args.port)
             except OSError as exc:
                 log(f"error: cannot serve metrics on {args.address}:{args.port}: {exc.strerror or exc}")
                 return 1
-            log(f"{bundle.name}: attached ({bundle.backend}); metrics on http://{args.address}:{port}/metrics")
+            log(f"{bundle.name}: {attached}; metrics on http://{args.address}:{port}/metrics")
         else:
-            log(f"{bundle.name}: attached ({bundle.backend})")
+            log(f"{bundle.name}: {attached}")
+        if otlp_metrics is not None:
+            otlp_metrics.start(args.otlp_interval)
+            log(f"{bundle.name}: metrics{' and events' if spans else ''} also over OTLP to {args.otlp}")
         deadline = time.monotonic() + args.duration if args.duration else None
         next_show = time.monotonic() + 2
         next_read = time.monotonic() + args.interval
@@ -228,9 +294,11 @@ def run_target(args) -> int:
             if target is not None:
                 check_target(runner, target, store, failed_retarget)
             check_binaries(runner, watch, store, failed_reattach)
+            if cgroups is not None:
+                cgroups.refresh()
             runner.poll()
-            if sink is not None:
-                sink.flush()
+            if output is not None:
+                output.flush()
             if getattr(runner, "failure", None):
                 log(f"error: {runner.failure}")
                 return 1
@@ -246,14 +314,16 @@ def run_target(args) -> int:
     finally:
         if runner is not None:
             runner.stop()
+        if output is not None:
+            output.close()          # the last events out (spans sent) before the last metrics
+        if otlp_metrics is not None:
+            otlp_metrics.close()
         if args.snapshot:
             try:
                 Path(args.snapshot).write_text(exporter.text())
             except OSError as exc:
                 log(f"error: cannot write snapshot {args.snapshot}: {exc.strerror}")
         exporter.close()
-        if sink is not None:
-            sink.close()
         for s, handler in old.items():
             signal.signal(s, handler)
         if received:

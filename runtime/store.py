@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .cgroups import cgroup_labels, resolve_series
 from .manifest import Label, Manifest, MetricInfo
 
 OVERFLOW = "__overflow__"
@@ -33,6 +34,7 @@ class MetricState:
     dropped_series: int = 0
     kept: set = field(default_factory=set)        # the label sets within limits.series, once in, kept
     folded: set = field(default_factory=set)      # the label sets past it that the runtime folded
+    expired: set = field(default_factory=set)     # raw label sets of cgroups gone past the grace period
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Health:
     backend_restarts: int = 0
     backend_gap_seconds: float = 0.0    # time nothing was counted: engine restarts
     events_unwritten: int = 0           # events decoded but not written to --events
+    events_unsent: int = 0              # events not sent as spans over --otlp
+    otlp_failures: dict[str, int] = field(default_factory=dict)   # failed OTLP exports, by signal
     backend_errors: int = 0
     decode_errors: int = 0
     map_entries: dict[str, int] = field(default_factory=dict)
@@ -60,15 +64,21 @@ class Health:
     program_run_ns: dict[str, int] = field(default_factory=dict)
     program_runs: dict[str, int] = field(default_factory=dict)
     program_missed: dict[str, int] = field(default_factory=dict)
+    mechanisms: dict[str, str] = field(default_factory=dict)   # core: feature -> what it uses on this kernel
     last_read_seconds: float = 0.0
     reads: int = 0
     up: int = 0
+    kubelet_up: int | None = None       # None: the bundle needs no pod names
+    kubelet_errors: int = 0
+    cgroups_marked: int | None = None   # cgroups in the kernel's cgroup map (None: nothing to mark)
+    container_files: dict[str, int] = field(default_factory=dict)   # container -> files attached to since start
 
 
 class MetricStore:
-    def __init__(self, manifest: Manifest, window_s: float = 60.0, log=None):
+    def __init__(self, manifest: Manifest, window_s: float = 60.0, log=None, cgroups=None):
         self.lock = threading.Lock()
         self.log = log
+        self.cgroups = cgroups      # a cgroups.CgroupResolver where labels show containers and pods
         self.metrics = {m.name: MetricState(m) for m in manifest.metrics}
         self.health = Health()
         self.window_s = window_s
@@ -85,6 +95,14 @@ class MetricStore:
         """
         state = self.metrics[name]
         limit = state.meta.series_limit
+        if self.cgroups is not None and cgroup_labels(state.meta.labels):
+            series, expired = resolve_series(series, state.meta.labels, self.cgroups, _merge)
+            if expired - state.expired and not state.expired and self.log is not None:
+                self.log(f"metric {name}: dropping the series of containers gone for more than "
+                         f"{self.cgroups.grace_s:g}s (counted in probec_series_expired_total)")
+            state.expired |= expired
+            if expired:     # a kept label set whose series all expired frees its place under limits.series
+                state.kept.intersection_update(series)
         if state.meta.labels:
             overflow_key = tuple(OVERFLOW for _ in state.meta.labels)
             kept = state.kept
@@ -111,7 +129,8 @@ class MetricStore:
 
     def snapshot(self) -> dict[str, MetricState]:
         with self.lock:
-            return {n: MetricState(s.meta, dict(s.series), s.dropped_series, s.kept, s.folded) for n, s in self.metrics.items()}
+            return {n: MetricState(s.meta, dict(s.series), s.dropped_series, s.kept, s.folded, s.expired)
+                    for n, s in self.metrics.items()}
 
     def remember(self, now: float | None = None) -> None:
         """Keep histogram totals over time, for quantiles over a window: one per value of the

@@ -27,6 +27,10 @@ BENCHMARKS = {
     "event_cost": ["## busy 200 us calls", "core (CO-RE C): span + an event per call", "bpftrace 0.17: span",
                    "Event per call, bpftrace / core"],
     "soak": ["## Counts", "**yes**", "## The collector over time"],
+    "containers": ["## At every read (user space)", "core: + namespace == \"serving\"", "bpftrace: count"],
+    "otlp_events": ["## Lossless?", "(A) before", "`--events FILE --otlp URL`", "## Cost, medians"],
+    "tp_btf": ["## The traced syscall", "classic tracepoints", "tp_btf/sys_{enter,exit}", "## A syscall not traced",
+               "getpid: tp_btf / classic"],
 }
 TIMEOUT = 120
 

@@ -151,9 +151,9 @@ def test_bpftrace_health_counts_carry_over_a_restart(tmp_path):
         {"name": "slow", "index": 0, "fields": [], "sample_every": 1, "max_per_second": 0,
          "record": {"name": "event_slow", "size": 24, "format": "<IIQII4x", "fields": []}}],
         spans=[{"name": "offcpu", "map": "span_offcpu_begin", "capacity": 2, "checked_at_end": True,
-                "task_storage": False},
+                "task_storage": False, "task_map": ""},
                {"name": "req", "map": "span_req_begin", "capacity": 2, "checked_at_end": False,
-                "task_storage": False}],
+                "task_storage": False, "task_map": ""}],
         bpftrace=bpftrace_section([HIST, COUNTER], counters=counters))
     store = MetricStore(typed)
     runner = BpftraceRunner(Bundle(tmp_path, typed), store, None, log=lambda *_: None)
@@ -220,6 +220,26 @@ def test_bpftrace_epochs_add_up_to_one_instant(tmp_path):
     dump(None, {"0,a,1": 9, "1,a,1": 3}, {"0,a,0": 9, "1,a,0": 3}, {"0,a": 90, "1,a": 30})
     runner.apply_dump(final=True)                 # printed at exit, after the probes detached
     assert shown() == (12, 12)
+
+
+def test_bpftrace_dump_mark_says_when_it_froze(tmp_path):
+    """A dump mark carries the instant its epoch froze (nsecs, CLOCK_MONOTONIC): promote reads core
+    on either side of it. A mark without it (a bundle of an older probec) still applies."""
+    from probec.runtime.bpftrace_runner import BpftraceRunner
+    from probec.runtime.manifest import Bundle
+    (tmp_path / "t.bt").write_text("")
+    typed = manifest([HIST, COUNTER], bpftrace=bpftrace_section([HIST, COUNTER], dump_mark="probec: dump end",
+                                                                 epoch_maps=["@m_calls_total"]))
+    store = MetricStore(typed)
+    runner = BpftraceRunner(Bundle(tmp_path, typed), store, None, log=lambda *_: None)
+    runner.handle({"type": "map", "data": {"@m_calls_total": {"0,a,1": 4}}})
+    runner.handle({"type": "printf", "data": "probec: dump end 0 123456789\n"})
+    assert (runner.dumps, runner.flipped_ns) == (1, 123456789)
+    assert store.snapshot()["calls_total"].series[("a", 1)] == 4
+    runner.handle({"type": "map", "data": {"@m_calls_total": {"0,a,1": 4, "1,a,1": 2}}})
+    runner.handle({"type": "printf", "data": "probec: dump end 1\n"})
+    assert (runner.dumps, runner.flipped_ns) == (2, 0)
+    assert store.snapshot()["calls_total"].series[("a", 1)] == 6
 
 
 def test_series_cap_keeps_the_first_label_sets_seen():

@@ -11,9 +11,9 @@ from collections.abc import Mapping
 
 from ...runtime import manifest as contract
 from ...runtime.manifest import Manifest
-from ..ir.nodes import Field, Layout, MapSpec, Program
+from ..ir.nodes import CGROUP_MAP, CGROUP_PATH_BIT, Field, Layout, MapSpec, Program
 
-__all__ = ["MANIFEST_VERSION", "Manifest", "contract", "field_ctype", "manifest_for", "map_info"]
+__all__ = ["MANIFEST_VERSION", "Manifest", "contract", "field_ctype", "manifest_for", "map_info", "task_map_name"]
 
 MANIFEST_VERSION = contract.MANIFEST_VERSION
 
@@ -35,6 +35,12 @@ def layout_info(layout: Layout | None) -> contract.Layout | None:
                                  for f in layout.fields))
 
 
+def task_map_name(span: str) -> str:
+    """core: the TASK_STORAGE map a thread-keyed span keeps its begin times in, where the kernel
+    that loads the bundle has it (beside the span's begin map, used where it has not)."""
+    return f"span_{span}_task"
+
+
 def map_info(m: MapSpec, map_type: str, max_entries: int) -> contract.MapInfo:
     """A map as the backend that holds it made it (its type and size there)."""
     return contract.MapInfo(m.name, map_type, max_entries, contract.MapPurpose(m.purpose),
@@ -54,11 +60,12 @@ def event_field_kind(f) -> str:
 
 def manifest_for(program: Program, backend: str, files: dict[str, str], *, maps: tuple[contract.MapInfo, ...] = (),
                  sum_slots: Mapping[str, int] = {}, task_maps: frozenset[str] = frozenset(),
-                 core: contract.CoreSection | None = None, bpftrace: contract.BpftraceSection | None = None
-                 ) -> contract.Manifest:
+                 core: contract.CoreSection | None = None, bpftrace: contract.BpftraceSection | None = None,
+                 cgroup_map: str = CGROUP_MAP) -> contract.Manifest:
     """The manifest of a bundle: the program's spans, metrics, events and probes, with what the
     backend chose for them: `maps` as it made them, the slot of each histogram's sum in its map
-    (`sum_slots`), the begin maps it keeps in task storage (`task_maps`), and its own section."""
+    (`sum_slots`), the begin maps it keeps in task storage (`task_maps`), its own section, and the
+    name its program gives the cgroup map (`cgroup_map`)."""
     checked = set(program.checked_at_end())
     return contract.Manifest(
         probec_manifest=MANIFEST_VERSION,
@@ -69,7 +76,8 @@ def manifest_for(program: Program, backend: str, files: dict[str, str], *, maps:
         files=dict(files),
         maps=maps,
         spans=tuple(contract.SpanInfo(s.name, s.begin_map.name, s.begin_map.max_entries, s.name in checked,
-                                      s.begin_map.name in task_maps)
+                                      s.begin_map.name in task_maps,
+                                      task_map_name(s.name) if s.begin_map.name in task_maps else "")
                     for s in program.spans),
         metrics=tuple(contract.MetricInfo(
             name=m.name, kind=contract.MetricKind(m.kind), help=m.help, unit=m.unit, scale=m.scale,
@@ -79,6 +87,7 @@ def manifest_for(program: Program, backend: str, files: dict[str, str], *, maps:
             map=m.map.name, series_limit=m.series_limit,
             overflow_map=m.overflow_map.name if m.overflow_map else None,
             folded_map=m.folded_map.name if m.folded_map else None,
+            otel_name=m.otel_name,
         ) for m in program.metrics),
         events=tuple(contract.EventInfo(
             name=e.name, index=e.index, sample_every=e.sample_every, max_per_second=e.max_per_second,
@@ -91,9 +100,11 @@ def manifest_for(program: Program, backend: str, files: dict[str, str], *, maps:
         probes=tuple(contract.ProbeInfo(
             id=p.id, kind=p.kind, category=p.category, name=p.name, binary=p.binary, symbol=p.symbol,
             offset=p.offset, provider=p.provider, rate=p.rate, group=p.group, variant=p.variant,
-            address=p.spec_text,
+            address=p.spec_text, container=p.container, path_in_container=p.path_in_container,
         ) for p in program.probes),
         groups={name: tuple(variants) for name, variants in program.variant_groups},
         core=core,
         bpftrace=bpftrace,
+        cgroups=contract.CgroupSection(cgroup_map, CGROUP_PATH_BIT, tuple(
+            contract.CgroupMatchInfo(bit, attribute, value) for bit, (attribute, value) in enumerate(program.cgroup_sets))),
     )

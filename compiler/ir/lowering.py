@@ -12,8 +12,9 @@ from ..spec.model import EventSpec, MetricSpec, SpanEndRef, SpanSide, SpanSpec, 
 from .host import HostInfo
 from .layout import struct_layout, u32_key, u64_value
 from .lints import LoweringLints
-from .nodes import (INT, SINT, ActiveSpan, Cmp, Const, Context, EmitEvent, Event, EventField, Guard, IRExpr, Label,
-                    Logic, MapSpec, Metric, MetricUpdate, Program, SpanBegin, SpanEnd, SpanInfo, ValueType, Within)
+from .nodes import (CGROUP_MAP, CGROUP_MAP_ENTRIES, INT, SINT, ActiveSpan, Cmp, Const, Context, EmitEvent, Event,
+                    EventField, Guard, IRExpr, Label, Logic, MapSpec, Metric, MetricUpdate, Program, SpanBegin, SpanEnd,
+                    SpanInfo, ValueType, Within)
 from .passes import LoweringPasses
 from .resolve import ProbeBuild, ProbeResolution
 from .typecheck import ProbeContext, TypeChecker
@@ -273,7 +274,8 @@ class Lowering(ProbeResolution, LoweringPasses, LoweringLints):
             else:
                 build.actions.append(upd)
         return Metric(m.name, m.kind, m.help or f"{m.kind} from {m.on.span_name + '.end' if isinstance(m.on, SpanEndRef) else m.on.text}",
-                      unit, scale, tuple(labels or ()), edges, mp, self.spec.limits.series, **fold)
+                      unit, scale, tuple(labels or ()), edges, mp, self.spec.limits.series, **fold,
+                      otel_name=m.otel_name)
 
     def lower_gauge(self, m: MetricSpec, what: str) -> Metric | None:
         """`gauge: SPAN.open`: +1 where the span opens at a key it was not open at, -1 where it
@@ -398,10 +400,13 @@ class Lowering(ProbeResolution, LoweringPasses, LoweringLints):
             maps.append(MapSpec("events", "ring", None, None, self.spec.limits.ringbuf_bytes, "event"))
         if self.needs_stacks:
             maps.append(MapSpec("stacks", "stacks", None, None, 1024, "stacks"))
+        # the cgroups of `namespace == "serving"` and of `probec run --cgroup PATH`: every bundle
+        # has it, filled by the runtime
+        maps.append(MapSpec(CGROUP_MAP, "table", None, None, CGROUP_MAP_ENTRIES, "cgroup_sets"))
         return Program(self.spec.name, self.spec.file.rsplit("/", 1)[-1], self.spec.description, tuple(probes),
                        spans, tuple(metrics), tuple(events), tuple(maps), self.spec.limits.ringbuf_bytes,
                        self.needs_stacks, tuple(self.groups.items()), tuple(self.chosen.items()),
-                       tuple(self.notes))
+                       tuple(self.notes), tuple(self.types.cgroup_sets))
 
 
 def lower(spec: Spec, diags: Diagnostics, options: LoweringOptions | None = None) -> Program | None:

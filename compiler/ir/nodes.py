@@ -26,9 +26,27 @@ class ValueType:
     def describe(self) -> str:
         if self.render == "ipv4":
             return "an IPv4 address"
+        if self.render in CGROUP_RENDERS:
+            return CGROUP_RENDERS[self.render]
         if self.kind == "int" and self.dimension != "none":
             return "a duration" if self.dimension == "time" else "a size"
         return {"int": "an integer", "str": "a string", "bool": "a condition"}[self.kind]
+
+
+# Values the kernel holds as the task's cgroup id and user space shows as the container or pod it
+# belongs to (host/containers.py): labels and event fields, or compared with a string literal.
+CGROUP_RENDERS = {"cgroup_id": "a cgroup id", "container_id": "a container id", "pod_uid": "a pod uid",
+                  "pod": "a pod name", "namespace": "a namespace", "container": "a container name"}
+
+
+CGROUP_MAP = "probec_cgroups"     # cgroup id -> bits: bit i is Program.cgroup_sets[i]; filled by the runtime
+CGROUP_PATH_BIT = 62              # set for the cgroups under `probec run --cgroup PATH`
+CGROUP_MAP_ENTRIES = 4096         # cgroups matched at once (a node has a few hundred; bpftrace sizes every map alike)
+
+
+def opaque(t: "ValueType") -> bool:
+    """A value that is shown, never computed with: an IPv4 address, a container or pod attribute."""
+    return t.render == "ipv4" or (t.render in CGROUP_RENDERS and t.render != "cgroup_id")
 
 
 INT = ValueType("int")
@@ -63,6 +81,7 @@ class TracepointField:
     offset: int
     size: int
     type: ValueType
+    ckind: str = "int"             # what the kernel declares it as: int | ptr | enum (CO-RE matches kinds)
 
 
 @dataclass(frozen=True)
@@ -160,8 +179,18 @@ class FdSocket:
     type: ValueType = INT
 
 
+@dataclass(frozen=True)
+class CgroupMatch:
+    """`namespace == "serving"`: the current task's cgroup is one whose `attribute` (a name from
+    CGROUP_RENDERS) is `value`. The kernel tests a bit of the task's cgroup id in a map that the
+    runtime fills (Program.cgroup_sets numbers the bits); names are never compared in the kernel."""
+    attribute: str
+    value: str
+    type: ValueType = BOOL
+
+
 IRExpr = Union[Context, Arg, Retval, TracepointField, Duration, SpanTotal, ActiveSpan, FdSocket, Const,
-               StrConst, BinOp, Cmp, StrEq, Logic, Not, Neg]
+               StrConst, BinOp, Cmp, StrEq, Logic, Not, Neg, CgroupMatch]
 
 
 # --- layouts -----------------------------------------------------------------------------------
@@ -225,6 +254,7 @@ class Metric:
     overflow_map: MapSpec | None = None
     folded_map: MapSpec | None = None
     sets_map: MapSpec | None = None
+    otel_name: str = ""            # the spec named it the OpenTelemetry way (OTLP export keeps it)
 
 
 @dataclass(frozen=True)
@@ -345,7 +375,10 @@ class Probe:
     variant: int = 0
     spec_text: str = ""            # the address as the user wrote it (for messages)
     past_endbr64: bool = False     # `offset` is probec's placement past endbr64, not the spec's
+    record_type: str = ""          # tracepoint: its BTF record type (fields read by CO-RE); "": at offsets
     span: SourceSpan | None = field(default=None, compare=False)   # where the address is written
+    container: str = ""            # uprobe/usdt: also in this file of every process of containers so named
+    path_in_container: str = ""    # the file's path as those containers see it
 
 
 @dataclass(frozen=True)
@@ -363,6 +396,8 @@ class Program:
     variant_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()   # group -> variant descriptions
     host_variants: tuple[tuple[str, int], ...] = ()                # group -> variant that works here
     notes: tuple[str, ...] = field(default=())
+    # (attribute, value) of each CgroupMatch, by bit of the cgroup map (CGROUP_MAP) the runtime fills
+    cgroup_sets: tuple[tuple[str, str], ...] = ()
 
     def metric(self, name: str) -> Metric:
         return next(m for m in self.metrics if m.name == name)

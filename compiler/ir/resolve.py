@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ...host import elf
+from ...host import containers, elf
 from ..diagnostics import did_you_mean, shown
 from ..escaping import bpftrace_address_part, visible
 from ..kinds import PROBE_KINDS
@@ -41,6 +41,8 @@ class ProbeResolution:
     def _binary_path(self, addr: ProbeAddress) -> str | None:
         target = addr.target
         b = self.spec.binaries.get(target)
+        if b is not None and (b.pid or b.container):
+            return self.container_binary(b)
         path = b.path if b else target
         optional = b.optional if b else False
         if b is None and "/" not in target and not target.startswith("lib"):
@@ -81,6 +83,41 @@ class ProbeResolution:
                    "probes on it are left out of this build")
             if optional:
                 self.left_out_binaries.add(target)
+            return None
+
+    def container_binary(self, b) -> str | None:
+        """A binary as a container sees it: `/proc/PID/root/PATH` of the process `pid`, or of a
+        process of the container named `container` (found through the kubelet's pod list at
+        PROBEC_KUBELET where the spec is built; the runtime attaches to every process of it)."""
+        if not self.host.enabled:
+            return containers.in_container_root(b.pid, b.path) if b.pid else b.path
+        where = f"process {b.pid}" if b.pid else f"container '{b.container}'"
+        try:
+            if b.pid:
+                return containers.resolve_in_root(b.pid, b.path)
+            url = os.environ.get("PROBEC_KUBELET")
+            if not url:
+                raise OSError("PROBEC_KUBELET is not set, so no process of the container can be found")
+            pids = containers.container_processes(b.container, containers.fetch_pod_list(url))
+            if not pids:
+                raise OSError(f"no process on this host runs in a container named '{b.container}'")
+            failure: OSError | None = None
+            for pid in pids:
+                try:
+                    return containers.resolve_in_root(pid, b.path)
+                except OSError as exc:
+                    failure = exc
+            raise failure
+        except (OSError, ValueError) as exc:
+            report = self.d.warning if b.optional else self.d.error
+            hint = "probes on it are left out of this build" if b.optional else \
+                "build on the node while the process runs: the symbols are read from its file" if b.pid else \
+                "build on the node while the container runs, with PROBEC_KUBELET set to the kubelet's pod list " \
+                "(http://127.0.0.1:10255/pods): the symbols are read from the file of one of its processes"
+            report("W302" if b.optional else "E302", f"binary '{b.alias}' in {where} not found: "
+                   f"{getattr(exc, 'strerror', None) or exc}", b.span, hint)
+            if b.optional:
+                self.left_out_binaries.add(b.alias)
             return None
 
     def resolve_symbol(self, addr: ProbeAddress, path: str) -> tuple[str, int] | None:
@@ -251,9 +288,13 @@ class ProbeResolution:
         if key in self.probes:
             return self.probes[key]
         pid = self.probe_id(kind, name or symbol or provider or str(addr.rate))
+        declared = self.spec.binaries.get(addr.target) if binary else None
         probe = Probe(pid, kind, category, name if kind != "usdt" else addr.name, binary, symbol, offset,
                       provider, addr.rate, (), group, variant, addr.text,
-                      past_endbr64=bool(offset) and addr.offset is None, span=addr.span)
+                      past_endbr64=bool(offset) and addr.offset is None, span=addr.span,
+                      container=declared.container if declared else "",
+                      path_in_container=declared.path if declared and declared.container else "",
+                      record_type=(self.host.tracepoint_type(category, name) or "") if kind == "tracepoint" else "")
         if kind == "tracepoint" and fields is None and self.host.enabled and self.host.tracepoints is not None:
             fields = {}
         ctx = ProbeContext(ctx_kind, addr.text if addr.kind != "kernel" else f"{kind}:{addr.name}", fields,

@@ -9,10 +9,19 @@ from ..expr import ast
 from ..kinds import PROBE_KINDS
 from ..spec.limits import LIMITS
 from .host import FormatField
-from .nodes import (COMM, INT, SINT, TID, ActiveSpan, Arg, FdSocket, BinOp, Cmp, Const, Context, Duration, IRExpr,
-                    Logic, Neg, Not, Retval, SpanTotal, StrConst, StrEq, TIME, TracepointField, ValueType)
+from ...host.containers import literal_problem
+from .nodes import (CGROUP_PATH_BIT, CGROUP_RENDERS, COMM, INT, SINT, TID, ActiveSpan, Arg, BinOp, CgroupMatch,
+                    Cmp, Const, Context, Duration, FdSocket, IRExpr, Logic, Neg, Not, Retval, SpanTotal, StrConst,
+                    StrEq, TIME, TracepointField, ValueType, opaque)
 
-CONTEXT_NAMES = {"pid": INT, "tid": INT, "comm": COMM, "cgroup": INT, "cpu": INT, "uid": INT}
+CONTEXT_NAMES = {"pid": INT, "tid": INT, "comm": COMM, "cgroup": INT, "cpu": INT, "uid": INT,
+                 # the task's cgroup id in the kernel; its container and pod are found in user space
+                 **{name: ValueType("int", render=name) for name in CGROUP_RENDERS}}
+CGROUP_HINT = "known in user space from the task's cgroup id: a label, an event field, or compared with a " \
+              "string literal (namespace == \"serving\")"
+CGROUP_EXAMPLES = {"container_id": "3f1c...e9 (64 hex digits)", "pod_uid": "4f6e2b9c-0d1a-4c55-9a2e-6b3f8d7e1a20",
+                   "pod": "model-0", "namespace": "serving", "container": "server"}
+MAX_CGROUP_SETS = CGROUP_PATH_BIT   # bits of the cgroup map a spec's comparisons may use
 # Where positional arguments and a return value can be read: compiler/kinds.py.
 ARG_KINDS = {k.name: k.args for k in PROBE_KINDS.values() if k.args}
 RETVAL_KINDS = tuple(k.name for k in PROBE_KINDS.values() if k.retval)
@@ -36,7 +45,7 @@ class ProbeContext:
     thread_spans: frozenset = frozenset()      # spans keyed by the current thread
 
     def names(self) -> list[str]:
-        out = list(CONTEXT_NAMES)
+        out = [n for n in CONTEXT_NAMES if n not in CGROUP_RENDERS]
         if self.kind in ARG_KINDS:
             out += [f"arg{i}" for i in range(self.arg_count if self.arg_count is not None else ARG_KINDS[self.kind])]
         if self.kind in RETVAL_KINDS:
@@ -46,7 +55,7 @@ class ProbeContext:
         if self.duration:
             out.append("duration")
         return out + [f"{inner}.total" for inner in self.inner_spans] + [f"{inner}.count" for inner in self.inner_spans] \
-            + [f"{c}.count" for c, outer in self.counted.items() if outer == self.ending]
+            + [f"{c}.count" for c, outer in self.counted.items() if outer == self.ending] + list(CGROUP_RENDERS)
 
     @property
     def inner_spans(self) -> list[str]:
@@ -58,6 +67,7 @@ class TypeChecker:
         self.d = diags
         self.totals_used: set[str] = set()      # inner spans whose .total/.count something reads
         self.active_used: set[str] = set()      # spans some active(...) asks about
+        self.cgroup_sets: list[tuple[str, str]] = []   # container and pod comparisons, by bit
 
     def condition(self, expr: ast.Expr, ctx: ProbeContext, what: str) -> IRExpr | None:
         ir = self.check(expr, ctx)
@@ -78,9 +88,9 @@ class TypeChecker:
         if ir is None:
             return None
         if ir.type.kind == "bool" or (ir.type.kind == "str" and not allow_string) or \
-                (ir.type.render == "ipv4" and not allow_address):
+                (opaque(ir.type) and not allow_address):
             self.d.error("E211", f"{what} must be a number, but this is {ir.type.describe()}", expr.span,
-                         ADDRESS_HINT if ir.type.render == "ipv4" else "")
+                         _opaque_hint(ir.type))
             return None
         return ir
 
@@ -118,9 +128,9 @@ class TypeChecker:
                     self.d.error("E214", f"'not' needs a condition, but this is {inner.type.describe()}", e.operand.span)
                     return None
                 return Not(inner)
-            if inner.type.kind != "int" or inner.type.render == "ipv4":
+            if inner.type.kind != "int" or opaque(inner.type):
                 self.d.error("E214", f"'-' needs a number, but this is {inner.type.describe()}", e.operand.span,
-                             ADDRESS_HINT if inner.type.render == "ipv4" else "")
+                             _opaque_hint(inner.type))
                 return None
             return Neg(inner, ValueType("int", inner.type.dimension, signed=True))
         if isinstance(e, ast.Logical):
@@ -140,9 +150,9 @@ class TypeChecker:
             if left is None or right is None:
                 return None
             for side, node in ((left, e.left), (right, e.right)):
-                if side.type.kind != "int" or side.type.render == "ipv4":
+                if side.type.kind != "int" or opaque(side.type):
                     self.d.error("E214", f"'{e.op}' needs numbers, but this is {side.type.describe()}", node.span,
-                                 ADDRESS_HINT if side.type.render == "ipv4" else "")
+                                 _opaque_hint(side.type))
                     return None
             dim = self.arith_dimension(e, left.type, right.type)
             if dim is None:
@@ -174,6 +184,8 @@ class TypeChecker:
         # A tracepoint field whose layout was not read (check --no-host) takes the type it is
         # compared with: a string field compared with a string is no error of the spec.
         left, right = (_as_string_if_unread(left, right.type), _as_string_if_unread(right, left.type))
+        if opaque(left.type) and left.type.render != "ipv4" or opaque(right.type) and right.type.render != "ipv4":
+            return self.cgroup_match(e, left, right)
         lt, rt = left.type, right.type
         if lt.kind == "str" or rt.kind == "str":
             if lt.kind != rt.kind:
@@ -217,6 +229,34 @@ class TypeChecker:
                          "give the number a unit, e.g. 50ms or 4KiB" if isinstance(plain, ast.Integer) else "")
             return None
         return Cmp(e.op, left, right)
+
+    def cgroup_match(self, e: ast.Compare, left: IRExpr, right: IRExpr) -> IRExpr | None:
+        """`namespace == "serving"`: a bit of the task's cgroup in a map the runtime fills."""
+        attr_side, lit_side, lit_node = (left, right, e.right) if opaque(left.type) else (right, left, e.left)
+        attribute = attr_side.type.render
+        what = attr_side.type.describe()
+        if not isinstance(lit_side, StrConst):
+            self.d.error("E216", f"{what} compares only with a string literal", lit_node.span,
+                         f"e.g. {attribute} == \"{CGROUP_EXAMPLES[attribute]}\"")
+            return None
+        if e.op not in ("==", "!="):
+            self.d.error("E216", f"{what} compares only with == and !=, not '{e.op}'", e.span)
+            return None
+        text = lit_side.value.decode()
+        problem = literal_problem(attribute, text)
+        if problem:
+            self.d.error("E218", f"\"{text}\" can never be {what}: the comparison is never true", lit_node.span,
+                         problem)
+            return None
+        key = (attribute, text)
+        if key not in self.cgroup_sets:
+            if len(self.cgroup_sets) >= MAX_CGROUP_SETS:
+                self.d.error("E218", f"more than {MAX_CGROUP_SETS} different container and pod comparisons in "
+                             "one spec", e.span, "each takes a bit of the task's cgroup entry; split the spec")
+                return None
+            self.cgroup_sets.append(key)
+        match = CgroupMatch(attribute, text)
+        return match if e.op == "==" else Not(match)
 
     FUNCTIONS = ("active", "active_at", "socket")
 
@@ -356,10 +396,15 @@ class TypeChecker:
                 self.d.error("E224", f"field '{fname}' ({fmt.ctype}[{fmt.array_len}]) is an array; "
                              "probec reads numbers, char arrays and IPv4 addresses (__u8[4])", e.span)
                 return None
-            return TracepointField(fname, fmt.offset, fmt.size, SINT if fmt.signed else INT)
+            ckind = "ptr" if "*" in fmt.ctype else ("enum" if fmt.ctype.startswith("enum ") else "int")
+            return TracepointField(fname, fmt.offset, fmt.size, SINT if fmt.signed else INT, ckind)
         self.d.error("E220", f"unknown name '{dotted}' in {ctx.description}", e.span,
                      did_you_mean(dotted, ctx.names()) or "known here: " + ", ".join(ctx.names()[:12]))
         return None
+
+
+def _opaque_hint(t: ValueType) -> str:
+    return ADDRESS_HINT if t.render == "ipv4" else CGROUP_HINT if opaque(t) else ""
 
 
 UNREAD_FIELD_STRING = ValueType("str", length=256)   # longer than any char[] a tracepoint has

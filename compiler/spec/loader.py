@@ -18,12 +18,15 @@ from ..expr.parser import parse_expression
 from ..kinds import METRIC_SPEC_KEYS, PROBE_KINDS as PROBE_KIND_REGISTRY
 from .limits import (EVENT_RECORD_KEYS, HISTOGRAM_LABELS, INT_MAX, LIMITS, MAX_BUCKETS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH,
                      RESERVED_METRIC_PREFIX, RESERVED_SPEC_NAMES, exposed_names, expression_depth, out_of_range)
+from ...host.containers import DNS_LABEL
 from .model import (PROBE_KINDS, AlertSpec, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
                     MetricSpec, ProbeAddress, SpanEndRef, SpanOpenRef, SpanSide, SpanSpec, Spec, WithinRef)
 from .yaml_source import MAX_SPEC_BYTES, YMap, YNode, YScalar, YSeq, load_yaml
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 METRIC_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+# A metric named the OpenTelemetry way (http.server.request.duration): lower-case words and dots.
+OTEL_METRIC_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
 # Characters allowed in binary paths and symbols: enough for real files and mangled C++ names,
 # nothing that can break out of a bpftrace probe address or a C string.
 SAFE_PATH = re.compile(r"[A-Za-z0-9_./+@-]+\Z")
@@ -46,7 +49,7 @@ ALERT_QUANTILES = ("50", "90", "95", "99", "999")
 ALERT_FOR_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 EVENT_KEYS = ("on", "when", "sample", "fields")
 LIMIT_KEYS = ("concurrency", "series", "ringbuf")
-BINARY_KEYS = ("path", "optional")
+BINARY_KEYS = ("path", "optional", "container", "pid")
 STACK_FIELDS = {"ustack": "user", "kstack": "kernel"}
 # Every number in a spec ends up in a 64-bit unsigned field in the kernel or the manifest.
 # Digits read as a number at all; what fits is then held to limits.LIMITS (E130, E212), which
@@ -303,20 +306,48 @@ class SpecLoader:
                          section.span, "split the spec: each is built and run on its own")
             return out
         for key, value in section.entries:
-            if not (METRIC_NAME if what == "metrics" else IDENT).match(key.value):
+            dotted = what == "metrics" and OTEL_METRIC_NAME.match(key.value)
+            if not dotted and not (METRIC_NAME if what == "metrics" else IDENT).match(key.value):
                 self.d.error("E107", f"'{key.value}' is not a valid name for {what}", key.span,
-                             "names are letters, digits and '_', not starting with a digit")
+                             "names are letters, digits and '_', not starting with a digit"
+                             + (" (or OpenTelemetry's lower-case words joined by dots: "
+                                "'http.server.request.duration')" if what == "metrics" else ""))
                 continue
             if not self.name_rules(key, f"{what[:-1]} name"):
                 continue
-            if what == "metrics" and key.value.startswith(RESERVED_METRIC_PREFIX):
+            if what == "metrics" and key.value.replace(".", "_").startswith(RESERVED_METRIC_PREFIX):
                 self.d.error("E131", f"metric '{key.value}': names starting with '{RESERVED_METRIC_PREFIX}' "
                              "are probec's health metrics", key.span, "choose another prefix")
                 continue
             item = build(key, value)
-            if item is not None:
-                out[key.value] = item
+            if item is not None and dotted:
+                item = self.prometheus_name(item)
+            if item is not None and item.name in out:        # a dotted name and the one derived from it
+                first = out[item.name]
+                self.d.error("E132", f"metric '{item.otel_name or item.name}' and metric '{first.otel_name or first.name}' "
+                             f"would both export '{item.name}'", key.span, "rename one of them")
+            elif item is not None:
+                out[item.name] = item
         return out
+
+    def prometheus_name(self, m: MetricSpec) -> MetricSpec | None:
+        """A metric named the OpenTelemetry way keeps that name over OTLP and gets the name
+        Prometheus derives from it for /metrics, the kernel maps and everything else: dots to
+        underscores, the unit as a suffix, `_total` for counters (`http.server.request.duration`
+        in seconds: `http_server_request_duration_seconds`). The unit comes from `unit:` or the
+        buckets; a `sum:` counter says it with `unit:`."""
+        unit = m.unit or {"time": "seconds", "size": "bytes"}.get(m.buckets.dimension if m.buckets else "", "")
+        if not unit and m.kind == "counter" and m.value is not None:
+            self.d.error("E107", f"metric '{m.name}' is named the OpenTelemetry way and sums a value: say its unit, "
+                         "from which its Prometheus name is derived", m.span,
+                         "add 'unit: seconds', 'unit: bytes' or 'unit: none'")
+            return None
+        name = m.name.replace(".", "_")
+        if unit in ("seconds", "bytes") and not name.endswith("_" + unit):
+            name += "_" + unit
+        if m.kind == "counter":
+            name += "_total"
+        return replace(m, name=name, otel_name=m.name)
 
     def binaries(self, node) -> dict[str, Binary]:
         section = self.expect_map(node, "binaries")
@@ -326,11 +357,15 @@ class SpecLoader:
         for key, value in section.entries:
             if not self.ident(key, "binary name"):
                 continue
-            optional = False
+            optional, container, pid = False, "", 0
             if isinstance(value, YMap):
                 self.check_keys(value, BINARY_KEYS, f"binary '{key.value}'")
                 opt = self.expect_scalar(value.get("optional"), "optional")
                 optional = opt is not None and opt.value.lower() in ("true", "yes", "1")
+                inside = self.inside_container(key.value, value)
+                if inside is None:
+                    continue
+                container, pid = inside
                 value = value.get("path")
                 if value is None:
                     self.d.error("E108", f"binary '{key.value}' needs a 'path'", key.span)
@@ -342,8 +377,34 @@ class SpecLoader:
                 self.d.error("E111", f"path '{shown(s.value)}' has characters probec does not accept in a path",
                              s.span, "use letters, digits and ._/+@-, and ${VARIABLE} for the environment")
                 continue
-            out[key.value] = Binary(key.value, s.value, s.span, optional)
+            if (container or pid) and not s.value.startswith("/"):
+                self.d.error("E118", f"binary '{key.value}': a path inside a container is absolute, as the "
+                             "container sees it", s.span, "e.g. path: /opt/app/libmodel.so")
+                continue
+            out[key.value] = Binary(key.value, s.value, s.span, optional, container, pid)
         return out
+
+    def inside_container(self, alias: str, value: YMap) -> tuple[str, int] | None:
+        """`container: NAME` or `pid: N`: where the path is seen from (None after an error)."""
+        container, pid = "", 0
+        if value.get("container") is not None:
+            s = self.expect_scalar(value.get("container"), "container")
+            if s is None:
+                return None
+            if not DNS_LABEL.match(s.value):
+                self.d.error("E118", f"binary '{alias}': '{shown(s.value)}' is not a container name", s.span,
+                             "a container name as the pod spec gives it: lowercase letters, digits and '-'")
+                return None
+            container = s.value
+        if value.get("pid") is not None:
+            pid = self.integer(value.get("pid"), "pid", minimum=1)
+            if pid is None:
+                return None
+            if container:
+                self.d.error("E118", f"binary '{alias}': 'container' and 'pid' exclude each other",
+                             value.get("pid").span, "name the container, or one process in it")
+                return None
+        return container, pid
 
     def limits(self, node) -> Limits:
         section = self.expect_map(node, "limits")

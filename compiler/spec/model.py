@@ -119,6 +119,7 @@ class MetricSpec:
     unit: str = ""                         # seconds | bytes | "" (derived when not given)
     parts: tuple[tuple[str, Expr, SourceSpan], ...] = ()   # `parts:` histograms: (part, value, where)
     alert: AlertSpec | None = None         # histograms: `alert: p99 > 50ms for 5m` (probec rules)
+    otel_name: str = ""                    # named the OpenTelemetry way (`name` is then Prometheus's)
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,8 @@ class Binary:
     path: str
     span: SourceSpan
     optional: bool = False                 # a missing file is a warning, not an error
+    container: str = ""                    # the file as the processes of this container see it
+    pid: int = 0                           # the file as process `pid` sees it (/proc/PID/root)
 
 
 @dataclass(frozen=True)

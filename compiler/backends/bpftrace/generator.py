@@ -19,14 +19,17 @@ DUMP_MARK = "probec: dump end"     # printed after the last map of each periodic
 # epoch it leaves takes no more updates, so every map printed is read at the same instant, the flip.
 EPOCH = "@__probec_epoch"
 READY_MAP = "@__probec_ready"      # set once, by the probe written last: every probe is attached
+# cgroup id -> bits (ir.CGROUP_MAP), filled by the runtime through bpftrace's file descriptor for it
+CGROUP_MAP = "@__cgroups"
 
 
 class ExpressionEmitter:
     """Renders IR expressions as bpftrace for one probe."""
 
-    def __init__(self, probe: ir.Probe, version: tuple[int, int]):
+    def __init__(self, probe: ir.Probe, version: tuple[int, int], cgroup_sets: tuple = ()):
         self.probe = probe
         self.version = version
+        self.cgroup_sets = cgroup_sets
         self.prelude: list[str] = []                # statements the probe runs first
         self.hoisted: dict[ir.IRExpr, str] = {}     # expressions computed once, in the prelude
 
@@ -40,7 +43,9 @@ class ExpressionEmitter:
 
     def emit(self, e: ir.IRExpr) -> str:
         if isinstance(e, ir.Context):
-            return e.name
+            return "cgroup" if e.name in ir.CGROUP_RENDERS else e.name
+        if isinstance(e, ir.CgroupMatch):
+            return f"(({CGROUP_MAP}[cgroup] >> {self.cgroup_sets.index((e.attribute, e.value))}) & 1)"
         if isinstance(e, ir.Arg):
             return f"arg{e.index}"
         if isinstance(e, ir.Retval):
@@ -268,13 +273,13 @@ class BpftraceBackend(Backend):
             address = self.address(p)
             if address is None:
                 continue
-            em = ExpressionEmitter(p, self.version)
+            em = ExpressionEmitter(p, self.version, program.cgroup_sets)
             lines = []
             for a in p.actions:
                 lines += self.action(a, em, program)
             lines = em.prelude + lines
-            probes_text.append(self.render("probe.bt.j2", address=address,
-                                           actions=["  " + line if line else line for line in lines]))
+            probes_text.append(self.render("probe.bt.j2", address=address, cgroup_map=CGROUP_MAP,
+                                           cgroup_path_bit=ir.CGROUP_PATH_BIT, actions=["  " + line if line else line for line in lines]))
             used_probes.append(p)
         # The maps the runtime reads, named here once: the script prints them and the manifest
         # tells the runtime what each one holds.
@@ -287,6 +292,7 @@ class BpftraceBackend(Backend):
         printed = [mm.map for mm in metric_maps]
         epoch_maps = list(printed)
         cleared = [self.map_name(m.name) for m in program.maps if m.purpose in ("span_begin", "accumulator")]
+        cleared.append(CGROUP_MAP)
         cleared.append(EPOCH)
         printed += [outside_counter(span) for span in program.checked_at_end()]
         printed += [overflow_counter(s.name) for s in program.spans]
@@ -308,10 +314,10 @@ class BpftraceBackend(Backend):
             source=program.source, version=f"{self.version[0]}.{self.version[1]}", name=program.name,
             probes=[("\n".join(t)).rstrip() for t in probes_text], interval_ms=self.interval_ms,
             printed_maps=printed, cleared_maps=cleared, ready_mark=READY_MARK,
-            dump_mark=DUMP_MARK, epoch=EPOCH, ready_map=READY_MAP).split("\n"))
+            dump_mark=DUMP_MARK, epoch=EPOCH, ready_map=READY_MAP, cgroup_map=CGROUP_MAP).split("\n"))
         script_name = f"{program.name}.bt"
         keys_max = max([m.max_entries for m in program.maps if m.shape in ("slots", "table")] + [4096])
-        manifest = self.base_manifest(program, {"script": script_name}, bpftrace=contract.BpftraceSection(
+        manifest = self.base_manifest(program, {"script": script_name}, cgroup_map=CGROUP_MAP, bpftrace=contract.BpftraceSection(
             version=f"{self.version[0]}.{self.version[1]}", interval_ms=self.interval_ms,
             map_keys_max=2 * keys_max,      # two epochs of each label set
             metric_maps=tuple(metric_maps), epoch_maps=tuple(epoch_maps), counters=tuple(counters),
