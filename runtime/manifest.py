@@ -276,6 +276,14 @@ class BpftraceSection:
 
 
 @dataclass(frozen=True)
+class BccSection:
+    """The bcc backend's: its C and attachments are the `core` section's, compiled at load time."""
+    program: str                         # the Python program that holds the C (its PROGRAM string)
+    kernel_struct_reads: tuple[str, ...]  # probes that read kernel structs through the headers (socket(fd)):
+                                         # refused where the headers are not the running kernel's
+
+
+@dataclass(frozen=True)
 class Manifest:
     probec_manifest: int
     name: str
@@ -291,6 +299,7 @@ class Manifest:
     groups: dict[str, tuple[str, ...]]   # variant group -> its variants' labels
     core: CoreSection | None = None
     bpftrace: BpftraceSection | None = None
+    bcc: BccSection | None = None
 
     def to_dict(self) -> dict:
         return _encode(self)

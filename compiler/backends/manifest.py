@@ -45,6 +45,7 @@ def event_field_kind(f) -> str:
 
 def manifest_for(program: Program, backend: str, files: dict[str, str], *,
                  core: contract.CoreSection | None = None, bpftrace: contract.BpftraceSection | None = None,
+                 bcc: contract.BccSection | None = None,
                  task_maps: frozenset[str] = frozenset()) -> contract.Manifest:
     checked = set(program.checked_at_end())
     return contract.Manifest(
@@ -83,4 +84,5 @@ def manifest_for(program: Program, backend: str, files: dict[str, str], *,
         groups={name: tuple(variants) for name, variants in program.variant_groups},
         core=core,
         bpftrace=bpftrace,
+        bcc=bcc,
     )

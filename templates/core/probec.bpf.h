@@ -179,6 +179,7 @@ static __always_inline bool probec_task_within(void *storage)
 
 /* --- sockets ----------------------------------------------------------------------------------- */
 
+#ifdef BPF_CORE_READ /* CO-RE only: the bcc backend writes its own, through the kernel headers */
 #define PROBEC_S_IFMT 0170000
 #define PROBEC_S_IFSOCK 0140000
 
@@ -203,6 +204,7 @@ static __always_inline __u64 probec_fd_socket(__u64 fd)
 	sock = BPF_CORE_READ(file, private_data);
 	return sock ? (__u64)BPF_CORE_READ(sock, sk) : 0;
 }
+#endif
 
 /* --- totals of inner spans ---------------------------------------------------------------------- */
 
@@ -251,7 +253,7 @@ static __always_inline __u64 probec_acc_read(void *acc, __u64 key)
 static __always_inline bool probec_sample(void *health, __u32 seen_slot, __u64 *sampled, __u64 every)
 {
 	probec_health_inc(health, seen_slot);
-	if (every <= 1)
+	if (every <= 1 || !sampled)     /* !sampled: never (bcc keeps it in a map slot) */
 		return true;
 	return (__sync_fetch_and_add(sampled, 1) + 1) % every == 0;
 }
@@ -269,7 +271,7 @@ static __always_inline bool probec_rate_ok(struct probec_rate *rate, __u64 now, 
 {
 	__u64 second = now / 1000000000ULL;
 
-	if (!max_per_second)
+	if (!max_per_second || !rate)   /* !rate: never (bcc keeps it in a map slot) */
 		return true;
 	if (rate->second != second) {
 		rate->second = second;

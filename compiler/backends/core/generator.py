@@ -265,6 +265,7 @@ class CExpression:
 
 class CoreBackend(Backend):
     name = "core"
+    expression_class = CExpression
     FEATURES = {
         "this probe kind": "the core backend has no BPF program type for it",
         "this context value": "it has no BPF helper here",
@@ -415,14 +416,18 @@ class CoreBackend(Backend):
             "metric_update.j2", guard=self.guard(a.guard, em, program), histogram=histogram,
             labelled=labelled, value=value, value_ctype="__s64" if signed else "__u64",
             map=m.map.name, key_struct=self.struct_name(m.map.key), key_lines=key_lines,
-            bucket_fn="probec_bucket_s64" if signed else "probec_bucket_u64",
-            edges=f"probec_edges_{m.name}", steps=bucket_steps(len(m.edges)), sum_slot=m.sum_slot,
+            bucket=self.bucket_call(m, signed), sum_slot=m.sum_slot,
             full_slot=self.health.add("metric_map_full", m.name) if labelled and histogram else -1,
             overflow_map=m.overflow_map.name if m.overflow_map else "",
             folded_map=m.folded_map.name if m.folded_map else "",
             sets_map=m.sets_map.name if m.sets_map else "",
             counted=program.accumulators(a.metric)[0] if a.accumulate_into else "",
             counted_key=em.value(a.accumulate_into.key) if a.accumulate_into else "")
+
+    def bucket_call(self, m: ir.Metric, signed: bool) -> str:
+        """C that computes the bucket of `probec_v` for histogram `m`: a search of its edge table."""
+        fn = "probec_bucket_s64" if signed else "probec_bucket_u64"
+        return f"{fn}(probec_v, probec_edges_{m.name}, {bucket_steps(len(m.edges))})"
 
     def emit_event(self, a: ir.EmitEvent, em: CExpression, program: ir.Program) -> list[str]:
         ev = program.event(a.event)
@@ -459,7 +464,7 @@ class CoreBackend(Backend):
             self.unsupported("this probe kind", where=p.spec_text or p.kind)
             return None
         section, ctx_type = SECTIONS[p.kind]
-        em = CExpression(p, self)
+        em = self.expression_class(p, self)
         actions: list[str] = []
         for a in p.actions:
             actions += self.action(a, em, program)
