@@ -300,6 +300,22 @@ static __always_inline __u64 probec_ringbuf_flags(void *ringbuf, __u64 wakeup_by
 										: BPF_RB_NO_WAKEUP;
 }
 
+/* --- tracepoint fields ----------------------------------------------------------------------- */
+
+/* A tracepoint field at an offset not aligned to its size (tcp:tcp_retransmit_skb's 4-byte saddr
+ * sits at 34): a tracepoint program may read its context only at aligned offsets, so the field is
+ * read a byte at a time (little-endian, as the targets probec builds for). */
+static __always_inline __u64 probec_ctx_unaligned(void *ctx, const __u32 off, const __u32 size)
+{
+	__u64 v = 0;
+
+#pragma unroll
+	for (__u32 i = 0; i < 8; i++)
+		if (i < size)
+			v |= (__u64)*((__u8 *)ctx + off + i) << (8 * i);
+	return v;
+}
+
 /* --- strings ------------------------------------------------------------------------------------ */
 
 /* `s` equals the literal `lit` of `n` bytes (its NUL included). Literals come from the spec as

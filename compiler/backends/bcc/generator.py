@@ -247,7 +247,9 @@ class BccBackend(CoreBackend):
         if program.events:
             lookups += ["probec_sampled", "probec_rates"]
         source = self.render(
-            "program.c.j2", lookups=lookups, source=program.source, name=name, header=header, helpers=helpers,
+            "program.c.j2", lookups=lookups,
+            arrays={t["name"] for t in tables if t["type"] in ("ARRAY", "PERCPU_ARRAY")} |
+            {"probec_health", "probec_sampled", "probec_rates"}, source=program.source, name=name, header=header, helpers=helpers,
             tables=tables, health_slots=len(self.health.slots), settings=settings,
             events=[{"name": e.name, "index": i} for i, e in enumerate(program.events)],
             buckets=buckets, strings=self.strings.definitions(), socket=bool(struct_reads),

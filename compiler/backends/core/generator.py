@@ -166,6 +166,8 @@ class CExpression:
                 raise AssertionError("string field used as a number")  # pragma: no cover
             ctype = SCALAR_C[(f.size, f.type.signed)]
             wide = "__s64" if f.type.signed else "__u64"
+            if f.offset % f.size:       # the kernel refuses a context read at an unaligned offset
+                return f"(({wide})({ctype})probec_ctx_unaligned(ctx, {f.offset}, {f.size}))"
             return f"(({wide})*({ctype} *)((char *)ctx + {f.offset}))"
         if isinstance(e, ir.Duration):
             self.needs.add("now")

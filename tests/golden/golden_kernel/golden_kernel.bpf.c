@@ -434,8 +434,8 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 	{
 		struct probec_retransmits_total_key probec_k;
 
-		probec_k.l_saddr = (__u64)((__u64)*(__u32 *)((char *)ctx + 34));
-		probec_k.l_daddr = (__u64)((__u64)*(__u32 *)((char *)ctx + 38));
+		probec_k.l_saddr = (__u64)((__u64)(__u32)probec_ctx_unaligned(ctx, 34, 4));
+		probec_k.l_daddr = (__u64)((__u64)(__u32)probec_ctx_unaligned(ctx, 38, 4));
 		probec_k.l_port = (__u64)((__u64)*(__u16 *)((char *)ctx + 30));
 		__u64 probec_d = (__u64)1ULL;
 
@@ -458,8 +458,8 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 				probec_e->ts = probec_now;
 				probec_e->pid = probec_id >> 32;
 				probec_e->tid = (__u32)probec_id;
-				probec_e->f_args_saddr = (__u64)((__u64)*(__u32 *)((char *)ctx + 34));
-				probec_e->f_args_daddr = (__u64)((__u64)*(__u32 *)((char *)ctx + 38));
+				probec_e->f_args_saddr = (__u64)((__u64)(__u32)probec_ctx_unaligned(ctx, 34, 4));
+				probec_e->f_args_daddr = (__u64)((__u64)(__u32)probec_ctx_unaligned(ctx, 38, 4));
 				probec_e->f_args_sport = (__u64)((__u64)*(__u16 *)((char *)ctx + 28));
 				probec_e->f_args_dport = (__u64)((__u64)*(__u16 *)((char *)ctx + 30));
 				probec_e->f_args_state = (__s64)((__s64)*(__s32 *)((char *)ctx + 24));
