@@ -173,7 +173,7 @@ def main() -> int:
         lines.append("- `+0` is honoured: the entry probe sits at the symbol.")
     else:
         lines += ["- **`+0` is NOT honoured**: the probe still goes to +4. compiler/spec/loader.py parses `+0` into "
-                  "`offset=0`, the same value as no offset at all, and compiler/ir/lowering.py `_resolve_symbol` "
+                  "`offset=0`, the same value as no offset at all, and compiler/ir/resolve.py `_resolve_symbol` "
                   "moves every offset-0 uprobe past endbr64 when `placement == \"auto\"`. The only way to the entry "
                   "is `LoweringOptions(placement=\"entry\")`, which no CLI flag reaches; the forced-entry row above "
                   "was built through that API. Fix: keep 'offset written' apart from 'offset 0' in ProbeAddress "

@@ -63,6 +63,8 @@ def build_bundle(result: CheckResult, backend: str, target_version: str | None =
         gen = BccBackend(result.diagnostics, **options)
     else:
         raise ValueError(backend)
+    if not gen.supports(program):
+        return None
     bundle = gen.build(program)
     if result.diagnostics.has_errors():
         return None

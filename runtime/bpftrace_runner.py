@@ -81,6 +81,8 @@ class MapDecoder:
     def carry_over(self) -> None:
         """Called before a restart: what the store shows now becomes the base for the next run."""
         for name, state in self.store.snapshot().items():
+            if not state.meta.cumulative:
+                continue
             self.carried[name] = {k: (HistogramSeries(list(v.buckets), v.sum) if isinstance(v, HistogramSeries)
                                       else v) for k, v in state.series.items()}
         self.partial.clear()

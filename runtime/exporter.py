@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from .events import rendered
-from .manifest import Label, MetricInfo
+from .manifest import Label, MetricInfo, MetricKind
 from .store import HistogramSeries, MetricStore, quantile, quantile_labels
 
 QUANTILES = (0.5, 0.95, 0.99)
@@ -38,29 +38,40 @@ class StoreCollector:
     def collect(self):
         snap = self.store.snapshot()
         for name, state in snap.items():
-            meta = state.meta
-            labels = [lab.name for lab in meta.labels]
-            scale = meta.scale
-            if meta.histogram:
-                edges = [e * scale for e in meta.edges]
-                fam = HistogramMetricFamily(name, meta.help, labels=labels)
-                for key, series in sorted(state.series.items(), key=lambda kv: str(kv[0])):
-                    assert isinstance(series, HistogramSeries)
-                    cumulative, out = 0, []
-                    for edge, count in zip(edges + [float("inf")], series.buckets):
-                        cumulative += count
-                        out.append((format_edge(edge) if edge != float("inf") else "+Inf", cumulative))
-                    fam.add_metric([label_text(k, s) for k, s in zip(key, meta.labels)], out, series.sum * scale)
-                yield fam
-                yield self.window(name, meta, edges)
-            else:
-                base = name[:-6] if name.endswith("_total") else name
-                fam = CounterMetricFamily(base, meta.help, labels=labels)
-                for key, value in sorted(state.series.items(), key=lambda kv: str(kv[0])):
-                    fam.add_metric([label_text(k, s) for k, s in zip(key, meta.labels)],
-                                   value * scale if scale != 1 else value)
-                yield fam
+            yield from self.FAMILIES[state.meta.kind](self, name, state.meta, state.series)
         yield from self.health(snap)
+
+    def histogram(self, name: str, meta: MetricInfo, series_by_labels: dict):
+        edges = [e * meta.scale for e in meta.edges]
+        fam = HistogramMetricFamily(name, meta.help, labels=[lab.name for lab in meta.labels])
+        for key, series in sorted(series_by_labels.items(), key=lambda kv: str(kv[0])):
+            assert isinstance(series, HistogramSeries)
+            cumulative, out = 0, []
+            for edge, count in zip(edges + [float("inf")], series.buckets):
+                cumulative += count
+                out.append((format_edge(edge) if edge != float("inf") else "+Inf", cumulative))
+            fam.add_metric([label_text(k, s) for k, s in zip(key, meta.labels)], out, series.sum * meta.scale)
+        yield fam
+        yield self.window(name, meta, edges)
+
+    def counter(self, name: str, meta: MetricInfo, series_by_labels: dict):
+        base = name[:-6] if name.endswith("_total") else name
+        fam = CounterMetricFamily(base, meta.help, labels=[lab.name for lab in meta.labels])
+        for key, value in sorted(series_by_labels.items(), key=lambda kv: str(kv[0])):
+            fam.add_metric([label_text(k, s) for k, s in zip(key, meta.labels)],
+                           value * meta.scale if meta.scale != 1 else value)
+        yield fam
+
+    def gauge(self, name: str, meta: MetricInfo, series_by_labels: dict):
+        """A value of now: 0 is a value too (the readers keep only series that are not 0)."""
+        fam = GaugeMetricFamily(name, meta.help, labels=[lab.name for lab in meta.labels])
+        for key, value in sorted((series_by_labels or ({(): 0} if not meta.labels else {})).items(),
+                                 key=lambda kv: str(kv[0])):
+            fam.add_metric([label_text(k, s) for k, s in zip(key, meta.labels)], value * meta.scale)
+        yield fam
+
+    # How each metric kind is exported.
+    FAMILIES = {MetricKind.HISTOGRAM: histogram, MetricKind.COUNTER: counter, MetricKind.GAUGE: gauge}
 
     def window(self, name: str, meta: MetricInfo, edges: list[float]) -> Metric:
         """The histogram's quantiles over the last `--window` seconds, as a summary family

@@ -36,6 +36,7 @@ class ManifestError(BundleError):
 class MetricKind(StrEnum):
     COUNTER = "counter"
     HISTOGRAM = "histogram"
+    GAUGE = "gauge"            # a value of now (spans open), not a count since the start
 
 
 class MapPurpose(StrEnum):
@@ -150,6 +151,12 @@ class MetricInfo:
     @property
     def histogram(self) -> bool:
         return self.kind == MetricKind.HISTOGRAM
+
+    @property
+    def cumulative(self) -> bool:
+        """Counts since the start, which a restart of the tracing engine carries over; a gauge
+        is a value of now, which starts again with the engine (its open spans are gone)."""
+        return self.kind != MetricKind.GAUGE
 
 
 @dataclass(frozen=True)

@@ -94,10 +94,11 @@ def test_headers_of_another_kernel_only_warn_where_no_struct_is_read(tmp_path):
 def test_no_headers_at_all_is_said(monkeypatch):
     from probec.compiler.backends.bcc import generator
     from probec.compiler.driver import build_bundle, check_file
-    from probec.compiler.ir.host import HostInfo
+    from probec.compiler.ir.host import RecordedHost
     monkeypatch.setattr(generator, "find_kernel_headers", lambda: None)
-    result = check_file(str(Path(__file__).parent / "golden" / "specs" / "golden_sockets.yaml"), HostInfo(False),
-                        kernel="any")
+    tests = Path(__file__).parent
+    result = check_file(str(tests / "golden" / "specs" / "golden_sockets.yaml"),
+                        RecordedHost.from_file(str(tests / "hosts" / "firecracker-6.18.json")))
     assert build_bundle(result, "bcc") is None
     said = {(d.code, d.message.split(":")[0]) for d in result.diagnostics.sorted()}
     assert ("W531", "BCC finds no kernel headers on this host") in said
@@ -175,3 +176,26 @@ def test_bucket_search_is_the_edge_table_search():
         exec(python, scope)   # the comparisons as written, run in Python
         for v in sorted({0, 1, *edges, *(e + 1 for e in edges), *(max(e - 1, 0) for e in edges)}):
             assert scope["bucket"](v) == sum(e < v for e in edges), (edges, v)
+
+
+def test_fentry_needs_btf_and_a_kernel_span_falls_back_to_its_kprobe(tmp_path):
+    """fentry/fexit need kernel BTF, which the hosts bcc is for lack: a `kernel:` span keeps its
+    kprobe variant (and its fallback), a lone fentry probe is refused."""
+    from probec.compiler.driver import build_bundle, check_file
+    from probec.compiler.ir.host import RecordedHost
+    host = RecordedHost.from_file(str(Path(__file__).parent / "hosts" / "debian-6.1.json"))
+    spec = spec_file(tmp_path, "name: k\nspans:\n  send:\n    kernel: tcp_sendmsg\n    fallback: syscall:sendto\n"
+                               "metrics:\n  send_seconds:\n    histogram: send.duration\n    buckets: [1ms]\n"
+                               "  sends_total:\n    count: fentry:tcp_sendmsg\n")
+    result = check_file(str(spec), host, kernel="any")
+    assert result.program is not None, result.diagnostics.items
+    assert build_bundle(result, "bcc", check_headers=False) is None
+    errors = [d.message for d in result.diagnostics.items if d.code == "E501"]
+    assert len(errors) == 1 and errors[0].startswith("the bcc backend cannot do fentry probes (fentry:tcp_sendmsg)")
+    spec.write_text(spec.read_text().replace("  sends_total:\n    count: fentry:tcp_sendmsg\n", ""))
+    result = check_file(str(spec), host, kernel="any")
+    bundle = build_bundle(result, "bcc", check_headers=False)
+    assert bundle is not None, result.diagnostics.items
+    kinds = [p.kind for p in bundle.manifest.core.programs]
+    assert "fentry" not in kinds and "fexit" not in kinds and "kprobe" in kinds and "kretprobe" in kinds
+    assert "tracepoint" in kinds          # the fallback, tried after the kprobe

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from conftest import bcc_headers_match, require_backend, require_kernel
+from conftest import WORKLOADS, bcc_headers_match, require_backend, require_kernel
 from harness import (Run, assert_histogram_matches, bpf_program_count, build, buckets, measured_durations,
                      per_bucket, value, workload, write_spec)
 
@@ -630,6 +630,8 @@ metrics:
   held_seconds:
     histogram: held.duration
     buckets: [1ms]
+  held_open:
+    gauge: held.open
 """
 
 
@@ -646,3 +648,67 @@ def test_span_begins_a_full_map_drops_are_counted(tmp_path, backend):
     assert capacity < values
     assert value(metrics, "probec_span_begin_overflow_total", span="held") == values - capacity
     assert value(metrics, "held_seconds_count") == 0
+    # a gauge counts the begins the map holds, not those it refused
+    assert value(metrics, "held_open") == capacity
+
+
+GAUGE_SPEC = """
+name: in_flight
+binaries:
+  lib: $WORK/libpwork.so
+spans:
+  hold:
+    function: lib:pwork_hold
+    filter: comm == "pw_hold"
+metrics:
+  holds_in_flight:
+    gauge: hold.open
+  holds_total:
+    count: hold.end
+"""
+
+
+def test_gauge_counts_the_calls_in_flight(tmp_path, backend):
+    """`gauge: hold.open` while exactly N threads are inside pwork_hold: N on a live scrape, then 0
+    once they have returned (N ends counted), and 0 in the final snapshot."""
+    import subprocess
+    import time
+    n = 7
+    bundle = build(write_spec(tmp_path, GAUGE_SPEC), backend, tmp_path / "bundle")
+    port = free_port()
+    run = Run(bundle, tmp_path, port=port)
+    holder = subprocess.Popen([str(WORKLOADS / "pwork"), "--comm", "pw_hold", "--threads", str(n), "hold"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def scrape_until(done) -> dict:
+        deadline = time.monotonic() + 15
+        while True:
+            metrics = run.scrape(port)
+            if done(metrics) or time.monotonic() > deadline:
+                return metrics
+            time.sleep(0.2)
+
+    try:
+        assert holder.stdout.readline() == f"HOLDING {n}\n"       # all n inside pwork_hold now
+        metrics = scrape_until(lambda m: value(m, "holds_in_flight") == n)
+        assert value(metrics, "holds_in_flight") == n and value(metrics, "holds_total") == 0
+        time.sleep(1.2)                                            # two more reads: still n, not more
+        metrics = run.scrape(port)
+        assert value(metrics, "holds_in_flight") == n and value(metrics, "holds_total") == 0
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == f"RELEASED {n}\n"
+        assert holder.wait(30) == 0
+        scrape_until(lambda m: value(m, "holds_total") == n)
+        time.sleep(1.2)                                            # a whole read after the last end
+        metrics = run.scrape(port)
+        assert value(metrics, "holds_total") == n and value(metrics, "holds_in_flight") == 0
+        assert "holds_in_flight" in metrics                        # 0 is exported, not left out
+        final = run.stop()
+        assert value(final, "holds_in_flight") == 0 and "holds_in_flight" in final
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        run.kill()
+        print(f"probec run stderr:\n{run.stderr()}")

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from probec.compiler.backends.manifest import field_ctype
 from probec.compiler.ir.layout import struct_layout
 from probec.compiler.ir.nodes import COMM, INT, SINT, ValueType
 
@@ -20,14 +21,14 @@ def test_layout_aligns_and_pads():
     assert lay.size % 8 == 0
     assert struct.calcsize(lay.pyformat) == lay.size
     for f in lay.fields:
-        assert f.offset % (min(f.size, 8) if f.ctype != "char" else 1) == 0
+        assert f.offset % (min(f.size, 8) if f.kind != "bytes" else 1) == 0
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 def test_c_compiler_agrees(tmp_path):
     lay = struct_layout("k", [("l_comm", ValueType("str", length=13), "c"), ("l_x", INT, "x")], bucket=True,
-                        header=[("event", "__u32", 4, "I"), ("cpu", "__u32", 4, "I")])
-    members = "".join(f"  {f.ctype} {f.name}{f'[{f.length}]' if f.length else ''};\n" for f in lay.fields)
+                        header=[("event", "unsigned", 4, "I"), ("cpu", "unsigned", 4, "I")])
+    members = "".join(f"  {field_ctype(f)} {f.name}{f'[{f.length}]' if f.length else ''};\n" for f in lay.fields)
     checks = "".join(f'  printf("%zu\\n", offsetof(struct k, {f.name}));\n' for f in lay.fields)
     src = tmp_path / "l.c"
     src.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <linux/types.h>\n"

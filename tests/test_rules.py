@@ -52,6 +52,8 @@ metrics:
   sleeps_total:
     count: sleep.end
     labels: [comm]
+  sleeps_in_flight:
+    gauge: sleep.open
 events:
   slow:
     on: sleep.end
@@ -274,3 +276,4 @@ def test_every_dashboard_query_parses_and_names_what_the_spec_exports(tmp_path):
     stacked = next(p for p in panels if p["title"] == "phases_seconds: mean by part (stacked)")
     assert stacked["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
     assert ("timeseries", "sleeps_total: rate") in kinds and ("row", "Collector health") in kinds
+    assert ("timeseries", "sleeps_in_flight: now") in kinds

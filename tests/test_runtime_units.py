@@ -79,6 +79,30 @@ def test_counts_carry_over_a_restart():
     assert store.snapshot()["calls_total"].series == {("a", 1): 7, ("b", 2): 1}
 
 
+GAUGE = {"name": "requests_in_flight", "kind": "gauge", "help": "g", "unit": "", "scale": 1.0, "labels": [],
+         "edges": [], "sum_slot": None, "map": "m_requests_in_flight", "series_limit": 10, "overflow_map": None,
+         "folded_map": None}
+
+
+def test_a_gauge_starts_again_with_bpftrace_and_exports_its_zero():
+    """What a gauge showed before a restart is not carried over (the spans it counted open are gone
+    with the old bpftrace); a gauge at 0 is exported as 0, where a counter at 0 has no sample."""
+    gauges = manifest([GAUGE, COUNTER])
+    store = MetricStore(gauges)
+    dec = MapDecoder(gauges, store)
+    dec.feed("@m_requests_in_flight", 3)
+    dec.feed("@m_calls_total", {"a,1": 5})
+    dec.carry_over()
+    dec.feed("@m_requests_in_flight", 1)
+    dec.feed("@m_calls_total", {"a,1": 2})
+    assert store.snapshot()["requests_in_flight"].series == {(): 1}
+    assert store.snapshot()["calls_total"].series == {("a", 1): 7}
+    dec.feed("@m_requests_in_flight", 0)
+    fams = {f.name: f for f in text_string_to_metric_families(Exporter(store, "t", "bpftrace").text())}
+    assert fams["requests_in_flight"].type == "gauge"
+    assert [(s.name, s.value) for s in fams["requests_in_flight"].samples] == [("requests_in_flight", 0)]
+
+
 def test_exposition_uses_le_edges_in_seconds():
     store = MetricStore(MANIFEST)
     store.replace("lat_seconds", {("srv",): HistogramSeries([1, 2, 0, 1], 9000)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -10,7 +11,8 @@ import jinja2
 
 from .. import escaping
 from ..diagnostics import Diagnostics, SourceSpan
-from ..ir.nodes import Program
+from ..ir.nodes import Program, TracepointField, walk
+from ..kinds import METRIC_KINDS
 from .manifest import Manifest, manifest_for
 
 
@@ -39,25 +41,45 @@ class Bundle:
 
 
 class Backend:
-    """A backend turns a Program into a Bundle. Subclasses set `name` and `FEATURES`."""
+    """A backend turns a Program into a Bundle. Subclasses set `name` and declare what they can
+    do: `PROBES` says how they render each probe kind of compiler/kinds.py and `UPDATES` each way
+    a metric kind is updated (MetricKind.update: a backend adds to a counter and to a gauge alike;
+    what the value means is the runtime's business), and `FIELD_OFFSETS` whether they need the
+    offsets of the tracepoint fields they read (a sentence saying why, or ""). A kind missing
+    from a table is one the backend cannot do."""
 
     name = ""
-    # What this backend can do: feature -> True, or a sentence saying why not.
-    FEATURES: dict[str, bool | str] = {}
+    PROBES: Mapping[str, object] = {}
+    UPDATES: Mapping[str, object] = {}
+    FIELD_OFFSETS = ""
 
     def __init__(self, diags: Diagnostics, spec_span: SourceSpan | None = None):
         self.d = diags
         self.spec_span = spec_span
 
-    def unsupported(self, feature: str, span: SourceSpan | None = None, severity: str = "error") -> bool:
-        """Report `feature` if this backend cannot do it; True when it is supported."""
-        verdict = self.FEATURES.get(feature, True)
-        if verdict is True:
-            return True
-        report = self.d.error if severity == "error" else self.d.warning
-        report("E501" if severity == "error" else "W501", f"the {self.name} backend cannot do {feature}: {verdict}",
-               span or self.spec_span)
-        return False
+    def cannot(self, what: str, where: str, why: str, span: SourceSpan | None) -> None:
+        self.d.error("E501", f"the {self.name} backend cannot do {what} ({where}): {why}", span or self.spec_span)
+
+    def supports(self, program: Program) -> bool:
+        """Report, from what this backend declares, everything in `program` it cannot do (E501),
+        before it writes anything. True when it can build the whole program."""
+        before = self.d.error_count
+        for p in program.probes:
+            where = p.spec_text or p.id
+            if p.kind not in self.PROBES:
+                self.cannot(f"{p.kind} probes", where, f"it attaches {', '.join(sorted(self.PROBES))}", p.span)
+                continue
+            if self.FIELD_OFFSETS:
+                unknown = {n.name for n in walk(p.actions) if isinstance(n, TracepointField) and n.offset < 0}
+                for name in sorted(unknown):
+                    self.cannot("tracepoint fields with unknown offsets", f"{where}: args.{name}", self.FIELD_OFFSETS,
+                                p.span)
+        for m in program.metrics:
+            update = METRIC_KINDS[m.kind].update
+            if update not in self.UPDATES:
+                self.cannot(f"{m.kind} metrics", f"metric '{m.name}'", f"they are updated by '{update}', and it "
+                            f"renders only {', '.join(sorted(self.UPDATES))}", None)
+        return self.d.error_count == before
 
     def build(self, program: Program) -> Bundle:
         raise NotImplementedError
@@ -78,7 +100,7 @@ def check_generated_names(spec, diags: Diagnostics) -> None:
     from .bpftrace.generator import BpftraceBackend
     from .core.generator import CoreBackend
     items = [("span", n, s.span, False) for n, s in spec.spans.items()] + \
-        [("metric", n, m.span, m.kind == "histogram") for n, m in spec.metrics.items()] + \
+        [("metric", n, m.span, METRIC_KINDS[m.kind].buckets) for n, m in spec.metrics.items()] + \
         [("event", n, e.span, False) for n, e in spec.events.items()]
     for backend in (BpftraceBackend, CoreBackend, BccBackend):
         owner: dict[str, tuple[str, str]] = {}

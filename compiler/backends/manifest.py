@@ -7,28 +7,37 @@ the runtime's leaf module `runtime/manifest.py`; this module fills it from the I
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ...runtime import manifest as contract
 from ...runtime.manifest import Manifest
-from ..ir.nodes import Layout, MapSpec, Program
+from ..ir.nodes import Field, Layout, MapSpec, Program
 
-__all__ = ["MANIFEST_VERSION", "Manifest", "contract", "manifest_for"]
+__all__ = ["MANIFEST_VERSION", "Manifest", "contract", "field_ctype", "manifest_for", "map_info"]
 
 MANIFEST_VERSION = contract.MANIFEST_VERSION
+
+
+# How the manifest (and the core backend's C structs, which the runtime reads with it) spell a
+# field's type.
+CTYPES = {("unsigned", 4): "__u32", ("unsigned", 8): "__u64", ("signed", 8): "__s64"}
+
+
+def field_ctype(f: Field) -> str:
+    return "char" if f.kind == "bytes" else CTYPES[(f.kind, f.size)]
 
 
 def layout_info(layout: Layout | None) -> contract.Layout | None:
     if layout is None:
         return None
     return contract.Layout(layout.name, layout.size, layout.pyformat,
-                           tuple(contract.LayoutField(f.name, f.ctype, f.length, f.size, f.offset, f.label)
+                           tuple(contract.LayoutField(f.name, field_ctype(f), f.length, f.size, f.offset, f.label)
                                  for f in layout.fields))
 
 
-def map_info(m: MapSpec, task_maps: frozenset[str] = frozenset()) -> contract.MapInfo:
-    if m.name in task_maps:    # core: one slot per thread, sized by the threads
-        return contract.MapInfo(m.name, "TASK_STORAGE", 0, contract.MapPurpose(m.purpose),
-                                layout_info(m.key), layout_info(m.value))
-    return contract.MapInfo(m.name, m.type, m.max_entries, contract.MapPurpose(m.purpose),
+def map_info(m: MapSpec, map_type: str, max_entries: int) -> contract.MapInfo:
+    """A map as the backend that holds it made it (its type and size there)."""
+    return contract.MapInfo(m.name, map_type, max_entries, contract.MapPurpose(m.purpose),
                             layout_info(m.key), layout_info(m.value))
 
 
@@ -43,10 +52,13 @@ def event_field_kind(f) -> str:
     return f.stack + "stack" if f.stack else ("str" if f.is_string else "int")
 
 
-def manifest_for(program: Program, backend: str, files: dict[str, str], *,
+def manifest_for(program: Program, backend: str, files: dict[str, str], *, maps: tuple[contract.MapInfo, ...] = (),
+                 sum_slots: Mapping[str, int] = {}, task_maps: frozenset[str] = frozenset(),
                  core: contract.CoreSection | None = None, bpftrace: contract.BpftraceSection | None = None,
-                 bcc: contract.BccSection | None = None,
-                 task_maps: frozenset[str] = frozenset()) -> contract.Manifest:
+                 bcc: contract.BccSection | None = None) -> contract.Manifest:
+    """The manifest of a bundle: the program's spans, metrics, events and probes, with what the
+    backend chose for them: `maps` as it made them, the slot of each histogram's sum in its map
+    (`sum_slots`), the begin maps it keeps in task storage (`task_maps`), and its own section."""
     checked = set(program.checked_at_end())
     return contract.Manifest(
         probec_manifest=MANIFEST_VERSION,
@@ -55,7 +67,7 @@ def manifest_for(program: Program, backend: str, files: dict[str, str], *,
         description=program.description,
         backend=backend,
         files=dict(files),
-        maps=tuple(map_info(m, task_maps) for m in program.maps),
+        maps=maps,
         spans=tuple(contract.SpanInfo(s.name, s.begin_map.name, s.begin_map.max_entries, s.name in checked,
                                       s.begin_map.name in task_maps)
                     for s in program.spans),
@@ -63,7 +75,7 @@ def manifest_for(program: Program, backend: str, files: dict[str, str], *,
             name=m.name, kind=contract.MetricKind(m.kind), help=m.help, unit=m.unit, scale=m.scale,
             labels=tuple(contract.Label(lab.name, lab.expr.type.kind, *rendering(lab.expr.type))
                          for lab in m.labels),
-            edges=tuple(m.edges), sum_slot=m.sum_slot if m.kind == "histogram" else None,
+            edges=tuple(m.edges), sum_slot=sum_slots.get(m.name),
             map=m.map.name, series_limit=m.series_limit,
             overflow_map=m.overflow_map.name if m.overflow_map else None,
             folded_map=m.folded_map.name if m.folded_map else None,

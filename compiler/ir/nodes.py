@@ -167,10 +167,11 @@ IRExpr = Union[Context, Arg, Retval, TracepointField, Duration, SpanTotal, Activ
 # --- layouts -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Field:
-    """One member of a key or value struct: the C type, Python struct code and offset all agree."""
+    """One member of a key or value struct: its type, size, offset and Python struct code agree;
+    a backend spells the type (the core backend's C: __u64, __s64, __u32, char[N])."""
     name: str
-    ctype: str             # __u64, __s64, __u32, char
-    length: int            # array length for char[N]; 0 for scalars
+    kind: str              # unsigned | signed (integers of `size` bytes) | bytes (a string, or padding)
+    length: int            # number of bytes for bytes; 0 for integers
     size: int
     offset: int
     pyformat: str          # struct format of this field alone (Q, q, I, 16s, 4x)
@@ -191,8 +192,9 @@ class Layout:
 # --- maps, metrics, events ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class MapSpec:
+    """A logical map; each backend chooses what holds it (the core backend: a BPF map type)."""
     name: str              # C identifier and bpftrace @name stem
-    type: str              # HASH | PERCPU_HASH | PERCPU_ARRAY | ARRAY | RINGBUF | STACK_TRACE | LRU_HASH
+    shape: str             # slots (indexed 0..max_entries-1) | table (by key) | ring (event records) | stacks
     key: Layout | None
     value: Layout | None
     max_entries: int
@@ -223,11 +225,6 @@ class Metric:
     overflow_map: MapSpec | None = None
     folded_map: MapSpec | None = None
     sets_map: MapSpec | None = None
-
-    @property
-    def sum_slot(self) -> int:
-        """Bucket index that carries the histogram's sum (after the +Inf bucket)."""
-        return len(self.edges) + 1
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,16 @@ from dataclasses import dataclass, field
 
 from ..diagnostics import Diagnostics, SourceSpan, did_you_mean
 from ..expr import ast
+from ..kinds import PROBE_KINDS
 from ..spec.limits import LIMITS
 from .host import FormatField
 from .nodes import (COMM, INT, SINT, TID, ActiveSpan, Arg, FdSocket, BinOp, Cmp, Const, Context, Duration, IRExpr,
                     Logic, Neg, Not, Retval, SpanTotal, StrConst, StrEq, TIME, TracepointField, ValueType)
 
 CONTEXT_NAMES = {"pid": INT, "tid": INT, "comm": COMM, "cgroup": INT, "cpu": INT, "uid": INT}
-ARG_KINDS = {"uprobe": 10, "kprobe": 6, "fentry": 6, "usdt": 12}
-RETVAL_KINDS = ("uretprobe", "kretprobe", "fexit", "syscallret")
+# Where positional arguments and a return value can be read: compiler/kinds.py.
+ARG_KINDS = {k.name: k.args for k in PROBE_KINDS.values() if k.args}
+RETVAL_KINDS = tuple(k.name for k in PROBE_KINDS.values() if k.retval)
 ADDRESS_HINT = "an IPv4 address (__u8[4]) can be a label, an event field or a span key, shown as a dotted quad"
 
 

@@ -97,6 +97,12 @@ def counter_panel(layout: DashboardLayout, metric: Metric, job: str) -> None:
                  [target(expr, legend(labels) or counter_name(metric))], **timeseries(unit))
 
 
+def gauge_panel(layout: DashboardLayout, metric: Metric, job: str) -> None:
+    """The value itself, summed over the collectors (spans open on every host of the job)."""
+    layout.panel("timeseries", f"{metric.name}: now", metric.help,
+                 [target(f"sum ({selector(metric.name, job)})", metric.name)], **timeseries("short"))
+
+
 def health_panels(layout: DashboardLayout, program: Program, job: str) -> None:
     def rate(name: str, keep: str = "") -> str:
         inner = f"rate({selector(HEALTH[name], job)}[{RATE}])"
@@ -136,14 +142,15 @@ def health_panels(layout: DashboardLayout, program: Program, job: str) -> None:
                  **timeseries("s"))
 
 
+# The panels of each metric kind (compiler/kinds.py).
+PANELS = {"counter": counter_panel, "histogram": histogram_panels, "gauge": gauge_panel}
+
+
 def dashboard_document(program: Program, job: str) -> dict:
     layout = DashboardLayout()
     layout.row("Metrics")
     for metric in program.metrics:
-        if metric.kind == "histogram":
-            histogram_panels(layout, metric, job)
-        else:
-            counter_panel(layout, metric, job)
+        PANELS[metric.kind](layout, metric, job)
     health_panels(layout, program, job)
     return {
         "title": f"probec: {program.name}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import yaml
 
 from ..ir.nodes import Metric, Program
+from ..kinds import METRIC_KINDS
 from ..spec.model import AlertSpec, Spec
 from .promql import HEALTH, QUANTILES, by, export_scale, label_names, label_value, number, quantile_expr, selector
 
@@ -141,7 +142,7 @@ def health_alerts(program: Program, job: str) -> list[dict]:
 def rules_document(spec: Spec, program: Program, job: str) -> dict:
     recording, alerting = [], []
     for metric in program.metrics:
-        if metric.kind != "histogram":
+        if not METRIC_KINDS[metric.kind].buckets:      # quantiles need buckets
             continue
         recording += quantile_rules(metric, job)
         alert = spec.metrics[metric.name].alert if metric.name in spec.metrics else None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..kinds import METRIC_KINDS
+
 
 @dataclass(frozen=True)
 class Limit:
@@ -78,16 +80,9 @@ def out_of_range(what: str, value: int) -> str:
 
 
 def exposed_names(name: str, kind: str) -> tuple[str, ...]:
-    """The metric family and sample names the runtime exports for one spec metric
-    (runtime/exporter.py): a counter as BASE_total, a histogram as NAME_bucket/_sum/_count with
-    the summary NAME_window of its window quantiles beside it (a summary's own _count and _sum
-    names reserved too). `_created` is Prometheus's own suffix for all of them."""
-    if kind == "counter":
-        base = name[:-6] if name.endswith("_total") else name
-        return (base, f"{base}_total", f"{base}_created")
-    window = f"{name}_window"
-    return (name, f"{name}_bucket", f"{name}_sum", f"{name}_count", f"{name}_created",
-            window, f"{window}_count", f"{window}_sum", f"{window}_created")
+    """The metric family and sample names the runtime exports for one spec metric of `kind`
+    (compiler/kinds.py says them per kind)."""
+    return METRIC_KINDS[kind].exposed_names(name)
 
 
 def expression_depth(expr) -> int:

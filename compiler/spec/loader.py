@@ -15,10 +15,11 @@ from pathlib import Path
 from ..diagnostics import Diagnostics, SourceSpan, did_you_mean, shown
 from ..expr.ast import SIZE_UNITS, TIME_UNITS, Expr, Name
 from ..expr.parser import parse_expression
+from ..kinds import METRIC_SPEC_KEYS, PROBE_KINDS as PROBE_KIND_REGISTRY
 from .limits import (EVENT_RECORD_KEYS, HISTOGRAM_LABELS, INT_MAX, LIMITS, MAX_BUCKETS, MAX_EXPRESSION_DEPTH, MAX_NAME_LENGTH,
                      RESERVED_METRIC_PREFIX, RESERVED_SPEC_NAMES, exposed_names, expression_depth, out_of_range)
 from .model import (PROBE_KINDS, AlertSpec, Binary, Buckets, EventField, EventSpec, LabelSpec, Limits,
-                    MetricSpec, ProbeAddress, SpanEndRef, SpanSide, SpanSpec, Spec, WithinRef)
+                    MetricSpec, ProbeAddress, SpanEndRef, SpanOpenRef, SpanSide, SpanSpec, Spec, WithinRef)
 from .yaml_source import MAX_SPEC_BYTES, YMap, YNode, YScalar, YSeq, load_yaml
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -35,8 +36,7 @@ SPAN_KEYS = ("begin", "end", "function", "syscall", "kernel", "key", "filter", "
              "restart", "fallback", "description")
 WITHIN_KEYS = ("span", "key", "end_key")
 SIDE_KEYS = ("probe", "key")
-METRIC_KEYS = ("help", "histogram", "parts", "count", "sum", "on", "filter", "labels", "buckets",
-               "within", "unit", "alert")
+METRIC_KEYS = ("help", *METRIC_SPEC_KEYS, "on", "filter", "labels", "buckets", "within", "unit", "alert")
 # `alert: p99 > 50ms for 5m`: a quantile (p50, p90, p95, p99, p999), a threshold with the
 # histogram's unit or a multiple of its baseline (`3x baseline`), and optionally how long it must
 # hold (Prometheus durations: s, m, h, d).
@@ -181,23 +181,24 @@ class SpecLoader:
                          did_you_mean(kind, PROBE_KINDS) or "probe kinds: " + ", ".join(PROBE_KINDS))
             return None
         parts = rest.split(":")
+        grammar = PROBE_KIND_REGISTRY[kind].address
 
         def bad(message: str, hint: str = "") -> None:
             self.d.error("E111", message, span, hint)
 
         if kind == "tracepoint":
             if len(parts) != 2 or not all(IDENT.match(p) for p in parts):
-                return bad(f"'{shown(text)}' should be tracepoint:CATEGORY:NAME", "e.g. tracepoint:sched:sched_switch")
+                return bad(f"'{shown(text)}' should be {grammar}", "e.g. tracepoint:sched:sched_switch")
             return ProbeAddress(kind, text, span, target=parts[0], name=parts[1])
         if kind in ("syscall", "syscallret", "kprobe", "kretprobe", "fentry", "fexit", "kernel", "kernelret"):
             if len(parts) != 1 or not IDENT.match(parts[0]):
-                return bad(f"'{shown(text)}' should be {kind}:NAME",
+                return bad(f"'{shown(text)}' should be {grammar}",
                            f"e.g. {kind}:" + ("sendmsg" if "sys" in kind else "tcp_sendmsg"))
             return ProbeAddress(kind, text, span, name=parts[0])
         if kind in ("uprobe", "uretprobe"):
             binary, _, symbol = rest.partition(":")
             if not binary or not symbol:
-                return bad(f"'{shown(text)}' should be {kind}:BINARY:SYMBOL",
+                return bad(f"'{shown(text)}' should be {grammar}",
                            "BINARY is a path or a name from 'binaries'")
             offset = None
             m = re.fullmatch(r"(.*?)\+(0x[0-9a-fA-F]+|[0-9]+)", symbol)
@@ -216,17 +217,17 @@ class SpecLoader:
         if kind == "usdt":
             if len(parts) != 3 or not all(parts) or not SAFE_PATH.match(parts[0]) \
                     or not IDENT.match(parts[1]) or not IDENT.match(parts[2]):
-                return bad(f"'{shown(text)}' should be usdt:BINARY:PROVIDER:NAME")
+                return bad(f"'{shown(text)}' should be {grammar}")
             return ProbeAddress(kind, text, span, target=parts[0], provider=parts[1], name=parts[2])
         if kind == "profile":
             if len(parts) != 2 or parts[0] != "hz" or not re.fullmatch(r"[0-9]{1,5}", parts[1]) \
                     or not 1 <= int(parts[1]) <= 10_000:
-                return bad(f"'{shown(text)}' should be profile:hz:N with 1 <= N <= 10000", "e.g. profile:hz:99")
+                return bad(f"'{shown(text)}' should be {grammar} with 1 <= N <= 10000", "e.g. profile:hz:99")
             return ProbeAddress(kind, text, span, rate=int(parts[1]))
         if kind == "interval":
             scale = {"s": 1_000_000_000, "ms": 1_000_000}
             if len(parts) != 2 or parts[0] not in scale or not parts[1].isdigit() or int(parts[1]) == 0:
-                return bad(f"'{shown(text)}' should be interval:s:N or interval:ms:N", "e.g. interval:s:1")
+                return bad(f"'{shown(text)}' should be {grammar}", "e.g. interval:s:1")
             period = int(parts[1]) * scale[parts[0]] if len(parts[1]) <= 20 else LIMITS["interval"].high + 1
             if out_of_range("interval", period):
                 self.d.error("E130", f"'{shown(text)}': an interval is at most a day", span, LIMITS["interval"].why)
@@ -644,12 +645,15 @@ class SpecLoader:
         if m is None:
             return None
         self.check_keys(m, METRIC_KEYS, what)
-        kinds = [k for k in ("histogram", "parts", "count", "sum") if m.get(k) is not None]
+        kinds = [k for k in METRIC_SPEC_KEYS if m.get(k) is not None]
         if len(kinds) != 1:
-            self.d.error("E113", f"{what} needs exactly one of histogram, parts, count or sum", key.span,
+            keys = list(METRIC_SPEC_KEYS)
+            self.d.error("E113", f"{what} needs exactly one of {', '.join(keys[:-1])} or {keys[-1]}", key.span,
                          "e.g. 'histogram: inference.duration' or 'count: tracepoint:tcp:tcp_retransmit_skb'")
             return None
-        kind = kinds[0]
+        kind, metric_kind = kinds[0], METRIC_SPEC_KEYS[kinds[0]]
+        if metric_kind.open_spans:
+            return self.gauge_spec(key, m, what)
         parts: tuple = ()
         on_node = m.get("on")
         on = self.probe_address(on_node, f"{what}.on", allow_span_end=True) if on_node is not None else None
@@ -666,7 +670,6 @@ class SpecLoader:
                 self.d.error("E113", f"{what}: say where the parts are measured with 'on'", key.span,
                              "e.g. 'on: request.end'")
                 return None
-            kind = "histogram"
         else:
             s = self.expect_scalar(m.get(kind), f"{what}.{kind}")
             if s is None:
@@ -684,7 +687,7 @@ class SpecLoader:
         if on is None:
             return None
         buckets = None
-        if kind == "histogram":
+        if metric_kind.buckets:
             if m.get("buckets") is None:
                 self.d.error("E120", f"{what} needs 'buckets'", key.span, "e.g. 'buckets: exp2(1us, 16s)'")
                 return None
@@ -705,14 +708,33 @@ class SpecLoader:
                 lab.span for lab in labels if lab.name == "part"), "name this label otherwise")
         alert = None
         if m.get("alert") is not None:
-            if kind != "histogram":
+            if not metric_kind.buckets:
                 self.d.error("E117", f"{what}: only histograms have alerts", m.get("alert").span,
                              "alerts watch a quantile, e.g. 'alert: p99 > 50ms for 5m' on a histogram")
             else:
                 alert = self.alert(m.get("alert"), what, buckets)
-        return MetricSpec(key.value, key.span, "histogram" if kind == "histogram" else "counter",
+        return MetricSpec(key.value, key.span, metric_kind.name,
                           help_node.value if help_node else "", on, value, filt, labels, buckets,
                           self.within_ref(m.get("within"), f"{what}.within"), unit, parts, alert)
+
+    def gauge_spec(self, key: YScalar, m: YMap, what: str) -> MetricSpec | None:
+        """`gauge: SPAN.open`: how many of the span are open now. It changes where the span opens
+        and closes, so nothing else says where or what it counts."""
+        for k, node in m.entries:
+            if k.value not in ("gauge", "help"):
+                self.d.error("E113", f"{what}: a gauge counts the spans open now; '{k.value}' does not apply "
+                             "to it", k.span, "a gauge follows its span: give the span the filter or key")
+        s = self.expect_scalar(m.get("gauge"), f"{what}.gauge")
+        if s is None:
+            return None
+        ref = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\.open\s*", s.value)
+        if not ref:
+            self.d.error("E113", f"{what}: 'gauge: {shown(s.value)}' should be 'gauge: SPAN.open'", s.span,
+                         "e.g. 'gauge: request.open': the requests in flight")
+            return None
+        help_node = self.expect_scalar(m.get("help"), "help")
+        return MetricSpec(key.value, key.span, "gauge", help_node.value if help_node else "",
+                          SpanOpenRef(ref.group(1), s.text_span(0, len(s.value.strip()))), None, None, (), None, None)
 
     def alert(self, node: YNode, what: str, buckets: Buckets) -> AlertSpec | None:
         """`p99 > 50ms for 5m`: the threshold in the unit of the histogram's bucket edges; or

@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 
 from ..diagnostics import SourceSpan
 from ..expr.ast import Expr
+from ..kinds import PROBE_KINDS as PROBE_KIND_REGISTRY
 
-# Probe address kinds as written in a spec.
-PROBE_KINDS = ("tracepoint", "syscall", "syscallret", "uprobe", "uretprobe", "usdt",
-               "kprobe", "kretprobe", "fentry", "fexit", "kernel", "kernelret",
-               "profile", "interval")
+# Probe address kinds as written in a spec (compiler/kinds.py).
+PROBE_KINDS = tuple(PROBE_KIND_REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,13 @@ class ProbeAddress:
 @dataclass(frozen=True)
 class SpanEndRef:
     """`inference.end`: the moment a span completes (its end probe, with `duration` known)."""
+    span_name: str
+    span: SourceSpan
+
+
+@dataclass(frozen=True)
+class SpanOpenRef:
+    """`request.open`: the spans of that name open now (a gauge)."""
     span_name: str
     span: SourceSpan
 
@@ -102,9 +108,9 @@ class AlertSpec:
 class MetricSpec:
     name: str
     span: SourceSpan
-    kind: str                             # counter | histogram
+    kind: str                             # a metric kind of compiler/kinds.py: counter | histogram | gauge
     help: str
-    on: ProbeAddress | SpanEndRef          # where the metric is updated
+    on: ProbeAddress | SpanEndRef | SpanOpenRef   # where the metric is updated
     value: Expr | None                     # None: count events
     filter: Expr | None
     labels: tuple[LabelSpec, ...]

@@ -6,6 +6,7 @@
  * (and -mno-omit-leaf-frame-pointer does not change that). With it, the first instruction is
  * `push %rbp` in libpwork.so and `endbr64` in libpwork_cet.so, and the lib_tick USDT nop is
  * not at the entry address of pwork_lib_tick. */
+#include <pthread.h>
 #include <sys/sdt.h>
 
 #include "precise_sleep.h"
@@ -48,4 +49,42 @@ void pwork_lib_tick(unsigned long i)
 {
 	PWORK_FRAME();
 	DTRACE_PROBE1(pwork, lib_tick, i);
+}
+
+static pthread_mutex_t hold_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t hold_changed = PTHREAD_COND_INITIALIZER;
+static unsigned long hold_inside;
+static int hold_released;
+
+void pwork_hold(void)
+{
+	PWORK_FRAME();
+	pthread_mutex_lock(&hold_lock);
+	hold_inside++;
+	pthread_cond_broadcast(&hold_changed);
+	while (!hold_released)
+		pthread_cond_wait(&hold_changed, &hold_lock);
+	hold_inside--;
+	pthread_cond_broadcast(&hold_changed);
+	pthread_mutex_unlock(&hold_lock);
+}
+
+void pwork_hold_wait(unsigned long n)
+{
+	PWORK_FRAME();
+	pthread_mutex_lock(&hold_lock);
+	while (hold_inside < n)
+		pthread_cond_wait(&hold_changed, &hold_lock);
+	pthread_mutex_unlock(&hold_lock);
+}
+
+void pwork_hold_release(void)
+{
+	PWORK_FRAME();
+	pthread_mutex_lock(&hold_lock);
+	hold_released = 1;
+	pthread_cond_broadcast(&hold_changed);
+	while (hold_inside > 0)
+		pthread_cond_wait(&hold_changed, &hold_lock);
+	pthread_mutex_unlock(&hold_lock);
 }

@@ -19,6 +19,12 @@ PWORK_API unsigned long pwork_record(unsigned long v);
 PWORK_API unsigned long pwork_nop(void);
 /* Fires the library USDT probe pwork:lib_tick with arg0 = i. */
 PWORK_API void pwork_lib_tick(unsigned long i);
+/* Stays inside this call until pwork_hold_release() (gauge tests: calls in flight). */
+PWORK_API void pwork_hold(void);
+/* Returns once `n` threads are inside pwork_hold. */
+PWORK_API void pwork_hold_wait(unsigned long n);
+/* Lets every pwork_hold call return, and returns once none is inside any more. */
+PWORK_API void pwork_hold_release(void);
 
 #ifdef __cplusplus
 }

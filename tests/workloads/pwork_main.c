@@ -24,11 +24,14 @@ static const char usage_text[] =
 	"                           (USDT pwork:lib_tick in libpwork), i = 0..N-1\n"
 	"  nop N                    N calls of pwork_nop()\n"
 	"  getpid N                 N syscall(SYS_getpid)\n"
+	"  hold                     (needs --threads T) each thread calls pwork_hold(); once all T\n"
+	"                           are inside, print \"HOLDING T\", release them when a line (or\n"
+	"                           EOF) arrives on stdin, print \"RELEASED T\" once all returned\n"
 	"--durations FILE: for sleep, one line per call: \"US OUTER INNER\": asked (us), then\n"
 	"                  nanoseconds of CLOCK_MONOTONIC around the call (OUTER, the caller's\n"
 	"                  view, so any probe on it is inside) and inside its body (INNER)\n";
 
-enum command { CMD_SLEEP, CMD_RECORD, CMD_WRITE, CMD_USDT, CMD_NOP, CMD_GETPID };
+enum command { CMD_SLEEP, CMD_RECORD, CMD_WRITE, CMD_USDT, CMD_NOP, CMD_GETPID, CMD_HOLD };
 
 struct work {
 	enum command cmd;
@@ -102,6 +105,9 @@ static int run_work(const struct work *w)
 		for (i = 0; i < n; i++)
 			syscall(SYS_getpid);
 		break;
+	case CMD_HOLD:
+		pwork_hold();
+		break;
 	}
 	return 0;
 }
@@ -125,6 +131,7 @@ static int parse_command(const char *name, int nargs, enum command *cmd)
 		{ "sleep", CMD_SLEEP, 2, -1 },	{ "record", CMD_RECORD, 1, -1 },
 		{ "write", CMD_WRITE, 2, 2 },	{ "usdt", CMD_USDT, 1, 1 },
 		{ "nop", CMD_NOP, 1, 1 },	{ "getpid", CMD_GETPID, 1, 1 },
+		{ "hold", CMD_HOLD, 0, 0 },
 	};
 	size_t k;
 
@@ -200,6 +207,8 @@ int main(int argc, char **argv)
 			return 1;
 		}
 	}
+	if (w.cmd == CMD_HOLD && threads == 0)
+		usage();
 	if (wait_stdin)
 		workload_wait_stdin();
 
@@ -221,6 +230,19 @@ int main(int argc, char **argv)
 				status = 1;
 				break;
 			}
+		}
+		if (w.cmd == CMD_HOLD) {
+			int c;
+
+			pwork_hold_wait(started);
+			printf("HOLDING %llu\n", started);
+			fflush(stdout);
+			do {
+				c = getchar();
+			} while (c != '\n' && c != EOF);
+			pwork_hold_release();
+			printf("RELEASED %llu\n", started);
+			fflush(stdout);
 		}
 		for (t = 0; t < started; t++) {
 			void *ret;

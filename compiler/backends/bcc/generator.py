@@ -27,13 +27,13 @@ from ....host import elf
 from ....host.headers import KernelHeaders, find_kernel_headers
 from ...diagnostics import Diagnostics, SourceSpan
 from ...ir import nodes as ir
+from ...kinds import METRIC_KINDS
 from ..base import Bundle, template_environment
-from ..core.generator import STACK_DEPTH, U64_MAX, CExpression, CoreBackend, c_u64, signed_metrics
-from ..manifest import contract
+from ..core.generator import STACK_DEPTH, CExpression, CoreBackend, c_u64, signed_metrics, sum_slot
+from ..manifest import contract, map_info
 
-# BCC table kinds by the IR's map types
-TABLE_KINDS = {"HASH": "hash", "PERCPU_HASH": "percpu_hash", "ARRAY": "array", "PERCPU_ARRAY": "percpu_array",
-               "LRU_HASH": "lru_hash", "LRU_PERCPU_HASH": "lru_percpu_hash"}
+# BCC table kinds by the BPF map types the core backend chooses
+TABLE_KINDS = {"HASH": "hash", "PERCPU_HASH": "percpu_hash", "ARRAY": "array", "PERCPU_ARRAY": "percpu_array"}
 # BCC's C type of a USDT argument of each size (its readarg refuses a destination of another size)
 USDT_CTYPES = {(1, True): "__s8", (1, False): "__u8", (2, True): "__s16", (2, False): "__u16",
                (4, True): "__s32", (4, False): "__u32", (8, True): "__s64", (8, False): "__u64"}
@@ -44,30 +44,26 @@ PAGE = 4096
 class BccExpression(CExpression):
     """The core backend's C expressions, with USDT arguments read BCC's way."""
 
-    def argument(self, index: int) -> str:
-        if self.probe.kind != "usdt":
-            return super().argument(index)
-        ctype = self.backend.usdt_argument_type(self.probe, index)
+    def value(self, e: ir.IRExpr) -> str:
+        if not (isinstance(e, ir.Arg) and self.probe.kind == "usdt"):
+            return super().value(e)
+        ctype = self.backend.usdt_argument_type(self.probe, e.index)
         if ctype is None:
             return "0"
         # BCC rewrites bpf_usdt_readarg() in the probe's own function into a reader it generates
-        # from the binary's note, so the call is written out here, not in a helper or a macro
-        return (f"({{ {ctype} probec_a = 0; bpf_usdt_readarg({index + 1}, ctx, &probec_a); "
+        # from the binary's note (for a destination of the argument's own size), so the call is
+        # written out here, not in a helper or a macro
+        return (f"({{ {ctype} probec_a = 0; bpf_usdt_readarg({e.index + 1}, ctx, &probec_a); "
                 f"(__s64)probec_a; }})")
 
 
 class BccBackend(CoreBackend):
     name = "bcc"
     expression_class = BccExpression
-    FEATURES = {
-        **CoreBackend.FEATURES,
-        "this probe kind": "BCC attaches tracepoints, uprobes, USDT, kprobes and perf events only",
-        "fentry/fexit without a fallback": "fentry and fexit need kernel BTF, and the bcc backend is for "
-                                           "hosts without it; give the span a kprobe or syscall fallback",
-        "socket(fd) with these kernel headers": "",     # the reason is the headers', filled in per build
-        "USDT arguments of this binary": "its USDT notes cannot be read here, and BCC needs each argument's size",
-        "ring buffers this small": "BCC sizes a ring buffer in whole pages (4096 bytes)",
-    }
+    # What BCC attaches: the core backend's kinds but fentry/fexit, which need kernel BTF (a
+    # `kernel:` span falls back to its kprobe, or to the spec's fallback). USDT arguments are read
+    # BCC's way (BccExpression).
+    PROBES = {kind: how for kind, how in CoreBackend.PROBES.items() if kind not in NO_BTF_KINDS}
 
     def __init__(self, diags: Diagnostics, spec_span: SourceSpan | None = None,
                  headers: KernelHeaders | None = None, check_headers: bool = True, **_ignored):
@@ -76,15 +72,14 @@ class BccBackend(CoreBackend):
         self.env = template_environment("bcc", "core")
         self.check_headers = check_headers
         self.headers = headers if headers is not None or not check_headers else find_kernel_headers()
-        self.features = dict(self.FEATURES)
 
-    def unsupported(self, feature: str, span: SourceSpan | None = None, severity: str = "error",
-                    where: str = "") -> bool:
-        saved, self.FEATURES = self.FEATURES, self.features
-        try:
-            return super().unsupported(feature, span, severity, where)
-        finally:
-            self.FEATURES = saved
+    def supports(self, program: ir.Program) -> bool:
+        """The core backend's checks, with fentry/fexit variants of a group left to its other
+        variants (only one with none is refused)."""
+        kept = self.probes_for_bcc(program)
+        before = self.d.error_count
+        ok = super().supports(_with_probes(program, kept))
+        return ok and self.d.error_count == before
 
     @staticmethod
     def generated_names(kind: str, name: str, histogram: bool = False) -> tuple[str, ...]:
@@ -124,7 +119,8 @@ class BccBackend(CoreBackend):
             notes = []
         args = [n.args[index] for n in notes if index < len(n.args)]
         if not args:
-            self.unsupported("USDT arguments of this binary", where=f"{probe.spec_text}: arg{index}")
+            self.cannot("USDT arguments of this binary", f"{probe.spec_text}: arg{index}",
+                        "its USDT notes cannot be read here, and BCC needs each argument's size", probe.span)
             return None
         widest = max(args, key=lambda a: a.size)
         return USDT_CTYPES.get((widest.size, widest.signed), "__s64")
@@ -142,9 +138,9 @@ class BccBackend(CoreBackend):
         reason = h.mismatch() if h is not None and not h.matches else \
             "BCC finds no kernel headers on this host (install linux-headers for the running kernel)" if h is None else ""
         if reason:
-            self.features["socket(fd) with these kernel headers"] = reason
+            spans = {p.spec_text or p.id: p.span for p in program.probes}
             for where in reads:
-                self.unsupported("socket(fd) with these kernel headers", where=where)
+                self.cannot("socket(fd) with these kernel headers", where, reason, spans.get(where))
         return tuple(reads)
 
     def header_warning(self) -> None:
@@ -169,28 +165,27 @@ class BccBackend(CoreBackend):
                 groups.setdefault(p.group, []).append(p)
         out = []
         for p in program.probes:
-            if p.kind in NO_BTF_KINDS:
-                others = [q for q in groups.get(p.group, []) if q.kind not in NO_BTF_KINDS]
-                if not others:
-                    self.unsupported("fentry/fexit without a fallback", where=p.spec_text or p.id)
-                continue
-            out.append(p)
+            if p.kind in NO_BTF_KINDS and any(q.kind not in NO_BTF_KINDS for q in groups.get(p.group, [])):
+                continue       # its group has a variant BCC attaches
+            out.append(p)      # a lone fentry/fexit stays, for supports() to refuse
         return out
 
     # -- the program -----------------------------------------------------------------------------
     def table_declarations(self, program: ir.Program) -> list[dict]:
         out = []
         for mp in program.maps:
+            map_type, entries = self.map_type(mp)
             key = f"struct {self.struct_name(mp.key)}" if mp.key is not None else "__u64"
             value = f"struct {self.struct_name(mp.value)}" if mp.value is not None else "__u64"
-            if mp.type in ("ARRAY", "PERCPU_ARRAY"):
+            if mp.shape == "slots":
                 key = "__u32"
-            d = {"name": mp.name, "type": mp.type, "kind": TABLE_KINDS.get(mp.type, ""), "key": key, "value": value,
-                 "max_entries": mp.max_entries, "pages": 0}
-            if mp.type == "RINGBUF":
-                pages = mp.max_entries // PAGE
+            d = {"name": mp.name, "type": map_type, "kind": TABLE_KINDS.get(map_type, ""), "key": key, "value": value,
+                 "max_entries": entries, "pages": 0}
+            if map_type == "RINGBUF":
+                pages = entries // PAGE
                 if pages < 1 or pages & (pages - 1):
-                    self.unsupported("ring buffers this small", where=f"{mp.max_entries} bytes")
+                    self.cannot("ring buffers this small", f"{entries} bytes",
+                                "BCC sizes a ring buffer in whole pages, a power of two of them", None)
                     pages = 1
                 d["pages"] = pages
             out.append(d)
@@ -199,7 +194,7 @@ class BccBackend(CoreBackend):
     def build(self, program: ir.Program) -> Bundle:
         self.strings, self.health = type(self.strings)(), type(self.health)()
         self.program = program
-        self.task_spans = set()
+        self.task_spans, self.task_maps = set(), frozenset()
         self.header_warning()
         struct_reads = self.check_kernel_structs(program)
         name = program.name
@@ -217,16 +212,12 @@ class BccBackend(CoreBackend):
         signed = signed_metrics(program)
         buckets = []
         for m in program.metrics:
-            if m.kind != "histogram":
-                continue
-            if any(e > U64_MAX for e in m.edges):
-                self.unsupported("bucket edges above 2^64-1", where=f"metric '{m.name}'")
-                continue
-            buckets.append(self.bucket_function(m, signed[m.name]))
+            if METRIC_KINDS[m.kind].buckets:
+                buckets.append(self.bucket_function(m, signed[m.name]))
         if not self.health.slots:
             self.health.add("unused")
-        ringbuf = next((mp for mp in program.maps if mp.type == "RINGBUF"), None)
-        stacks = next((mp for mp in program.maps if mp.type == "STACK_TRACE"), None)
+        ringbuf = next((mp for mp in program.maps if mp.shape == "ring"), None)
+        stacks = next((mp for mp in program.maps if mp.shape == "stacks"), None)
         # the target pid is the runtime's (-Dprobec_target_pid=N); the rest are the spec's
         settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0}]
         if ringbuf is not None:
@@ -258,7 +249,10 @@ class BccBackend(CoreBackend):
         text = self.render("program.py.j2", source=program.source, name=name, program=source)
         files = {program_name: text.encode()}
         file_roles = {"program": program_name}
-        manifest = self.base_manifest(program, file_roles, core=contract.CoreSection(
+        manifest = self.base_manifest(
+            program, file_roles, maps=tuple(map_info(mp, *self.map_type(mp)) for mp in program.maps),
+            sum_slots={m.name: sum_slot(m) for m in program.metrics if METRIC_KINDS[m.kind].buckets},
+            core=contract.CoreSection(
             object=None,
             programs=tuple(contract.CoreProgram(**p) for p in programs_meta),
             settings=tuple(contract.CoreSetting(s["name"], s["size"], s["value"]) for s in settings),
@@ -273,3 +267,7 @@ class BccBackend(CoreBackend):
         ), bcc=contract.BccSection(program=program_name, kernel_struct_reads=struct_reads))
         return Bundle(name, self.name, files, manifest)
 
+
+def _with_probes(program: ir.Program, probes: list[ir.Probe]) -> ir.Program:
+    import dataclasses
+    return dataclasses.replace(program, probes=tuple(probes))

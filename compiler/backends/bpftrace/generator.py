@@ -7,6 +7,7 @@ import re
 from ...diagnostics import Diagnostics, SourceSpan
 from ...escaping import bpftrace_address_part, bpftrace_string, visible
 from ...ir import nodes as ir
+from ...kinds import METRIC_KINDS
 from ..base import Backend, Bundle, template_environment
 from ..manifest import contract
 
@@ -93,13 +94,41 @@ class ExpressionEmitter:
         raise AssertionError(type(e))  # pragma: no cover
 
 
+def uprobe_address(backend: "BpftraceBackend", p: ir.Probe) -> str | None:
+    # Checked here, after resolution: the spec's spelling was checked at load, but a symlink, the
+    # spec's folder, ${VARIABLE} or a library look-up can lead anywhere.
+    binary = backend.address_part(p, "binary after resolution", p.binary)
+    symbol = binary and backend.address_part(p, "symbol", p.symbol)
+    return f"{p.kind}:{binary}:{symbol}" if binary and symbol else None
+
+
+def usdt_address(backend: "BpftraceBackend", p: ir.Probe) -> str | None:
+    binary = backend.address_part(p, "binary after resolution", p.binary)
+    return f"usdt:{binary}:{p.provider}:{p.name}" if binary else None
+
+
+def function_address(backend: "BpftraceBackend", p: ir.Probe) -> str:
+    word = p.kind if backend.version >= (0, 19) else {"fentry": "kfunc", "fexit": "kretfunc"}[p.kind]
+    return f"{word}:{p.name}"
+
+
 class BpftraceBackend(Backend):
     name = "bpftrace"
-    FEATURES = {
-        "span-begin overflow counting": "bpftrace maps cannot report a failed insert",
-        "uretprobe past endbr64": "bpftrace refuses return probes at an offset",
-        "uprobe offsets": "Debian's bpftrace 0.17 is built without uprobe offset support",
+    # How each probe kind of compiler/kinds.py is written as a bpftrace probe address.
+    PROBES = {
+        "tracepoint": lambda backend, p: f"tracepoint:{p.category}:{p.name}",
+        "uprobe": uprobe_address,
+        "uretprobe": uprobe_address,
+        "usdt": usdt_address,
+        "kprobe": lambda backend, p: f"kprobe:{p.name}",
+        "kretprobe": lambda backend, p: f"kretprobe:{p.name}",
+        "fentry": function_address,
+        "fexit": function_address,
+        "profile": lambda backend, p: f"profile:hz:{p.rate}",
+        "interval": lambda backend, p: f"interval:ms:{max(1, p.rate // 1_000_000)}",
     }
+    # The template of each way a metric is updated (compiler/kinds.py MetricKind.update).
+    UPDATES = {"add": "metric_update.bt.j2", "buckets": "metric_update.bt.j2"}
 
     def __init__(self, diags: Diagnostics, version: tuple[int, int] = (0, 17), interval_ms: int = 1000,
                  spec_span: SourceSpan | None = None):
@@ -137,27 +166,7 @@ class BpftraceBackend(Backend):
         return part
 
     def address(self, p: ir.Probe) -> str | None:
-        if p.kind == "tracepoint":
-            return f"tracepoint:{p.category}:{p.name}"
-        if p.kind in ("uprobe", "uretprobe"):
-            # Checked here, after resolution: the spec's spelling was checked at load, but a
-            # symlink, the spec's folder, ${VARIABLE} or a library look-up can lead anywhere.
-            binary = self.address_part(p, "binary after resolution", p.binary)
-            symbol = binary and self.address_part(p, "symbol", p.symbol)
-            return f"{p.kind}:{binary}:{symbol}" if binary and symbol else None
-        if p.kind == "usdt":
-            binary = self.address_part(p, "binary after resolution", p.binary)
-            return f"usdt:{binary}:{p.provider}:{p.name}" if binary else None
-        if p.kind in ("kprobe", "kretprobe"):
-            return f"{p.kind}:{p.name}"
-        if p.kind in ("fentry", "fexit"):
-            word = p.kind if self.version >= (0, 19) else {"fentry": "kfunc", "fexit": "kretfunc"}[p.kind]
-            return f"{word}:{p.name}"
-        if p.kind == "profile":
-            return f"profile:hz:{p.rate}"
-        if p.kind == "interval":
-            return f"interval:ms:{max(1, p.rate // 1_000_000)}"
-        raise AssertionError(p.kind)  # pragma: no cover
+        return self.PROBES[p.kind](self, p)
 
     # -- actions -------------------------------------------------------------------------------
     def guard(self, g: ir.Guard, em: ExpressionEmitter) -> str:
@@ -184,7 +193,8 @@ class BpftraceBackend(Backend):
             total, count = (self.map_name(m) for m in ir.accumulator_maps(a.span))
             inside = self.guard(ir.Guard(within=(a.inside,)), em) if a.inside else ""
             return self.render("span_end.bt.j2", start=self.var("start"), map=self.map_name(f"span_{a.span}_begin"),
-                               key=em.emit(a.key), then=then, inside=inside, outside=outside_counter(a.span),
+                               key=em.emit(a.key), then=then, inside=inside, pad="  " if inside else "",
+                               outside=outside_counter(a.span),
                                accumulate=a.accumulate_into is not None,
                                outer_key=em.emit(a.accumulate_into.key) if a.accumulate_into else "",
                                total=total, count=count,
@@ -192,14 +202,15 @@ class BpftraceBackend(Backend):
         if isinstance(a, ir.MetricUpdate):
             m = program.metric(a.metric)
             labels = [em.emit(lab) for lab in a.labels]
-            hist = m.kind == "histogram"
+            hist = METRIC_KINDS[m.kind].buckets
             edges = [{"index": i, "value": v} for i, v in enumerate(m.edges)]
             epoch = f"$__epoch = {EPOCH};"      # read once per firing: all its updates in one epoch
             if epoch not in em.prelude:
                 em.prelude.append(epoch)
             labels = ["$__epoch"] + labels
+            guard = self.guard(a.guard, em)
             return self.render(
-                "metric_update.bt.j2", guard=self.guard(a.guard, em), histogram=hist,
+                self.UPDATES[METRIC_KINDS[m.kind].update], guard=guard, ind="  " if guard else "", histogram=hist,
                 var=self.var("value"), bucket=self.var("bucket"),
                 value=em.emit(a.value) if a.value is not None else "", edges=list(m.edges),
                 edges_descending=list(reversed(edges)), map=self.map_name(m.map.name),
@@ -270,7 +281,7 @@ class BpftraceBackend(Backend):
         metric_maps = []
         for m in program.metrics:
             metric_maps.append(contract.BpftraceMetricMap(self.map_name(m.map.name), m.name, contract.MetricMapRole.MAIN))
-            if m.kind == "histogram":
+            if METRIC_KINDS[m.kind].buckets:
                 metric_maps.append(contract.BpftraceMetricMap(self.map_name(m.map.name + "_sum"), m.name,
                                                               contract.MetricMapRole.SUM))
         printed = [mm.map for mm in metric_maps]
@@ -299,7 +310,7 @@ class BpftraceBackend(Backend):
             printed_maps=printed, cleared_maps=cleared, ready_mark=READY_MARK,
             dump_mark=DUMP_MARK, epoch=EPOCH, ready_map=READY_MAP).split("\n"))
         script_name = f"{program.name}.bt"
-        keys_max = max([m.max_entries for m in program.maps if m.type not in ("RINGBUF", "STACK_TRACE")] + [4096])
+        keys_max = max([m.max_entries for m in program.maps if m.shape in ("slots", "table")] + [4096])
         manifest = self.base_manifest(program, {"script": script_name}, bpftrace=contract.BpftraceSection(
             version=f"{self.version[0]}.{self.version[1]}", interval_ms=self.interval_ms,
             map_keys_max=2 * keys_max,      # two epochs of each label set

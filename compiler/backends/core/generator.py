@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from ...diagnostics import Diagnostics, SourceSpan
-from ...spec.limits import STACK_BUDGET
+from ...kinds import METRIC_KINDS
+from ...spec.limits import MAX_BUCKETS
 from ...ir import nodes as ir
 from ..base import Backend, Bundle, template_environment
-from ..manifest import contract
+from ..manifest import contract, field_ctype, map_info
 from . import toolchain
 
 U64_MAX = (1 << 64) - 1
@@ -28,21 +29,21 @@ HEADER_FIELDS = contract.EVENT_HEADER_NAMES
 HEADER_C = {"event": "{index}", "cpu": "bpf_get_smp_processor_id()", "ts": "probec_now",
             "pid": "probec_id >> 32", "tid": "(__u32)probec_id"}
 
-# kind -> (SEC() name pattern, type of ctx)
-SECTIONS = {
-    "tracepoint": ("tp/{category}/{name}", "void *"),
-    "uprobe": ("uprobe", "struct pt_regs *"),
-    "uretprobe": ("uretprobe", "struct pt_regs *"),
-    "usdt": ("usdt", "struct pt_regs *"),
-    "kprobe": ("kprobe", "struct pt_regs *"),
-    "kretprobe": ("kretprobe", "struct pt_regs *"),
-    "fentry": ("fentry/{name}", "__u64 *"),
-    "fexit": ("fexit/{name}", "__u64 *"),
-    "profile": ("perf_event", "struct bpf_perf_event_data *"),
-    "interval": ("perf_event", "struct bpf_perf_event_data *"),
-}
 # sys_exit_* tracepoints: `retval` is the `ret` field (verified against tracefs at load time).
 SYSCALL_RET_FIELD = ir.TracepointField("ret", 16, 8, ir.SINT)
+
+
+@dataclass(frozen=True)
+class CoreProbe:
+    """How the core backend attaches a probe kind: its SEC() name pattern and the type of its
+    context, and the C that reads an argument (`{index}`) or the return value where the kind has
+    them (compiler/kinds.py says where; typing refuses them elsewhere)."""
+    section: str
+    ctx_type: str
+    arg: str = ""
+    retval: str | ir.TracepointField = ""
+
+
 CONTEXT_C = {
     "pid": "((__u64)(probec_id >> 32))",
     "tid": "((__u64)(__u32)probec_id)",
@@ -65,12 +66,21 @@ def c_member(layout_field: ir.Field, is_event_member: bool) -> str:
     return layout_field.name
 
 
+def sum_slot(m: ir.Metric) -> int:
+    """The slot of a histogram's map that carries its sum: after the +Inf bucket."""
+    return len(m.edges) + 1
+
+
 def bucket_steps(n_edges: int) -> int:
     """log2 of the padded edge table: at least one ~0 pad after the real edges."""
     steps = 1
     while (1 << steps) < n_edges + 1:
         steps += 1
     return steps
+
+
+# The spec's bucket limit fits the kernel side's bucket search (no table needs refusing here).
+assert bucket_steps(MAX_BUCKETS) <= MAX_BUCKET_STEPS
 
 
 def signed_metrics(program: ir.Program) -> dict[str, bool]:
@@ -120,7 +130,6 @@ class CExpression:
         self.probe = probe
         self.backend = backend
         self.needs: set[str] = set()                       # comm, now
-        self.metrics: set[str] = set()                     # metrics this probe updates
         self.duration_uses = 0
         self.tp_strings: dict[str, ir.TracepointField] = {}
         self.tp_fields: dict[str, ir.TracepointField] = {}  # every field read, for load-time checks
@@ -130,38 +139,23 @@ class CExpression:
     def where(self) -> str:
         return self.probe.spec_text or self.probe.id
 
-    def tracepoint_field(self, f: ir.TracepointField) -> ir.TracepointField | None:
-        if f.offset < 0:
-            self.backend.unsupported("tracepoint fields with unknown offsets", where=f"{self.where()}: args.{f.name}")
-            return None
+    def tracepoint_field(self, f: ir.TracepointField) -> ir.TracepointField:
         self.tp_fields[f.name] = f
         return f
 
     def value(self, e: ir.IRExpr) -> str:
         """A C expression of type __u64 or __s64 (per e.type.signed)."""
         if isinstance(e, ir.Context):
-            if e.name not in CONTEXT_C:
-                self.backend.unsupported("this context value", where=f"{self.where()}: {e.name}")
-                return "0"
             if e.name in ("pid", "tid"):
                 self.needs.add("id")
             return CONTEXT_C[e.name]
         if isinstance(e, ir.Arg):
-            return self.argument(e.index)
+            return self.backend.PROBES[self.probe.kind].arg.format(index=e.index)
         if isinstance(e, ir.Retval):
-            kind = self.probe.kind
-            if kind in ("uretprobe", "kretprobe"):
-                return "((__s64)PT_REGS_RC(ctx))"
-            if kind == "fexit":
-                return "((__s64)probec_func_ret(ctx))"
-            if kind == "tracepoint":
-                return self.value(SYSCALL_RET_FIELD)
-            self.backend.unsupported("retval here", where=self.where())
-            return "0"
+            retval = self.backend.PROBES[self.probe.kind].retval
+            return self.value(retval) if isinstance(retval, ir.TracepointField) else retval
         if isinstance(e, ir.TracepointField):
             f = self.tracepoint_field(e)
-            if f is None:
-                return "0"
             if f.type.kind == "str":
                 raise AssertionError("string field used as a number")  # pragma: no cover
             ctype = SCALAR_C[(f.size, f.type.signed)]
@@ -206,22 +200,6 @@ class CExpression:
             return f"((__u64){self.condition(e)})"
         raise AssertionError(type(e))  # pragma: no cover
 
-    def argument(self, index: int) -> str:
-        kind = self.probe.kind
-        if kind == "uprobe":
-            if index >= 6 and self.probe.offset not in (0, 4):
-                self.backend.unsupported("stack arguments away from a function's entry",
-                                         where=f"{self.where()}: arg{index}")
-            return f"probec_regs_arg(ctx, {index}, true)"
-        if kind == "kprobe":
-            return f"probec_regs_arg(ctx, {index}, false)"
-        if kind == "usdt":
-            return f"((__u64)probec_usdt_arg(ctx, {index}))"
-        if kind == "fentry":
-            return f"probec_func_arg(ctx, {index})"
-        self.backend.unsupported("positional arguments here", where=self.where())
-        return "0"
-
     def condition(self, e: ir.IRExpr) -> str:
         if isinstance(e, ir.Cmp):
             signed = e.left.type.signed or e.right.type.signed
@@ -247,8 +225,6 @@ class CExpression:
             return "probec_comm", COMM_LEN
         if isinstance(e, ir.TracepointField):
             f = self.tracepoint_field(e)
-            if f is None:
-                return "probec_comm", 0
             self.tp_strings[f.name] = f
             return f"probec_tp_{f.name}", f.size
         if isinstance(e, ir.StrConst):
@@ -268,20 +244,22 @@ class CExpression:
 class CoreBackend(Backend):
     name = "core"
     expression_class = CExpression
-    FEATURES = {
-        "this probe kind": "the core backend has no BPF program type for it",
-        "this context value": "it has no BPF helper here",
-        "this much stack": f"strings and keys would need more than the {STACK_BUDGET} bytes of BPF stack "
-                           "probec allows a program; use fewer or shorter string labels",
-        "tracepoint fields with unknown offsets": "tracefs was not readable when the spec was checked; "
-                                                  "mount it (mount -t tracefs nodev /sys/kernel/tracing) and rebuild",
-        "stack arguments away from a function's entry": "arguments past arg5 live on the stack, found from the "
-                                                        "stack pointer only at the function's entry",
-        "positional arguments here": "only uprobes, kprobes, fentry and USDT probes have arg0..argN",
-        "retval here": "only return probes and syscallret: have a return value",
-        "bucket tables this large": f"histograms take at most {(1 << MAX_BUCKET_STEPS) - 1} edges",
-        "bucket edges above 2^64-1": "values are 64-bit",
+    PROBES = {
+        "tracepoint": CoreProbe("tp/{category}/{name}", "void *", retval=SYSCALL_RET_FIELD),
+        "uprobe": CoreProbe("uprobe", "struct pt_regs *", arg="probec_regs_arg(ctx, {index}, true)"),
+        "uretprobe": CoreProbe("uretprobe", "struct pt_regs *", retval="((__s64)PT_REGS_RC(ctx))"),
+        "usdt": CoreProbe("usdt", "struct pt_regs *", arg="((__u64)probec_usdt_arg(ctx, {index}))"),
+        "kprobe": CoreProbe("kprobe", "struct pt_regs *", arg="probec_regs_arg(ctx, {index}, false)"),
+        "kretprobe": CoreProbe("kretprobe", "struct pt_regs *", retval="((__s64)PT_REGS_RC(ctx))"),
+        "fentry": CoreProbe("fentry/{name}", "__u64 *", arg="probec_func_arg(ctx, {index})"),
+        "fexit": CoreProbe("fexit/{name}", "__u64 *", retval="((__s64)probec_func_ret(ctx))"),
+        "profile": CoreProbe("perf_event", "struct bpf_perf_event_data *"),
+        "interval": CoreProbe("perf_event", "struct bpf_perf_event_data *"),
     }
+    # The template of each way a metric is updated (compiler/kinds.py MetricKind.update).
+    UPDATES = {"add": "metric_update.j2", "buckets": "metric_update.j2"}
+    FIELD_OFFSETS = ("tracefs was not readable when the spec was checked; mount it "
+                     "(mount -t tracefs nodev /sys/kernel/tracing) and rebuild")
 
     def __init__(self, diags: Diagnostics, compile: bool = True, spec_span: SourceSpan | None = None,
                  task_storage: bool = True):
@@ -292,20 +270,10 @@ class CoreBackend(Backend):
         # measured it at 0.6x the HASH begin map on a syscall span.
         self.task_storage = task_storage
         self.task_spans: set[str] = set()
+        self.task_maps: frozenset[str] = frozenset()      # their begin maps
         self.env = template_environment("core")
         self.strings = StringTable()
         self.health = HealthSlots()
-
-    def unsupported(self, feature: str, span: SourceSpan | None = None, severity: str = "error",
-                    where: str = "") -> bool:
-        verdict = self.FEATURES.get(feature, True)
-        if verdict is True:
-            return True
-        report = self.d.error if severity == "error" else self.d.warning
-        place = f" ({where})" if where else ""
-        report("E501" if severity == "error" else "W501",
-               f"the {self.name} backend cannot do {feature}{place}: {verdict}", span or self.spec_span)
-        return False
 
     # -- rendering helpers ---------------------------------------------------------------------
     def render(self, template: str, **values) -> str:
@@ -364,14 +332,7 @@ class CoreBackend(Backend):
 
     def action(self, a: ir.Action, em: CExpression, program: ir.Program) -> list[str]:
         if isinstance(a, ir.SpanBegin):
-            em.needs.add("now")
-            task = a.span in self.task_spans
-            return self.lines("span_begin.j2", guard=self.guard(a.guard, em, program),
-                              map=self.begin_map(program, a.span),
-                              key=em.value(a.key) if not task or a.resets else "",
-                              overflow_slot=self.health.add("span_overflow", a.span),
-                              resets=[m for inner in a.resets for m in program.accumulators(inner)],
-                              task=task, keep_first=not a.restart)
+            return self.span_begin(a, em, program)
         if isinstance(a, ir.SpanEnd):
             key = em.value(a.key) if a.span not in self.task_spans or a.clears else ""
             before = em.duration_uses
@@ -382,7 +343,7 @@ class CoreBackend(Backend):
             total, count = ir.accumulator_maps(a.span)
             return self.lines("span_end.j2", map=self.begin_map(program, a.span), key=key, then=then,
                               duration=em.duration_uses > before,
-                              inside=self.open_span(a.inside, em) if a.inside else "",
+                              inside=self.open_span(a.inside, em) if a.inside else "", pad="\t" if a.inside else "",
                               outside_slot=self.health.add("span_outside", a.span) if a.inside else -1,
                               accumulate=a.accumulate_into is not None,
                               outer_key=em.value(a.accumulate_into.key) if a.accumulate_into else "",
@@ -394,10 +355,30 @@ class CoreBackend(Backend):
             return self.emit_event(a, em, program)
         raise AssertionError(type(a))  # pragma: no cover
 
+    def span_begin(self, a: ir.SpanBegin, em: CExpression, program: ir.Program) -> list[str]:
+        """The begin time written at the key (in the thread's task storage for a thread-keyed
+        span), under the guard; a span that keeps its first begin (restart: false) only where it
+        is not open yet."""
+        em.needs.add("now")
+        guard = self.guard(a.guard, em, program)
+        task = a.span in self.task_spans
+        begin_map = self.begin_map(program, a.span)
+        key = em.value(a.key) if not task or a.resets else ""
+        slot = self.health.add("span_overflow", a.span)
+        keep_first = "false" if a.restart else "true"
+        if task:
+            begin = f"probec_task_span_begin(&{begin_map}, probec_now, &probec_health, {slot}, {keep_first});"
+            is_open = f"probec_task_within(&{begin_map})"
+        else:
+            begin = f"probec_span_begin(&{begin_map}, {key}, probec_now, &probec_health, {slot}, {keep_first});"
+            is_open = f"probec_within(&{begin_map}, {key})"
+        conditions = ([guard] if guard else []) + ([] if a.restart else [f"!{is_open}"])
+        return self.lines("span_begin.j2", condition=" && ".join(conditions), begin=begin, key=key,
+                          resets=[m for inner in a.resets for m in program.accumulators(inner)])
+
     def metric_update(self, a: ir.MetricUpdate, em: CExpression, program: ir.Program) -> list[str]:
         m = program.metric(a.metric)
-        em.metrics.add(m.name)
-        histogram = m.kind == "histogram"
+        histogram = METRIC_KINDS[m.kind].buckets
         value = em.value(a.value) if a.value is not None else "1ULL"
         signed = a.value is not None and a.value.type.signed
         key_lines: list[str] = []
@@ -410,15 +391,15 @@ class CoreBackend(Backend):
                     key_lines.append(f"__builtin_memset({target}, 0, {f.length});")
                 elif f.label:
                     expr = by_name[f.label]
-                    if f.ctype == "char":
+                    if f.kind == "bytes":
                         key_lines += em.copy_string(target, f.length, expr)
                     else:
-                        key_lines.append(f"{target} = ({f.ctype}){em.value(expr)};")
+                        key_lines.append(f"{target} = ({field_ctype(f)}){em.value(expr)};")
         return self.lines(
-            "metric_update.j2", guard=self.guard(a.guard, em, program), histogram=histogram,
+            self.UPDATES[METRIC_KINDS[m.kind].update], guard=self.guard(a.guard, em, program), histogram=histogram,
             labelled=labelled, value=value, value_ctype="__s64" if signed else "__u64",
             map=m.map.name, key_struct=self.struct_name(m.map.key), key_lines=key_lines,
-            bucket=self.bucket_call(m, signed), sum_slot=m.sum_slot,
+            bucket=self.bucket_call(m, signed), sum_slot=sum_slot(m),
             full_slot=self.health.add("metric_map_full", m.name) if labelled and histogram else -1,
             overflow_map=m.overflow_map.name if m.overflow_map else "",
             folded_map=m.folded_map.name if m.folded_map else "",
@@ -436,7 +417,7 @@ class CoreBackend(Backend):
         em.needs.update(("now", "id"))
         fields = {f.name: f for f in ev.fields}
         field_lines: list[str] = []
-        stacks = next((mp.name for mp in program.maps if mp.type == "STACK_TRACE"), "")
+        stacks = next((mp.name for mp in program.maps if mp.shape == "stacks"), "")
         for lf in ev.record.fields[len(HEADER_FIELDS):]:
             target = f"probec_e->{c_member(lf, True)}"
             if lf.name.startswith("__pad"):
@@ -446,11 +427,11 @@ class CoreBackend(Backend):
             if f.stack:
                 flags = "BPF_F_USER_STACK" if f.stack == "user" else "0"
                 field_lines.append(f"{target} = bpf_get_stackid(ctx, &{stacks}, {flags});")
-            elif lf.ctype == "char":
+            elif lf.kind == "bytes":
                 field_lines += em.copy_string(target, lf.length, f.expr)
             else:
-                field_lines.append(f"{target} = ({lf.ctype}){em.value(f.expr)};")
-        ringbuf = next(mp.name for mp in program.maps if mp.type == "RINGBUF")
+                field_lines.append(f"{target} = ({field_ctype(lf)}){em.value(f.expr)};")
+        ringbuf = next(mp.name for mp in program.maps if mp.shape == "ring")
         return self.lines(
             "emit_event.j2", condition=self.guard(a.guard, em, program, extra=a.when),
             name=ev.name, struct=self.struct_name(ev.record), ringbuf=ringbuf,
@@ -461,23 +442,18 @@ class CoreBackend(Backend):
             lost_slot=self.health.add("events_lost"), field_lines=field_lines)
 
     # -- whole program -------------------------------------------------------------------------
-    def probe_program(self, p: ir.Probe, program: ir.Program) -> tuple[str, CExpression] | None:
-        if p.kind not in SECTIONS:
-            self.unsupported("this probe kind", where=p.spec_text or p.kind)
-            return None
-        section, ctx_type = SECTIONS[p.kind]
+    def probe_program(self, p: ir.Probe, program: ir.Program) -> tuple[str, CExpression]:
+        # The BPF stack a program needs is checked in lowering (E351), for both backends.
+        kind = self.PROBES[p.kind]
         em = self.expression_class(p, self)
         actions: list[str] = []
         for a in p.actions:
             actions += self.action(a, em, program)
-        stack = sum(f.size for f in em.tp_strings.values()) + (COMM_LEN if "comm" in em.needs else 0) \
-            + max([m.map.key.size for m in program.metrics if m.labels and m.name in em.metrics] + [0])
-        if stack > STACK_BUDGET:
-            self.unsupported("this much stack", where=f"{p.spec_text or p.id}: about {stack} bytes")
         text = self.render(
-            "probe.bpf.c.j2", comment=p.spec_text or p.id, section=section.format(
-                category=p.category, name=p.name), name=p.id, ctx_type=ctx_type, now="now" in em.needs,
+            "probe.bpf.c.j2", comment=p.spec_text or p.id, section=kind.section.format(
+                category=p.category, name=p.name), name=p.id, ctx_type=kind.ctx_type, now="now" in em.needs,
             comm="comm" in em.needs, pid_tgid="id" in em.needs,
+            pid_tgid_value="probec_id" if "id" in em.needs else "bpf_get_current_pid_tgid()",
             tp_strings=[{"name": f"probec_tp_{f.name}", "size": f.size, "offset": f.offset}
                         for f in sorted(em.tp_strings.values(), key=lambda f: f.offset)],
             actions=["\t" + line if line else "" for line in em.prelude + ([""] if em.prelude else []) + actions])
@@ -486,36 +462,40 @@ class CoreBackend(Backend):
     def edge_tables(self, program: ir.Program) -> list[dict]:
         tables = []
         for m in program.metrics:
-            if m.kind != "histogram":
+            if not METRIC_KINDS[m.kind].buckets:
                 continue
             steps = bucket_steps(len(m.edges))
-            if steps > MAX_BUCKET_STEPS:
-                self.unsupported("bucket tables this large", where=f"metric '{m.name}' has {len(m.edges)} edges")
-                continue
-            if any(e > U64_MAX for e in m.edges):
-                self.unsupported("bucket edges above 2^64-1", where=f"metric '{m.name}'")
-                continue
             padded = list(m.edges) + [U64_MAX] * ((1 << steps) - len(m.edges))
             tables.append({"name": f"probec_edges_{m.name}", "size": len(padded),
                            "edges": ", ".join(c_u64(v) for v in padded)})
         return tables
 
+    def map_type(self, mp: ir.MapSpec) -> tuple[str, int]:
+        """The BPF map type that holds a logical map here, and its max_entries: a metric's maps
+        per CPU (no two CPUs add to one slot), thread-keyed begin times in task storage (one slot
+        per thread, made on first use, sized by the threads rather than by max_entries)."""
+        if mp.name in self.task_maps:
+            return "TASK_STORAGE", 0
+        if mp.shape in ("ring", "stacks"):
+            return {"ring": "RINGBUF", "stacks": "STACK_TRACE"}[mp.shape], mp.max_entries
+        per_cpu = "PERCPU_" if mp.purpose in ("metric", "metric_overflow") else ""
+        return per_cpu + ("ARRAY" if mp.shape == "slots" else "HASH"), mp.max_entries
+
     def map_definitions(self, program: ir.Program) -> list[dict]:
         out = []
-        task_maps = {s.begin_map.name for s in program.spans if s.name in self.task_spans}
         for mp in program.maps:
-            d = {"name": mp.name, "type": mp.type, "max_entries": mp.max_entries, "key": "", "value": "",
+            map_type, entries = self.map_type(mp)
+            d = {"name": mp.name, "type": map_type, "max_entries": entries, "key": "", "value": "",
                  "key_size": "", "value_size": "", "flags": ""}
-            if mp.name in task_maps:
-                # one slot per thread, made on first use; sized by the threads, not by max_entries
-                d.update(type="TASK_STORAGE", max_entries=0, key="int", value="__u64", flags="BPF_F_NO_PREALLOC")
-            elif mp.type == "STACK_TRACE":
+            if map_type == "TASK_STORAGE":
+                d.update(key="int", value="__u64", flags="BPF_F_NO_PREALLOC")
+            elif map_type == "STACK_TRACE":
                 d["key_size"], d["value_size"] = "sizeof(__u32)", f"{STACK_DEPTH} * sizeof(__u64)"
-            elif mp.type in ("ARRAY", "PERCPU_ARRAY"):
+            elif mp.shape == "slots":
                 # the kernel wants an array's key typed as a 32-bit int (the layout's one __u32)
                 d["key"] = "__u32"
                 d["value"] = f"struct {self.struct_name(mp.value)}" if mp.value is not None else "__u64"
-            elif mp.type != "RINGBUF":
+            elif map_type != "RINGBUF":
                 d["key"] = f"struct {self.struct_name(mp.key)}" if mp.key is not None else "__u64"
                 d["value"] = f"struct {self.struct_name(mp.value)}" if mp.value is not None else "__u64"
             out.append(d)
@@ -536,7 +516,7 @@ class CoreBackend(Backend):
             members = []
             for i, f in enumerate(lay.fields):
                 member = c_member(f, is_event and i >= len(HEADER_FIELDS))
-                members.append({"ctype": f.ctype, "name": member, "array": f"[{f.length}]" if f.ctype == "char" else "",
+                members.append({"ctype": field_ctype(f), "name": member, "array": f"[{f.length}]" if f.kind == "bytes" else "",
                                 "offset": f.offset})
             # 8-byte alignment lets clang copy strings into keys a word at a time; the layouts are
             # multiples of 8 already, so it changes no size (arrays' 4-byte keys stay 4)
@@ -548,23 +528,21 @@ class CoreBackend(Backend):
         self.strings, self.health = StringTable(), HealthSlots()
         self.program = program
         self.task_spans = self.thread_keyed_spans(program) if self.task_storage else set()
+        self.task_maps = frozenset(s.begin_map.name for s in program.spans if s.name in self.task_spans)
         name = program.name
         programs_meta = []
         probe_texts = []
         tp_checks = []
         for p in program.probes:
-            built = self.probe_program(p, program)
-            if built is None:
-                continue
-            text, em = built
+            text, em = self.probe_program(p, program)
             probe_texts.append(text)
-            section = SECTIONS[p.kind][0].format(category=p.category, name=p.name)
+            section = self.PROBES[p.kind].section.format(category=p.category, name=p.name)
             programs_meta.append({"probe": p.id, "program": p.id, "section": section, "kind": p.kind})
             for f in sorted(em.tp_fields.values(), key=lambda f: f.offset):
                 tp_checks.append({"probe": p.id, "tracepoint": f"{p.category}:{p.name}", "field": f.name,
                                   "offset": f.offset, "size": f.size})
         edge_tables = self.edge_tables(program)
-        ringbuf = next((mp for mp in program.maps if mp.type == "RINGBUF"), None)
+        ringbuf = next((mp for mp in program.maps if mp.shape == "ring"), None)
         wakeup = max(1, program.ringbuf_bytes // 4) if ringbuf else 0
         settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0}]
         if ringbuf is not None:
@@ -597,8 +575,10 @@ class CoreBackend(Backend):
             if obj is not None:
                 files[object_name] = obj
                 file_roles["object"] = object_name
-        task_maps = frozenset(s.begin_map.name for s in program.spans if s.name in self.task_spans)
-        manifest = self.base_manifest(program, file_roles, task_maps=task_maps, core=contract.CoreSection(
+        manifest = self.base_manifest(
+            program, file_roles, maps=tuple(map_info(mp, *self.map_type(mp)) for mp in program.maps),
+            sum_slots={m.name: sum_slot(m) for m in program.metrics if METRIC_KINDS[m.kind].buckets},
+            task_maps=self.task_maps, core=contract.CoreSection(
             object=file_roles.get("object"),
             programs=tuple(contract.CoreProgram(**p) for p in programs_meta),
             settings=tuple(contract.CoreSetting(s["name"], s["size"], s["value"]) for s in settings),
@@ -607,7 +587,7 @@ class CoreBackend(Backend):
                          for s in self.health.slots),
             tracepoint_fields=tuple(contract.TracepointCheck(**c) for c in tp_checks),
             ringbuf=contract.RingBufferInfo(ringbuf.name, ringbuf.max_entries, wakeup) if ringbuf else None,
-            stack_map=next((mp.name for mp in program.maps if mp.type == "STACK_TRACE"), None),
+            stack_map=next((mp.name for mp in program.maps if mp.shape == "stacks"), None),
             stack_depth=STACK_DEPTH,
             value_signed=signed_metrics(program),
         ))
