@@ -118,6 +118,7 @@ class BccRunner(CoreRunner):
                               "'probec build SPEC --backend bcc'")
         self.compile_seconds = 0.0
         self.events_made = 0
+        self.bcc = None
         self.headers: KernelHeaders | None = None
 
     def object_path(self) -> Path:
@@ -142,7 +143,7 @@ class BccRunner(CoreRunner):
         check_uprobe_placement(self.probes.values())
         self.headers = self.check_headers()
         text = program_text(self.object_path())
-        bcc = import_bcc()
+        self.bcc = bcc = import_bcc()
         if "BCC_KERNEL_SOURCE" not in os.environ and self.headers.how != f"/lib/modules/{self.headers.running}":
             try:
                 tree = joined_tree(self.headers, HEADER_TREES)
@@ -285,37 +286,10 @@ class BccRunner(CoreRunner):
             bcc.lib.bpf_detach_uprobe(event)     # a uprobe_events entry, where BCC had to make one
         return BccLink(detach)
 
-    def after_attach(self) -> None:
-        """What the core runner does once attached: health, stacks, the event reader, a first read."""
-        import threading
-        from . import libbpf as L
-        health = self.store.health
-        health.attached = {pid: int(pid in self.links) for pid in self.probes}
-        for m in self.manifest.maps:
-            health.map_capacity[m.name] = m.max_entries
-        hm = self.core.health_map
-        health.map_capacity[hm.name] = hm.slots
-        if self.bpf_stats:
-            try:
-                self.stats_fd = L.enable_stats()
-            except L.BpfError as exc:
-                self.log(f"warning: cannot turn on BPF run-time stats: {exc}")
-        if self.core.stack_map:
-            from .core_decode import StackSymbols
-            self.stacks = StackSymbols(self.obj.map(self.core.stack_map), self.core.stack_depth)
-        ring = self.core.ringbuf
-        if ring:
-            self.ring = L.RingBuffer(self.obj.map(ring.map), self.on_record)
-            self.thread = threading.Thread(target=self.drain_events, name="probec-events", daemon=True)
-            self.thread.start()
-        self.read()
-        health.up = 1
-
     # -- following changes ---------------------------------------------------------------------
     def reattach(self, path: str, old) -> list[str]:
         """`path` is a new file: BCC names a uprobe by path and address, so its probes move to the
         new file (processes still running the old one are no longer counted)."""
-        import bcc as bcc_module  # imported at start
         moved = []
         for p in self.active:
             probe = self.probes[p.probe]
@@ -325,7 +299,7 @@ class BccRunner(CoreRunner):
             if link is not None:
                 _destroy(link)
             try:
-                self.links[probe.id] = self.attach(bcc_module, p.program, probe)
+                self.links[probe.id] = self.attach(self.bcc, p.program, probe)
             except BundleError:
                 self.store.health.attached[probe.id] = 0
                 raise

@@ -98,6 +98,11 @@ class CoreRunner:
         L = _libbpf()
         L.libbpf_version()   # a missing or old libbpf says so here, before anything else
         self.obj, self.links, self.active = self.attacher.load_and_attach(path)
+        self.after_attach()
+
+    def after_attach(self) -> None:
+        """Once attached: health, BPF stats, stacks, the event reader, a first read."""
+        L = _libbpf()
         health = self.store.health
         health.attached = {pid: int(pid in self.links) for pid in self.probes}
         for m in self.manifest.maps:
