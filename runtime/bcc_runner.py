@@ -95,7 +95,7 @@ class BccObject:
 
     def map(self, name: str):
         if name not in self.maps:
-            self.maps[name] = self.libbpf.FdMap(self.bpf.get_table(name).map_fd, name)
+            self.maps[name] = self.libbpf.FdMap(self.bpf.get_table(name.encode()).map_fd, name)
         return self.maps[name]
 
     def program(self, name: str) -> int:
@@ -180,8 +180,9 @@ class BccRunner(CoreRunner):
             if probe.kind != "usdt":
                 continue
             try:
-                ctx = bcc.USDT(path=probe.binary, pid=self.pid) if self.pid > 0 else bcc.USDT(path=probe.binary)
-                ctx.enable_probe(probe=f"{probe.provider}:{probe.name}", fn_name=p.program)
+                path = probe.binary.encode()
+                ctx = bcc.USDT(path=path, pid=self.pid) if self.pid > 0 else bcc.USDT(path=path)
+                ctx.enable_probe(probe=f"{probe.provider}:{probe.name}".encode(), fn_name=p.program.encode())
             except Exception as exc:
                 raise BundleError(f"probe '{probe.address or probe.id}' cannot be enabled: {exc}; "
                                   f"{attach_hint('usdt', None)}") from None
@@ -239,27 +240,28 @@ class BccRunner(CoreRunner):
     def attach(self, bcc, program: str, probe: ProbeInfo) -> BccLink:
         b = self.obj.bpf
         kind = probe.kind
+        fn = program.encode()          # BCC takes names as bytes (str is deprecated there)
         pid = self.pid if self.pid > 0 else -1
         try:
             if kind == "tracepoint":
-                tp = f"{probe.category}:{probe.name}"
-                b.attach_tracepoint(tp=tp, fn_name=program)
+                tp = f"{probe.category}:{probe.name}".encode()
+                b.attach_tracepoint(tp=tp, fn_name=fn)
                 return BccLink(lambda: b.detach_tracepoint(tp=tp))
             if kind in ("uprobe", "uretprobe"):
                 return self.attach_uprobe(bcc, program, probe, pid)
             if kind in ("kprobe", "kretprobe"):
                 attach = b.attach_kprobe if kind == "kprobe" else b.attach_kretprobe
                 detach = b.detach_kprobe if kind == "kprobe" else b.detach_kretprobe
-                attach(event=probe.name, fn_name=program)
-                return BccLink(lambda: detach(event=probe.name))
+                attach(event=probe.name.encode(), fn_name=fn)
+                return BccLink(lambda: detach(event=probe.name.encode()))
             if kind in ("profile", "interval"):
                 if kind == "profile":
                     b.attach_perf_event(ev_type=PERF_TYPE_SOFTWARE, ev_config=PERF_COUNT_SW_CPU_CLOCK,
-                                        fn_name=program, sample_freq=probe.rate)
+                                        fn_name=fn, sample_freq=probe.rate)
                 else:   # once a period on one CPU, as bpftrace and the core backend do
                     from .libbpf import online_cpus
                     b.attach_perf_event(ev_type=PERF_TYPE_SOFTWARE, ev_config=PERF_COUNT_SW_CPU_CLOCK,
-                                        fn_name=program, sample_period=probe.rate, cpu=online_cpus()[0])
+                                        fn_name=fn, sample_period=probe.rate, cpu=online_cpus()[0])
                 return BccLink(lambda: b.detach_perf_event(ev_type=PERF_TYPE_SOFTWARE,
                                                            ev_config=PERF_COUNT_SW_CPU_CLOCK))
         except Exception as exc:

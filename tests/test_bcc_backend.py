@@ -199,3 +199,51 @@ def test_fentry_needs_btf_and_a_kernel_span_falls_back_to_its_kprobe(tmp_path):
     kinds = [p.kind for p in bundle.manifest.core.programs]
     assert "fentry" not in kinds and "fexit" not in kinds and "kprobe" in kinds and "kretprobe" in kinds
     assert "tracepoint" in kinds          # the fallback, tried after the kprobe
+
+
+DROPS_SPEC = """\
+name: bcc_drops
+limits:
+  ringbuf: 4KiB
+events:
+  every_write:
+    on: syscall:write
+    when: comm == "bcc_drops"
+    fields: [comm, args.count, args.fd]
+"""
+
+
+@pytest.mark.kernel
+def test_ring_buffer_drops_are_counted_as_core_counts_them(tmp_path, workloads):
+    """The bcc program reserves in its ring as core's does, and counts a full ring in the same
+    health slot: every event is either written or counted lost (probec_events_lost_total)."""
+    import subprocess
+    from conftest import WORKLOADS, require_bcc_kernel
+    from probec.compiler.driver import build_bundle, check_file
+    from probec.runtime.bcc_runner import BccRunner
+    from probec.runtime.events import EventSink
+    from probec.runtime.manifest import load_bundle
+    from probec.runtime.store import MetricStore
+    require_bcc_kernel()
+    result = check_file(str(spec_file(tmp_path, DROPS_SPEC)))
+    built = build_bundle(result, "bcc")
+    assert built is not None, result.diagnostics.items
+    built.write(tmp_path / "bundle")
+    bundle = load_bundle(tmp_path / "bundle")
+    store = MetricStore(bundle.manifest)
+    events = tmp_path / "events.jsonl"
+    sink = EventSink(str(events), bundle.manifest)
+    runner = BccRunner(bundle, store, sink, log=lambda line: None)
+    try:
+        runner.start()
+        subprocess.run([str(WORKLOADS / "pwork"), "--comm", "bcc_drops", "write", "20000", "0"], check=True, timeout=60)
+        runner.poll()
+        assert runner.failure is None, runner.failure
+    finally:
+        runner.stop()
+        sink.close()
+    written = len(events.read_text().splitlines())
+    health = store.health
+    assert health.events_emitted["every_write"] == 20000
+    assert health.events_lost > 0, "a 4 KiB ring should overflow"
+    assert written + health.events_lost == 20000
