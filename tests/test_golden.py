@@ -179,8 +179,8 @@ def test_golden_bcc_loads(spec: Path, workloads, tmp_path):
     for p in manifest["core"]["programs"]:
         probe = probes[p["probe"]]
         if probe["kind"] == "usdt":
-            context = bcc.USDT(path=probe["binary"])
-            context.enable_probe(probe=f"{probe['provider']}:{probe['name']}", fn_name=p["program"])
+            context = bcc.USDT(path=probe["binary"].encode())
+            context.enable_probe(probe=f"{probe['provider']}:{probe['name']}".encode(), fn_name=p["program"].encode())
             usdt.append(context)
     try:
         b = bcc.BPF(text=program_text(program), usdt_contexts=usdt)
