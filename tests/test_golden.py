@@ -17,7 +17,6 @@ compile each golden bcc program and the kernel verify each of its functions.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -162,38 +161,11 @@ def test_golden_bcc_loads(spec: Path, workloads, tmp_path):
     probe attaches as (nothing is attached). The headers need not be the running kernel's: no
     golden function that BCC compiles here reads a kernel struct but socket(fd)'s, and the verifier
     checks the code, not the offsets it reads."""
-    from probec.host.headers import find_kernel_headers, joined_tree
-    from probec.runtime.bcc_runner import HEADER_TREES, import_bcc, program_text
+    from harness import bcc_verify
+    from probec.runtime.bcc_runner import program_text
     require_bcc_kernel()
-    bcc = import_bcc()
     name = spec.stem
     manifest = json.loads(build(spec, "bcc", tmp_path / "bcc").joinpath("manifest.json").read_text())
     program = tmp_path / f"{name}.py"
     program.write_text((GOLDEN / name / f"{name}.bcc.py").read_text().replace("$ROOT", str(ROOT)))
-    headers = find_kernel_headers()
-    env = os.environ.get("BCC_KERNEL_SOURCE")
-    if env is None and headers.how != f"/lib/modules/{headers.running}":
-        os.environ["BCC_KERNEL_SOURCE"] = str(joined_tree(headers, HEADER_TREES))
-    probes = {p["id"]: p for p in manifest["probes"]}
-    usdt = []
-    for p in manifest["core"]["programs"]:
-        probe = probes[p["probe"]]
-        if probe["kind"] == "usdt":
-            context = bcc.USDT(path=probe["binary"].encode())
-            context.enable_probe(probe=f"{probe['provider']}:{probe['name']}".encode(), fn_name=p["program"].encode())
-            usdt.append(context)
-    try:
-        b = bcc.BPF(text=program_text(program), usdt_contexts=usdt)
-    finally:
-        if env is None:
-            os.environ.pop("BCC_KERNEL_SOURCE", None)
-    types = {"tracepoint": bcc.BPF.TRACEPOINT, "profile": bcc.BPF.PERF_EVENT, "interval": bcc.BPF.PERF_EVENT}
-    try:
-        kinds = set()
-        for p in manifest["core"]["programs"]:
-            kind = probes[p["probe"]]["kind"]
-            assert b.load_func(p["program"].encode(), types.get(kind, bcc.BPF.KPROBE)).fd >= 0
-            kinds.add(kind)
-        assert kinds
-    finally:
-        b.cleanup()
+    assert bcc_verify(program_text(program), manifest)
