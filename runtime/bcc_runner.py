@@ -180,9 +180,10 @@ class BccRunner(CoreRunner):
             if probe.kind != "usdt":
                 continue
             try:
-                path = probe.binary.encode()
+                # BCC's USDT takes str (it encodes them as ASCII; check refuses other paths)
+                path = probe.binary
                 ctx = bcc.USDT(path=path, pid=self.pid) if self.pid > 0 else bcc.USDT(path=path)
-                ctx.enable_probe(probe=f"{probe.provider}:{probe.name}".encode(), fn_name=p.program.encode())
+                ctx.enable_probe(probe=f"{probe.provider}:{probe.name}", fn_name=p.program)
             except Exception as exc:
                 raise BundleError(f"probe '{probe.address or probe.id}' cannot be enabled: {exc}; "
                                   f"{attach_hint('usdt', None)}") from None

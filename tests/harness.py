@@ -172,8 +172,8 @@ def bcc_verify(program_text: str, manifest: dict) -> set[str]:
     for p in manifest["core"]["programs"]:
         probe = probes[p["probe"]]
         if probe["kind"] == "usdt":
-            context = bcc.USDT(path=probe["binary"].encode())
-            context.enable_probe(probe=f"{probe['provider']}:{probe['name']}".encode(), fn_name=p["program"].encode())
+            context = bcc.USDT(path=probe["binary"])        # USDT takes str, the rest of BCC bytes
+            context.enable_probe(probe=f"{probe['provider']}:{probe['name']}", fn_name=p["program"])
             usdt.append(context)
     try:
         b = bcc.BPF(text=program_text, usdt_contexts=usdt)
