@@ -155,7 +155,7 @@ class BccRunner(CoreRunner):
         usdt = self.usdt_contexts(bcc)
         started = time.monotonic()
         try:
-            bpf = bcc.BPF(text=text, cflags=cflags, usdt_contexts=list(usdt.values()))
+            bpf = bcc.BPF(text=text.encode(), cflags=cflags, usdt_contexts=list(usdt.values()))
         except Exception as exc:
             raise BundleError(f"BCC could not compile {self.object_path().name} against the kernel headers in "
                               f"{os.environ.get('BCC_KERNEL_SOURCE') or self.headers.build}: {exc} (its messages "

@@ -176,7 +176,7 @@ def bcc_verify(program_text: str, manifest: dict) -> set[str]:
             context.enable_probe(probe=f"{probe['provider']}:{probe['name']}", fn_name=p["program"])
             usdt.append(context)
     try:
-        b = bcc.BPF(text=program_text, usdt_contexts=usdt)
+        b = bcc.BPF(text=program_text.encode(), usdt_contexts=usdt)
     finally:
         if env is None:
             os.environ.pop("BCC_KERNEL_SOURCE", None)
