@@ -1,4 +1,4 @@
-"""The `probec` command: check, build, run, doctor, rules, dashboard.
+"""The `probec` command: check, build, run, promote, doctor, rules, dashboard.
 
 `run` imports only the runtime, so a production host needs no compiler dependencies.
 """
@@ -72,6 +72,23 @@ def _parser() -> argparse.ArgumentParser:
         m.add_argument("spec", metavar="SPEC")
         m.add_argument("-o", "--output", metavar="FILE", help=f"where to write (default: {default})")
         m.add_argument("--job", metavar="JOB", help="the Prometheus scrape job of the collector (default: the spec's name)")
+
+    pr = sub.add_parser("promote", help="run the bpftrace prototype and the core collector side by side on the live "
+                                         "workload, compare them, and write the production bundle if they agree")
+    pr.add_argument("spec", metavar="SPEC")
+    pr.add_argument("--for", dest="for_", default="60s", metavar="DURATION",
+                    help="how long the comparison window stays open (60s, 5m; default 60s)")
+    pr.add_argument("--pid", type=int, default=-1, help="trace this process only; it is paused (SIGSTOP) for "
+                                                        "a moment at each edge of the window, so counts compare exactly")
+    pr.add_argument("--pid-file", metavar="FILE", help="trace only the process whose id FILE holds (read once)")
+    pr.add_argument("--no-pause", action="store_true", help="never pause the traced process at the window's edges")
+    pr.add_argument("-o", "--output", metavar="DIR", help="production bundle folder (default: ./NAME.core)")
+    pr.add_argument("--report", metavar="FILE", help="the parity report as JSON (default: ./NAME.parity.json)")
+    pr.add_argument("--events-rate", type=int, default=100, metavar="N",
+                    help="production default: at most N events a second for each event whose spec sets no "
+                         "limit (0: as the spec says; default 100)")
+    pr.add_argument("--interval", type=float, default=0.25,
+                    help="seconds between the prototype's map dumps (default 0.25): the longest a window edge waits")
 
     d = sub.add_parser("doctor", help="say what this machine can trace")
     d.add_argument("--format", choices=("text", "json"), default="text",
@@ -231,6 +248,11 @@ def _run(args) -> int:
     return run_target(args)
 
 
+def _promote(args) -> int:
+    from .promote import promote
+    return promote(args)
+
+
 def _doctor(args) -> int:
     from .host.features import doctor_report, host_facts
     if args.format == "json":
@@ -244,7 +266,7 @@ def _doctor(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"check": _check, "build": _build, "run": _run, "doctor": _doctor,
+        return {"check": _check, "build": _build, "run": _run, "promote": _promote, "doctor": _doctor,
                 "rules": _monitoring, "dashboard": _monitoring}[args.command](args)
     except KeyboardInterrupt:
         return 130

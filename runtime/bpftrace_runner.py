@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 
-from .events import EventSink
+from .events import EventFormat, EventOutput, EventSink
 from .manifest import BpftraceSection, Bundle, BundleError, HealthSlot, Manifest, MetricInfo, MetricMapRole
 from .store import HistogramSeries, MetricStore
 from .watch import FileIdentity, inodes_mapped, missing_in, process_start
@@ -176,7 +176,7 @@ class MapDecoder:
 
 
 class BpftraceRunner:
-    def __init__(self, bundle: Bundle, store: MetricStore, sink: EventSink | None, log=print):
+    def __init__(self, bundle: Bundle, store: MetricStore, sink: EventOutput | EventSink | None, log=print):
         self.bundle = bundle
         self.store = store
         self.sink = sink
@@ -190,6 +190,10 @@ class BpftraceRunner:
         self.attached = threading.Event()
         self.dumped = threading.Condition()      # notified on each whole dump
         self.last_dump = 0.0
+        # When the last applied dump froze its epoch (CLOCK_MONOTONIC ns, time.monotonic_ns's
+        # clock): what the store shows is every update up to that instant. 0: not said.
+        self.flipped_ns = 0
+        self.dumps = 0
         # A dump is applied only once its mark arrives (a bundle without a mark: map by map).
         self.dump_mark = self.settings.dump_mark
         self.pending: dict[str, object] = {}     # maps of the dump in progress: name -> data
@@ -203,7 +207,7 @@ class BpftraceRunner:
         self.stopping = False
         self.failure: str | None = None
         self.stderr_tail: list[str] = []
-        self.events_by_index = {e.index: e for e in self.manifest.events}
+        self.formats = {e.index: EventFormat(e) for e in self.manifest.events}
         # bpftrace's own counts: map name -> (the Health dict it feeds, its key there)
         health = store.health
         targets = {HealthSlot.EVENT_SEEN: health.events_emitted,
@@ -323,8 +327,9 @@ class BpftraceRunner:
             if not self.dump_mark:
                 self.apply_dump()
         elif kind == "printf" and self.dump_mark and isinstance(data, str) and data.startswith(self.dump_mark):
-            epoch = data[len(self.dump_mark):].strip()
-            self.apply_dump(int(epoch) if epoch.isdigit() else None)
+            words = data[len(self.dump_mark):].split()     # the epoch frozen, then when (ns), if said
+            flipped = int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
+            self.apply_dump(int(words[0]) if words and words[0].isdigit() else None, flipped_ns=flipped)
         elif kind == "printf" and isinstance(data, str):
             self.event(data)
         elif kind == "lost_events":
@@ -342,13 +347,22 @@ class BpftraceRunner:
                      "label sets without counting them, so this metric now undercounts; use fewer label "
                      "values (the core backend folds the excess into __overflow__ and counts it)")
 
-    def apply_dump(self, frozen: int | None = None, final: bool = False) -> None:
+    def apply_dump(self, frozen: int | None = None, final: bool = False, flipped_ns: int = 0) -> None:
         """Install the maps of one whole dump: a restart carries over what the store shows, so
         counters and histograms come from the same dump, never one from a dump cut by a kill.
 
         A metric map's counts are the epoch this dump froze plus the other one as the dump before
         froze it: both stopped at a flip, so all maps agree. The final dump, printed after the
-        probes detached, holds both epochs complete."""
+        probes detached, holds both epochs complete. Applied under `dumped`'s lock: a reader that
+        takes it sees the store of one whole dump, and `flipped_ns` and `dumps` of that dump."""
+        with self.dumped:
+            self._apply_dump(frozen, final)
+            self.last_dump = time.monotonic()
+            self.flipped_ns = flipped_ns
+            self.dumps += 1
+            self.dumped.notify_all()
+
+    def _apply_dump(self, frozen: int | None, final: bool) -> None:
         started = time.monotonic()
         for name, value in self.pending.items():
             if isinstance(value, dict) and name in self.decoder.by_map:
@@ -370,9 +384,6 @@ class BpftraceRunner:
         self.store.health.last_read_seconds = time.monotonic() - started
         self.store.health.reads += 1
         self.store.remember()
-        with self.dumped:
-            self.last_dump = time.monotonic()
-            self.dumped.notify_all()
 
     @staticmethod
     def split_epochs(data: dict) -> dict[int, dict[str, int]]:
@@ -396,31 +407,32 @@ class BpftraceRunner:
         return merged
 
     def event(self, text: str) -> None:
+        """One printf line of an event -> a row of its EventFormat (bpftrace prints one at a time)."""
         sep, mark = self.settings.separator, self.settings.event_mark
         parts = text.rstrip("\n").split(sep)
         if len(parts) < 6 or parts[0] != mark:
             return
         try:
-            spec = self.events_by_index[int(parts[1])]
-            record = {"event": spec.name, "ts_ns": int(parts[2]), "pid": int(parts[3]), "tid": int(parts[4]),
-                      "cpu": int(parts[5])}
+            index = int(parts[1])
+            fmt = self.formats[index]
             values = parts[6:]
-            if len(values) != len(spec.fields):
+            if len(values) != len(fmt.meta.fields):
                 raise ValueError("field count")
-            for f, raw in zip(spec.fields, values):
+            row = [int(parts[2]), int(parts[3]), int(parts[4]), int(parts[5])]
+            for f, raw in zip(fmt.meta.fields, values):
+                if f not in fmt.fields:          # pid, tid or cpu again: the header has it
+                    continue
                 if f.kind.endswith("stack"):
-                    record[f.name] = [frame.strip() for frame in raw.strip("\n").split("\n") if frame.strip()]
+                    row.append([frame.strip() for frame in raw.strip("\n").split("\n") if frame.strip()])
                 elif f.kind == "str" or f.render == "ipv4":   # bpftrace printed ntop() as text
-                    record[f.name] = raw
+                    row.append(raw)
                 else:
-                    v = int(raw)
-                    record[self.sink.field_name(f) if self.sink else f.name] = \
-                        self.sink.value(f, v) if self.sink else v
+                    row.append(int(raw))
         except (ValueError, KeyError):
             self.store.health.decode_errors += 1
             return
         if self.sink is not None:
-            self.sink.write(record)
+            self.sink.add(index, [tuple(row)])
 
     def read_missed(self) -> None:
         """Runs of bpftrace's programs the kernel skipped (another BPF program was running on that

@@ -49,6 +49,23 @@ def attach_hint(kind: str, err: int | None) -> str:
     return f"{why}; {kernel_alternatives()}"
 
 
+# How each probe kind is attached: (program, probe, pid to trace or -1) -> link. The kinds are
+# compiler/kinds.py's (tests/test_kinds.py checks that every one is here); the runtime keeps its
+# own table because it never imports the compiler.
+ATTACH = {
+    "tracepoint": lambda prog, p, pid: prog.attach_tracepoint(p.category, p.name),
+    "uprobe": lambda prog, p, pid: prog.attach_uprobe(p.binary, p.symbol, p.offset, retprobe=False, pid=pid),
+    "uretprobe": lambda prog, p, pid: prog.attach_uprobe(p.binary, p.symbol, p.offset, retprobe=True, pid=pid),
+    "usdt": lambda prog, p, pid: prog.attach_usdt(p.binary, p.provider, p.name, pid=pid),
+    "kprobe": lambda prog, p, pid: prog.attach_kprobe(p.name, retprobe=False),
+    "kretprobe": lambda prog, p, pid: prog.attach_kprobe(p.name, retprobe=True),
+    "fentry": lambda prog, p, pid: prog.attach(),
+    "fexit": lambda prog, p, pid: prog.attach(),
+    "profile": lambda prog, p, pid: prog.attach_cpu_clock(p.rate),
+    "interval": lambda prog, p, pid: prog.attach_interval(p.rate),
+}
+
+
 class ProbeAttacher:
     """Loads a core bundle's object and attaches its programs, as its manifest says."""
 
@@ -161,24 +178,10 @@ class ProbeAttacher:
                 raise
 
     def attach(self, obj, program: str, probe: ProbeInfo):
-        prog = obj.program(program)
-        kind = probe.kind
-        if kind == "tracepoint":
-            return prog.attach_tracepoint(probe.category, probe.name)
-        if kind in ("uprobe", "uretprobe"):
-            return prog.attach_uprobe(probe.binary, probe.symbol, probe.offset,
-                                      retprobe=kind == "uretprobe", pid=self.pid)
-        if kind == "usdt":
-            return prog.attach_usdt(probe.binary, probe.provider, probe.name, pid=self.pid)
-        if kind in ("kprobe", "kretprobe"):
-            return prog.attach_kprobe(probe.name, retprobe=kind == "kretprobe")
-        if kind in ("fentry", "fexit"):
-            return prog.attach()
-        if kind == "profile":
-            return prog.attach_cpu_clock(probe.rate)
-        if kind == "interval":
-            return prog.attach_interval(probe.rate)
-        raise BundleError(f"manifest names a probe kind this runtime cannot attach: {kind}")
+        how = ATTACH.get(probe.kind)
+        if how is None:
+            raise BundleError(f"manifest names a probe kind this runtime cannot attach: {probe.kind}")
+        return how(obj.program(program), probe, self.pid)
 
     def attach_to_new_file(self, obj, active: list[CoreProgram], path: str) -> dict[str, object]:
         """Links of the probes of `active` that sit in the binary at `path`, attached to the file

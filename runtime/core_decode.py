@@ -1,11 +1,16 @@
 """Decoding what a core bundle's maps and ring buffer hold, from the manifest's layouts alone: metric
-maps into store snapshots, event records into JSON-lines objects, stack ids into frames."""
+maps into store snapshots, event records into rows of events.EventFormat (in batches), stack ids
+into frames."""
 
 from __future__ import annotations
 
 import collections
+import itertools
+import operator
 import struct
 
+from .events import EventFormat
+from .libbpf.ringbuf import RINGBUF_HEADER
 from .manifest import EVENT_HEADER_NAMES, BundleError, EventInfo, MapInfo, MetricInfo
 from .store import HistogramSeries
 
@@ -108,19 +113,44 @@ class MetricReader:
 
 # --- events --------------------------------------------------------------------------------------
 class EventDecoder:
-    """Ring-buffer records of one event -> the JSON-lines shape of the bpftrace runner."""
+    """Ring-buffer records of one event -> the rows of its EventFormat (see events.py)."""
 
     def __init__(self, meta: EventInfo):
         self.meta = meta
+        self.format = EventFormat(meta)
         record = meta.record
         self.size = record.size
         self.struct = struct.Struct(record.format)
+        # the same record as RingReader hands a run of them over: its 8-byte ring header before,
+        # padding to 8 bytes after
+        stride = (record.size + RINGBUF_HEADER + 7) & ~7
+        self.block = struct.Struct(f"<{RINGBUF_HEADER}x{record.format.lstrip('<=')}{stride - RINGBUF_HEADER - record.size}x")
         names = [f.name for f in record.fields if not f.name.startswith("__pad")]
         header = tuple(names[:len(EVENT_HEADER_NAMES)])
         if header != EVENT_HEADER_NAMES:
             raise BundleError(f"manifest: event '{meta.name}' record does not start with the probec header")
         position = {n: i for i, n in enumerate(names) if i >= len(EVENT_HEADER_NAMES)}
-        self.fields = [(f, position[f.name]) for f in meta.fields]
+        at = {n: names.index(n) for n in EVENT_HEADER_NAMES}
+        self.row = operator.itemgetter(at["ts"], at["pid"], at["tid"], at["cpu"],
+                                       *(position[f.name] for f in self.format.fields))
+        self.stacks = [(i, f.kind == "kernelstack") for i, f in enumerate(self.format.fields, start=4)
+                       if f.kind.endswith("stack")]
+
+    def rows(self, values: list[tuple], stacks: "StackSymbols | None", health) -> list[tuple]:
+        rows = list(map(self.row, values))
+        if not self.stacks:
+            return rows
+        out = []
+        for row in rows:
+            row = list(row)
+            for at, kernel in self.stacks:
+                try:
+                    row[at] = stacks.frames(row[at], row[1], kernel) if stacks else []
+                except Exception:
+                    health.decode_errors += 1
+                    row[at] = []
+            out.append(tuple(row))
+        return out
 
 
 class StackSymbols:
@@ -173,33 +203,42 @@ class StackSymbols:
         return [table.symbolize(a, return_address=i > 0) for i, a in enumerate(addrs)]
 
 
-def decode_event(decoders: dict[int, EventDecoder], data: bytes, stacks: StackSymbols | None, sink,
-                 health) -> dict | None:
-    """One ring-buffer record as the JSON-lines object the sink writes; None (and counted in
-    health.decode_errors) when it cannot be decoded."""
-    try:
-        decoder = decoders[int.from_bytes(data[:4], "little")]
-        values = decoder.struct.unpack_from(data)
-    except (KeyError, struct.error):
-        health.decode_errors += 1
-        return None
-    header = dict(zip(EVENT_HEADER_NAMES, values))
-    pid = header["pid"]
-    record = {"event": decoder.meta.name, "ts_ns": header["ts"], "pid": pid, "tid": header["tid"],
-              "cpu": header["cpu"]}
-    for f, at in decoder.fields:
-        raw = values[at]
-        kind = f.kind
-        if kind.endswith("stack"):
-            try:
-                record[f.name] = stacks.frames(raw, pid, kind == "kernelstack") if stacks else []
-            except Exception:
-                health.decode_errors += 1
-                record[f.name] = []
-        elif kind == "str":
-            record[f.name] = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-        elif sink is not None:
-            record[sink.field_name(f)] = sink.value(f, raw)
-        else:
-            record[f.name] = raw
-    return record
+def decode_block(decoders: dict[int, EventDecoder], decoder: EventDecoder, block: bytes,
+                 stacks: StackSymbols | None, output, health) -> None:
+    """A run of records of `decoder`'s size, as RingReader.read() hands them over, decoded in one
+    call; each run of one event goes to `output` as one batch (events of one size may share it)."""
+    for index, values in itertools.groupby(decoder.block.iter_unpack(block), key=_EVENT_INDEX):
+        values = list(values)
+        owner = decoders.get(index)
+        if owner is None or owner.size != decoder.size:
+            health.decode_errors += len(values)
+            continue
+        if output is not None:
+            output.add(index, owner.rows(values, stacks, health))
+
+
+def decode_records(decoders: dict[int, EventDecoder], records: list[bytes], stacks: StackSymbols | None,
+                   output, health) -> None:
+    """Records one by one (of several sizes, or single), each run of one event as one batch to
+    `output`; a record of no event of the bundle, or shorter than its layout, is counted in
+    health.decode_errors."""
+    values: list[tuple] = []
+    current = None
+    for data in records:
+        try:
+            decoder = decoders[int.from_bytes(data[:4], "little")]
+            value = decoder.struct.unpack_from(data)
+        except (KeyError, struct.error):
+            health.decode_errors += 1
+            continue
+        if decoder is not current and values:
+            if output is not None:
+                output.add(current.meta.index, current.rows(values, stacks, health))
+            values = []
+        current = decoder
+        values.append(value)
+    if values and output is not None:
+        output.add(current.meta.index, current.rows(values, stacks, health))
+
+
+_EVENT_INDEX = operator.itemgetter(0)

@@ -5,11 +5,13 @@ Everything it knows about the object comes from the bundle's manifest (`core` se
 the core backend from the same IR as the C): program names, settings, map layouts, health slots
 and the tracepoint field offsets the C reads, which are checked against this kernel before load.
 It never imports the compiler, clang or bpftool. The checks before load are in core_preflight.py,
-loading and attaching in core_attach.py, and decoding maps and records in core_decode.py.
+loading and attaching in core_attach.py, and decoding maps and records in core_decode.py. Events are
+read from the ring in bulk (libbpf.RingReader) and decoded and written in batches.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import struct
@@ -18,9 +20,9 @@ import time
 from pathlib import Path
 
 from .core_attach import ProbeAttacher, _destroy, _libbpf
-from .core_decode import EventDecoder, MetricReader, StackSymbols, _percpu_total, decode_event
+from .core_decode import EventDecoder, MetricReader, StackSymbols, _percpu_total, decode_block, decode_records
 from .core_preflight import check_tracepoint_fields, check_uprobe_placement
-from .events import EventSink
+from .events import EventOutput, EventSink
 from .manifest import Bundle, BundleError, CoreProgram, HealthSlot
 from .store import MetricStore
 from .watch import FileIdentity, inodes_mapped
@@ -28,12 +30,13 @@ from .watch import FileIdentity, inodes_mapped
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 EVENT_POLL_MS = 50          # the reader drains the ring at least this often (the kernel wakes it
                             # only once a quarter of the ring is waiting)
+EVENT_READ_BYTES = 1 << 20  # at most this much of the ring is copied out and decoded at once
 
 
 # --- the runner ----------------------------------------------------------------------------------
 class CoreRunner:
-    def __init__(self, bundle: Bundle, store: MetricStore, sink: EventSink | None, log=print, pid: int = -1,
-                 bpf_stats: bool | None = None):
+    def __init__(self, bundle: Bundle, store: MetricStore, sink: EventOutput | EventSink | None, log=print,
+                 pid: int = -1, bpf_stats: bool | None = None):
         self.bundle = bundle
         self.store = store
         self.sink = sink
@@ -54,6 +57,10 @@ class CoreRunner:
             self.readers = [MetricReader(m, maps[m.map], bool(signed.get(m.name)))
                             for m in self.manifest.metrics]
             self.decoders = {e.index: EventDecoder(e) for e in self.manifest.events}
+            # the size RingReader hands over in blocks: the commonest record size (one event: its own)
+            sizes = collections.Counter(d.size for d in self.decoders.values())
+            self.block_decoder = next((d for d in self.decoders.values() if d.size == sizes.most_common(1)[0][0]),
+                                      None) if sizes else None
         except (KeyError, TypeError, ValueError, struct.error) as exc:
             raise BundleError(f"{bundle.path}/manifest.json is damaged or from another probec version "
                               f"({type(exc).__name__}: {exc}); rebuild the bundle") from None
@@ -119,7 +126,7 @@ class CoreRunner:
             self.stacks = StackSymbols(self.obj.map(self.core.stack_map), self.core.stack_depth)
         ring = self.core.ringbuf
         if ring:
-            self.ring = L.RingBuffer(self.obj.map(ring.map), self.on_record)
+            self.ring = L.RingReader(self.obj.map(ring.map), EVENT_READ_BYTES)
             self.thread = threading.Thread(target=self.drain_events, name="probec-events", daemon=True)
             self.thread.start()
         self.read()
@@ -250,9 +257,9 @@ class CoreRunner:
             self.events_stop.set()
             if self.thread is not None:
                 self.thread.join(5)
-            self.ring.consume()
+            self.read_events()
             self.ring.close()
-            self.ring = L.RingBuffer(obj.map(self.core.ringbuf.map), self.on_record)
+            self.ring = L.RingReader(obj.map(self.core.ringbuf.map), EVENT_READ_BYTES)
             self.events_stop.clear()
             self.thread = threading.Thread(target=self.drain_events, name="probec-events", daemon=True)
             self.thread.start()
@@ -264,15 +271,27 @@ class CoreRunner:
     def drain_events(self) -> None:
         try:
             while not self.events_stop.is_set():
-                self.ring.poll(EVENT_POLL_MS)
-                self.ring.consume()   # records that arrived without a wakeup
+                self.ring.wait(EVENT_POLL_MS)
+                self.read_events()    # also records that arrived without a wakeup
         except Exception as exc:
             self.failure = f"reading events failed: {exc}"
 
+    def read_events(self) -> None:
+        """Everything the ring holds now, in batches: runs of the commonest record size decoded
+        in one call each, other records one by one."""
+        size = self.block_decoder.size if self.block_decoder else 0
+        while True:
+            block, count, others = self.ring.read(size)
+            if count:
+                decode_block(self.decoders, self.block_decoder, block, self.stacks, self.sink, self.store.health)
+            if others:
+                decode_records(self.decoders, others, self.stacks, self.sink, self.store.health)
+            if not count and not others:
+                return
+
     def on_record(self, data: bytes) -> None:
-        record = decode_event(self.decoders, data, self.stacks, self.sink, self.store.health)
-        if record is not None and self.sink is not None:
-            self.sink.write(record)
+        """One record, as the ring handed it over."""
+        decode_records(self.decoders, [data], self.stacks, self.sink, self.store.health)
 
     # -- stop ----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -288,7 +307,7 @@ class CoreRunner:
         self.links, self.retired = {}, []
         if self.ring is not None:
             try:
-                self.ring.consume()
+                self.read_events()
             except Exception:
                 pass
             self.ring.close()

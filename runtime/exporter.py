@@ -119,10 +119,18 @@ class StoreCollector:
                       "engine was restarting: from the last whole map dump of the engine that died to the "
                       "attachment of the next. Events in them are in no metric.", value=h.backend_gap_seconds)
         dropped = CounterMetricFamily("probec_events_dropped", "Events decoded but not kept, by reason: "
-                                      "write = the --events file could not be written (disk full).",
+                                      "write = the --events file could not be written (disk full); otlp = "
+                                      "not sent as spans over --otlp (the receiver failed or fell behind).",
                                       labels=["reason"])
         dropped.add_metric(["write"], h.events_unwritten)
+        if h.otlp_failures:
+            dropped.add_metric(["otlp"], h.events_unsent)
         yield dropped
+        if h.otlp_failures:
+            yield counter("probec_otlp_export_failures", "OTLP exports (--otlp) that failed, by signal: metrics or "
+                          "traces; what failed is sent again at the next export (metrics) or dropped and "
+                          'counted in probec_events_dropped_total{reason="otlp"} (spans).', "signal",
+                          h.otlp_failures)
         yield counter("probec_backend_errors", "Error lines or failures from the tracing engine.",
                       value=h.backend_errors)
         yield counter("probec_decode_errors", "Map entries or events that could not be decoded.",
@@ -178,7 +186,8 @@ class QuietHandler(WSGIRequestHandler):
 class Exporter:
     def __init__(self, store: MetricStore, bundle_name: str, backend: str):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StoreCollector(store, bundle_name, backend))
+        self.collector = StoreCollector(store, bundle_name, backend)
+        self.registry.register(self.collector)
         self.server: MetricsServer | None = None
 
     def serve(self, address: str, port: int) -> int:

@@ -147,6 +147,7 @@ class MetricInfo:
     series_limit: int
     overflow_map: str | None
     folded_map: str | None
+    otel_name: str = ""    # named the OpenTelemetry way in the spec (`name` is the Prometheus name)
 
     @property
     def histogram(self) -> bool:

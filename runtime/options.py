@@ -11,7 +11,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="127.0.0.1", help="metrics address (default 127.0.0.1)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between map reads")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until signalled)")
-    p.add_argument("--events", metavar="FILE", default="-", help="where sampled events go as JSON lines")
+    p.add_argument("--events", metavar="FILE", default=None,
+                   help="where sampled events go as JSON lines (default: standard output, or nowhere with --otlp)")
+    p.add_argument("--otlp", metavar="URL",
+                   help="also send the metrics, and each sampled event as a span, over OTLP/HTTP to URL (a "
+                        "collector's base URL, e.g. http://127.0.0.1:4318); needs the 'otlp' extra")
+    p.add_argument("--otlp-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between OTLP metric exports (default 10; and once more at the end)")
     p.add_argument("--window", type=float, default=60.0, help="seconds of history for live quantiles")
     p.add_argument("--show", action="store_true", help="print live histograms and p50/p95/p99")
     p.add_argument("--pid", type=int, default=-1, help="trace this process only (its exit is logged and counted)")

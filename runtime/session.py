@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from .events import EventSink
+from .events import EventOutput, EventSink
 from .exporter import Exporter, format_edge, label_text
 from .manifest import BundleError, MetricInfo, load_bundle
 from .options import add_run_arguments
@@ -191,11 +191,26 @@ def run_target(args) -> int:
     watch = binary_watch(bundle, store)
     failed_reattach: dict = {}
     failed_retarget: dict = {}
+    events_path = args.events if args.events is not None else (None if args.otlp else "-")
     try:
-        sink = EventSink(args.events, bundle.manifest, store.health, log) if bundle.manifest.events else None
+        sink = EventSink(events_path, bundle.manifest, store.health, log) \
+            if bundle.manifest.events and events_path else None
     except OSError as exc:
-        log(f"error: cannot write events to {args.events}: {exc.strerror or exc}")
+        log(f"error: cannot write events to {events_path}: {exc.strerror or exc}")
         return 1
+    exporter = Exporter(store, bundle.name, bundle.backend)
+    otlp_metrics = spans = None
+    if args.otlp:
+        try:
+            from .otlp import OtlpError, open_otlp
+            otlp_metrics, spans = open_otlp(args.otlp, exporter.collector, bundle.manifest, bundle.name,
+                                            bundle.backend, store.health, log)
+        except OtlpError as exc:
+            log(f"error: {exc}")
+            if sink is not None:
+                sink.close()
+            return 1
+    output = EventOutput(bundle.manifest, sink, spans) if sink is not None or spans is not None else None
     stop = threading.Event()
     received = []
 
@@ -204,10 +219,9 @@ def run_target(args) -> int:
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    exporter = Exporter(store, bundle.name, bundle.backend)
     runner = None
     try:
-        runner = make_runner(bundle, store, sink, pid, args.bpf_stats)
+        runner = make_runner(bundle, store, output, pid, args.bpf_stats)
         runner.start(pid=pid) if bundle.backend == "bpftrace" else runner.start()
         if args.port:
             try:
@@ -218,6 +232,9 @@ def run_target(args) -> int:
             log(f"{bundle.name}: attached ({bundle.backend}); metrics on http://{args.address}:{port}/metrics")
         else:
             log(f"{bundle.name}: attached ({bundle.backend})")
+        if otlp_metrics is not None:
+            otlp_metrics.start(args.otlp_interval)
+            log(f"{bundle.name}: metrics{' and events' if spans else ''} also over OTLP to {args.otlp}")
         deadline = time.monotonic() + args.duration if args.duration else None
         next_show = time.monotonic() + 2
         next_read = time.monotonic() + args.interval
@@ -232,8 +249,8 @@ def run_target(args) -> int:
                 check_target(runner, target, store, failed_retarget)
             check_binaries(runner, watch, store, failed_reattach)
             runner.poll()
-            if sink is not None:
-                sink.flush()
+            if output is not None:
+                output.flush()
             if getattr(runner, "failure", None):
                 log(f"error: {runner.failure}")
                 return 1
@@ -249,14 +266,16 @@ def run_target(args) -> int:
     finally:
         if runner is not None:
             runner.stop()
+        if output is not None:
+            output.close()          # the last events out (spans sent) before the last metrics
+        if otlp_metrics is not None:
+            otlp_metrics.close()
         if args.snapshot:
             try:
                 Path(args.snapshot).write_text(exporter.text())
             except OSError as exc:
                 log(f"error: cannot write snapshot {args.snapshot}: {exc.strerror}")
         exporter.close()
-        if sink is not None:
-            sink.close()
         for s, handler in old.items():
             signal.signal(s, handler)
         if received:

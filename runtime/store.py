@@ -45,6 +45,8 @@ class Health:
     backend_restarts: int = 0
     backend_gap_seconds: float = 0.0    # time nothing was counted: engine restarts
     events_unwritten: int = 0           # events decoded but not written to --events
+    events_unsent: int = 0              # events not sent as spans over --otlp
+    otlp_failures: dict[str, int] = field(default_factory=dict)   # failed OTLP exports, by signal
     backend_errors: int = 0
     decode_errors: int = 0
     map_entries: dict[str, int] = field(default_factory=dict)

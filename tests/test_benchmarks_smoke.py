@@ -29,6 +29,7 @@ BENCHMARKS = {
     "soak": ["## Counts", "**yes**", "## The collector over time"],
     "bcc_backend": ["## getpid span", "| bcc |", "| core, hash begin map |", "bcc / core per call",
                     "BCC compile and attach at start"],
+    "otlp_events": ["## Lossless?", "(A) before", "`--events FILE --otlp URL`", "## Cost, medians"],
 }
 TIMEOUT = 120
 

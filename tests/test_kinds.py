@@ -14,6 +14,7 @@ from probec.compiler.kinds import IR_PROBE_KINDS, METRIC_KINDS, METRIC_SPEC_KEYS
 from probec.compiler.monitoring.dashboard import PANELS
 from probec.compiler.spec.loader import METRIC_KEYS, load_spec_text
 from probec.compiler.spec.model import PROBE_KINDS as SPEC_PROBE_KINDS
+from probec.runtime.core_attach import ATTACH
 
 from harness import write_spec
 
@@ -42,6 +43,10 @@ def test_every_shipped_backend_renders_every_kind():
         expected = set(IR_PROBE_KINDS) - ({"fentry", "fexit"} if backend is BccBackend else set())
         assert set(backend.PROBES) == expected, backend.name
         assert set(backend.UPDATES) == {k.update for k in METRIC_KINDS.values()}, backend.name
+
+
+def test_the_core_runtime_attaches_every_kind_the_core_backend_writes():
+    assert set(ATTACH) == set(CoreBackend.PROBES) == set(IR_PROBE_KINDS)
 
 
 def test_every_metric_kind_has_a_dashboard_panel():

@@ -222,6 +222,26 @@ def test_bpftrace_epochs_add_up_to_one_instant(tmp_path):
     assert shown() == (12, 12)
 
 
+def test_bpftrace_dump_mark_says_when_it_froze(tmp_path):
+    """A dump mark carries the instant its epoch froze (nsecs, CLOCK_MONOTONIC): promote reads core
+    on either side of it. A mark without it (a bundle of an older probec) still applies."""
+    from probec.runtime.bpftrace_runner import BpftraceRunner
+    from probec.runtime.manifest import Bundle
+    (tmp_path / "t.bt").write_text("")
+    typed = manifest([HIST, COUNTER], bpftrace=bpftrace_section([HIST, COUNTER], dump_mark="probec: dump end",
+                                                                 epoch_maps=["@m_calls_total"]))
+    store = MetricStore(typed)
+    runner = BpftraceRunner(Bundle(tmp_path, typed), store, None, log=lambda *_: None)
+    runner.handle({"type": "map", "data": {"@m_calls_total": {"0,a,1": 4}}})
+    runner.handle({"type": "printf", "data": "probec: dump end 0 123456789\n"})
+    assert (runner.dumps, runner.flipped_ns) == (1, 123456789)
+    assert store.snapshot()["calls_total"].series[("a", 1)] == 4
+    runner.handle({"type": "map", "data": {"@m_calls_total": {"0,a,1": 4, "1,a,1": 2}}})
+    runner.handle({"type": "printf", "data": "probec: dump end 1\n"})
+    assert (runner.dumps, runner.flipped_ns) == (2, 0)
+    assert store.snapshot()["calls_total"].series[("a", 1)] == 6
+
+
 def test_series_cap_keeps_the_first_label_sets_seen():
     """Once in, a label set stays: a later, heavier one folds instead (as the core kernel does)."""
     store = MetricStore(MANIFEST)

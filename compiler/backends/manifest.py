@@ -79,6 +79,7 @@ def manifest_for(program: Program, backend: str, files: dict[str, str], *, maps:
             map=m.map.name, series_limit=m.series_limit,
             overflow_map=m.overflow_map.name if m.overflow_map else None,
             folded_map=m.folded_map.name if m.folded_map else None,
+            otel_name=m.otel_name,
         ) for m in program.metrics),
         events=tuple(contract.EventInfo(
             name=e.name, index=e.index, sample_every=e.sample_every, max_per_second=e.max_per_second,

@@ -273,7 +273,8 @@ class Lowering(ProbeResolution, LoweringPasses, LoweringLints):
             else:
                 build.actions.append(upd)
         return Metric(m.name, m.kind, m.help or f"{m.kind} from {m.on.span_name + '.end' if isinstance(m.on, SpanEndRef) else m.on.text}",
-                      unit, scale, tuple(labels or ()), edges, mp, self.spec.limits.series, **fold)
+                      unit, scale, tuple(labels or ()), edges, mp, self.spec.limits.series, **fold,
+                      otel_name=m.otel_name)
 
     def lower_gauge(self, m: MetricSpec, what: str) -> Metric | None:
         """`gauge: SPAN.open`: +1 where the span opens at a key it was not open at, -1 where it

@@ -225,6 +225,7 @@ class Metric:
     overflow_map: MapSpec | None = None
     folded_map: MapSpec | None = None
     sets_map: MapSpec | None = None
+    otel_name: str = ""            # the spec named it the OpenTelemetry way (OTLP export keeps it)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from .yaml_source import MAX_SPEC_BYTES, YMap, YNode, YScalar, YSeq, load_yaml
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 METRIC_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+# A metric named the OpenTelemetry way (http.server.request.duration): lower-case words and dots.
+OTEL_METRIC_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
 # Characters allowed in binary paths and symbols: enough for real files and mangled C++ names,
 # nothing that can break out of a bpftrace probe address or a C string.
 SAFE_PATH = re.compile(r"[A-Za-z0-9_./+@-]+\Z")
@@ -303,20 +305,48 @@ class SpecLoader:
                          section.span, "split the spec: each is built and run on its own")
             return out
         for key, value in section.entries:
-            if not (METRIC_NAME if what == "metrics" else IDENT).match(key.value):
+            dotted = what == "metrics" and OTEL_METRIC_NAME.match(key.value)
+            if not dotted and not (METRIC_NAME if what == "metrics" else IDENT).match(key.value):
                 self.d.error("E107", f"'{key.value}' is not a valid name for {what}", key.span,
-                             "names are letters, digits and '_', not starting with a digit")
+                             "names are letters, digits and '_', not starting with a digit"
+                             + (" (or OpenTelemetry's lower-case words joined by dots: "
+                                "'http.server.request.duration')" if what == "metrics" else ""))
                 continue
             if not self.name_rules(key, f"{what[:-1]} name"):
                 continue
-            if what == "metrics" and key.value.startswith(RESERVED_METRIC_PREFIX):
+            if what == "metrics" and key.value.replace(".", "_").startswith(RESERVED_METRIC_PREFIX):
                 self.d.error("E131", f"metric '{key.value}': names starting with '{RESERVED_METRIC_PREFIX}' "
                              "are probec's health metrics", key.span, "choose another prefix")
                 continue
             item = build(key, value)
-            if item is not None:
-                out[key.value] = item
+            if item is not None and dotted:
+                item = self.prometheus_name(item)
+            if item is not None and item.name in out:        # a dotted name and the one derived from it
+                first = out[item.name]
+                self.d.error("E132", f"metric '{item.otel_name or item.name}' and metric '{first.otel_name or first.name}' "
+                             f"would both export '{item.name}'", key.span, "rename one of them")
+            elif item is not None:
+                out[item.name] = item
         return out
+
+    def prometheus_name(self, m: MetricSpec) -> MetricSpec | None:
+        """A metric named the OpenTelemetry way keeps that name over OTLP and gets the name
+        Prometheus derives from it for /metrics, the kernel maps and everything else: dots to
+        underscores, the unit as a suffix, `_total` for counters (`http.server.request.duration`
+        in seconds: `http_server_request_duration_seconds`). The unit comes from `unit:` or the
+        buckets; a `sum:` counter says it with `unit:`."""
+        unit = m.unit or {"time": "seconds", "size": "bytes"}.get(m.buckets.dimension if m.buckets else "", "")
+        if not unit and m.kind == "counter" and m.value is not None:
+            self.d.error("E107", f"metric '{m.name}' is named the OpenTelemetry way and sums a value: say its unit, "
+                         "from which its Prometheus name is derived", m.span,
+                         "add 'unit: seconds', 'unit: bytes' or 'unit: none'")
+            return None
+        name = m.name.replace(".", "_")
+        if unit in ("seconds", "bytes") and not name.endswith("_" + unit):
+            name += "_" + unit
+        if m.kind == "counter":
+            name += "_total"
+        return replace(m, name=name, otel_name=m.name)
 
     def binaries(self, node) -> dict[str, Binary]:
         section = self.expect_map(node, "binaries")

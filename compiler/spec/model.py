@@ -119,6 +119,7 @@ class MetricSpec:
     unit: str = ""                         # seconds | bytes | "" (derived when not given)
     parts: tuple[tuple[str, Expr, SourceSpan], ...] = ()   # `parts:` histograms: (part, value, where)
     alert: AlertSpec | None = None         # histograms: `alert: p99 > 50ms for 5m` (probec rules)
+    otel_name: str = ""                    # named the OpenTelemetry way (`name` is then Prometheus's)
 
 
 @dataclass(frozen=True)

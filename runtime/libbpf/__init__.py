@@ -19,7 +19,7 @@ The package's modules, each importing only those above it:
 - ``links``: Link and LinkGroup
 - ``maps``: Map (settings before load, element access, batch lookup)
 - ``perf``: cpu-clock perf events, ``profile`` and ``interval`` attachments
-- ``ringbuf``: RingBuffer
+- ``ringbuf``: RingBuffer (a callback per record), RingReader (bulk reads)
 - ``objects``: BpfObject and Program, program info and run-time stats
 
 Callers use this package's names (``libbpf.BpfObject``), not its modules.
@@ -41,7 +41,7 @@ from .links import Link, LinkGroup
 from .maps import BPF_ANY, BPF_EXIST, BPF_NOEXIST, FdMap, Map, MapType, num_possible_cpus
 from .objects import BPF_STATS_RUN_TIME, BTF_KIND_DATASEC, BpfObject, Program, ProgramInfo, enable_stats, program_info
 from .perf import PERF_COUNT_SW_CPU_CLOCK, PERF_FLAG_FD_CLOEXEC, PERF_TYPE_SOFTWARE, online_cpus, perf_event_open_cpu_clock
-from .ringbuf import RingBuffer
+from .ringbuf import RingBuffer, RingReader
 
 __all__ = [
     "BpfError",
@@ -53,6 +53,7 @@ __all__ = [
     "Link",
     "LinkGroup",
     "RingBuffer",
+    "RingReader",
     "ProgramInfo",
     "MapType",
     "libbpf_version",

@@ -516,8 +516,8 @@ class CoreBackend(Backend):
             members = []
             for i, f in enumerate(lay.fields):
                 member = c_member(f, is_event and i >= len(HEADER_FIELDS))
-                members.append({"ctype": field_ctype(f), "name": member, "array": f"[{f.length}]" if f.kind == "bytes" else "",
-                                "offset": f.offset})
+                members.append({"ctype": field_ctype(f), "name": member,
+                                "array": f"[{f.length}]" if f.kind == "bytes" else "", "offset": f.offset})
             # 8-byte alignment lets clang copy strings into keys a word at a time; the layouts are
             # multiples of 8 already, so it changes no size (arrays' 4-byte keys stay 4)
             out.append({"struct": self.struct_name(lay), "size": lay.size, "members": members,
