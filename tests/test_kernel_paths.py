@@ -712,3 +712,20 @@ def test_gauge_counts_the_calls_in_flight(tmp_path, backend):
             holder.wait()
         run.kill()
         print(f"probec run stderr:\n{run.stderr()}")
+
+
+UNALIGNED_SPEC = """
+name: unaligned_field
+metrics:
+  retransmits_total:
+    count: tracepoint:tcp:tcp_retransmit_skb
+    labels: [args.saddr]
+"""
+
+
+def test_a_tracepoint_field_at_an_unaligned_offset_loads(tmp_path, backend):
+    """tcp_retransmit_skb's 4-byte saddr sits at offset 34: a 4-byte read of the context there is
+    refused by the verifier (EACCES), so core and bcc read it a byte at a time and attach."""
+    metrics, run = run_spec(tmp_path, backend, UNALIGNED_SPEC)
+    assert "attached" in run.stderr()
+    assert value(metrics, "probec_probe_attached", probe="tracepoint_tcp_retransmit_skb") == 1
