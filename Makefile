@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup workloads demo test check fuzz bench soak clean
+.PHONY: setup workloads demo test check fuzz bench soak clean image image-smoke deploy-bundles
 
 setup:
 	@bash scripts/setup.sh
@@ -37,3 +37,15 @@ clean:
 	@$(MAKE) -s -C tests/workloads clean
 	@$(MAKE) -s -C examples/workloads clean
 	rm -rf build *.egg-info .setup-stamp
+
+# The collector image (Debian rootfs + the runtime, no compiler): minutes and the Debian mirror, so
+# not part of `make test`. image-smoke runs it with podman, least privilege, against a workload.
+image:
+	@bash deploy/image/build.sh
+
+image-smoke: workloads
+	@flock /tmp/probec-kernel.lock bash deploy/image/smoke.sh
+
+# deploy/bundles/ from deploy/specs/ (the ConfigMap of deploy/kustomization.yaml)
+deploy-bundles: setup
+	@bash deploy/build-bundles.sh

@@ -67,7 +67,7 @@ def kprobes_available(tracefs: Path | None = None) -> bool:
     if os.path.exists("/sys/bus/event_source/devices/kprobe"):
         return True
     roots = [tracefs] if tracefs is not None else [Path(r) for r in TRACEFS_ROOTS]
-    return any((root / "kprobe_events").exists() for root in roots)
+    return any(os.path.exists(root / "kprobe_events") for root in roots)   # False, not EACCES, where unreadable
 
 
 def kernel_functions() -> set[str] | None:
@@ -136,15 +136,54 @@ def host_facts(kernel_symbols: bool = True) -> dict:
         "tools": {tool: tool_version(tool) for tool in ("bpftrace", "clang", "bpftool")} | {"libbpf": _libbpf_version()},
         "tracepoints": tracepoints,
         "kernel_functions": sorted(functions) if functions is not None else None,
+        "privileges": privileges(),
+    }
+
+
+def privileges() -> dict:
+    """The capabilities `probec run` needs on this kernel (for any probe kind), which this process
+    has, and which it lacks; doctor's `privileges` record."""
+    from .capabilities import (effective_capabilities, memlock_matters, run_privileges, seccomp_filtered,
+                               uprobes_need_sys_admin)
+    need = run_privileges()
+    have = effective_capabilities()
+    return {
+        "uid": need.uid,
+        "capabilities": sorted(have) if have is not None else None,
+        "needed": list(need.needed),
+        "missing": list(need.missing),
+        "why": need.why,
+        "uprobes_need_sys_admin": uprobes_need_sys_admin(),
+        "memlock_matters": memlock_matters(),
+        "bpftrace": need.bpftrace or "runs",
+        "seccomp_filtered": seccomp_filtered(),
     }
 
 
 def doctor_report() -> str:
     rows = [("kernel", platform.release())]
-    rows.append(("root", "yes" if os.geteuid() == 0 else "no (check works; run needs root)"))
+    rows.append(("uid", str(os.geteuid())))
+    p = privileges()
+    held = set(p["capabilities"] or ())
+    rows.append(("capabilities held", ", ".join(c for c in p["needed"] if c in held) or "none of those needed"))
+    rows.append(("capabilities lacking", ", ".join(p["missing"]) or "none: 'probec run' can load and attach"))
+    for cap in p["needed"]:
+        rows.append((f"  {cap}", p["why"][cap]))
+    if p["uprobes_need_sys_admin"] is None:
+        rows.append(("  uprobes", "unknown whether they need CAP_SYS_ADMIN here (needs CAP_PERFMON to find out)"))
+    if p["seccomp_filtered"]:
+        rows.append(("seccomp", "a filter is on (a container's profile): it must allow bpf() and perf_event_open() "
+                                "(deploy/image/seccomp.py)"))
+    if p["bpftrace"] != "runs":
+        rows.append(("bpftrace backend", p["bpftrace"]))
     rows.append(("BTF (/sys/kernel/btf/vmlinux)", "yes" if os.path.exists("/sys/kernel/btf/vmlinux") else "no"))
     tracefs = os.path.isdir("/sys/kernel/tracing/events/sched")
-    rows.append(("tracefs", "mounted" if tracefs else "not mounted: mount -t tracefs nodev /sys/kernel/tracing"))
+    if tracefs:
+        rows.append(("tracefs", "mounted"))
+    elif os.path.ismount("/sys/kernel/tracing"):
+        rows.append(("tracefs", "mounted, not readable by this process (uid 0, or CAP_DAC_READ_SEARCH)"))
+    else:
+        rows.append(("tracefs", "not mounted: mount -t tracefs nodev /sys/kernel/tracing"))
     rows.append(("tracepoints", "yes" if tracefs else "unknown"))
     rows.append(("uprobes", "yes" if os.path.exists("/sys/bus/event_source/devices/uprobe") else "no"))
     rows.append(("kprobes", "yes" if kprobes_available() else "no (no CONFIG_KPROBES): use tracepoints or syscalls"))

@@ -59,8 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                         "cheapest) or a HASH map sized by limits.concurrency; auto: task storage unless "
                         "--kernel any")
 
-    r = sub.add_parser("run", help="load a bundle (or build a spec) and export Prometheus metrics")
-    r.add_argument("target", metavar="BUNDLE|SPEC")
+    r = sub.add_parser("run", help="load bundles (or build specs) and export Prometheus metrics")
+    r.add_argument("target", metavar="BUNDLE|SPEC|FOLDER", nargs="+",
+                   help="one spec or bundle; or several, or a folder of them, run together on one port and "
+                        "reloaded on SIGHUP or when the folder changes")
     r.add_argument("--backend", choices=BACKENDS, default=None,
                    help="when TARGET is a spec: build it for this backend first (default bpftrace)")
     add_run_arguments(r)
@@ -232,7 +234,30 @@ def _monitoring(args) -> int:
     return EXIT_OK
 
 
+def _spec_builder(backend: str, interval: float):
+    """How `probec run` with several sources builds a spec: into a temporary bundle, removed when
+    the spec stops. None where the compiler is not installed (a runtime-only image)."""
+    try:
+        from .compiler import driver  # noqa: F401  (is the compiler here at all?)
+    except ImportError:
+        return None
+
+    def prepare(spec):
+        import shutil
+        from .runtime.manifest import BundleError
+        built = _build_from_spec(str(spec), backend, interval)
+        if built is None:
+            raise BundleError(f"{spec}: the spec has errors (above)")
+        return built, lambda: shutil.rmtree(built, ignore_errors=True)
+    return prepare
+
+
 def _run(args) -> int:
+    from .runtime.collector import is_many
+    if is_many(args.target):
+        from .runtime.collector import run_many
+        return run_many(args, args.target, _spec_builder(args.backend or "bpftrace", args.interval))
+    args.target = args.target[0]
     if os.path.isfile(args.target) and os.path.splitext(args.target)[1] in (".yaml", ".yml"):
         built = _build_from_spec(args.target, args.backend or "bpftrace", args.interval)
         if built is None:

@@ -265,7 +265,10 @@ class BpftraceRunner:
         hint = ""
         text = " ".join(lines)
         if "Operation not permitted" in text or "EPERM" in text or os.geteuid() != 0:
-            hint = "\n  help: loading eBPF needs root (or CAP_BPF and CAP_PERFMON)"
+            from ..host.capabilities import run_privileges
+            kinds = {p.kind for p in self.manifest.probes}
+            hint = (f"\n  help: this bundle needs uid 0 and {', '.join(run_privileges(kinds).needed)} "
+                    "('probec doctor' lists them)")
         elif "Could not resolve symbol" in text or "No such file" in text:
             hint = "\n  help: the binary or symbol changed since the build; rebuild the bundle"
         return f"bpftrace failed to start {self.script.name}:\n  {detail}{hint}"

@@ -43,7 +43,8 @@ def attach_hint(kind: str, err: int | None) -> str:
     elif kind == "tracepoint" and err == errno.ENOENT:
         why = "this kernel has no such tracepoint (or tracefs is not mounted)"
     elif err == errno.EPERM or err == errno.EACCES:
-        why = "not permitted: run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)"
+        from ..host.capabilities import run_privileges
+        why = f"not permitted: this needs {', '.join(run_privileges({kind}).needed)} ('probec doctor' lists them)"
     else:
         why = "the kernel refused it"
     return f"{why}; {kernel_alternatives()}"

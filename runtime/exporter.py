@@ -184,9 +184,10 @@ class QuietHandler(WSGIRequestHandler):
 
 
 class Exporter:
-    def __init__(self, store: MetricStore, bundle_name: str, backend: str):
+    def __init__(self, store: MetricStore | None = None, bundle_name: str = "", backend: str = "", collector=None):
+        """One bundle's store, or any `collector` (runtime/collector.py's, for several)."""
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = StoreCollector(store, bundle_name, backend)
+        self.collector = collector or StoreCollector(store, bundle_name, backend)
         self.registry.register(self.collector)
         self.server: MetricsServer | None = None
 

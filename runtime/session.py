@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..host.capabilities import run_privileges
 from .events import EventOutput, EventSink
 from .exporter import Exporter, format_edge, label_text
 from .manifest import BundleError, MetricInfo, load_bundle
@@ -169,9 +170,9 @@ def run_target(args) -> int:
     except BundleError as exc:
         log(f"error: {exc}")
         return 1
-    if os.geteuid() != 0:
-        log("error: loading eBPF programs needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); "
-            "'probec check' works without")
+    refused = run_privileges({p.kind for p in bundle.manifest.probes}).error(bundle.backend)
+    if refused:
+        log(f"error: {refused}")
         return 1
     target = None
     pid = args.pid

@@ -9,7 +9,8 @@ PACKAGES=(bpftrace clang llvm libbpf-dev libbpf1 bpftool systemtap-sdt-dev libel
           prometheus                                      # Prometheus and promtool for the real-scrape tests
           python3-bpfcc linux-headers-amd64               # the BCC backend (hosts without BTF)
           qemu-system-x86 busybox-static linux-image-amd64 # the kernel matrix: Debian's 6.1 under qemu
-          podman buildah mmdebstrap uidmap)               # the collector image
+          podman buildah mmdebstrap uidmap                # the collector image
+          runc)                                           # podman on cgroup v1/hybrid hosts (crun refuses them)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

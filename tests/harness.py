@@ -32,14 +32,18 @@ def build(spec: Path, backend: str, out: Path, *extra: str) -> Path:
 class Run:
     """`probec run BUNDLE` in the background; stop() sends a signal and returns the final scrape."""
 
-    def __init__(self, bundle: Path, tmp: Path, *extra: str, port: int = 0):
+    def __init__(self, bundle: Path | list[Path], tmp: Path, *extra: str, port: int = 0,
+                 prefix: tuple[str, ...] = (), python: str = sys.executable, env: dict | None = None):
+        """`prefix` goes before the command (setpriv, to drop capabilities); `python` and `env`
+        choose the interpreter that runs probec."""
         self.snapshot = tmp / "snapshot.txt"
         self.events_path = tmp / "events.jsonl"
         self.stderr_path = tmp / "run.stderr"
+        targets = [str(b) for b in bundle] if isinstance(bundle, list) else [str(bundle)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "probec", "run", str(bundle), "--port", str(port), "--interval", "0.5",
+            [*prefix, python, "-m", "probec", "run", *targets, "--port", str(port), "--interval", "0.5",
              "--snapshot", str(self.snapshot), "--events", str(self.events_path), *extra],
-            stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "w"), cwd=ROOT)
+            stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "w"), cwd=ROOT, env=env)
         deadline = time.monotonic() + 90
         while "attached" not in self.stderr():
             if self.proc.poll() is not None:

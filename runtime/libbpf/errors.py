@@ -119,6 +119,11 @@ def tracefs_hint(err: int) -> str | None:
 
 def load_hint(err: int) -> str | None:
     if err == _errno.EPERM:
+        from ...host.capabilities import effective_capabilities, seccomp_filtered
+        if seccomp_filtered() and {"CAP_BPF", "CAP_PERFMON"} <= (effective_capabilities() or set()):
+            return ("EPERM on load with CAP_BPF and CAP_PERFMON held, under a seccomp filter: container runtimes' "
+                    "default profiles (containers-common's: podman, CRI-O) allow bpf() only with CAP_SYS_ADMIN; "
+                    "run with the profile of deploy/image/seccomp.py (docs/deploy.md)")
         return "EPERM on load: needs root/CAP_BPF+CAP_PERFMON; fentry/fexit are locked down on some kernels"
     if err == _errno.EACCES:
         return "the verifier rejected a program: see its log above"
