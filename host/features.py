@@ -11,9 +11,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .tracefs import TRACEFS_ROOTS, available_events, read_format, tracefs_root
+from .btf import load_btf, tracepoint_type
+from .tracefs import TRACEFS_ROOTS, FormatField, available_events, read_format, tracefs_root
 
 HOST_FACTS_VERSION = 1
+BTF_PATH = "/sys/kernel/btf/vmlinux"
 
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_FENTRY = 24
@@ -113,6 +115,8 @@ def host_facts(kernel_symbols: bool = True) -> dict:
     `probec check --target FILE` checks a spec against on another machine. Unknown facts are null."""
     root = tracefs_root()
     tracepoints: dict[str, list] | None = None
+    types: dict[str, str] | None = None
+    btf = load_btf(BTF_PATH)
     if root is not None:
         names = available_events(root)
         if names is not None:
@@ -121,6 +125,14 @@ def host_facts(kernel_symbols: bool = True) -> dict:
                 category, _, name = tp.partition(":")
                 fields = read_format(root, category, name)
                 tracepoints[tp] = None if fields is None else [f.to_list() for f in fields.values()]
+            if btf is not None:
+                types = {}
+                for tp, rows in tracepoints.items():
+                    category, _, name = tp.partition(":")
+                    record = None if rows is None else tracepoint_type(
+                        btf, category, name, {r[0]: FormatField.from_list(r) for r in rows})
+                    if record:
+                        types[tp] = record
     functions = kernel_functions() if kernel_symbols else None
     return {
         "probec_host_facts": HOST_FACTS_VERSION,
@@ -135,6 +147,7 @@ def host_facts(kernel_symbols: bool = True) -> dict:
         },
         "tools": {tool: tool_version(tool) for tool in ("bpftrace", "clang", "bpftool")} | {"libbpf": _libbpf_version()},
         "tracepoints": tracepoints,
+        "tracepoint_types": types,           # BTF record type of each tracepoint, where BTF tells
         "kernel_functions": sorted(functions) if functions is not None else None,
         "privileges": privileges(),
     }

@@ -55,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--interval", type=float, default=1.0, help="seconds between bpftrace map dumps (default 1)")
     b.add_argument("--no-compile", action="store_true", help="core: write C only, do not run clang")
     b.add_argument("--begin-map", choices=("auto", "task", "hash"), default="auto",
-                   help="core: where thread-keyed spans keep begin times: task-local storage (kernel 5.11+, "
-                        "cheapest) or a HASH map sized by limits.concurrency; auto: task storage unless "
-                        "--kernel any")
+                   help="core: where thread-keyed spans keep begin times: auto (or task): task-local storage "
+                        "where the kernel loading the bundle has it (5.11+, cheapest), else a HASH map sized "
+                        "by limits.concurrency, chosen at load; hash: always the HASH map")
 
     r = sub.add_parser("run", help="load bundles (or build specs) and export Prometheus metrics")
     r.add_argument("target", metavar="BUNDLE|SPEC|FOLDER", nargs="+",
@@ -66,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=BACKENDS, default=None,
                    help="when TARGET is a spec: build it for this backend first (default bpftrace)")
     add_run_arguments(r)
+
+    t = sub.add_parser("btf", help="cut the minimal BTF a core bundle needs, for hosts without /sys/kernel/btf/vmlinux "
+                                   "('probec run --btf FILE' there)")
+    t.add_argument("bundle", metavar="BUNDLE")
+    t.add_argument("-o", "--output", metavar="FILE", required=True, help="where to write the BTF")
+    t.add_argument("--from", dest="source", metavar="BTF", default="/sys/kernel/btf/vmlinux",
+                   help="the target kernel's full BTF, e.g. from its vmlinux or a BTFHub archive "
+                        "(default: this kernel's, /sys/kernel/btf/vmlinux)")
 
     for name, what, default in (("rules", "write Prometheus recording and alerting rules for a spec's collector",
                                   "stdout"),
@@ -168,7 +176,7 @@ def _build(args) -> int:
     if args.backend == "bpftrace":
         options["interval_ms"] = max(1, int(args.interval * 1000))
     elif args.backend == "core":
-        options["task_storage"] = args.begin_map == "task" or (args.begin_map == "auto" and args.kernel == "host")
+        options["task_storage"] = args.begin_map != "hash"
     bundle = build_bundle(result, args.backend, args.bpftrace_version, **options)
     sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
     if bundle is None:
@@ -273,6 +281,24 @@ def _run(args) -> int:
     return run_target(args)
 
 
+def _btf(args) -> int:
+    """`probec btf BUNDLE -o FILE`: the types the bundle's CO-RE relocations read, cut from a full
+    BTF by `bpftool gen min_core_btf`, to ship beside the bundle to hosts without kernel BTF."""
+    from .compiler.backends.core.toolchain import ToolchainError, min_core_btf
+    from .runtime.manifest import BundleError, load_bundle
+    try:
+        bundle = load_bundle(args.bundle)
+        if bundle.backend != "core":
+            raise BundleError(f"{args.bundle} is a {bundle.backend} bundle; 'probec btf' cuts BTF for core bundles")
+        size = min_core_btf(args.source, args.output, [str(bundle.file("object"))])
+    except (BundleError, ToolchainError) as exc:
+        print(f"probec: error: {exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    print(f"{args.output}: {size} bytes of BTF for {bundle.name}; run it with 'probec run BUNDLE --btf {args.output}'",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 def _promote(args) -> int:
     from .promote import promote
     return promote(args)
@@ -292,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"check": _check, "build": _build, "run": _run, "promote": _promote, "doctor": _doctor,
-                "rules": _monitoring, "dashboard": _monitoring}[args.command](args)
+                "rules": _monitoring, "dashboard": _monitoring, "btf": _btf}[args.command](args)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..host.headers import KernelHeaders, find_kernel_headers, joined_tree
 from .core_attach import _destroy, attach_hint
+from .core_mechanisms import Mechanisms
 from .core_preflight import check_tracepoint_fields, check_uprobe_placement
 from .core_runner import CoreRunner
 from .manifest import BundleError, CoreProgram, ProbeInfo
@@ -29,6 +30,10 @@ from .manifest import BundleError, CoreProgram, ProbeInfo
 BCC_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 HEADER_TREES = Path(os.environ.get("PROBEC_CACHE", "/var/cache/probec")) / "bcc-headers"
 PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK = 1, 0
+# What a bcc program uses, fixed when it was built (its probec_use_* macros), not chosen at load:
+# the ring buffer (no perf-buffer maps are declared), the HASH for span begin times (no task
+# storage without BTF), bpf_get_current_task (no BTF).
+BCC_MECHANISMS = Mechanisms(ring_buffer=True, task_storage=False, task_btf=False)
 
 
 def import_bcc():
@@ -120,6 +125,7 @@ class BccRunner(CoreRunner):
         self.events_made = 0
         self.bcc = None
         self.headers: KernelHeaders | None = None
+        self.attacher.mechanisms = BCC_MECHANISMS   # health and the start line say what BCC uses
 
     def object_path(self) -> Path:
         return self.bundle.file("program")

@@ -141,7 +141,8 @@ class Member:
         self.watch = binary_watch(self.bundle, self.store)
         if self.bundle.manifest.events:
             self.sink = EventSink(events_path(args.events, self.name), self.bundle.manifest, self.store.health, log)
-        self.runner = make_runner(self.bundle, self.store, self.sink, args.pid, args.bpf_stats)
+        self.runner = make_runner(self.bundle, self.store, self.sink, args.pid, args.bpf_stats,
+                                  getattr(args, "btf", None))
         if self.bundle.backend == "bpftrace":
             self.runner.start(pid=args.pid)
         else:

@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 
 from .core_preflight import check_uprobe_placement
-from .manifest import BundleError, CoreProgram, Manifest, ProbeInfo
+from .core_mechanisms import Mechanisms, choose, shape_maps
+from .manifest import BundleError, CoreProgram, Manifest, ProbeInfo, TracepointCheck
 
 _PROG_IN_LOG = re.compile(r"prog '([^']+)'")
 
@@ -70,21 +71,42 @@ ATTACH = {
 class ProbeAttacher:
     """Loads a core bundle's object and attaches its programs, as its manifest says."""
 
-    def __init__(self, manifest: Manifest, log=print, pid: int = -1):
+    def __init__(self, manifest: Manifest, log=print, pid: int = -1, btf_path: str | None = None):
         self.manifest = manifest
         self.core = manifest.core
         self.probes = {p.id: p for p in manifest.probes}
         self.log = log
         self.pid = pid
+        self.btf_path = btf_path               # CO-RE against this BTF instead of the kernel's
+        self.mechanisms: Mechanisms | None = None   # chosen at the first load
 
     def settings(self) -> list[tuple[str, bytes]]:
+        chosen = self.mechanisms.settings() if self.mechanisms else {}
         out = []
         for s in self.core.settings:
-            value = s.value
+            value = chosen.get(s.name, s.value)
             if s.name == "probec_target_pid" and self.pid > 0:
                 value = self.pid
             out.append((s.name, int(value).to_bytes(s.size, "little")))
         return out
+
+    def open(self, path: Path):
+        """The object opened and configured for this kernel (settings, mechanisms' maps), not loaded."""
+        L = _libbpf()
+        if self.mechanisms is None:
+            self.mechanisms = choose(self.manifest)
+        obj = L.BpfObject.open(path, self.btf_path)
+        try:
+            for name, value in self.settings():
+                try:
+                    obj.set_rodata(name, value)
+                except (KeyError, ValueError) as exc:
+                    raise BundleError(f"{path.name} does not match its manifest ({exc}); rebuild the bundle") from None
+            shape_maps(obj, self.manifest, self.mechanisms)
+        except BaseException:
+            obj.close()
+            raise
+        return obj
 
     def groups(self) -> dict[str, list[int]]:
         out: dict[str, set[int]] = {}
@@ -124,22 +146,20 @@ class ProbeAttacher:
             active = [p for p in programs
                       if not self.probes[p.probe].group
                       or chosen[self.probes[p.probe].group] == self.probes[p.probe].variant]
-            obj = L.BpfObject.open(path)
+            obj = self.open(path)
             links: dict[str, object] = {}
             try:
                 names = {p.program for p in active}
                 for p in programs:
                     obj.set_autoload(p.program, p.program in names)
-                for name, value in self.settings():
-                    try:
-                        obj.set_rodata(name, value)
-                    except (KeyError, ValueError) as exc:
-                        raise BundleError(f"{path.name} does not match its manifest ({exc}); rebuild the bundle") from None
                 try:
                     obj.load()
                 except L.BpfError as exc:
                     blamed = next((n for n in _PROG_IN_LOG.findall("\n".join(exc.log)) if n in names), None)
                     probe = next((self.probes[p.probe] for p in active if p.program == blamed), None)
+                    relocation = failed_relocation(exc.log, self.core.tracepoint_fields, blamed)
+                    if relocation:
+                        raise BundleError(relocation) from None
                     if probe is not None and probe.group:
                         skip(probe.group, probe, "load", exc)
                         obj.close()
@@ -208,15 +228,12 @@ class ProbeAttacher:
     def reload(self, path: Path, old_obj, active: list[CoreProgram]):
         """The object loaded again with this attacher's settings, reusing every map of `old_obj`
         (the counts go on where they were), and `active`'s programs attached: (obj, links)."""
-        L = _libbpf()
-        obj = L.BpfObject.open(path)
+        obj = self.open(path)
         links: dict[str, object] = {}
         try:
             names = {p.program for p in active}
             for p in self.core.programs:
                 obj.set_autoload(p.program, p.program in names)
-            for name, value in self.settings():
-                obj.set_rodata(name, value)
             for name, bmap in obj.maps.items():
                 if ".rodata" not in name and ".kconfig" not in name:
                     bmap.reuse_fd(old_obj.map(name))
@@ -247,3 +264,26 @@ def _useful(log: list[str]) -> list[str]:
 def _short(exc) -> str:
     name = getattr(exc, "errno_name", None)
     return name or str(exc).split("\n", 1)[0]
+
+
+# libbpf (0.8+) rewrites the verifier's complaint about an instruction it poisoned because a CO-RE
+# relocation found no target in the kernel's BTF into:
+#   failed to resolve CO-RE relocation <byte_off> [49] struct trace_event_raw_x___probec.comm (0:0 @ offset 0)
+_RELO_FAILED = re.compile(r"failed to resolve CO-RE relocation <[^>]+> \[\d+\] (?:struct|union) "
+                          r"([A-Za-z0-9_]+?)(?:___[A-Za-z0-9_]+)?\.([A-Za-z0-9_.\[\]]+)")
+
+
+def failed_relocation(log: list[str], fields: tuple[TracepointCheck, ...], program: str | None) -> str:
+    """The tracepoint field whose CO-RE relocation found nothing in this kernel's BTF, said in the
+    spec's words, from libbpf's log of the failed load; "" when no relocation failed."""
+    found = next((m for m in map(_RELO_FAILED.search, log) if m), None)
+    if found is None:
+        return ""
+    struct, member = found.groups()
+    field = next((c for c in fields if c.btf_type == struct and c.member == member
+                  and (program is None or c.probe == program)), None)
+    what = f"tracepoint {field.tracepoint} field '{field.field}'" if field else "a kernel type it reads"
+    return (f"probe {program or '?'} reads {what} as {struct}.{member}, which this kernel's BTF does not "
+            "have (its CO-RE relocation found no target); nothing is attached"
+            "\n  help: this kernel's tracepoint differs from the build host's: rebuild the bundle for it; or, "
+            "with --btf, pass this kernel's own BTF")

@@ -36,7 +36,7 @@ EVENT_READ_BYTES = 1 << 20  # at most this much of the ring is copied out and de
 # --- the runner ----------------------------------------------------------------------------------
 class CoreRunner:
     def __init__(self, bundle: Bundle, store: MetricStore, sink: EventOutput | EventSink | None, log=print,
-                 pid: int = -1, bpf_stats: bool | None = None):
+                 pid: int = -1, bpf_stats: bool | None = None, btf_path: str | None = None):
         self.bundle = bundle
         self.store = store
         self.sink = sink
@@ -47,7 +47,9 @@ class CoreRunner:
             raise BundleError(f"{bundle.path} has no 'core' section in its manifest: rebuild it with "
                               "'probec build SPEC --backend core'")
         self.core = core
-        self.attacher = ProbeAttacher(self.manifest, log, pid if pid and pid > 0 else -1)
+        if btf_path is not None and not os.path.isfile(btf_path):
+            raise BundleError(f"--btf {btf_path}: no such file")
+        self.attacher = ProbeAttacher(self.manifest, log, pid if pid and pid > 0 else -1, btf_path)
         self.failure: str | None = None
         self.bpf_stats = os.environ.get("PROBEC_BPF_STATS") == "1" if bpf_stats is None else bpf_stats
         try:
@@ -111,9 +113,14 @@ class CoreRunner:
         """Once attached: health, BPF stats, stacks, the event reader, a first read."""
         L = _libbpf()
         health = self.store.health
+        health.mechanisms = self.attacher.mechanisms.describe(self.manifest)
         health.attached = {pid: int(pid in self.links) for pid in self.probes}
+        unused = {s.map if self.in_task_storage(s) else s.task_map for s in self.manifest.spans}
+        if self.core.ringbuf and not self.attacher.mechanisms.ring_buffer:
+            unused.add(self.core.ringbuf.map)
         for m in self.manifest.maps:
-            if m.type != "TASK_STORAGE":
+            # task-local storage has a slot per thread, no capacity; maps of mechanisms not taken stand by
+            if m.type != "TASK_STORAGE" and m.name not in unused:
                 health.map_capacity[m.name] = m.max_entries
         hm = self.core.health_map
         health.map_capacity[hm.name] = hm.slots
@@ -124,9 +131,8 @@ class CoreRunner:
                 self.log(f"warning: cannot turn on BPF run-time stats: {exc}")
         if self.core.stack_map:
             self.stacks = StackSymbols(self.obj.map(self.core.stack_map), self.core.stack_depth)
-        ring = self.core.ringbuf
-        if ring:
-            self.ring = L.RingReader(self.obj.map(ring.map), EVENT_READ_BYTES)
+        if self.core.ringbuf:
+            self.ring = self.event_reader(self.obj)
             self.thread = threading.Thread(target=self.drain_events, name="probec-events", daemon=True)
             self.thread.start()
         self.read()
@@ -150,7 +156,7 @@ class CoreRunner:
                 health.map_entries[reader.folded_map] = folded
             self.store.replace(reader.name, reader.decode(items), overflow, folded)
         for span in self.manifest.spans:
-            if not span.task_storage:   # task-local storage cannot be listed; it has no capacity
+            if not self.in_task_storage(span):   # task-local storage cannot be listed; it has no capacity
                 health.map_entries[span.map] = len(self.obj.map(span.map).items_batch())
         if self.core.stack_map:
             health.map_entries[self.core.stack_map] = self.obj.map(self.core.stack_map).count_entries()
@@ -259,13 +265,29 @@ class CoreRunner:
                 self.thread.join(5)
             self.read_events()
             self.ring.close()
-            self.ring = L.RingReader(obj.map(self.core.ringbuf.map), EVENT_READ_BYTES)
+            self.ring = self.event_reader(obj)
             self.events_stop.clear()
             self.thread = threading.Thread(target=self.drain_events, name="probec-events", daemon=True)
             self.thread.start()
         if self.stacks is not None:
             self.stacks.map = obj.map(self.core.stack_map)
         old.close()
+
+    # -- mechanisms chosen at load -------------------------------------------------------------
+    def in_task_storage(self, span) -> bool:
+        return bool(span.task_map) and self.attacher.mechanisms.task_storage
+
+    def event_reader(self, obj):
+        """The ring buffer, or the perf buffer where the kernel has none (as the object was loaded)."""
+        L = _libbpf()
+        ring = self.core.ringbuf
+        if self.attacher.mechanisms.ring_buffer:
+            return L.RingReader(obj.map(ring.map), EVENT_READ_BYTES)
+        return L.PerfBuffer(obj.map(ring.perf_map))
+
+    def describe(self) -> str:
+        """The mechanisms in use, for the start line: 'events: perf_buffer, ...'."""
+        return ", ".join(f"{k}: {v}" for k, v in self.store.health.mechanisms.items())
 
     # -- events --------------------------------------------------------------------------------
     def drain_events(self) -> None:

@@ -167,6 +167,14 @@ class StoreCollector:
                           h.program_runs)
             yield counter("probec_program_run_seconds", "Time spent in each BPF program (kernel BPF stats).",
                           "probe", {k: v / 1e9 for k, v in h.program_run_ns.items()})
+        if h.mechanisms:
+            mech = GaugeMetricFamily("probec_mechanism", "1 for the mechanism each feature uses on this kernel, "
+                                     "chosen at load (core: events ring_buffer or perf_buffer, span_begin_times "
+                                     "task_storage or hash, tracepoint_fields btf or offsets, current_task).",
+                                     labels=["feature", "mechanism"])
+            for feature, mechanism in sorted(h.mechanisms.items()):
+                mech.add_metric([feature, mechanism], 1)
+            yield mech
         yield GaugeMetricFamily("probec_last_read_seconds", "How long the last map read took.",
                                 value=h.last_read_seconds)
 

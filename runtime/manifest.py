@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 SUPPORTED_MANIFEST = MANIFEST_VERSION
 
 
@@ -119,10 +119,11 @@ class MapInfo:
 @dataclass(frozen=True)
 class SpanInfo:
     name: str
-    map: str
+    map: str               # the begin map (core: a HASH keyed by the span's key)
     capacity: int
     checked_at_end: bool   # ends dropped for outliving their `within` span are counted
-    task_storage: bool     # core: begin times in task-local storage (cannot be listed)
+    task_storage: bool     # core: begin times also kept in task-local storage, used where the kernel has it
+    task_map: str          # core: that TASK_STORAGE map ("" when none)
 
 
 @dataclass(frozen=True)
@@ -225,11 +226,16 @@ class HealthSlotInfo:
 
 @dataclass(frozen=True)
 class TracepointCheck:
+    """A tracepoint field a core program reads: through its BTF record type (`btf_type`, member
+    `member`: a CO-RE relocation that libbpf resolves at load), or, where BTF did not tell at
+    build time (btf_type ""), at `offset`, checked against this kernel's tracefs before load."""
     probe: str
     tracepoint: str        # category:name
     field: str
-    offset: int
+    offset: int            # on the build host
     size: int
+    btf_type: str          # trace_event_raw_..., or "" (read at the offset)
+    member: str            # the member read ("args[2]", "pid"), or ""
 
 
 @dataclass(frozen=True)
@@ -237,6 +243,15 @@ class RingBufferInfo:
     map: str
     bytes: int
     wakeup_bytes: int
+    perf_map: str          # the PERF_EVENT_ARRAY used instead where the kernel has no ring buffer
+    scratch_map: str       # a per-CPU record the perf path fills before bpf_perf_event_output
+
+
+# Mechanisms chosen at load time: `const volatile` settings of every core object (1: use it). The
+# runtime probes the kernel and clears a setting (and retypes the maps it leaves unused) before load.
+USE_RINGBUF = "probec_use_ringbuf"              # ring buffer, else perf buffer (kernels before 5.8)
+USE_TASK_STORAGE = "probec_use_task_storage"    # task-local storage, else the HASH (before 5.11)
+USE_TASK_BTF = "probec_use_task_btf"            # bpf_get_current_task_btf, else bpf_get_current_task
 
 
 @dataclass(frozen=True)

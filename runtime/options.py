@@ -25,5 +25,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="trace only the process whose id FILE holds, re-read at every interval: when a new "
                         "process id appears there (a restarted service), the probes follow it")
     p.add_argument("--snapshot", metavar="FILE", help="write the final metrics text here on exit")
+    p.add_argument("--btf", metavar="FILE",
+                   help="core: resolve CO-RE relocations against this BTF instead of /sys/kernel/btf/vmlinux "
+                        "(hosts without kernel BTF; cut one for the bundle with 'probec btf')")
     p.add_argument("--bpf-stats", action="store_true",
                    help="core: turn on the kernel's BPF run-time stats while running (per-probe run time and count)")

@@ -27,13 +27,15 @@ def log(message: str) -> None:
     print(f"probec: {message}", file=sys.stderr, flush=True)
 
 
-def make_runner(bundle, store, sink, pid: int, bpf_stats: bool = False):
+def make_runner(bundle, store, sink, pid: int, bpf_stats: bool = False, btf: str | None = None):
     if bundle.backend == "bpftrace":
         from .bpftrace_runner import BpftraceRunner
+        if btf:
+            raise BundleError("--btf is for core bundles (bpftrace reads the kernel's own BTF)")
         return BpftraceRunner(bundle, store, sink, log=log)
     if bundle.backend == "core":
         from .core_runner import CoreRunner
-        return CoreRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None)
+        return CoreRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None, btf_path=btf)
     if bundle.backend == "bcc":
         from .bcc_runner import BccRunner
         return BccRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None)
@@ -222,17 +224,19 @@ def run_target(args) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     runner = None
     try:
-        runner = make_runner(bundle, store, output, pid, args.bpf_stats)
+        runner = make_runner(bundle, store, output, pid, args.bpf_stats, getattr(args, "btf", None))
         runner.start(pid=pid) if bundle.backend == "bpftrace" else runner.start()
+        using = runner.describe() if hasattr(runner, "describe") else ""
+        attached = f"attached ({bundle.backend})" + (f" using {using}" if using else "")
         if args.port:
             try:
                 port = exporter.serve(args.address, args.port)
             except OSError as exc:
                 log(f"error: cannot serve metrics on {args.address}:{args.port}: {exc.strerror or exc}")
                 return 1
-            log(f"{bundle.name}: attached ({bundle.backend}); metrics on http://{args.address}:{port}/metrics")
+            log(f"{bundle.name}: {attached}; metrics on http://{args.address}:{port}/metrics")
         else:
-            log(f"{bundle.name}: attached ({bundle.backend})")
+            log(f"{bundle.name}: {attached}")
         if otlp_metrics is not None:
             otlp_metrics.start(args.otlp_interval)
             log(f"{bundle.name}: metrics{' and events' if spans else ''} also over OTLP to {args.otlp}")

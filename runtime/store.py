@@ -62,6 +62,7 @@ class Health:
     program_run_ns: dict[str, int] = field(default_factory=dict)
     program_runs: dict[str, int] = field(default_factory=dict)
     program_missed: dict[str, int] = field(default_factory=dict)
+    mechanisms: dict[str, str] = field(default_factory=dict)   # core: feature -> what it uses on this kernel
     last_read_seconds: float = 0.0
     reads: int = 0
     up: int = 0

@@ -247,3 +247,7 @@ def test_ring_buffer_drops_are_counted_as_core_counts_them(tmp_path, workloads):
     assert health.events_emitted["every_write"] == 20000
     assert health.events_lost > 0, "a 4 KiB ring should overflow"
     assert written + health.events_lost == 20000
+    # fixed when it was built, not chosen at load: health and the start line say what BCC uses
+    assert health.mechanisms == {"events": "ring_buffer", "tracepoint_fields": "offsets",
+                                 "current_task": "get_current_task"}
+    assert runner.describe() == "events: ring_buffer, tracepoint_fields: offsets, current_task: get_current_task"

@@ -151,9 +151,9 @@ def test_bpftrace_health_counts_carry_over_a_restart(tmp_path):
         {"name": "slow", "index": 0, "fields": [], "sample_every": 1, "max_per_second": 0,
          "record": {"name": "event_slow", "size": 24, "format": "<IIQII4x", "fields": []}}],
         spans=[{"name": "offcpu", "map": "span_offcpu_begin", "capacity": 2, "checked_at_end": True,
-                "task_storage": False},
+                "task_storage": False, "task_map": ""},
                {"name": "req", "map": "span_req_begin", "capacity": 2, "checked_at_end": False,
-                "task_storage": False}],
+                "task_storage": False, "task_map": ""}],
         bpftrace=bpftrace_section([HIST, COUNTER], counters=counters))
     store = MetricStore(typed)
     runner = BpftraceRunner(Bundle(tmp_path, typed), store, None, log=lambda *_: None)

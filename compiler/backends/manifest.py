@@ -13,7 +13,7 @@ from ...runtime import manifest as contract
 from ...runtime.manifest import Manifest
 from ..ir.nodes import Field, Layout, MapSpec, Program
 
-__all__ = ["MANIFEST_VERSION", "Manifest", "contract", "field_ctype", "manifest_for", "map_info"]
+__all__ = ["MANIFEST_VERSION", "Manifest", "contract", "field_ctype", "manifest_for", "map_info", "task_map_name"]
 
 MANIFEST_VERSION = contract.MANIFEST_VERSION
 
@@ -33,6 +33,12 @@ def layout_info(layout: Layout | None) -> contract.Layout | None:
     return contract.Layout(layout.name, layout.size, layout.pyformat,
                            tuple(contract.LayoutField(f.name, field_ctype(f), f.length, f.size, f.offset, f.label)
                                  for f in layout.fields))
+
+
+def task_map_name(span: str) -> str:
+    """core: the TASK_STORAGE map a thread-keyed span keeps its begin times in, where the kernel
+    that loads the bundle has it (beside the span's begin map, used where it has not)."""
+    return f"span_{span}_task"
 
 
 def map_info(m: MapSpec, map_type: str, max_entries: int) -> contract.MapInfo:
@@ -69,7 +75,8 @@ def manifest_for(program: Program, backend: str, files: dict[str, str], *, maps:
         files=dict(files),
         maps=maps,
         spans=tuple(contract.SpanInfo(s.name, s.begin_map.name, s.begin_map.max_entries, s.name in checked,
-                                      s.begin_map.name in task_maps)
+                                      s.begin_map.name in task_maps,
+                                      task_map_name(s.name) if s.begin_map.name in task_maps else "")
                     for s in program.spans),
         metrics=tuple(contract.MetricInfo(
             name=m.name, kind=contract.MetricKind(m.kind), help=m.help, unit=m.unit, scale=m.scale,

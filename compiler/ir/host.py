@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ...host import elf, features
-from ...host.btf import btf_strings
+from ...host.btf import btf_strings, load_btf, tracepoint_type
 from ...host.tracefs import TRACEFS_ROOTS, FormatField, available_events, read_format, tracefs_root
 
 __all__ = ["FormatField", "HostFactsError", "HostInfo", "RecordedHost"]
@@ -50,6 +50,16 @@ class HostInfo:
     @functools.lru_cache(maxsize=None)
     def tracepoint_format(self, category: str, name: str) -> dict[str, FormatField] | None:
         return read_format(self.tracefs, category, name) if self.tracefs is not None else None
+
+    @functools.lru_cache(maxsize=None)
+    def tracepoint_type(self, category: str, name: str) -> str | None:
+        """The BTF record type of a tracepoint (trace_event_raw_...), through which the core backend
+        reads its fields with CO-RE relocations; None when BTF or tracefs cannot tell."""
+        fields = self.tracepoint_format(category, name)
+        btf = load_btf(self.btf_path) if self.enabled else None
+        if fields is None or btf is None:
+            return None
+        return tracepoint_type(btf, category, name, fields)
 
     @functools.cached_property
     def kernel_functions(self) -> set[str] | None:
@@ -91,6 +101,8 @@ class RecordedHost(HostInfo):
             self._formats = None if tps is None else {
                 str(tp): None if rows is None else {r[0]: FormatField.from_list(r) for r in rows}
                 for tp, rows in tps.items()}
+            types = _typed(facts, "tracepoint_types", dict) or {}
+            self._types = {str(tp): str(t) for tp, t in types.items() if t}
             functions = _typed(facts, "kernel_functions", list)
             self._functions = None if functions is None else {str(f) for f in functions}
             mech = _typed(facts, "mechanisms", dict) or {}
@@ -132,6 +144,9 @@ class RecordedHost(HostInfo):
 
     def tracepoint_format(self, category: str, name: str) -> dict[str, FormatField] | None:
         return None if self._formats is None else self._formats.get(f"{category}:{name}")
+
+    def tracepoint_type(self, category: str, name: str) -> str | None:
+        return self._types.get(f"{category}:{name}")
 
     @functools.cached_property
     def kernel_functions(self) -> set[str] | None:

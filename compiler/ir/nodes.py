@@ -63,6 +63,7 @@ class TracepointField:
     offset: int
     size: int
     type: ValueType
+    ckind: str = "int"             # what the kernel declares it as: int | ptr | enum (CO-RE matches kinds)
 
 
 @dataclass(frozen=True)
@@ -346,6 +347,7 @@ class Probe:
     variant: int = 0
     spec_text: str = ""            # the address as the user wrote it (for messages)
     past_endbr64: bool = False     # `offset` is probec's placement past endbr64, not the spec's
+    record_type: str = ""          # tracepoint: its BTF record type (fields read by CO-RE); "": at offsets
     span: SourceSpan | None = field(default=None, compare=False)   # where the address is written
 
 

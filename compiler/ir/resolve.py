@@ -253,7 +253,8 @@ class ProbeResolution:
         pid = self.probe_id(kind, name or symbol or provider or str(addr.rate))
         probe = Probe(pid, kind, category, name if kind != "usdt" else addr.name, binary, symbol, offset,
                       provider, addr.rate, (), group, variant, addr.text,
-                      past_endbr64=bool(offset) and addr.offset is None, span=addr.span)
+                      past_endbr64=bool(offset) and addr.offset is None, span=addr.span,
+                      record_type=(self.host.tracepoint_type(category, name) or "") if kind == "tracepoint" else "")
         if kind == "tracepoint" and fields is None and self.host.enabled and self.host.tracepoints is not None:
             fields = {}
         ctx = ProbeContext(ctx_kind, addr.text if addr.kind != "kernel" else f"{kind}:{addr.name}", fields,

@@ -356,7 +356,8 @@ class TypeChecker:
                 self.d.error("E224", f"field '{fname}' ({fmt.ctype}[{fmt.array_len}]) is an array; "
                              "probec reads numbers, char arrays and IPv4 addresses (__u8[4])", e.span)
                 return None
-            return TracepointField(fname, fmt.offset, fmt.size, SINT if fmt.signed else INT)
+            ckind = "ptr" if "*" in fmt.ctype else ("enum" if fmt.ctype.startswith("enum ") else "int")
+            return TracepointField(fname, fmt.offset, fmt.size, SINT if fmt.signed else INT, ckind)
         self.d.error("E220", f"unknown name '{dotted}' in {ctx.description}", e.span,
                      did_you_mean(dotted, ctx.names()) or "known here: " + ", ".join(ctx.names()[:12]))
         return None

@@ -20,6 +20,8 @@ The package's modules, each importing only those above it:
 - ``maps``: Map (settings before load, element access, batch lookup)
 - ``perf``: cpu-clock perf events, ``profile`` and ``interval`` attachments
 - ``ringbuf``: RingBuffer (a callback per record), RingReader (bulk reads)
+- ``perfbuf``: PerfBuffer (kernels without ring buffers)
+- ``probes``: what the kernel's BPF offers (map types, helpers)
 - ``objects``: BpfObject and Program, program info and run-time stats
 
 Callers use this package's names (``libbpf.BpfObject``), not its modules.
@@ -41,6 +43,8 @@ from .links import Link, LinkGroup
 from .maps import BPF_ANY, BPF_EXIST, BPF_NOEXIST, FdMap, Map, MapType, num_possible_cpus
 from .objects import BPF_STATS_RUN_TIME, BTF_KIND_DATASEC, BpfObject, Program, ProgramInfo, enable_stats, program_info
 from .perf import PERF_COUNT_SW_CPU_CLOCK, PERF_FLAG_FD_CLOEXEC, PERF_TYPE_SOFTWARE, online_cpus, perf_event_open_cpu_clock
+from .perfbuf import PerfBuffer
+from .probes import Helper, ProgType, helper_supported, map_type_supported
 from .ringbuf import RingBuffer, RingReader
 
 __all__ = [
@@ -54,6 +58,11 @@ __all__ = [
     "LinkGroup",
     "RingBuffer",
     "RingReader",
+    "PerfBuffer",
+    "Helper",
+    "ProgType",
+    "helper_supported",
+    "map_type_supported",
     "ProgramInfo",
     "MapType",
     "libbpf_version",

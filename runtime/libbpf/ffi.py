@@ -74,6 +74,8 @@ def _format_va(fmt: bytes, va_list: int) -> str:
 
 PRINT_FN = CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)  # libbpf_print_fn_t
 SAMPLE_FN = CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)  # ring_buffer_sample_fn
+PERF_SAMPLE_FN = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_uint32)  # perf_buffer_sample_fn
+PERF_LOST_FN = CFUNCTYPE(None, c_void_p, c_int, c_uint64)  # perf_buffer_lost_fn
 
 
 def _on_libbpf_print(level: int, fmt: bytes | None, va_list: int | None) -> int:
@@ -104,6 +106,8 @@ PROTOTYPES: dict[str, tuple[object, list]] = {
     "libbpf_num_possible_cpus": (c_int, []),
     # object
     "bpf_object__open_file": (_vp, [c_char_p, _vp]),
+    "libbpf_probe_bpf_map_type": (c_int, [c_int, _vp]),
+    "libbpf_probe_bpf_helper": (c_int, [c_int, c_int, _vp]),
     "bpf_object__load": (c_int, [_vp]),
     "bpf_object__close": (None, [_vp]),
     "bpf_object__name": (c_char_p, [_vp]),
@@ -137,6 +141,10 @@ PROTOTYPES: dict[str, tuple[object, list]] = {
     "bpf_map__max_entries": (c_uint32, [_vp]),
     "bpf_map__map_flags": (c_uint32, [_vp]),
     "bpf_map__set_max_entries": (c_int, [_vp, c_uint32]),
+    "bpf_map__set_type": (c_int, [_vp, c_int]),
+    "bpf_map__set_key_size": (c_int, [_vp, c_uint32]),
+    "bpf_map__set_value_size": (c_int, [_vp, c_uint32]),
+    "bpf_map__set_map_flags": (c_int, [_vp, c_uint32]),
     "bpf_map__initial_value": (_vp, [_vp, POINTER(c_size_t)]),
     "bpf_map__reuse_fd": (c_int, [_vp, c_int]),
     # map (syscall wrappers)
@@ -155,6 +163,11 @@ PROTOTYPES: dict[str, tuple[object, list]] = {
     "ring_buffer__consume": (c_int, [_vp]),
     "ring_buffer__epoll_fd": (c_int, [_vp]),
     "ring_buffer__free": (None, [_vp]),
+    # perf buffer (kernels without ring buffers)
+    "perf_buffer__new": (_vp, [c_int, c_size_t, _vp, _vp, _vp, _vp]),
+    "perf_buffer__poll": (c_int, [_vp, c_int]),
+    "perf_buffer__consume": (c_int, [_vp]),
+    "perf_buffer__free": (None, [_vp]),
     # BTF (to find .rodata variables by name)
     "btf__find_by_name_kind": (c_int, [_vp, c_char_p, c_uint32]),
     "btf__type_by_id": (_vp, [_vp, c_uint32]),
@@ -230,6 +243,21 @@ class _Opts(ctypes.Structure):
 
     def __init__(self, **fields):
         super().__init__(sz=sizeof(self), **fields)
+
+
+class ObjectOpenOpts(_Opts):  # struct bpf_object_open_opts (libbpf 1.1: 80 bytes)
+    _fields_ = [
+        ("sz", c_size_t),
+        ("object_name", c_char_p),
+        ("relaxed_maps", c_bool),
+        ("pin_root_path", c_char_p),
+        ("_attach_prog_fd", c_uint32),
+        ("kconfig", c_char_p),
+        ("btf_custom_path", c_char_p),
+        ("kernel_log_buf", c_char_p),
+        ("kernel_log_size", c_size_t),
+        ("kernel_log_level", c_uint32),
+    ]
 
 
 class UprobeOpts(_Opts):  # struct bpf_uprobe_opts (libbpf 1.1: 40 bytes)
@@ -333,6 +361,7 @@ class BtfVarSecinfo(ctypes.Structure):  # struct btf_var_secinfo
     _fields_ = [("type", c_uint32), ("offset", c_uint32), ("size", c_uint32)]
 
 
+assert sizeof(ObjectOpenOpts) == 80 and ObjectOpenOpts.btf_custom_path.offset == 48
 assert sizeof(UprobeOpts) == 40 and sizeof(UsdtOpts) == 16 and sizeof(MapBatchOpts) == 24
 assert sizeof(BpfProgInfo) == 232 and BpfProgInfo.run_time_ns.offset == 192
 assert sizeof(PerfEventAttr) == 128

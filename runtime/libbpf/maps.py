@@ -30,6 +30,7 @@ class MapType:
     LRU_PERCPU_HASH = 10
     PERCPU_CGROUP_STORAGE = 15
     RINGBUF = 27
+    TASK_STORAGE = 29
 
     PERCPU = frozenset({PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP_STORAGE})
 
@@ -151,6 +152,18 @@ class Map:
         self._before_load("set_max_entries")
         call = Call(f"bpf_map__set_max_entries({self.name}, {n})")
         call.check_int(lib().bpf_map__set_max_entries(self.ptr, n))
+
+    def set_shape(self, map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0) -> None:
+        """Make this map another type before load (a stand-in for one the kernel cannot create)."""
+        self._before_load("set_shape")
+        libbpf = lib()
+        for op, fn, value in (("set_type", libbpf.bpf_map__set_type, map_type),
+                              ("set_key_size", libbpf.bpf_map__set_key_size, key_size),
+                              ("set_value_size", libbpf.bpf_map__set_value_size, value_size),
+                              ("set_max_entries", libbpf.bpf_map__set_max_entries, max_entries),
+                              ("set_map_flags", libbpf.bpf_map__set_map_flags, flags)):
+            Call(f"bpf_map__{op}({self.name}, {value})").check_int(fn(self.ptr, value))
+        self._io_cache = None
 
     def reuse_fd(self, other: "Map") -> None:
         """Before load: use ``other``'s kernel map instead of creating one, so a second object's

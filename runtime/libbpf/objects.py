@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from . import perf
 from .errors import BpfError, Call, kprobe_hint, load_hint, logger, tracefs_hint
-from .ffi import BpfProgInfo, BtfType, BtfVarSecinfo, Closing, UprobeOpts, UsdtOpts, cstr, lib
+from .ffi import BpfProgInfo, BtfType, BtfVarSecinfo, Closing, ObjectOpenOpts, UprobeOpts, UsdtOpts, cstr, lib
 from .links import Link, LinkGroup
 from .maps import Map
 
@@ -264,11 +264,16 @@ class BpfObject(Closing):
             m = libbpf.bpf_object__next_map(ptr, m)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "BpfObject":
+    def open(cls, path: str | os.PathLike, btf_custom_path: str | os.PathLike | None = None) -> "BpfObject":
+        """Open an object file; with ``btf_custom_path``, CO-RE relocations resolve against that
+        BTF instead of /sys/kernel/btf/vmlinux (hosts without kernel BTF)."""
         path = os.fspath(path)
         libbpf = lib()
-        call = Call(f"bpf_object__open_file({path})")
-        ptr = call.check_ptr(libbpf.bpf_object__open_file(os.fsencode(path), None))
+        opts = ObjectOpenOpts(btf_custom_path=cstr(btf_custom_path)) if btf_custom_path else None
+        call = Call(f"bpf_object__open_file({path}" + (f", btf_custom_path {os.fspath(btf_custom_path)})"
+                                                       if btf_custom_path else ")"))
+        ptr = call.check_ptr(libbpf.bpf_object__open_file(os.fsencode(path),
+                                                          ctypes.addressof(opts) if opts is not None else None))
         return cls(ptr, path)
 
     # -- lifetime

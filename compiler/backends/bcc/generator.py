@@ -13,7 +13,12 @@ same `probec.bpf.h`, the same layouts and health slots) in BCC's dialect:
   out as comparisons, and an event's sampling and rate state a slot of an array map;
 - no BTF: begin times of thread-keyed spans live in the HASH begin map (no task storage), there are
   no fentry/fexit programs (a group falls back to its next variant), and `socket(fd)` reads
-  kernel structs through the installed headers, which must be the running kernel's.
+  kernel structs through the installed headers, which must be the running kernel's;
+- the mechanisms a core object chooses at load (`probec_use_ringbuf`, `probec_use_task_storage`,
+  `probec_use_task_btf`) are fixed here (BCC_MECHANISMS): events go through the ring buffer, span
+  begin times through the HASH, the current task through bpf_get_current_task. The perf-buffer
+  path of the shared event template names maps this program does not declare; its branch is
+  dead code clang drops (`if (1)`), and the runtime never opens them.
 
 The C text sits in the program as one Python string literal (`escaping.python_text`); the runtime
 (`runtime/bcc_runner.py`) reads it from there, compiles it with BCC and attaches it.
@@ -29,7 +34,8 @@ from ...diagnostics import Diagnostics, SourceSpan
 from ...ir import nodes as ir
 from ...kinds import METRIC_KINDS
 from ..base import Bundle, template_environment
-from ..core.generator import STACK_DEPTH, CExpression, CoreBackend, c_u64, signed_metrics, sum_slot
+from ..core.generator import (PERF_MAP, SCRATCH_MAP, STACK_DEPTH, CExpression, CoreBackend, c_u64, signed_metrics,
+                              sum_slot)
 from ..manifest import contract, map_info
 
 # BCC table kinds by the BPF map types the core backend chooses
@@ -39,6 +45,9 @@ USDT_CTYPES = {(1, True): "__s8", (1, False): "__u8", (2, True): "__s16", (2, Fa
                (4, True): "__s32", (4, False): "__u32", (8, True): "__s64", (8, False): "__u64"}
 NO_BTF_KINDS = ("fentry", "fexit")
 PAGE = 4096
+# The core object's load-time choices, fixed at compile time (the runtime's Mechanisms for bcc
+# says the same: runtime/bcc_runner.py BCC_MECHANISMS)
+BCC_MECHANISMS = {contract.USE_RINGBUF: 1, contract.USE_TASK_STORAGE: 0, contract.USE_TASK_BTF: 0}
 
 
 class BccExpression(CExpression):
@@ -72,6 +81,11 @@ class BccBackend(CoreBackend):
         self.env = template_environment("bcc", "core")
         self.check_headers = check_headers
         self.headers = headers if headers is not None or not check_headers else find_kernel_headers()
+
+    def record_member(self, probe: ir.Probe, f: ir.TracepointField) -> str:
+        """None: BCC compiles against headers, not BTF, so tracepoint fields are read at their
+        offsets (checked against the host's tracefs before load, as core does without BTF)."""
+        return ""
 
     def supports(self, program: ir.Program) -> bool:
         """The core backend's checks, with fentry/fexit variants of a group left to its other
@@ -208,7 +222,7 @@ class BccBackend(CoreBackend):
             programs_meta.append({"probe": p.id, "program": p.id, "section": p.kind, "kind": p.kind})
             for f in sorted(em.tp_fields.values(), key=lambda f: f.offset):
                 tp_checks.append({"probe": p.id, "tracepoint": f"{p.category}:{p.name}", "field": f.name,
-                                  "offset": f.offset, "size": f.size})
+                                  "offset": f.offset, "size": f.size, "btf_type": "", "member": ""})
         signed = signed_metrics(program)
         buckets = []
         for m in program.metrics:
@@ -219,8 +233,12 @@ class BccBackend(CoreBackend):
         ringbuf = next((mp for mp in program.maps if mp.shape == "ring"), None)
         stacks = next((mp for mp in program.maps if mp.shape == "stacks"), None)
         # the target pid is the runtime's (-Dprobec_target_pid=N); the rest are the spec's
-        settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0}]
+        settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0},
+                    {"name": contract.USE_TASK_BTF, "ctype": "__u32", "size": 4,
+                     "value": BCC_MECHANISMS[contract.USE_TASK_BTF]}]
         if ringbuf is not None:
+            settings.append({"name": contract.USE_RINGBUF, "ctype": "__u32", "size": 4,
+                             "value": BCC_MECHANISMS[contract.USE_RINGBUF]})
             # BCC 0.26 has no ringbuf_query: the kernel wakes the reader as it sees fit (flags 0)
             settings.append({"name": "probec_wakeup_bytes", "ctype": "__u64", "size": 8, "value": 0})
         for e in program.events:
@@ -244,6 +262,7 @@ class BccBackend(CoreBackend):
             tables=tables, health_slots=len(self.health.slots), settings=settings,
             events=[{"name": e.name, "index": i} for i, e in enumerate(program.events)],
             buckets=buckets, strings=self.strings.definitions(), socket=bool(struct_reads),
+            unused_maps=[PERF_MAP, SCRATCH_MAP] if ringbuf is not None else [],
             programs=probe_texts)
         program_name = f"{name}.py"
         text = self.render("program.py.j2", source=program.source, name=name, program=source)
@@ -260,7 +279,8 @@ class BccBackend(CoreBackend):
             health=tuple(contract.HealthSlotInfo(s["slot"], contract.HealthSlot(s["kind"]), s["name"])
                          for s in self.health.slots),
             tracepoint_fields=tuple(contract.TracepointCheck(**c) for c in tp_checks),
-            ringbuf=contract.RingBufferInfo(ringbuf.name, ringbuf.max_entries, 0) if ringbuf else None,
+            # no perf-buffer fallback under BCC: its maps are not declared ("")
+            ringbuf=contract.RingBufferInfo(ringbuf.name, ringbuf.max_entries, 0, "", "") if ringbuf else None,
             stack_map=stacks.name if stacks else None,
             stack_depth=STACK_DEPTH,
             value_signed=signed,

@@ -17,7 +17,7 @@ from ...kinds import METRIC_KINDS
 from ...spec.limits import MAX_BUCKETS
 from ...ir import nodes as ir
 from ..base import Backend, Bundle, template_environment
-from ..manifest import contract, field_ctype, map_info
+from ..manifest import contract, field_ctype, map_info, task_map_name
 from . import toolchain
 
 U64_MAX = (1 << 64) - 1
@@ -29,8 +29,16 @@ HEADER_FIELDS = contract.EVENT_HEADER_NAMES
 HEADER_C = {"event": "{index}", "cpu": "bpf_get_smp_processor_id()", "ts": "probec_now",
             "pid": "probec_id >> 32", "tid": "(__u32)probec_id"}
 
-# sys_exit_* tracepoints: `retval` is the `ret` field (verified against tracefs at load time).
+# sys_exit_* tracepoints: `retval` is the `ret` field (of trace_event_raw_sys_exit, or checked
+# against tracefs at load time where BTF did not tell).
 SYSCALL_RET_FIELD = ir.TracepointField("ret", 16, 8, ir.SINT)
+# Where the kernel has no ring buffer, events go through a perf buffer, built in a per-CPU record.
+PERF_MAP, SCRATCH_MAP = "probec_perfbuf", "probec_scratch"
+# Tracepoint fields are read through a local copy of the kernel's record type, named with this
+# flavour suffix (which CO-RE ignores when it matches types) and holding only the members read.
+RECORD_FLAVOUR = "___probec"
+SYS_ENTER = "trace_event_raw_sys_enter"   # syscall arguments: args[i], 8 bytes each from offset 16
+SYS_ENTER_ARGS, SYS_ENTER_COUNT = 16, 6
 
 
 @dataclass(frozen=True)
@@ -133,15 +141,26 @@ class CExpression:
         self.duration_uses = 0
         self.tp_strings: dict[str, ir.TracepointField] = {}
         self.tp_fields: dict[str, ir.TracepointField] = {}  # every field read, for load-time checks
+        self.tp_members: dict[str, str] = {}                # field -> its member in the record type ("": offset)
         self.prelude: list[str] = []                       # declarations the program computes first
         self.hoisted: dict[ir.IRExpr, str] = {}
+        self.fields_read: set[str] = set()                 # tracepoint fields read into locals (prelude)
 
     def where(self) -> str:
         return self.probe.spec_text or self.probe.id
 
     def tracepoint_field(self, f: ir.TracepointField) -> ir.TracepointField:
         self.tp_fields[f.name] = f
+        self.tp_members[f.name] = self.backend.record_member(self.probe, f)
         return f
+
+    def field_place(self, f: ir.TracepointField) -> str:
+        """A C expression for the field in the record: through the BTF record type (a CO-RE
+        relocation) where the probe has one, else at the build host's offset."""
+        member = self.tp_members[f.name]
+        if member:
+            return f"((struct {self.probe.record_type}{RECORD_FLAVOUR} *)ctx)->{member}"
+        return f"((char *)ctx + {f.offset})"
 
     def value(self, e: ir.IRExpr) -> str:
         """A C expression of type __u64 or __s64 (per e.type.signed)."""
@@ -160,9 +179,18 @@ class CExpression:
                 raise AssertionError("string field used as a number")  # pragma: no cover
             ctype = SCALAR_C[(f.size, f.type.signed)]
             wide = "__s64" if f.type.signed else "__u64"
-            if f.offset % f.size:       # the kernel refuses a context read at an unaligned offset
-                return f"(({wide})({ctype})probec_ctx_unaligned(ctx, {f.offset}, {f.size}))"
-            return f"(({wide})*({ctype} *)((char *)ctx + {f.offset}))"
+            if not self.tp_members[f.name]:
+                if f.offset % f.size:       # the kernel refuses a context read at an unaligned offset
+                    return f"(({wide})({ctype})probec_ctx_unaligned(ctx, {f.offset}, {f.size}))"
+                return f"(({wide})*({ctype} *){self.field_place(f)})"
+            # Read once, at the top: a relocated offset used twice may be kept in a register and
+            # added to ctx, and the verifier refuses a load through a modified ctx pointer.
+            name = f"probec_field_{f.name}"
+            if name not in self.fields_read:
+                self.fields_read.add(name)
+                load = self.field_place(f) if f.type.render != "ipv4" else f"*({ctype} *){self.field_place(f)}"
+                self.prelude.append(f"{wide} {name} = ({wide}){load};")
+            return name
         if isinstance(e, ir.Duration):
             self.needs.add("now")
             self.duration_uses += 1
@@ -271,9 +299,11 @@ class CoreBackend(Backend):
         self.task_storage = task_storage
         self.task_spans: set[str] = set()
         self.task_maps: frozenset[str] = frozenset()      # their begin maps
+        self.task_spans_by_map: dict[str, str] = {}       # begin map -> its span
         self.env = template_environment("core")
         self.strings = StringTable()
         self.health = HealthSlots()
+        self.records: dict[str, dict[str, str]] = {}        # record type -> member -> its declaration
 
     # -- rendering helpers ---------------------------------------------------------------------
     def render(self, template: str, **values) -> str:
@@ -288,7 +318,7 @@ class CoreBackend(Backend):
         """Maps (span_X_begin, m_X, acc_X_*), structs (the layouts' names) and globals."""
         total, count = ir.accumulator_maps(name)
         if kind == "span":
-            return (f"span_{name}_begin", total, count)
+            return (f"span_{name}_begin", task_map_name(name), total, count)
         if kind == "metric":
             return (f"m_{name}", count, f"struct probec_{name}_key", f"struct probec_{name}_value",
                     f"probec_edges_{name}")
@@ -301,6 +331,39 @@ class CoreBackend(Backend):
 
     def begin_map(self, program: ir.Program, span: str) -> str:
         return next(s.begin_map.name for s in program.spans if s.name == span)
+
+    def record_member(self, probe: ir.Probe, f: ir.TracepointField) -> str:
+        """The member of the probe's BTF record type that holds field `f` ("args[2]", "pid"),
+        declared for the local copy of the type; "" where the field is read at its offset."""
+        record = probe.record_type
+        if not record:
+            return ""
+        if f.type.kind != "str" and f.offset % f.size:
+            # at an unaligned offset (tcp:tcp_retransmit_skb's saddr at 34) the field is read a byte
+            # at a time at its offset: a relocated offset is added to ctx in a register, and the
+            # verifier refuses loads through a modified ctx pointer
+            return ""
+        members = self.records.setdefault(record, {})
+        if record == SYS_ENTER:
+            index, rest = divmod(f.offset - SYS_ENTER_ARGS, 8)
+            if rest or f.size != 8 or not 0 <= index < SYS_ENTER_COUNT:
+                return ""
+            members["args"] = f"__u64 args[{SYS_ENTER_COUNT}]"
+            return f"args[{index}]"
+        if f.type.kind == "str":
+            decl = f"char {f.name}[{f.size}]"
+        elif f.type.render == "ipv4":
+            decl = f"__u8 {f.name}[{f.size}]"
+        elif f.ckind == "ptr":
+            decl = f"const void *{f.name}"
+        elif f.ckind == "enum":
+            if f.size != 4:          # a C enum is 4 bytes
+                return ""
+            decl = f"enum {{ probec_{record}_{f.name} }} {f.name}"
+        else:
+            decl = f"{SCALAR_C[(f.size, f.type.signed)]} {f.name}"
+        members[f.name] = decl
+        return f.name
 
     def thread_keyed_spans(self, program: ir.Program) -> set[str]:
         """Spans only ever asked about at the current thread: begun and ended at its tid, and
@@ -317,9 +380,17 @@ class CoreBackend(Backend):
     def open_span(self, within: ir.Within, em: CExpression) -> str:
         """A C condition: the span is open at the key (computed here)."""
         begin_map = self.begin_map(self.program, within.span)
+        in_hash = f"probec_within(&{begin_map}, {em.value(within.key)})"
         if within.span in self.task_spans:
-            return f"probec_task_within(&{begin_map})"
-        return f"probec_within(&{begin_map}, {em.value(within.key)})"
+            return f"({contract.USE_TASK_STORAGE} ? probec_task_within(&{task_map_name(within.span)}) : {in_hash})"
+        return in_hash
+
+    @staticmethod
+    def either(setting: str, used: list[str], otherwise: list[str]) -> list[str]:
+        """Lines that run `used` where the loader left `setting` on, else `otherwise`: the setting
+        is a .rodata constant, so the verifier keeps only one of them."""
+        return ([f"if ({setting}) {{"] + ["\t" + line if line else "" for line in used] + ["} else {"]
+                + ["\t" + line if line else "" for line in otherwise] + ["}"])
 
     # -- guards and actions --------------------------------------------------------------------
     def guard(self, g: ir.Guard, em: CExpression, program: ir.Program, extra: ir.IRExpr | None = None) -> str:
@@ -334,21 +405,25 @@ class CoreBackend(Backend):
         if isinstance(a, ir.SpanBegin):
             return self.span_begin(a, em, program)
         if isinstance(a, ir.SpanEnd):
-            key = em.value(a.key) if a.span not in self.task_spans or a.clears else ""
+            key = em.value(a.key)
             before = em.duration_uses
             then = [line for t in a.then for line in self.action(t, em, program)]
             if a.accumulate_into:
                 em.needs.add("now")
                 em.duration_uses += 1
             total, count = ir.accumulator_maps(a.span)
-            return self.lines("span_end.j2", map=self.begin_map(program, a.span), key=key, then=then,
-                              duration=em.duration_uses > before,
-                              inside=self.open_span(a.inside, em) if a.inside else "", pad="\t" if a.inside else "",
-                              outside_slot=self.health.add("span_outside", a.span) if a.inside else -1,
-                              accumulate=a.accumulate_into is not None,
-                              outer_key=em.value(a.accumulate_into.key) if a.accumulate_into else "",
-                              total=total, count=count, task=a.span in self.task_spans,
-                              clears=[m for inner in a.clears for m in program.accumulators(inner)])
+            values = dict(key=key, then=then, duration=em.duration_uses > before,
+                          inside=self.open_span(a.inside, em) if a.inside else "", pad="\t" if a.inside else "",
+                          outside_slot=self.health.add("span_outside", a.span) if a.inside else -1,
+                          accumulate=a.accumulate_into is not None,
+                          outer_key=em.value(a.accumulate_into.key) if a.accumulate_into else "",
+                          total=total, count=count,
+                          clears=[m for inner in a.clears for m in program.accumulators(inner)])
+            in_hash = self.lines("span_end.j2", map=self.begin_map(program, a.span), task=False, **values)
+            if a.span not in self.task_spans:
+                return in_hash
+            return self.either(contract.USE_TASK_STORAGE, self.lines(
+                "span_end.j2", map=task_map_name(a.span), task=True, **values), in_hash)
         if isinstance(a, ir.MetricUpdate):
             return self.metric_update(a, em, program)
         if isinstance(a, ir.EmitEvent):
@@ -356,14 +431,20 @@ class CoreBackend(Backend):
         raise AssertionError(type(a))  # pragma: no cover
 
     def span_begin(self, a: ir.SpanBegin, em: CExpression, program: ir.Program) -> list[str]:
-        """The begin time written at the key (in the thread's task storage for a thread-keyed
-        span), under the guard; a span that keeps its first begin (restart: false) only where it
-        is not open yet."""
+        """The begin time written at the key under the guard; a span that keeps its first begin
+        (restart: false) only where it is not open yet. A thread-keyed span writes it in the
+        thread's task storage where the loader found it (probec_use_task_storage), else at the key."""
         em.needs.add("now")
+        in_hash = self.span_begin_lines(a, em, program, self.begin_map(program, a.span), False)
+        if a.span not in self.task_spans:
+            return in_hash
+        return self.either(contract.USE_TASK_STORAGE,
+                           self.span_begin_lines(a, em, program, task_map_name(a.span), True), in_hash)
+
+    def span_begin_lines(self, a: ir.SpanBegin, em: CExpression, program: ir.Program, begin_map: str,
+                         task: bool) -> list[str]:
         guard = self.guard(a.guard, em, program)
-        task = a.span in self.task_spans
-        begin_map = self.begin_map(program, a.span)
-        key = em.value(a.key) if not task or a.resets else ""
+        key = em.value(a.key)
         slot = self.health.add("span_overflow", a.span)
         keep_first = "false" if a.restart else "true"
         if task:
@@ -434,7 +515,8 @@ class CoreBackend(Backend):
         ringbuf = next(mp.name for mp in program.maps if mp.shape == "ring")
         return self.lines(
             "emit_event.j2", condition=self.guard(a.guard, em, program, extra=a.when),
-            name=ev.name, struct=self.struct_name(ev.record), ringbuf=ringbuf,
+            name=ev.name, struct=self.struct_name(ev.record), ringbuf=ringbuf, use_ringbuf=contract.USE_RINGBUF,
+            perf_map=PERF_MAP, scratch_map=SCRATCH_MAP,
             header_lines=[f"probec_e->{f.name} = {HEADER_C[f.name].format(index=ev.index)};"
                           for f in contract.EVENT_HEADER],
             seen_slot=self.health.add("event_seen", ev.name),
@@ -454,7 +536,7 @@ class CoreBackend(Backend):
                 category=p.category, name=p.name), name=p.id, ctx_type=kind.ctx_type, now="now" in em.needs,
             comm="comm" in em.needs, pid_tgid="id" in em.needs,
             pid_tgid_value="probec_id" if "id" in em.needs else "bpf_get_current_pid_tgid()",
-            tp_strings=[{"name": f"probec_tp_{f.name}", "size": f.size, "offset": f.offset}
+            tp_strings=[{"name": f"probec_tp_{f.name}", "size": f.size, "source": em.field_place(f)}
                         for f in sorted(em.tp_strings.values(), key=lambda f: f.offset)],
             actions=["\t" + line if line else "" for line in em.prelude + ([""] if em.prelude else []) + actions])
         return text.rstrip("\n"), em
@@ -472,14 +554,23 @@ class CoreBackend(Backend):
 
     def map_type(self, mp: ir.MapSpec) -> tuple[str, int]:
         """The BPF map type that holds a logical map here, and its max_entries: a metric's maps
-        per CPU (no two CPUs add to one slot), thread-keyed begin times in task storage (one slot
-        per thread, made on first use, sized by the threads rather than by max_entries)."""
-        if mp.name in self.task_maps:
-            return "TASK_STORAGE", 0
+        per CPU (no two CPUs add to one slot). (Thread-keyed begin times also get a TASK_STORAGE
+        map beside theirs, task_map_name(): map_definitions.)"""
         if mp.shape in ("ring", "stacks"):
             return {"ring": "RINGBUF", "stacks": "STACK_TRACE"}[mp.shape], mp.max_entries
         per_cpu = "PERCPU_" if mp.purpose in ("metric", "metric_overflow") else ""
         return per_cpu + ("ARRAY" if mp.shape == "slots" else "HASH"), mp.max_entries
+
+    def map_infos(self, program: ir.Program) -> tuple[contract.MapInfo, ...]:
+        """The maps as the manifest lists them: each as map_type() makes it, and the TASK_STORAGE
+        map beside a thread-keyed span's begin map (no key layout: a slot per thread)."""
+        out = []
+        for mp in program.maps:
+            out.append(map_info(mp, *self.map_type(mp)))
+            if mp.name in self.task_maps:
+                out.append(contract.MapInfo(task_map_name(self.task_spans_by_map[mp.name]), "TASK_STORAGE", 0,
+                                            contract.MapPurpose(mp.purpose), None, out[-1].value))
+        return tuple(out)
 
     def map_definitions(self, program: ir.Program) -> list[dict]:
         out = []
@@ -487,9 +578,12 @@ class CoreBackend(Backend):
             map_type, entries = self.map_type(mp)
             d = {"name": mp.name, "type": map_type, "max_entries": entries, "key": "", "value": "",
                  "key_size": "", "value_size": "", "flags": ""}
-            if map_type == "TASK_STORAGE":
-                d.update(key="int", value="__u64", flags="BPF_F_NO_PREALLOC")
-            elif map_type == "STACK_TRACE":
+            if mp.name in self.task_maps:
+                # beside the begin map, one slot per thread, made on first use; sized by the threads,
+                # not by max_entries. The loader keeps one of the two (probec_use_task_storage).
+                out.append(dict(d, name=task_map_name(self.task_spans_by_map[mp.name]), type="TASK_STORAGE",
+                                max_entries=0, key="int", value="__u64", flags="BPF_F_NO_PREALLOC"))
+            if map_type == "STACK_TRACE":
                 d["key_size"], d["value_size"] = "sizeof(__u32)", f"{STACK_DEPTH} * sizeof(__u64)"
             elif mp.shape == "slots":
                 # the kernel wants an array's key typed as a 32-bit int (the layout's one __u32)
@@ -499,6 +593,13 @@ class CoreBackend(Backend):
                 d["key"] = f"struct {self.struct_name(mp.key)}" if mp.key is not None else "__u64"
                 d["value"] = f"struct {self.struct_name(mp.value)}" if mp.value is not None else "__u64"
             out.append(d)
+            if map_type == "RINGBUF":
+                # the perf buffer used instead where the kernel has no ring buffer (one slot per
+                # CPU, sized by libbpf), and the per-CPU record an event is built in for it
+                out.append(dict(d, name=PERF_MAP, type="PERF_EVENT_ARRAY", max_entries=0,
+                                key_size="sizeof(__u32)", value_size="sizeof(__u32)"))
+                out.append(dict(d, name=SCRATCH_MAP, type="PERCPU_ARRAY", max_entries=1, key_size="sizeof(__u32)",
+                                value_size=str(max(e.record.size for e in program.events))))
         return out
 
     def layouts(self, program: ir.Program) -> list[dict]:
@@ -525,10 +626,11 @@ class CoreBackend(Backend):
         return out
 
     def build(self, program: ir.Program) -> Bundle:
-        self.strings, self.health = StringTable(), HealthSlots()
+        self.strings, self.health, self.records = StringTable(), HealthSlots(), {}
         self.program = program
         self.task_spans = self.thread_keyed_spans(program) if self.task_storage else set()
-        self.task_maps = frozenset(s.begin_map.name for s in program.spans if s.name in self.task_spans)
+        self.task_spans_by_map = {s.begin_map.name: s.name for s in program.spans if s.name in self.task_spans}
+        self.task_maps = frozenset(self.task_spans_by_map)
         name = program.name
         programs_meta = []
         probe_texts = []
@@ -539,13 +641,19 @@ class CoreBackend(Backend):
             section = self.PROBES[p.kind].section.format(category=p.category, name=p.name)
             programs_meta.append({"probe": p.id, "program": p.id, "section": section, "kind": p.kind})
             for f in sorted(em.tp_fields.values(), key=lambda f: f.offset):
+                member = em.tp_members[f.name]
                 tp_checks.append({"probe": p.id, "tracepoint": f"{p.category}:{p.name}", "field": f.name,
-                                  "offset": f.offset, "size": f.size})
+                                  "offset": f.offset, "size": f.size,
+                                  "btf_type": p.record_type if member else "", "member": member})
         edge_tables = self.edge_tables(program)
         ringbuf = next((mp for mp in program.maps if mp.shape == "ring"), None)
         wakeup = max(1, program.ringbuf_bytes // 4) if ringbuf else 0
-        settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0}]
+        settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0},
+                    {"name": contract.USE_TASK_BTF, "ctype": "__u32", "size": 4, "value": 1}]
+        if self.task_spans:
+            settings.append({"name": contract.USE_TASK_STORAGE, "ctype": "__u32", "size": 4, "value": 1})
         if ringbuf is not None:
+            settings.append({"name": contract.USE_RINGBUF, "ctype": "__u32", "size": 4, "value": 1})
             settings.append({"name": "probec_wakeup_bytes", "ctype": "__u64", "size": 8, "value": wakeup})
         for e in program.events:
             settings.append({"name": f"probec_sample_every_{e.name}", "ctype": "__u64", "size": 8,
@@ -560,6 +668,8 @@ class CoreBackend(Backend):
             "program.bpf.c.j2", source=program.source, name=name, header=header_name, usdt=has_usdt,
             settings=settings, maps=self.map_definitions(program), health_slots=len(self.health.slots),
             edge_tables=edge_tables, strings=self.strings.definitions(),
+            records=[{"name": name + RECORD_FLAVOUR, "members": list(members.values())}
+                     for name, members in sorted(self.records.items()) if members],
             rates=[e.name for e in program.events], programs=probe_texts)
         header = self.render("header.h.j2", source=program.source, name=name,
                              guard=f"PROBEC_{name.upper()}_H", layouts=self.layouts(program),
@@ -576,7 +686,7 @@ class CoreBackend(Backend):
                 files[object_name] = obj
                 file_roles["object"] = object_name
         manifest = self.base_manifest(
-            program, file_roles, maps=tuple(map_info(mp, *self.map_type(mp)) for mp in program.maps),
+            program, file_roles, maps=self.map_infos(program),
             sum_slots={m.name: sum_slot(m) for m in program.metrics if METRIC_KINDS[m.kind].buckets},
             task_maps=self.task_maps, core=contract.CoreSection(
             object=file_roles.get("object"),
@@ -586,7 +696,8 @@ class CoreBackend(Backend):
             health=tuple(contract.HealthSlotInfo(s["slot"], contract.HealthSlot(s["kind"]), s["name"])
                          for s in self.health.slots),
             tracepoint_fields=tuple(contract.TracepointCheck(**c) for c in tp_checks),
-            ringbuf=contract.RingBufferInfo(ringbuf.name, ringbuf.max_entries, wakeup) if ringbuf else None,
+            ringbuf=contract.RingBufferInfo(ringbuf.name, ringbuf.max_entries, wakeup, PERF_MAP, SCRATCH_MAP)
+            if ringbuf else None,
             stack_map=next((mp.name for mp in program.maps if mp.shape == "stacks"), None),
             stack_depth=STACK_DEPTH,
             value_signed=signed_metrics(program),

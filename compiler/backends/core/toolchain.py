@@ -100,3 +100,22 @@ def compile_object(sources: dict[str, bytes], main: str, out_name: str) -> Compi
             return CompileResult(None, (result.stderr or result.stdout).strip())
         data = (work / out_name).read_bytes()
     return CompileResult(data)
+
+
+def min_core_btf(source: str, output: str, objects: list[str]) -> int:
+    """Write to `output` the part of the BTF in `source` that the CO-RE relocations of `objects`
+    need (`bpftool gen min_core_btf`); returns its size in bytes."""
+    bpftool = shutil.which("bpftool")
+    if bpftool is None:
+        raise ToolchainError("bpftool is not installed (apt-get install bpftool): it cuts the BTF")
+    if not os.path.isfile(source):
+        raise ToolchainError(f"no BTF at {source}: pass the target kernel's with --from")
+    try:
+        result = subprocess.run([bpftool, "gen", "min_core_btf", source, output, *objects],
+                                capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise ToolchainError("bpftool gen min_core_btf did not finish within 120 s") from None
+    if result.returncode != 0:
+        raise ToolchainError(f"bpftool gen min_core_btf {source} failed: "
+                             + (result.stderr or result.stdout).strip()[-400:])
+    return os.path.getsize(output)

@@ -4,18 +4,38 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
+
+/* Settings the loader fills in before load (.rodata); the values here are the spec's. The
+ * probec_use_* ones choose mechanisms: the loader clears those this kernel lacks. */
+const volatile __u32 probec_target_pid = 0;
+const volatile __u32 probec_use_task_btf = 1;
+const volatile __u32 probec_use_task_storage = 1;
+
 #include "probec.bpf.h"
 #include "golden_gauge.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
-/* Settings the loader fills in before load (.rodata); the values here are the spec's. */
-const volatile __u32 probec_target_pid = 0;
+/* The kernel's tracepoint record types, with only the members read here: CO-RE relocations find
+ * each member in the running kernel's BTF by name (the ___probec suffix is ignored there). */
+struct trace_event_raw_sock_msg_length___probec {
+	const void *sk;
+} __attribute__((preserve_access_index));
+struct trace_event_raw_sys_enter___probec {
+	__u64 args[6];
+} __attribute__((preserve_access_index));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
+	__type(value, __u64);
+} span_hold_task SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 20000);
+	__type(key, __u64);
 	__type(value, __u64);
 } span_hold_begin SEC(".maps");
 
@@ -65,20 +85,27 @@ const unsigned char probec_str_0[6] = { 0x70, 0x77, 0x6f, 0x72, 0x6b, 0x00 };
 SEC("uprobe")
 int uprobe_pwork_hold(struct pt_regs *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
-	if ((probec_bytes_eq(probec_comm, probec_str_0, 6) && ((__u64)(probec_task_within(&span_hold_begin) ? 1ULL : 0ULL) == (__u64)0ULL))) {
+	if ((probec_bytes_eq(probec_comm, probec_str_0, 6) && ((__u64)((probec_use_task_storage ? probec_task_within(&span_hold_task) : probec_within(&span_hold_begin, ((__u64)(__u32)probec_id))) ? 1ULL : 0ULL) == (__u64)0ULL))) {
 		probec_array_add(&m_holds_in_flight, 0, (__u64)1ULL);
 	}
-	if (probec_bytes_eq(probec_comm, probec_str_0, 6)) {
-		probec_task_span_begin(&span_hold_begin, probec_now, &probec_health, 0, false);
+	if (probec_use_task_storage) {
+		if (probec_bytes_eq(probec_comm, probec_str_0, 6)) {
+			probec_task_span_begin(&span_hold_task, probec_now, &probec_health, 0, false);
+		}
+	} else {
+		if (probec_bytes_eq(probec_comm, probec_str_0, 6)) {
+			probec_span_begin(&span_hold_begin, ((__u64)(__u32)probec_id), probec_now, &probec_health, 0, false);
+		}
 	}
-	if ((probec_bytes_eq(probec_comm, probec_str_0, 6) && ((__u64)(probec_task_within(&span_hold_begin) ? 1ULL : 0ULL) == (__u64)0ULL))) {
+	if ((probec_bytes_eq(probec_comm, probec_str_0, 6) && ((__u64)((probec_use_task_storage ? probec_task_within(&span_hold_task) : probec_within(&span_hold_begin, ((__u64)(__u32)probec_id))) ? 1ULL : 0ULL) == (__u64)0ULL))) {
 		probec_array_add(&m_holds_in_flight, 0, (__u64)-1ULL);
 	}
 	return 0;
@@ -88,26 +115,46 @@ int uprobe_pwork_hold(struct pt_regs *ctx)
 SEC("uretprobe")
 int uretprobe_pwork_hold(struct pt_regs *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	if (probec_task_within(&span_hold_begin)) {
+	if ((probec_use_task_storage ? probec_task_within(&span_hold_task) : probec_within(&span_hold_begin, ((__u64)(__u32)probec_id)))) {
 		probec_array_add(&m_holds_in_flight, 0, (__u64)-1ULL);
 	}
-	{
-		__u64 *probec_start = bpf_task_storage_get(&span_hold_begin, bpf_get_current_task_btf(), 0, 0);
+	if (probec_use_task_storage) {
+		{
+			__u64 *probec_start = bpf_task_storage_get(&span_hold_task, bpf_get_current_task_btf(), 0, 0);
 
-		if (probec_start && *probec_start) {
-			__u64 probec_duration = probec_now - *probec_start;
+			if (probec_start && *probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
 
-			*probec_start = 0;
-			{
-				__u64 probec_v = probec_duration;
+				*probec_start = 0;
+				{
+					__u64 probec_v = probec_duration;
 
-				probec_array_add(&m_hold_seconds, probec_bucket_u64(probec_v, probec_edges_hold_seconds, 2), 1);
-				probec_array_add(&m_hold_seconds, 3, (__u64)probec_v);
+					probec_array_add(&m_hold_seconds, probec_bucket_u64(probec_v, probec_edges_hold_seconds, 2), 1);
+					probec_array_add(&m_hold_seconds, 3, (__u64)probec_v);
+				}
+			}
+		}
+	} else {
+		{
+			__u64 probec_key = ((__u64)(__u32)probec_id);
+			__u64 *probec_start = bpf_map_lookup_elem(&span_hold_begin, &probec_key);
+
+			if (probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
+
+				bpf_map_delete_elem(&span_hold_begin, &probec_key);
+				{
+					__u64 probec_v = probec_duration;
+
+					probec_array_add(&m_hold_seconds, probec_bucket_u64(probec_v, probec_edges_hold_seconds, 2), 1);
+					probec_array_add(&m_hold_seconds, 3, (__u64)probec_v);
+				}
 			}
 		}
 	}
@@ -123,7 +170,8 @@ int tracepoint_sys_enter_sendto(void *ctx)
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	__u64 probec_socket_0 = probec_fd_socket(((__u64)*(__u64 *)((char *)ctx + 16)));
+	__u64 probec_field_fd = (__u64)((struct trace_event_raw_sys_enter___probec *)ctx)->args[0];
+	__u64 probec_socket_0 = probec_fd_socket(probec_field_fd);
 
 	if (((__u64)(probec_within(&span_request_begin, probec_socket_0) ? 1ULL : 0ULL) == (__u64)0ULL)) {
 		probec_array_add(&m_requests_in_flight, 0, (__u64)1ULL);
@@ -144,11 +192,13 @@ int tracepoint_sock_recv_length(void *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
-	if (probec_within(&span_request_begin, ((__u64)*(__u64 *)((char *)ctx + 8)))) {
+	__u64 probec_field_sk = (__u64)((struct trace_event_raw_sock_msg_length___probec *)ctx)->sk;
+
+	if (probec_within(&span_request_begin, probec_field_sk)) {
 		probec_array_add(&m_requests_in_flight, 0, (__u64)-1ULL);
 	}
 	{
-		__u64 probec_key = ((__u64)*(__u64 *)((char *)ctx + 8));
+		__u64 probec_key = probec_field_sk;
 		__u64 *probec_start = bpf_map_lookup_elem(&span_request_begin, &probec_key);
 
 		if (probec_start) {

@@ -4,23 +4,52 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
-#include "probec.bpf.h"
-#include "golden_kernel.h"
 
-char LICENSE[] SEC("license") = "GPL";
-
-/* Settings the loader fills in before load (.rodata); the values here are the spec's. */
+/* Settings the loader fills in before load (.rodata); the values here are the spec's. The
+ * probec_use_* ones choose mechanisms: the loader clears those this kernel lacks. */
 const volatile __u32 probec_target_pid = 0;
+const volatile __u32 probec_use_task_btf = 1;
+const volatile __u32 probec_use_task_storage = 1;
+const volatile __u32 probec_use_ringbuf = 1;
 const volatile __u64 probec_wakeup_bytes = 16384;
 const volatile __u64 probec_sample_every_retransmit = 1;
 const volatile __u64 probec_max_per_second_retransmit = 10;
 const volatile __u64 probec_sample_every_slow_read = 4;
 const volatile __u64 probec_max_per_second_slow_read = 0;
 
+#include "probec.bpf.h"
+#include "golden_kernel.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* The kernel's tracepoint record types, with only the members read here: CO-RE relocations find
+ * each member in the running kernel's BTF by name (the ___probec suffix is ignored there). */
+struct trace_event_raw_sched_switch___probec {
+	__s32 prev_prio;
+	char next_comm[16];
+	char prev_comm[16];
+	__s32 next_pid;
+} __attribute__((preserve_access_index));
+struct trace_event_raw_sys_exit___probec {
+	__s64 ret;
+} __attribute__((preserve_access_index));
+struct trace_event_raw_tcp_retransmit_skb___probec {
+	__u16 dport;
+	__u16 sport;
+	__s32 state;
+} __attribute__((preserve_access_index));
+
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
+	__type(value, __u64);
+} span_read_task SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u64);
 	__type(value, __u64);
 } span_read_begin SEC(".maps");
 
@@ -28,6 +57,13 @@ struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
+	__type(value, __u64);
+} span_send_task SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u64);
 	__type(value, __u64);
 } span_send_begin SEC(".maps");
 
@@ -149,6 +185,19 @@ struct {
 } events SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_PERF_EVENT_ARRAY);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u32));
+} probec_perfbuf SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, 72);
+} probec_scratch SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
 	__uint(max_entries, 1024);
 	__uint(key_size, sizeof(__u32));
@@ -182,15 +231,22 @@ __u64 probec_sampled_slow_read;
 SEC("tp/syscalls/sys_enter_read")
 int tracepoint_sys_enter_read(void *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
-	if ((probec_bytes_eq(probec_comm, probec_str_0, 13) || probec_bytes_eq(probec_comm, probec_str_1, 6))) {
-		probec_task_span_begin(&span_read_begin, probec_now, &probec_health, 0, false);
+	if (probec_use_task_storage) {
+		if ((probec_bytes_eq(probec_comm, probec_str_0, 13) || probec_bytes_eq(probec_comm, probec_str_1, 6))) {
+			probec_task_span_begin(&span_read_task, probec_now, &probec_health, 0, false);
+		}
+	} else {
+		if ((probec_bytes_eq(probec_comm, probec_str_0, 13) || probec_bytes_eq(probec_comm, probec_str_1, 6))) {
+			probec_span_begin(&span_read_begin, ((__u64)(__u32)probec_id), probec_now, &probec_health, 0, false);
+		}
 	}
 	return 0;
 }
@@ -207,60 +263,138 @@ int tracepoint_sys_exit_read(void *ctx)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
-	if (((__s64)((__s64)*(__s64 *)((char *)ctx + 16)) > (__s64)0ULL)) {
-		probec_array_add(&m_read_bytes_total, 0, (__u64)((__s64)*(__s64 *)((char *)ctx + 16)));
+	__s64 probec_field_ret = (__s64)((struct trace_event_raw_sys_exit___probec *)ctx)->ret;
+
+	if (((__s64)probec_field_ret > (__s64)0ULL)) {
+		probec_array_add(&m_read_bytes_total, 0, (__u64)probec_field_ret);
 	}
-	{
-		__u64 *probec_start = bpf_task_storage_get(&span_read_begin, bpf_get_current_task_btf(), 0, 0);
+	if (probec_use_task_storage) {
+		{
+			__u64 *probec_start = bpf_task_storage_get(&span_read_task, bpf_get_current_task_btf(), 0, 0);
 
-		if (probec_start && *probec_start) {
-			__u64 probec_duration = probec_now - *probec_start;
+			if (probec_start && *probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
 
-			*probec_start = 0;
-			{
-				__u64 probec_v = probec_duration;
-				struct probec_read_seconds_key probec_k;
+				*probec_start = 0;
+				{
+					__u64 probec_v = probec_duration;
+					struct probec_read_seconds_key probec_k;
 
-				__builtin_memcpy(probec_k.l_comm, probec_comm, 16);
-				__builtin_memset(probec_k.__pad0, 0, 4);
-				__u32 probec_b = probec_bucket_u64(probec_v, probec_edges_read_seconds, 4);
-				__u64 *probec_slot;
+					__builtin_memcpy(probec_k.l_comm, probec_comm, 16);
+					__builtin_memset(probec_k.__pad0, 0, 4);
+					__u32 probec_b = probec_bucket_u64(probec_v, probec_edges_read_seconds, 4);
+					__u64 *probec_slot;
 
-				probec_k.bucket = probec_b;
-				probec_slot = bpf_map_lookup_elem(&m_read_seconds, &probec_k);
-				if (!probec_slot && probec_series_admit(&m_read_seconds_sets, &probec_k, &probec_k.bucket))
-					probec_slot = probec_lookup_or_init(&m_read_seconds, &probec_k);
-				if (probec_slot) {
-					*probec_slot += 1;
-					probec_k.bucket = 9;
-					if (!probec_hash_add(&m_read_seconds, &probec_k, (__u64)probec_v))
-						probec_health_inc(&probec_health, 1);
-				} else {
-					probec_array_add(&m_read_seconds_overflow, probec_b, 1);
-					probec_array_add(&m_read_seconds_overflow, 9, (__u64)probec_v);
-					probec_k.bucket = 0;
-					probec_series_fold(&m_read_seconds_folded, &probec_k);
+					probec_k.bucket = probec_b;
+					probec_slot = bpf_map_lookup_elem(&m_read_seconds, &probec_k);
+					if (!probec_slot && probec_series_admit(&m_read_seconds_sets, &probec_k, &probec_k.bucket))
+						probec_slot = probec_lookup_or_init(&m_read_seconds, &probec_k);
+					if (probec_slot) {
+						*probec_slot += 1;
+						probec_k.bucket = 9;
+						if (!probec_hash_add(&m_read_seconds, &probec_k, (__u64)probec_v))
+							probec_health_inc(&probec_health, 1);
+					} else {
+						probec_array_add(&m_read_seconds_overflow, probec_b, 1);
+						probec_array_add(&m_read_seconds_overflow, 9, (__u64)probec_v);
+						probec_k.bucket = 0;
+						probec_series_fold(&m_read_seconds_folded, &probec_k);
+					}
+				}
+				if (((__u64)probec_duration > (__u64)10000000ULL)) {
+					if (probec_sample(&probec_health, 2, &probec_sampled_slow_read, probec_sample_every_slow_read) &&
+					    probec_rate_ok(&probec_rate_slow_read, probec_now, probec_max_per_second_slow_read,
+							   &probec_health, 3)) {
+						struct probec_event_slow_read *probec_e;
+
+						/* the ring buffer, or (kernels before 5.8) this CPU's record for the perf buffer */
+						if (probec_use_ringbuf)
+							probec_e = bpf_ringbuf_reserve(&events, sizeof(*probec_e), 0);
+						else
+							probec_e = probec_event_record(&probec_scratch);
+						if (!probec_e) {
+							probec_health_inc(&probec_health, 4);
+						} else {
+							probec_e->event = 1;
+							probec_e->cpu = bpf_get_smp_processor_id();
+							probec_e->ts = probec_now;
+							probec_e->pid = probec_id >> 32;
+							probec_e->tid = (__u32)probec_id;
+							probec_e->f_duration = (__u64)probec_duration;
+							probec_e->f_retval = (__s64)probec_field_ret;
+							probec_e->f_kstack = bpf_get_stackid(ctx, &stacks, 0);
+							__builtin_memcpy(probec_e->f_comm, probec_comm, 16);
+							if (probec_use_ringbuf)
+								bpf_ringbuf_submit(probec_e, probec_ringbuf_flags(&events, probec_wakeup_bytes, sizeof(*probec_e)));
+							else
+								probec_perf_submit(ctx, &probec_perfbuf, probec_e, sizeof(*probec_e), &probec_health, 4);
+						}
+					}
 				}
 			}
-			if (((__u64)probec_duration > (__u64)10000000ULL)) {
-				if (probec_sample(&probec_health, 2, &probec_sampled_slow_read, probec_sample_every_slow_read) &&
-				    probec_rate_ok(&probec_rate_slow_read, probec_now, probec_max_per_second_slow_read,
-						   &probec_health, 3)) {
-					struct probec_event_slow_read *probec_e = bpf_ringbuf_reserve(&events, sizeof(*probec_e), 0);
+		}
+	} else {
+		{
+			__u64 probec_key = ((__u64)(__u32)probec_id);
+			__u64 *probec_start = bpf_map_lookup_elem(&span_read_begin, &probec_key);
 
-					if (!probec_e) {
-						probec_health_inc(&probec_health, 4);
+			if (probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
+
+				bpf_map_delete_elem(&span_read_begin, &probec_key);
+				{
+					__u64 probec_v = probec_duration;
+					struct probec_read_seconds_key probec_k;
+
+					__builtin_memcpy(probec_k.l_comm, probec_comm, 16);
+					__builtin_memset(probec_k.__pad0, 0, 4);
+					__u32 probec_b = probec_bucket_u64(probec_v, probec_edges_read_seconds, 4);
+					__u64 *probec_slot;
+
+					probec_k.bucket = probec_b;
+					probec_slot = bpf_map_lookup_elem(&m_read_seconds, &probec_k);
+					if (!probec_slot && probec_series_admit(&m_read_seconds_sets, &probec_k, &probec_k.bucket))
+						probec_slot = probec_lookup_or_init(&m_read_seconds, &probec_k);
+					if (probec_slot) {
+						*probec_slot += 1;
+						probec_k.bucket = 9;
+						if (!probec_hash_add(&m_read_seconds, &probec_k, (__u64)probec_v))
+							probec_health_inc(&probec_health, 1);
 					} else {
-						probec_e->event = 1;
-						probec_e->cpu = bpf_get_smp_processor_id();
-						probec_e->ts = probec_now;
-						probec_e->pid = probec_id >> 32;
-						probec_e->tid = (__u32)probec_id;
-						probec_e->f_duration = (__u64)probec_duration;
-						probec_e->f_retval = (__s64)((__s64)*(__s64 *)((char *)ctx + 16));
-						probec_e->f_kstack = bpf_get_stackid(ctx, &stacks, 0);
-						__builtin_memcpy(probec_e->f_comm, probec_comm, 16);
-						bpf_ringbuf_submit(probec_e, probec_ringbuf_flags(&events, probec_wakeup_bytes, sizeof(*probec_e)));
+						probec_array_add(&m_read_seconds_overflow, probec_b, 1);
+						probec_array_add(&m_read_seconds_overflow, 9, (__u64)probec_v);
+						probec_k.bucket = 0;
+						probec_series_fold(&m_read_seconds_folded, &probec_k);
+					}
+				}
+				if (((__u64)probec_duration > (__u64)10000000ULL)) {
+					if (probec_sample(&probec_health, 2, &probec_sampled_slow_read, probec_sample_every_slow_read) &&
+					    probec_rate_ok(&probec_rate_slow_read, probec_now, probec_max_per_second_slow_read,
+							   &probec_health, 3)) {
+						struct probec_event_slow_read *probec_e;
+
+						/* the ring buffer, or (kernels before 5.8) this CPU's record for the perf buffer */
+						if (probec_use_ringbuf)
+							probec_e = bpf_ringbuf_reserve(&events, sizeof(*probec_e), 0);
+						else
+							probec_e = probec_event_record(&probec_scratch);
+						if (!probec_e) {
+							probec_health_inc(&probec_health, 4);
+						} else {
+							probec_e->event = 1;
+							probec_e->cpu = bpf_get_smp_processor_id();
+							probec_e->ts = probec_now;
+							probec_e->pid = probec_id >> 32;
+							probec_e->tid = (__u32)probec_id;
+							probec_e->f_duration = (__u64)probec_duration;
+							probec_e->f_retval = (__s64)probec_field_ret;
+							probec_e->f_kstack = bpf_get_stackid(ctx, &stacks, 0);
+							__builtin_memcpy(probec_e->f_comm, probec_comm, 16);
+							if (probec_use_ringbuf)
+								bpf_ringbuf_submit(probec_e, probec_ringbuf_flags(&events, probec_wakeup_bytes, sizeof(*probec_e)));
+							else
+								probec_perf_submit(ctx, &probec_perfbuf, probec_e, sizeof(*probec_e), &probec_health, 4);
+						}
 					}
 				}
 			}
@@ -273,13 +407,20 @@ int tracepoint_sys_exit_read(void *ctx)
 SEC("fentry/tcp_sendmsg")
 int fentry_tcp_sendmsg(__u64 *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	if (!probec_task_within(&span_send_begin)) {
-		probec_task_span_begin(&span_send_begin, probec_now, &probec_health, 5, true);
+	if (probec_use_task_storage) {
+		if (!probec_task_within(&span_send_task)) {
+			probec_task_span_begin(&span_send_task, probec_now, &probec_health, 5, true);
+		}
+	} else {
+		if (!probec_within(&span_send_begin, ((__u64)(__u32)probec_id))) {
+			probec_span_begin(&span_send_begin, ((__u64)(__u32)probec_id), probec_now, &probec_health, 5, true);
+		}
 	}
 	return 0;
 }
@@ -288,23 +429,43 @@ int fentry_tcp_sendmsg(__u64 *ctx)
 SEC("fexit/tcp_sendmsg")
 int fexit_tcp_sendmsg(__u64 *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	{
-		__u64 *probec_start = bpf_task_storage_get(&span_send_begin, bpf_get_current_task_btf(), 0, 0);
+	if (probec_use_task_storage) {
+		{
+			__u64 *probec_start = bpf_task_storage_get(&span_send_task, bpf_get_current_task_btf(), 0, 0);
 
-		if (probec_start && *probec_start) {
-			__u64 probec_duration = probec_now - *probec_start;
+			if (probec_start && *probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
 
-			*probec_start = 0;
-			{
-				__u64 probec_v = probec_duration;
+				*probec_start = 0;
+				{
+					__u64 probec_v = probec_duration;
 
-				probec_array_add(&m_send_seconds, probec_bucket_u64(probec_v, probec_edges_send_seconds, 3), 1);
-				probec_array_add(&m_send_seconds, 5, (__u64)probec_v);
+					probec_array_add(&m_send_seconds, probec_bucket_u64(probec_v, probec_edges_send_seconds, 3), 1);
+					probec_array_add(&m_send_seconds, 5, (__u64)probec_v);
+				}
+			}
+		}
+	} else {
+		{
+			__u64 probec_key = ((__u64)(__u32)probec_id);
+			__u64 *probec_start = bpf_map_lookup_elem(&span_send_begin, &probec_key);
+
+			if (probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
+
+				bpf_map_delete_elem(&span_send_begin, &probec_key);
+				{
+					__u64 probec_v = probec_duration;
+
+					probec_array_add(&m_send_seconds, probec_bucket_u64(probec_v, probec_edges_send_seconds, 3), 1);
+					probec_array_add(&m_send_seconds, 5, (__u64)probec_v);
+				}
 			}
 		}
 	}
@@ -315,13 +476,20 @@ int fexit_tcp_sendmsg(__u64 *ctx)
 SEC("kprobe")
 int kprobe_tcp_sendmsg(struct pt_regs *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	if (!probec_task_within(&span_send_begin)) {
-		probec_task_span_begin(&span_send_begin, probec_now, &probec_health, 5, true);
+	if (probec_use_task_storage) {
+		if (!probec_task_within(&span_send_task)) {
+			probec_task_span_begin(&span_send_task, probec_now, &probec_health, 5, true);
+		}
+	} else {
+		if (!probec_within(&span_send_begin, ((__u64)(__u32)probec_id))) {
+			probec_span_begin(&span_send_begin, ((__u64)(__u32)probec_id), probec_now, &probec_health, 5, true);
+		}
 	}
 	return 0;
 }
@@ -330,23 +498,43 @@ int kprobe_tcp_sendmsg(struct pt_regs *ctx)
 SEC("kretprobe")
 int kretprobe_tcp_sendmsg(struct pt_regs *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	{
-		__u64 *probec_start = bpf_task_storage_get(&span_send_begin, bpf_get_current_task_btf(), 0, 0);
+	if (probec_use_task_storage) {
+		{
+			__u64 *probec_start = bpf_task_storage_get(&span_send_task, bpf_get_current_task_btf(), 0, 0);
 
-		if (probec_start && *probec_start) {
-			__u64 probec_duration = probec_now - *probec_start;
+			if (probec_start && *probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
 
-			*probec_start = 0;
-			{
-				__u64 probec_v = probec_duration;
+				*probec_start = 0;
+				{
+					__u64 probec_v = probec_duration;
 
-				probec_array_add(&m_send_seconds, probec_bucket_u64(probec_v, probec_edges_send_seconds, 3), 1);
-				probec_array_add(&m_send_seconds, 5, (__u64)probec_v);
+					probec_array_add(&m_send_seconds, probec_bucket_u64(probec_v, probec_edges_send_seconds, 3), 1);
+					probec_array_add(&m_send_seconds, 5, (__u64)probec_v);
+				}
+			}
+		}
+	} else {
+		{
+			__u64 probec_key = ((__u64)(__u32)probec_id);
+			__u64 *probec_start = bpf_map_lookup_elem(&span_send_begin, &probec_key);
+
+			if (probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
+
+				bpf_map_delete_elem(&span_send_begin, &probec_key);
+				{
+					__u64 probec_v = probec_duration;
+
+					probec_array_add(&m_send_seconds, probec_bucket_u64(probec_v, probec_edges_send_seconds, 3), 1);
+					probec_array_add(&m_send_seconds, 5, (__u64)probec_v);
+				}
 			}
 		}
 	}
@@ -357,13 +545,20 @@ int kretprobe_tcp_sendmsg(struct pt_regs *ctx)
 SEC("tp/syscalls/sys_enter_sendto")
 int tracepoint_sys_enter_sendto(void *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	if (!probec_task_within(&span_send_begin)) {
-		probec_task_span_begin(&span_send_begin, probec_now, &probec_health, 5, true);
+	if (probec_use_task_storage) {
+		if (!probec_task_within(&span_send_task)) {
+			probec_task_span_begin(&span_send_task, probec_now, &probec_health, 5, true);
+		}
+	} else {
+		if (!probec_within(&span_send_begin, ((__u64)(__u32)probec_id))) {
+			probec_span_begin(&span_send_begin, ((__u64)(__u32)probec_id), probec_now, &probec_health, 5, true);
+		}
 	}
 	return 0;
 }
@@ -372,23 +567,43 @@ int tracepoint_sys_enter_sendto(void *ctx)
 SEC("tp/syscalls/sys_exit_sendto")
 int tracepoint_sys_exit_sendto(void *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	{
-		__u64 *probec_start = bpf_task_storage_get(&span_send_begin, bpf_get_current_task_btf(), 0, 0);
+	if (probec_use_task_storage) {
+		{
+			__u64 *probec_start = bpf_task_storage_get(&span_send_task, bpf_get_current_task_btf(), 0, 0);
 
-		if (probec_start && *probec_start) {
-			__u64 probec_duration = probec_now - *probec_start;
+			if (probec_start && *probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
 
-			*probec_start = 0;
-			{
-				__u64 probec_v = probec_duration;
+				*probec_start = 0;
+				{
+					__u64 probec_v = probec_duration;
 
-				probec_array_add(&m_send_seconds, probec_bucket_u64(probec_v, probec_edges_send_seconds, 3), 1);
-				probec_array_add(&m_send_seconds, 5, (__u64)probec_v);
+					probec_array_add(&m_send_seconds, probec_bucket_u64(probec_v, probec_edges_send_seconds, 3), 1);
+					probec_array_add(&m_send_seconds, 5, (__u64)probec_v);
+				}
+			}
+		}
+	} else {
+		{
+			__u64 probec_key = ((__u64)(__u32)probec_id);
+			__u64 *probec_start = bpf_map_lookup_elem(&span_send_begin, &probec_key);
+
+			if (probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
+
+				bpf_map_delete_elem(&span_send_begin, &probec_key);
+				{
+					__u64 probec_v = probec_duration;
+
+					probec_array_add(&m_send_seconds, probec_bucket_u64(probec_v, probec_edges_send_seconds, 3), 1);
+					probec_array_add(&m_send_seconds, 5, (__u64)probec_v);
+				}
 			}
 		}
 	}
@@ -404,12 +619,15 @@ int tracepoint_sched_switch(void *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
-	bpf_probe_read_kernel(probec_tp_prev_comm, sizeof(probec_tp_prev_comm), (char *)ctx + 8);
-	bpf_probe_read_kernel(probec_tp_next_comm, sizeof(probec_tp_next_comm), (char *)ctx + 40);
-	if ((!probec_bytes_eq(probec_tp_prev_comm, probec_str_2, 10) && ((__s64)((__s64)*(__s32 *)((char *)ctx + 56)) > (__s64)0ULL))) {
+	bpf_probe_read_kernel(probec_tp_prev_comm, sizeof(probec_tp_prev_comm), ((struct trace_event_raw_sched_switch___probec *)ctx)->prev_comm);
+	bpf_probe_read_kernel(probec_tp_next_comm, sizeof(probec_tp_next_comm), ((struct trace_event_raw_sched_switch___probec *)ctx)->next_comm);
+	__s64 probec_field_prev_prio = (__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->prev_prio;
+	__s64 probec_field_next_pid = (__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->next_pid;
+
+	if ((!probec_bytes_eq(probec_tp_prev_comm, probec_str_2, 10) && ((__s64)probec_field_next_pid > (__s64)0ULL))) {
 		struct probec_switches_total_key probec_k;
 
-		probec_k.l_prio = (__s64)((__s64)*(__s32 *)((char *)ctx + 28));
+		probec_k.l_prio = (__s64)probec_field_prev_prio;
 		__builtin_memcpy(probec_k.l_next_comm, probec_tp_next_comm, 16);
 		__u64 probec_d = (__u64)1ULL;
 
@@ -431,12 +649,16 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
+	__u64 probec_field_dport = (__u64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->dport;
+	__u64 probec_field_sport = (__u64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->sport;
+	__s64 probec_field_state = (__s64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->state;
+
 	{
 		struct probec_retransmits_total_key probec_k;
 
 		probec_k.l_saddr = (__u64)((__u64)(__u32)probec_ctx_unaligned(ctx, 34, 4));
 		probec_k.l_daddr = (__u64)((__u64)(__u32)probec_ctx_unaligned(ctx, 38, 4));
-		probec_k.l_port = (__u64)((__u64)*(__u16 *)((char *)ctx + 30));
+		probec_k.l_port = (__u64)probec_field_dport;
 		__u64 probec_d = (__u64)1ULL;
 
 		if (!probec_hash_add(&m_retransmits_total, &probec_k, probec_d)) {
@@ -448,8 +670,13 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 		if (probec_sample(&probec_health, 6, &probec_sampled_retransmit, probec_sample_every_retransmit) &&
 		    probec_rate_ok(&probec_rate_retransmit, probec_now, probec_max_per_second_retransmit,
 				   &probec_health, 7)) {
-			struct probec_event_retransmit *probec_e = bpf_ringbuf_reserve(&events, sizeof(*probec_e), 0);
+			struct probec_event_retransmit *probec_e;
 
+			/* the ring buffer, or (kernels before 5.8) this CPU's record for the perf buffer */
+			if (probec_use_ringbuf)
+				probec_e = bpf_ringbuf_reserve(&events, sizeof(*probec_e), 0);
+			else
+				probec_e = probec_event_record(&probec_scratch);
 			if (!probec_e) {
 				probec_health_inc(&probec_health, 4);
 			} else {
@@ -460,11 +687,14 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 				probec_e->tid = (__u32)probec_id;
 				probec_e->f_args_saddr = (__u64)((__u64)(__u32)probec_ctx_unaligned(ctx, 34, 4));
 				probec_e->f_args_daddr = (__u64)((__u64)(__u32)probec_ctx_unaligned(ctx, 38, 4));
-				probec_e->f_args_sport = (__u64)((__u64)*(__u16 *)((char *)ctx + 28));
-				probec_e->f_args_dport = (__u64)((__u64)*(__u16 *)((char *)ctx + 30));
-				probec_e->f_args_state = (__s64)((__s64)*(__s32 *)((char *)ctx + 24));
+				probec_e->f_args_sport = (__u64)probec_field_sport;
+				probec_e->f_args_dport = (__u64)probec_field_dport;
+				probec_e->f_args_state = (__s64)probec_field_state;
 				probec_e->f_kstack = bpf_get_stackid(ctx, &stacks, 0);
-				bpf_ringbuf_submit(probec_e, probec_ringbuf_flags(&events, probec_wakeup_bytes, sizeof(*probec_e)));
+				if (probec_use_ringbuf)
+					bpf_ringbuf_submit(probec_e, probec_ringbuf_flags(&events, probec_wakeup_bytes, sizeof(*probec_e)));
+				else
+					probec_perf_submit(ctx, &probec_perfbuf, probec_e, sizeof(*probec_e), &probec_health, 4);
 			}
 		}
 	}

@@ -4,16 +4,33 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
+
+/* Settings the loader fills in before load (.rodata); the values here are the spec's. The
+ * probec_use_* ones choose mechanisms: the loader clears those this kernel lacks. */
+const volatile __u32 probec_target_pid = 0;
+const volatile __u32 probec_use_task_btf = 1;
+const volatile __u32 probec_use_task_storage = 1;
+const volatile __u32 probec_use_ringbuf = 1;
+const volatile __u64 probec_wakeup_bytes = 262144;
+const volatile __u64 probec_sample_every_retransmitting_request = 1;
+const volatile __u64 probec_max_per_second_retransmitting_request = 0;
+
 #include "probec.bpf.h"
 #include "golden_sockets.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
-/* Settings the loader fills in before load (.rodata); the values here are the spec's. */
-const volatile __u32 probec_target_pid = 0;
-const volatile __u64 probec_wakeup_bytes = 262144;
-const volatile __u64 probec_sample_every_retransmitting_request = 1;
-const volatile __u64 probec_max_per_second_retransmitting_request = 0;
+/* The kernel's tracepoint record types, with only the members read here: CO-RE relocations find
+ * each member in the running kernel's BTF by name (the ___probec suffix is ignored there). */
+struct trace_event_raw_sock_msg_length___probec {
+	const void *sk;
+} __attribute__((preserve_access_index));
+struct trace_event_raw_sys_enter___probec {
+	__u64 args[6];
+} __attribute__((preserve_access_index));
+struct trace_event_raw_tcp_retransmit_skb___probec {
+	const void *skaddr;
+} __attribute__((preserve_access_index));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -26,6 +43,13 @@ struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
+	__type(value, __u64);
+} span_send_task SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 128);
+	__type(key, __u64);
 	__type(value, __u64);
 } span_send_begin SEC(".maps");
 
@@ -83,6 +107,19 @@ struct {
 	__uint(max_entries, 1048576);
 } events SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERF_EVENT_ARRAY);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u32));
+} probec_perfbuf SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, 40);
+} probec_scratch SEC(".maps");
+
 /* Self-monitoring counters, one per slot of the manifest's core.health list. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -106,21 +143,29 @@ __u64 probec_sampled_retransmitting_request;
 SEC("tp/syscalls/sys_enter_sendto")
 int tracepoint_sys_enter_sendto(void *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
-	__u64 probec_socket_0 = probec_fd_socket(((__u64)*(__u64 *)((char *)ctx + 16)));
+	__u64 probec_field_fd = (__u64)((struct trace_event_raw_sys_enter___probec *)ctx)->args[0];
+	__u64 probec_socket_0 = probec_fd_socket(probec_field_fd);
 
 	if (probec_bytes_eq(probec_comm, probec_str_0, 7) && !probec_within(&span_request_begin, probec_socket_0)) {
 		probec_acc_reset(&acc_retransmits_in_requests_total_count, probec_socket_0);
 		probec_span_begin(&span_request_begin, probec_socket_0, probec_now, &probec_health, 0, true);
 	}
-	if (probec_within(&span_request_begin, probec_socket_0)) {
-		probec_task_span_begin(&span_send_begin, probec_now, &probec_health, 1, false);
+	if (probec_use_task_storage) {
+		if (probec_within(&span_request_begin, probec_socket_0)) {
+			probec_task_span_begin(&span_send_task, probec_now, &probec_health, 1, false);
+		}
+	} else {
+		if (probec_within(&span_request_begin, probec_socket_0)) {
+			probec_span_begin(&span_send_begin, ((__u64)(__u32)probec_id), probec_now, &probec_health, 1, false);
+		}
 	}
 	{
 		struct probec_sends_total_key probec_k;
@@ -146,8 +191,10 @@ int tracepoint_sock_recv_length(void *ctx)
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
+	__u64 probec_field_sk = (__u64)((struct trace_event_raw_sock_msg_length___probec *)ctx)->sk;
+
 	{
-		__u64 probec_key = ((__u64)*(__u64 *)((char *)ctx + 8));
+		__u64 probec_key = probec_field_sk;
 		__u64 *probec_start = bpf_map_lookup_elem(&span_request_begin, &probec_key);
 
 		if (probec_start) {
@@ -160,12 +207,17 @@ int tracepoint_sock_recv_length(void *ctx)
 				probec_array_add(&m_request_seconds, probec_bucket_u64(probec_v, probec_edges_request_seconds, 5), 1);
 				probec_array_add(&m_request_seconds, 22, (__u64)probec_v);
 			}
-			if (((__u64)probec_acc_read(&acc_retransmits_in_requests_total_count, ((__u64)*(__u64 *)((char *)ctx + 8))) > (__u64)0ULL)) {
+			if (((__u64)probec_acc_read(&acc_retransmits_in_requests_total_count, probec_field_sk) > (__u64)0ULL)) {
 				if (probec_sample(&probec_health, 2, &probec_sampled_retransmitting_request, probec_sample_every_retransmitting_request) &&
 				    probec_rate_ok(&probec_rate_retransmitting_request, probec_now, probec_max_per_second_retransmitting_request,
 						   &probec_health, 3)) {
-					struct probec_event_retransmitting_request *probec_e = bpf_ringbuf_reserve(&events, sizeof(*probec_e), 0);
+					struct probec_event_retransmitting_request *probec_e;
 
+					/* the ring buffer, or (kernels before 5.8) this CPU's record for the perf buffer */
+					if (probec_use_ringbuf)
+						probec_e = bpf_ringbuf_reserve(&events, sizeof(*probec_e), 0);
+					else
+						probec_e = probec_event_record(&probec_scratch);
 					if (!probec_e) {
 						probec_health_inc(&probec_health, 4);
 					} else {
@@ -175,8 +227,11 @@ int tracepoint_sock_recv_length(void *ctx)
 						probec_e->pid = probec_id >> 32;
 						probec_e->tid = (__u32)probec_id;
 						probec_e->f_duration = (__u64)probec_duration;
-						probec_e->f_retransmits_in_requests_total_count = (__u64)probec_acc_read(&acc_retransmits_in_requests_total_count, ((__u64)*(__u64 *)((char *)ctx + 8)));
-						bpf_ringbuf_submit(probec_e, probec_ringbuf_flags(&events, probec_wakeup_bytes, sizeof(*probec_e)));
+						probec_e->f_retransmits_in_requests_total_count = (__u64)probec_acc_read(&acc_retransmits_in_requests_total_count, probec_field_sk);
+						if (probec_use_ringbuf)
+							bpf_ringbuf_submit(probec_e, probec_ringbuf_flags(&events, probec_wakeup_bytes, sizeof(*probec_e)));
+						else
+							probec_perf_submit(ctx, &probec_perfbuf, probec_e, sizeof(*probec_e), &probec_health, 4);
 					}
 				}
 			}
@@ -190,23 +245,43 @@ int tracepoint_sock_recv_length(void *ctx)
 SEC("tp/syscalls/sys_exit_sendto")
 int tracepoint_sys_exit_sendto(void *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	{
-		__u64 *probec_start = bpf_task_storage_get(&span_send_begin, bpf_get_current_task_btf(), 0, 0);
+	if (probec_use_task_storage) {
+		{
+			__u64 *probec_start = bpf_task_storage_get(&span_send_task, bpf_get_current_task_btf(), 0, 0);
 
-		if (probec_start && *probec_start) {
-			__u64 probec_duration = probec_now - *probec_start;
+			if (probec_start && *probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
 
-			*probec_start = 0;
-			{
-				__u64 probec_v = probec_duration;
+				*probec_start = 0;
+				{
+					__u64 probec_v = probec_duration;
 
-				probec_array_add(&m_send_in_request_seconds, probec_bucket_u64(probec_v, probec_edges_send_in_request_seconds, 5), 1);
-				probec_array_add(&m_send_in_request_seconds, 22, (__u64)probec_v);
+					probec_array_add(&m_send_in_request_seconds, probec_bucket_u64(probec_v, probec_edges_send_in_request_seconds, 5), 1);
+					probec_array_add(&m_send_in_request_seconds, 22, (__u64)probec_v);
+				}
+			}
+		}
+	} else {
+		{
+			__u64 probec_key = ((__u64)(__u32)probec_id);
+			__u64 *probec_start = bpf_map_lookup_elem(&span_send_begin, &probec_key);
+
+			if (probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
+
+				bpf_map_delete_elem(&span_send_begin, &probec_key);
+				{
+					__u64 probec_v = probec_duration;
+
+					probec_array_add(&m_send_in_request_seconds, probec_bucket_u64(probec_v, probec_edges_send_in_request_seconds, 5), 1);
+					probec_array_add(&m_send_in_request_seconds, 22, (__u64)probec_v);
+				}
 			}
 		}
 	}
@@ -220,9 +295,11 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
-	if (probec_within(&span_request_begin, ((__u64)*(__u64 *)((char *)ctx + 16)))) {
+	__u64 probec_field_skaddr = (__u64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->skaddr;
+
+	if (probec_within(&span_request_begin, probec_field_skaddr)) {
 		probec_array_add(&m_retransmits_in_requests_total, 0, (__u64)1ULL);
-		probec_acc_inc(&acc_retransmits_in_requests_total_count, ((__u64)*(__u64 *)((char *)ctx + 16)));
+		probec_acc_inc(&acc_retransmits_in_requests_total_count, probec_field_skaddr);
 	}
 	return 0;
 }

@@ -6,21 +6,40 @@
 #include <bpf/bpf_core_read.h>
 #include <stdbool.h> /* libbpf 1.1's usdt.bpf.h uses bool without including it */
 #include <bpf/usdt.bpf.h>
+
+/* Settings the loader fills in before load (.rodata); the values here are the spec's. The
+ * probec_use_* ones choose mechanisms: the loader clears those this kernel lacks. */
+const volatile __u32 probec_target_pid = 0;
+const volatile __u32 probec_use_task_btf = 1;
+const volatile __u32 probec_use_task_storage = 1;
+const volatile __u32 probec_use_ringbuf = 1;
+const volatile __u64 probec_wakeup_bytes = 262144;
+const volatile __u64 probec_sample_every_slow_inference = 10;
+const volatile __u64 probec_max_per_second_slow_inference = 20;
+
 #include "probec.bpf.h"
 #include "golden_user.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
-/* Settings the loader fills in before load (.rodata); the values here are the spec's. */
-const volatile __u32 probec_target_pid = 0;
-const volatile __u64 probec_wakeup_bytes = 262144;
-const volatile __u64 probec_sample_every_slow_inference = 10;
-const volatile __u64 probec_max_per_second_slow_inference = 20;
+/* The kernel's tracepoint record types, with only the members read here: CO-RE relocations find
+ * each member in the running kernel's BTF by name (the ___probec suffix is ignored there). */
+struct trace_event_raw_sched_switch___probec {
+	__s32 prev_pid;
+	__s32 next_pid;
+} __attribute__((preserve_access_index));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
+	__type(value, __u64);
+} span_sleep_task SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 512);
+	__type(key, __u64);
 	__type(value, __u64);
 } span_sleep_begin SEC(".maps");
 
@@ -28,6 +47,13 @@ struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
+	__type(value, __u64);
+} span_cet_sleep_task SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 512);
+	__type(key, __u64);
 	__type(value, __u64);
 } span_cet_sleep_begin SEC(".maps");
 
@@ -43,12 +69,26 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
 	__type(value, __u64);
+} span_alloc_task SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 512);
+	__type(key, __u64);
+	__type(value, __u64);
 } span_alloc_begin SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
+	__type(value, __u64);
+} span_write_task SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 512);
+	__type(key, __u64);
 	__type(value, __u64);
 } span_write_begin SEC(".maps");
 
@@ -219,6 +259,19 @@ struct {
 } events SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_PERF_EVENT_ARRAY);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u32));
+} probec_perfbuf SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, 96);
+} probec_scratch SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
 	__uint(max_entries, 1024);
 	__uint(key_size, sizeof(__u32));
@@ -250,15 +303,22 @@ __u64 probec_sampled_slow_inference;
 SEC("uprobe")
 int uprobe_pwork_sleep_us(struct pt_regs *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
-	if (probec_bytes_eq(probec_comm, probec_str_0, 6)) {
-		probec_task_span_begin(&span_sleep_begin, probec_now, &probec_health, 0, false);
+	if (probec_use_task_storage) {
+		if (probec_bytes_eq(probec_comm, probec_str_0, 6)) {
+			probec_task_span_begin(&span_sleep_task, probec_now, &probec_health, 0, false);
+		}
+	} else {
+		if (probec_bytes_eq(probec_comm, probec_str_0, 6)) {
+			probec_span_begin(&span_sleep_begin, ((__u64)(__u32)probec_id), probec_now, &probec_health, 0, false);
+		}
 	}
 	return 0;
 }
@@ -267,43 +327,82 @@ int uprobe_pwork_sleep_us(struct pt_regs *ctx)
 SEC("uretprobe")
 int uretprobe_pwork_sleep_us(struct pt_regs *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 	char probec_comm[PROBEC_COMM_LEN] __attribute__((aligned(8)));
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
 	bpf_get_current_comm(probec_comm, sizeof(probec_comm));
-	{
-		__u64 *probec_start = bpf_task_storage_get(&span_sleep_begin, bpf_get_current_task_btf(), 0, 0);
+	if (probec_use_task_storage) {
+		{
+			__u64 *probec_start = bpf_task_storage_get(&span_sleep_task, bpf_get_current_task_btf(), 0, 0);
 
-		if (probec_start && *probec_start) {
-			__u64 probec_duration = probec_now - *probec_start;
+			if (probec_start && *probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
 
-			*probec_start = 0;
-			{
-				__u64 probec_v = probec_duration;
-				struct probec_sleep_seconds_key probec_k;
+				*probec_start = 0;
+				{
+					__u64 probec_v = probec_duration;
+					struct probec_sleep_seconds_key probec_k;
 
-				__builtin_memcpy(probec_k.l_comm, probec_comm, 16);
-				__builtin_memset(probec_k.__pad0, 0, 4);
-				__u32 probec_b = probec_bucket_u64(probec_v, probec_edges_sleep_seconds, 4);
-				__u64 *probec_slot;
+					__builtin_memcpy(probec_k.l_comm, probec_comm, 16);
+					__builtin_memset(probec_k.__pad0, 0, 4);
+					__u32 probec_b = probec_bucket_u64(probec_v, probec_edges_sleep_seconds, 4);
+					__u64 *probec_slot;
 
-				probec_k.bucket = probec_b;
-				probec_slot = bpf_map_lookup_elem(&m_sleep_seconds, &probec_k);
-				if (!probec_slot && probec_series_admit(&m_sleep_seconds_sets, &probec_k, &probec_k.bucket))
-					probec_slot = probec_lookup_or_init(&m_sleep_seconds, &probec_k);
-				if (probec_slot) {
-					*probec_slot += 1;
-					probec_k.bucket = 16;
-					if (!probec_hash_add(&m_sleep_seconds, &probec_k, (__u64)probec_v))
-						probec_health_inc(&probec_health, 1);
-				} else {
-					probec_array_add(&m_sleep_seconds_overflow, probec_b, 1);
-					probec_array_add(&m_sleep_seconds_overflow, 16, (__u64)probec_v);
-					probec_k.bucket = 0;
-					probec_series_fold(&m_sleep_seconds_folded, &probec_k);
+					probec_k.bucket = probec_b;
+					probec_slot = bpf_map_lookup_elem(&m_sleep_seconds, &probec_k);
+					if (!probec_slot && probec_series_admit(&m_sleep_seconds_sets, &probec_k, &probec_k.bucket))
+						probec_slot = probec_lookup_or_init(&m_sleep_seconds, &probec_k);
+					if (probec_slot) {
+						*probec_slot += 1;
+						probec_k.bucket = 16;
+						if (!probec_hash_add(&m_sleep_seconds, &probec_k, (__u64)probec_v))
+							probec_health_inc(&probec_health, 1);
+					} else {
+						probec_array_add(&m_sleep_seconds_overflow, probec_b, 1);
+						probec_array_add(&m_sleep_seconds_overflow, 16, (__u64)probec_v);
+						probec_k.bucket = 0;
+						probec_series_fold(&m_sleep_seconds_folded, &probec_k);
+					}
+				}
+			}
+		}
+	} else {
+		{
+			__u64 probec_key = ((__u64)(__u32)probec_id);
+			__u64 *probec_start = bpf_map_lookup_elem(&span_sleep_begin, &probec_key);
+
+			if (probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
+
+				bpf_map_delete_elem(&span_sleep_begin, &probec_key);
+				{
+					__u64 probec_v = probec_duration;
+					struct probec_sleep_seconds_key probec_k;
+
+					__builtin_memcpy(probec_k.l_comm, probec_comm, 16);
+					__builtin_memset(probec_k.__pad0, 0, 4);
+					__u32 probec_b = probec_bucket_u64(probec_v, probec_edges_sleep_seconds, 4);
+					__u64 *probec_slot;
+
+					probec_k.bucket = probec_b;
+					probec_slot = bpf_map_lookup_elem(&m_sleep_seconds, &probec_k);
+					if (!probec_slot && probec_series_admit(&m_sleep_seconds_sets, &probec_k, &probec_k.bucket))
+						probec_slot = probec_lookup_or_init(&m_sleep_seconds, &probec_k);
+					if (probec_slot) {
+						*probec_slot += 1;
+						probec_k.bucket = 16;
+						if (!probec_hash_add(&m_sleep_seconds, &probec_k, (__u64)probec_v))
+							probec_health_inc(&probec_health, 1);
+					} else {
+						probec_array_add(&m_sleep_seconds_overflow, probec_b, 1);
+						probec_array_add(&m_sleep_seconds_overflow, 16, (__u64)probec_v);
+						probec_k.bucket = 0;
+						probec_series_fold(&m_sleep_seconds_folded, &probec_k);
+					}
 				}
 			}
 		}
@@ -315,12 +414,17 @@ int uretprobe_pwork_sleep_us(struct pt_regs *ctx)
 SEC("uprobe")
 int uprobe_pwork_sleep_us_2(struct pt_regs *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	probec_task_span_begin(&span_cet_sleep_begin, probec_now, &probec_health, 2, false);
+	if (probec_use_task_storage) {
+		probec_task_span_begin(&span_cet_sleep_task, probec_now, &probec_health, 2, false);
+	} else {
+		probec_span_begin(&span_cet_sleep_begin, ((__u64)(__u32)probec_id), probec_now, &probec_health, 2, false);
+	}
 	return 0;
 }
 
@@ -328,23 +432,43 @@ int uprobe_pwork_sleep_us_2(struct pt_regs *ctx)
 SEC("uretprobe")
 int uretprobe_pwork_sleep_us_2(struct pt_regs *ctx)
 {
+	__u64 probec_id = bpf_get_current_pid_tgid();
 	__u64 probec_now;
 
-	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	{
-		__u64 *probec_start = bpf_task_storage_get(&span_cet_sleep_begin, bpf_get_current_task_btf(), 0, 0);
+	if (probec_use_task_storage) {
+		{
+			__u64 *probec_start = bpf_task_storage_get(&span_cet_sleep_task, bpf_get_current_task_btf(), 0, 0);
 
-		if (probec_start && *probec_start) {
-			__u64 probec_duration = probec_now - *probec_start;
+			if (probec_start && *probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
 
-			*probec_start = 0;
-			{
-				__u64 probec_v = probec_duration;
+				*probec_start = 0;
+				{
+					__u64 probec_v = probec_duration;
 
-				probec_array_add(&m_cet_sleep_seconds, probec_bucket_u64(probec_v, probec_edges_cet_sleep_seconds, 5), 1);
-				probec_array_add(&m_cet_sleep_seconds, 22, (__u64)probec_v);
+					probec_array_add(&m_cet_sleep_seconds, probec_bucket_u64(probec_v, probec_edges_cet_sleep_seconds, 5), 1);
+					probec_array_add(&m_cet_sleep_seconds, 22, (__u64)probec_v);
+				}
+			}
+		}
+	} else {
+		{
+			__u64 probec_key = ((__u64)(__u32)probec_id);
+			__u64 *probec_start = bpf_map_lookup_elem(&span_cet_sleep_begin, &probec_key);
+
+			if (probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
+
+				bpf_map_delete_elem(&span_cet_sleep_begin, &probec_key);
+				{
+					__u64 probec_v = probec_duration;
+
+					probec_array_add(&m_cet_sleep_seconds, probec_bucket_u64(probec_v, probec_edges_cet_sleep_seconds, 5), 1);
+					probec_array_add(&m_cet_sleep_seconds, 22, (__u64)probec_v);
+				}
 			}
 		}
 	}
@@ -495,8 +619,13 @@ int uretprobe_Inference__Forward(struct pt_regs *ctx)
 				if (probec_sample(&probec_health, 5, &probec_sampled_slow_inference, probec_sample_every_slow_inference) &&
 				    probec_rate_ok(&probec_rate_slow_inference, probec_now, probec_max_per_second_slow_inference,
 						   &probec_health, 6)) {
-					struct probec_event_slow_inference *probec_e = bpf_ringbuf_reserve(&events, sizeof(*probec_e), 0);
+					struct probec_event_slow_inference *probec_e;
 
+					/* the ring buffer, or (kernels before 5.8) this CPU's record for the perf buffer */
+					if (probec_use_ringbuf)
+						probec_e = bpf_ringbuf_reserve(&events, sizeof(*probec_e), 0);
+					else
+						probec_e = probec_event_record(&probec_scratch);
 					if (!probec_e) {
 						probec_health_inc(&probec_health, 7);
 					} else {
@@ -513,7 +642,10 @@ int uretprobe_Inference__Forward(struct pt_regs *ctx)
 						probec_e->f_ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
 						probec_e->f_outside_alloc = (__u64)((__u64)probec_duration - (__u64)probec_acc_read(&acc_alloc_total, ((__u64)(__u32)probec_id)));
 						__builtin_memcpy(probec_e->f_comm, probec_comm, 16);
-						bpf_ringbuf_submit(probec_e, probec_ringbuf_flags(&events, probec_wakeup_bytes, sizeof(*probec_e)));
+						if (probec_use_ringbuf)
+							bpf_ringbuf_submit(probec_e, probec_ringbuf_flags(&events, probec_wakeup_bytes, sizeof(*probec_e)));
+						else
+							probec_perf_submit(ctx, &probec_perfbuf, probec_e, sizeof(*probec_e), &probec_health, 7);
 					}
 				}
 			}
@@ -538,8 +670,14 @@ int uprobe_serving__Allocator__Allocate(struct pt_regs *ctx)
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	if (probec_within(&span_inference_begin, ((__u64)(__u32)probec_id))) {
-		probec_task_span_begin(&span_alloc_begin, probec_now, &probec_health, 8, false);
+	if (probec_use_task_storage) {
+		if (probec_within(&span_inference_begin, ((__u64)(__u32)probec_id))) {
+			probec_task_span_begin(&span_alloc_task, probec_now, &probec_health, 8, false);
+		}
+	} else {
+		if (probec_within(&span_inference_begin, ((__u64)(__u32)probec_id))) {
+			probec_span_begin(&span_alloc_begin, ((__u64)(__u32)probec_id), probec_now, &probec_health, 8, false);
+		}
 	}
 	return 0;
 }
@@ -554,18 +692,37 @@ int uretprobe_serving__Allocator__Allocate(struct pt_regs *ctx)
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	{
-		__u64 *probec_start = bpf_task_storage_get(&span_alloc_begin, bpf_get_current_task_btf(), 0, 0);
+	if (probec_use_task_storage) {
+		{
+			__u64 *probec_start = bpf_task_storage_get(&span_alloc_task, bpf_get_current_task_btf(), 0, 0);
 
-		if (probec_start && *probec_start) {
-			__u64 probec_duration = probec_now - *probec_start;
+			if (probec_start && *probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
 
-			*probec_start = 0;
-			/* Still inside its `within` span here? If not, it outlived it: dropped, and counted. */
-			if (!(probec_within(&span_inference_begin, ((__u64)(__u32)probec_id)))) {
-				probec_health_inc(&probec_health, 9);
-			} else {
-				probec_acc_add(&acc_alloc_total, &acc_alloc_count, ((__u64)(__u32)probec_id), probec_duration);
+				*probec_start = 0;
+				/* Still inside its `within` span here? If not, it outlived it: dropped, and counted. */
+				if (!(probec_within(&span_inference_begin, ((__u64)(__u32)probec_id)))) {
+					probec_health_inc(&probec_health, 9);
+				} else {
+					probec_acc_add(&acc_alloc_total, &acc_alloc_count, ((__u64)(__u32)probec_id), probec_duration);
+				}
+			}
+		}
+	} else {
+		{
+			__u64 probec_key = ((__u64)(__u32)probec_id);
+			__u64 *probec_start = bpf_map_lookup_elem(&span_alloc_begin, &probec_key);
+
+			if (probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
+
+				bpf_map_delete_elem(&span_alloc_begin, &probec_key);
+				/* Still inside its `within` span here? If not, it outlived it: dropped, and counted. */
+				if (!(probec_within(&span_inference_begin, ((__u64)(__u32)probec_id)))) {
+					probec_health_inc(&probec_health, 9);
+				} else {
+					probec_acc_add(&acc_alloc_total, &acc_alloc_count, ((__u64)(__u32)probec_id), probec_duration);
+				}
 			}
 		}
 	}
@@ -582,8 +739,14 @@ int tracepoint_sys_enter_write(void *ctx)
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	if (probec_within(&span_inference_begin, ((__u64)(__u32)probec_id))) {
-		probec_task_span_begin(&span_write_begin, probec_now, &probec_health, 10, false);
+	if (probec_use_task_storage) {
+		if (probec_within(&span_inference_begin, ((__u64)(__u32)probec_id))) {
+			probec_task_span_begin(&span_write_task, probec_now, &probec_health, 10, false);
+		}
+	} else {
+		if (probec_within(&span_inference_begin, ((__u64)(__u32)probec_id))) {
+			probec_span_begin(&span_write_begin, ((__u64)(__u32)probec_id), probec_now, &probec_health, 10, false);
+		}
 	}
 	return 0;
 }
@@ -598,18 +761,37 @@ int tracepoint_sys_exit_write(void *ctx)
 	if (probec_target_pid && (__u32)(probec_id >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	{
-		__u64 *probec_start = bpf_task_storage_get(&span_write_begin, bpf_get_current_task_btf(), 0, 0);
+	if (probec_use_task_storage) {
+		{
+			__u64 *probec_start = bpf_task_storage_get(&span_write_task, bpf_get_current_task_btf(), 0, 0);
 
-		if (probec_start && *probec_start) {
-			__u64 probec_duration = probec_now - *probec_start;
+			if (probec_start && *probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
 
-			*probec_start = 0;
-			/* Still inside its `within` span here? If not, it outlived it: dropped, and counted. */
-			if (!(probec_within(&span_inference_begin, ((__u64)(__u32)probec_id)))) {
-				probec_health_inc(&probec_health, 11);
-			} else {
-				probec_acc_add(&acc_write_total, &acc_write_count, ((__u64)(__u32)probec_id), probec_duration);
+				*probec_start = 0;
+				/* Still inside its `within` span here? If not, it outlived it: dropped, and counted. */
+				if (!(probec_within(&span_inference_begin, ((__u64)(__u32)probec_id)))) {
+					probec_health_inc(&probec_health, 11);
+				} else {
+					probec_acc_add(&acc_write_total, &acc_write_count, ((__u64)(__u32)probec_id), probec_duration);
+				}
+			}
+		}
+	} else {
+		{
+			__u64 probec_key = ((__u64)(__u32)probec_id);
+			__u64 *probec_start = bpf_map_lookup_elem(&span_write_begin, &probec_key);
+
+			if (probec_start) {
+				__u64 probec_duration = probec_now - *probec_start;
+
+				bpf_map_delete_elem(&span_write_begin, &probec_key);
+				/* Still inside its `within` span here? If not, it outlived it: dropped, and counted. */
+				if (!(probec_within(&span_inference_begin, ((__u64)(__u32)probec_id)))) {
+					probec_health_inc(&probec_health, 11);
+				} else {
+					probec_acc_add(&acc_write_total, &acc_write_count, ((__u64)(__u32)probec_id), probec_duration);
+				}
 			}
 		}
 	}
@@ -625,11 +807,14 @@ int tracepoint_sched_switch(void *ctx)
 	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	if (probec_within(&span_inference_begin, ((__s64)*(__s32 *)((char *)ctx + 24)))) {
-		probec_span_begin(&span_offcpu_begin, ((__s64)*(__s32 *)((char *)ctx + 24)), probec_now, &probec_health, 12, false);
+	__s64 probec_field_prev_pid = (__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->prev_pid;
+	__s64 probec_field_next_pid = (__s64)((struct trace_event_raw_sched_switch___probec *)ctx)->next_pid;
+
+	if (probec_within(&span_inference_begin, probec_field_prev_pid)) {
+		probec_span_begin(&span_offcpu_begin, probec_field_prev_pid, probec_now, &probec_health, 12, false);
 	}
 	{
-		__u64 probec_key = ((__s64)*(__s32 *)((char *)ctx + 56));
+		__u64 probec_key = probec_field_next_pid;
 		__u64 *probec_start = bpf_map_lookup_elem(&span_offcpu_begin, &probec_key);
 
 		if (probec_start) {
@@ -637,10 +822,10 @@ int tracepoint_sched_switch(void *ctx)
 
 			bpf_map_delete_elem(&span_offcpu_begin, &probec_key);
 			/* Still inside its `within` span here? If not, it outlived it: dropped, and counted. */
-			if (!(probec_within(&span_inference_begin, ((__s64)*(__s32 *)((char *)ctx + 56))))) {
+			if (!(probec_within(&span_inference_begin, probec_field_next_pid))) {
 				probec_health_inc(&probec_health, 13);
 			} else {
-				probec_acc_add(&acc_offcpu_total, &acc_offcpu_count, ((__s64)*(__s32 *)((char *)ctx + 56)), probec_duration);
+				probec_acc_add(&acc_offcpu_total, &acc_offcpu_count, probec_field_next_pid, probec_duration);
 			}
 		}
 	}
@@ -658,7 +843,7 @@ int uretprobe_pwork_record(struct pt_regs *ctx)
 	{
 		struct probec_records_total_key probec_k;
 
-		probec_k.l_phase = (__u64)(probec_task_within(&span_alloc_begin) ? 1ULL : (probec_within(&span_inference_begin, ((__u64)(__u32)probec_id)) ? 2ULL : 0ULL));
+		probec_k.l_phase = (__u64)((probec_use_task_storage ? probec_task_within(&span_alloc_task) : probec_within(&span_alloc_begin, ((__u64)(__u32)probec_id))) ? 1ULL : (probec_within(&span_inference_begin, ((__u64)(__u32)probec_id)) ? 2ULL : 0ULL));
 		__u64 probec_d = (__u64)1ULL;
 
 		if (!probec_hash_add(&m_records_total, &probec_k, probec_d)) {
