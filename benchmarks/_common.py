@@ -164,17 +164,19 @@ def write_result(name: str, lines: list[str], quick: bool) -> Path:
 
 
 # --- building -----------------------------------------------------------------------------------
-def build_bundle(spec: Path, backend: str, placement: str = "auto", compile: bool = True) -> Path:
+def build_bundle(spec: Path, backend: str, placement: str = "auto", compile: bool = True,
+                 task_storage: bool = True) -> Path:
     """Build SPEC for BACKEND (cached under build/bundles by a hash of every input), in this process, through the same driver calls as
     `probec build` (check_file + build_bundle). placement='entry' lowers with
     LoweringOptions(placement="entry") (no CLI flag reaches it) to force uprobes onto the symbol;
-    compile=False is `probec build --no-compile` (C and manifest only)."""
+    compile=False is `probec build --no-compile` (C and manifest only); task_storage=False is core's
+    `--begin-map hash`."""
     from probec.compiler.diagnostics import Diagnostics, render_text
     from probec.compiler.driver import CheckResult, build_bundle as driver_build, check_file
     from probec.compiler.ir.host import HostInfo
     from probec.compiler.ir.lowering import LoweringOptions, lower
     from probec.compiler.spec.loader import load_spec_file
-    cached = _bundle_cache(spec, backend, placement, compile)
+    cached = _bundle_cache(spec, backend, placement, compile, task_storage)
     if cached.exists():
         return cached
     out = cached.with_name(cached.name + f".tmp{os.getpid()}")
@@ -188,7 +190,7 @@ def build_bundle(spec: Path, backend: str, placement: str = "auto", compile: boo
         result = CheckResult(str(spec), diags, text, parsed, sources={str(spec): text})
         if parsed is not None and not diags.has_errors():
             result.program = lower(parsed, diags, LoweringOptions(host=HostInfo(), placement=placement))
-    options = {"compile": compile} if backend == "core" else {}
+    options = {"compile": compile, "task_storage": task_storage} if backend == "core" else {}
     bundle = driver_build(result, backend, **options) if result.program is not None else None
     if bundle is None:
         raise RuntimeError(f"building {spec.name} for {backend} (placement {placement}) failed:\n"
@@ -198,12 +200,12 @@ def build_bundle(spec: Path, backend: str, placement: str = "auto", compile: boo
     return cached
 
 
-def _bundle_cache(spec: Path, backend: str, placement: str, compile: bool) -> Path:
+def _bundle_cache(spec: Path, backend: str, placement: str, compile: bool, task_storage: bool = True) -> Path:
     """Where a build of these exact inputs lives: the spec, every compiler, host-facts and template source,
     the kernel and the workload binaries. Any change to the generator gives a new folder."""
     import hashlib
     h = hashlib.sha256()
-    h.update(f"{backend}|{placement}|{compile}|{platform.release()}|{spec.resolve()}".encode())
+    h.update(f"{backend}|{placement}|{compile}|{task_storage}|{platform.release()}|{spec.resolve()}".encode())
     h.update(spec.read_bytes())
     for base, pattern in ((ROOT / "compiler", "**/*.py"), (ROOT / "compiler", "**/*.lark"),
                           (ROOT / "host", "**/*.py"), (ROOT / "templates", "**/*")):

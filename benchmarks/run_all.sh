@@ -15,7 +15,7 @@ if [ "${PROBEC_BENCH_LOCKED:-}" != 1 ]; then
 fi
 PY=${PYTHON:-python3}
 make -s -C tests/workloads
-for bench in span_overhead uprobe_placement collector ringbuf event_cost otlp_events tp_btf containers; do
+for bench in span_overhead uprobe_placement collector ringbuf event_cost otlp_events tp_btf containers bcc_backend; do
     echo "== $bench" >&2
     "$PY" "benchmarks/$bench.py" "$@"
 done

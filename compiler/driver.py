@@ -58,6 +58,9 @@ def build_bundle(result: CheckResult, backend: str, target_version: str | None =
     elif backend == "core":
         from .backends.core.generator import CoreBackend
         gen = CoreBackend(result.diagnostics, **options)
+    elif backend == "bcc":
+        from .backends.bcc.generator import BccBackend
+        gen = BccBackend(result.diagnostics, **options)
     else:
         raise ValueError(backend)
     if not gen.supports(program):

@@ -85,6 +85,21 @@ def python_comment(text: str) -> str:
     return re.sub(r"coding([:=])", lambda m: f"coding\\x{ord(m.group(1)):02x}", visible(text))
 
 
+def python_text(text: str) -> str:
+    """A Python string literal of several lines (the bcc backend's C program): between triple
+    quotes, line breaks and tabs kept; a backslash, every double quote (so no closing triple quote
+    can form) and every other character that is not printable ASCII escaped."""
+    out = []
+    for ch in text:
+        if ch in "\n\t" or (" " <= ch <= "~" and ch not in "\\\""):
+            out.append(ch)
+        elif ch == '"':
+            out.append('\\"')
+        else:
+            out.append(_escape(ch))
+    return '"""' + "".join(out) + '"""'
+
+
 # -- bpftrace -------------------------------------------------------------------------------------
 def bpftrace_comment(text: str) -> str:
     """Text after `//` on one line."""

@@ -12,6 +12,7 @@ import sys
 from .runtime.options import add_run_arguments
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
+BACKENDS = ("bpftrace", "core", "bcc")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,10 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target", metavar="FACTS",
                    help="check the kernel side against another machine's facts, recorded there with "
                         "'probec doctor --format json > FACTS' (binaries are still read here)")
+    c.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="also check what this backend can do with the spec (bcc: whether this host's "
+                        "kernel headers are the running kernel's)")
 
     b = sub.add_parser("build", help="render a spec for a backend")
     b.add_argument("spec", metavar="SPEC")
-    b.add_argument("--backend", choices=("bpftrace", "core"), default="bpftrace")
+    b.add_argument("--backend", choices=BACKENDS, default="bpftrace")
     b.add_argument("-o", "--output", metavar="DIR", help="bundle folder (default: ./NAME.BACKEND)")
     b.add_argument("--kernel", choices=("host", "any"), default="host")
     b.add_argument("--target", metavar="FACTS",
@@ -59,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("target", metavar="BUNDLE|SPEC|FOLDER", nargs="+",
                    help="one spec or bundle; or several, or a folder of them, run together on one port and "
                         "reloaded on SIGHUP or when the folder changes")
-    r.add_argument("--backend", choices=("bpftrace", "core"), default=None,
+    r.add_argument("--backend", choices=BACKENDS, default=None,
                    help="when TARGET is a spec: build it for this backend first (default bpftrace)")
     add_run_arguments(r)
 
@@ -121,6 +125,10 @@ def _check(args) -> int:
     color = sys.stderr.isatty() and args.format == "text"
     for path in args.specs:
         result = check_file(path, host, args.kernel)
+        if args.backend and result.program is not None and not result.diagnostics.has_errors():
+            from .compiler.driver import build_bundle
+            build_bundle(result, args.backend, **backend_options(args.backend, args.kernel, compile=False,
+                                                                  host_checks=not args.no_host and not args.target))
         diags = result.diagnostics.sorted()
         if args.werror:
             diags = [d if d.severity is not Severity.WARNING else
@@ -141,6 +149,16 @@ def _check(args) -> int:
     return EXIT_ERRORS if errors else EXIT_OK
 
 
+def backend_options(backend: str, kernel: str, compile: bool = True, host_checks: bool = True) -> dict:
+    """What `check --backend` and `build` tell a backend about where its output will run."""
+    if backend == "core":
+        return {"compile": compile}
+    if backend == "bcc":
+        # this host's kernel headers say something only about this host's kernel
+        return {"check_headers": kernel == "host" and host_checks}
+    return {}
+
+
 def _build(args) -> int:
     from .compiler.diagnostics import render_text
     from .compiler.driver import build_bundle, check_file
@@ -154,11 +172,10 @@ def _build(args) -> int:
     if result.program is None:
         sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
         return EXIT_ERRORS
-    options = {}
+    options = backend_options(args.backend, args.kernel, compile=not args.no_compile, host_checks=not args.target)
     if args.backend == "bpftrace":
         options["interval_ms"] = max(1, int(args.interval * 1000))
-    else:
-        options["compile"] = not args.no_compile
+    elif args.backend == "core":
         options["task_storage"] = args.begin_map != "hash"
     bundle = build_bundle(result, args.backend, args.bpftrace_version, **options)
     sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))

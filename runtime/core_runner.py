@@ -133,6 +133,11 @@ class CoreRunner:
             if key is not None:
                 self.container_inodes.setdefault((name, inside), set()).add(key)
         self.sync_cgroups()
+        self.after_attach()
+
+    def after_attach(self) -> None:
+        """Once attached: health, BPF stats, stacks, the event reader, a first read."""
+        L = _libbpf()
         health = self.store.health
         health.mechanisms = self.attacher.mechanisms.describe(self.manifest)
         health.attached = {pid: int(pid in self.links) for pid in self.probes}

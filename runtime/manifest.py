@@ -319,6 +319,14 @@ class CgroupSection:
 
 
 @dataclass(frozen=True)
+class BccSection:
+    """The bcc backend's: its C and attachments are the `core` section's, compiled at load time."""
+    program: str                         # the Python program that holds the C (its PROGRAM string)
+    kernel_struct_reads: tuple[str, ...]  # probes that read kernel structs through the headers (socket(fd)):
+                                         # refused where the headers are not the running kernel's
+
+
+@dataclass(frozen=True)
 class Manifest:
     probec_manifest: int
     name: str
@@ -335,6 +343,7 @@ class Manifest:
     core: CoreSection | None = None
     bpftrace: BpftraceSection | None = None
     cgroups: CgroupSection | None = None
+    bcc: BccSection | None = None
 
     def to_dict(self) -> dict:
         return _encode(self)

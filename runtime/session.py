@@ -41,6 +41,11 @@ def make_runner(bundle, store, sink, pid: int, bpf_stats: bool = False, btf: str
         from .core_runner import CoreRunner
         return CoreRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None, btf_path=btf,
                           cgroup_map=cgroup_map)
+    if bundle.backend == "bcc":
+        if cgroup_map is not None:
+            raise BundleError("--cgroup needs the core or bpftrace backend: a bcc program has no cgroup map to fill")
+        from .bcc_runner import BccRunner
+        return BccRunner(bundle, store, sink, log=log, pid=pid, bpf_stats=bpf_stats or None)
     raise BundleError(f"unknown backend '{bundle.backend}' in {bundle.path}")
 
 
@@ -331,10 +336,11 @@ def run_target(args) -> int:
 
 
 def loader_main(bundle_dir: str, argv: list[str]) -> int:
-    """What a bundle's loader.py runs: `probec run` for this bundle, without the compiler."""
+    """What a core bundle's loader.py and a bcc bundle's program run: `probec run` for this bundle,
+    without the compiler."""
     p = argparse.ArgumentParser(prog="loader.py", description=f"Run the probec bundle in {bundle_dir}.")
     add_run_arguments(p)
     args = p.parse_args(argv)
     args.target = bundle_dir
-    args.backend = "core"
+    args.backend = None
     return run_target(args)

@@ -77,11 +77,50 @@ def require_core_kernel() -> None:
         pytest.skip(reason)
 
 
-@pytest.fixture(params=["bpftrace", "core"])
+def bcc_unavailable() -> str | None:
+    """Why the bcc backend cannot run here: BCC's Python module and kernel headers (the runtime's
+    own look-ups, so a test and `probec run` agree)."""
+    from probec.host.headers import find_kernel_headers
+    from probec.runtime.bcc_runner import import_bcc
+    from probec.runtime.manifest import BundleError
+    try:
+        import_bcc()
+    except BundleError as exc:
+        return str(exc)
+    if find_kernel_headers() is None:
+        return "no kernel headers for BCC to compile against"
+    return None
+
+
+def bcc_headers_match() -> bool:
+    """Whether the kernel headers BCC finds here are the running kernel's."""
+    from probec.host.headers import find_kernel_headers
+    headers = find_kernel_headers()
+    return headers is not None and headers.matches
+
+
+def require_bcc_kernel() -> None:
+    require_kernel(need_clang=True)
+    reason = bcc_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"bcc kernel test cannot run under CI: {reason}")
+    pytest.skip(reason)
+
+
+def require_backend(name: str) -> None:
+    if name == "bcc":
+        require_bcc_kernel()
+    else:
+        require_kernel(need_bpftrace=name == "bpftrace", need_clang=name == "core")
+
+
+@pytest.fixture(params=["bpftrace", "core", "bcc"])
 def backend(request, workloads):
-    """Each backend in turn, for kernel tests that must hold under the prototype and production
-    paths alike (a module may define its own, as test_examples does)."""
-    require_kernel(need_bpftrace=request.param == "bpftrace", need_clang=request.param == "core")
+    """Each backend in turn, for kernel tests that must hold under the prototype, production and
+    BCC paths alike (a module may define its own, as test_examples does)."""
+    require_backend(request.param)
     return request.param
 
 

@@ -157,3 +157,40 @@ def workload(*args: str, timeout: float = 120) -> None:
 def bpf_program_count() -> int:
     out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True)
     return len(json.loads(out.stdout or "[]")) if out.returncode == 0 else -1
+
+
+def bcc_verify(program_text: str, manifest: dict) -> set[str]:
+    """Compile a bcc program's C with BCC against this host's kernel headers (joined as the runtime
+    joins them) and have the verifier take every function as the program type its probe attaches
+    as; nothing is attached. Returns the probe kinds loaded. Needs root and the kernel lock."""
+    import os
+    from probec.host.headers import find_kernel_headers, joined_tree
+    from probec.runtime.bcc_runner import HEADER_TREES, import_bcc
+    bcc = import_bcc()
+    headers = find_kernel_headers()
+    env = os.environ.get("BCC_KERNEL_SOURCE")
+    if env is None and headers.how != f"/lib/modules/{headers.running}":
+        os.environ["BCC_KERNEL_SOURCE"] = str(joined_tree(headers, HEADER_TREES))
+    probes = {p["id"]: p for p in manifest["probes"]}
+    usdt = []
+    for p in manifest["core"]["programs"]:
+        probe = probes[p["probe"]]
+        if probe["kind"] == "usdt":
+            context = bcc.USDT(path=probe["binary"])        # USDT takes str, the rest of BCC bytes
+            context.enable_probe(probe=f"{probe['provider']}:{probe['name']}", fn_name=p["program"])
+            usdt.append(context)
+    try:
+        b = bcc.BPF(text=program_text.encode(), usdt_contexts=usdt)
+    finally:
+        if env is None:
+            os.environ.pop("BCC_KERNEL_SOURCE", None)
+    types = {"tracepoint": bcc.BPF.TRACEPOINT, "profile": bcc.BPF.PERF_EVENT, "interval": bcc.BPF.PERF_EVENT}
+    kinds = set()
+    try:
+        for p in manifest["core"]["programs"]:
+            kind = probes[p["probe"]]["kind"]
+            assert b.load_func(p["program"].encode(), types.get(kind, bcc.BPF.KPROBE)).fd >= 0, p["program"]
+            kinds.add(kind)
+    finally:
+        b.cleanup()
+    return kinds

@@ -28,6 +28,8 @@ BENCHMARKS = {
                    "Event per call, bpftrace / core"],
     "soak": ["## Counts", "**yes**", "## The collector over time"],
     "containers": ["## At every read (user space)", "core: + namespace == \"serving\"", "bpftrace: count"],
+    "bcc_backend": ["## getpid span", "| bcc |", "| core, hash begin map |", "bcc / core per call",
+                    "BCC compile and attach at start"],
     "otlp_events": ["## Lossless?", "(A) before", "`--events FILE --otlp URL`", "## Cost, medians"],
     "tp_btf": ["## The traced syscall", "classic tracepoints", "tp_btf/sys_{enter,exit}", "## A syscall not traced",
                "getpid: tp_btf / classic"],

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, WORKLOADS, require_core_kernel, require_kernel
+from conftest import ROOT, WORKLOADS, require_bcc_kernel, require_core_kernel, require_kernel
 from harness import assert_histogram_matches, buckets, measured_durations, parse_metrics, per_bucket
 
 from probec.compiler.driver import build_bundle, check_file
@@ -459,13 +459,16 @@ metrics:
 
 
 @pytest.mark.kernel
-def test_bpftrace_and_core_agree_on_the_same_workload(tmp_path, workloads):
-    """Both backends' bundles of one spec, attached at the same time to one workload."""
+def test_backends_agree_on_the_same_workload(tmp_path, workloads):
+    """The bpftrace, core and bcc bundles of one spec, attached at the same time to one workload:
+    the same counts, and the same buckets but for a value within microseconds of an edge."""
     require_core_kernel()
     require_kernel(need_bpftrace=True)
+    require_bcc_kernel()
     spec = write_spec(tmp_path, "core_diff", DIFF_SPEC)
+    backends = ("bpftrace", "core", "bcc")
     bundles = {}
-    for backend in ("bpftrace", "core"):
+    for backend in backends:
         built = subprocess.run([sys.executable, "-m", "probec", "build", str(spec), "--backend", backend,
                                 "-o", str(tmp_path / backend)], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert built.returncode == 0, built.stderr
@@ -488,14 +491,15 @@ def test_bpftrace_and_core_agree_on_the_same_workload(tmp_path, workloads):
             if c.proc.poll() is None:
                 c.proc.kill()
     got = {b: parse_metrics((tmp_path / f"{b}.txt").read_text()) for b in bundles}
-    for name in ("diff_sleep_seconds", "diff_record_value"):
-        a, b = (per_bucket(buckets(got[x], name)) for x in ("bpftrace", "core"))
-        assert sum(a.values()) == sum(b.values()) > 0, (a, b)
-        # a value within microseconds of an edge may fall on either side of it: allow one move
-        assert sum(abs(a[le] - b[le]) for le in a) <= 2, (name, a, b)
-    assert per_bucket(buckets(got["core"], "diff_record_value")) == \
-        per_bucket(buckets(got["bpftrace"], "diff_record_value"))
-    for x in ("bpftrace", "core"):
+    for other in ("core", "bcc"):
+        for name in ("diff_sleep_seconds", "diff_record_value"):
+            a, b = (per_bucket(buckets(got[x], name)) for x in ("bpftrace", other))
+            assert sum(a.values()) == sum(b.values()) > 0, (other, a, b)
+            # a value within microseconds of an edge may fall on either side of it: allow one move
+            assert sum(abs(a[le] - b[le]) for le in a) <= 2, (other, name, a, b)
+        assert per_bucket(buckets(got[other], "diff_record_value")) == \
+            per_bucket(buckets(got["bpftrace"], "diff_record_value")), other
+    for x in backends:
         assert sample(got[x], "diff_records_total", comm="core_diff") == len(RECORD_VALUES), x
         assert sample(got[x], "diff_sleep_seconds_count") == 38, x
 

@@ -1,5 +1,5 @@
-"""Golden files of the generated code: for each spec in tests/golden/specs/, the bpftrace script and
-the core backend's C source and header, with the core probes' attach plan from the manifest
+"""Golden files of the generated code: for each spec in tests/golden/specs/, the bpftrace script,
+the core backend's C source and header, the bcc backend's program, with the core probes' attach plan from the manifest
 (where endbr64 placement and kernel-function fallbacks show), compared with the files checked in
 under tests/golden/SPEC/. A review reads their diff; regenerate them with `pytest --update-golden`.
 
@@ -10,7 +10,8 @@ the same bytes on any kernel. Binaries are the test workloads (tests/workloads/b
 repository root is written as $ROOT wherever a resolved path appears.
 
 The golden comparison needs no clang; test_golden_c_compiles compiles each golden .bpf.c with
-the real toolchain (clang, and a vmlinux.h of this kernel).
+the real toolchain (clang, and a vmlinux.h of this kernel), and test_golden_bcc_loads has BCC
+compile each golden bcc program and the kernel verify each of its functions.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, kernel_unavailable, probec
+from conftest import ROOT, kernel_unavailable, probec, require_bcc_kernel
 
 GOLDEN = ROOT / "tests" / "golden"
 SPECS = sorted((GOLDEN / "specs").glob("*.yaml"))
@@ -32,7 +33,7 @@ TEMPLATES = ROOT / "templates" / "core"
 
 def build(spec: Path, backend: str, out: Path) -> Path:
     args = ["build", "--target", str(RECORDED), "--backend", backend, "-o", str(out)]
-    args += ["--no-compile"] if backend == "core" else ["--bpftrace-version", "0.17"]
+    args += {"core": ["--no-compile"], "bpftrace": ["--bpftrace-version", "0.17"]}.get(backend, [])
     result = probec(*args, str(spec.relative_to(ROOT)))
     assert result.returncode == 0, result.stderr
     return out
@@ -66,7 +67,9 @@ def generated(spec: Path, tmp: Path) -> dict[str, str]:
     name = spec.stem
     bt = build(spec, "bpftrace", tmp / "bpftrace")
     core = build(spec, "core", tmp / "core")
+    bcc = build(spec, "bcc", tmp / "bcc")
     files = {
+        f"{name}.bcc.py": (bcc / f"{name}.py").read_text(),
         f"{name}.bt": (bt / f"{name}.bt").read_text(),
         f"{name}.bpf.c": (core / f"{name}.bpf.c").read_text(),
         f"{name}.h": (core / f"{name}.h").read_text(),
@@ -148,3 +151,21 @@ def test_golden_bt_compiles(spec: Path, workloads, tmp_path):
     errors = [line for line in result.stderr.splitlines() if "ERROR" in line and "RLIMIT_MEMLOCK" not in line]
     assert result.returncode == 0 and not errors, result.stderr
     assert (tmp_path / "out.o").read_bytes()[:4] == b"\x7fELF"
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("spec", SPECS, ids=[s.stem for s in SPECS])
+def test_golden_bcc_loads(spec: Path, workloads, tmp_path):
+    """Each golden bcc program, with the repository root put back, compiles with BCC against this
+    host's kernel headers, and every function of it passes the verifier as the program type its
+    probe attaches as (nothing is attached). The headers need not be the running kernel's: no
+    golden function that BCC compiles here reads a kernel struct but socket(fd)'s, and the verifier
+    checks the code, not the offsets it reads."""
+    from harness import bcc_verify
+    from probec.runtime.bcc_runner import program_text
+    require_bcc_kernel()
+    name = spec.stem
+    manifest = json.loads(build(spec, "bcc", tmp_path / "bcc").joinpath("manifest.json").read_text())
+    program = tmp_path / f"{name}.py"
+    program.write_text((GOLDEN / name / f"{name}.bcc.py").read_text().replace("$ROOT", str(ROOT)))
+    assert bcc_verify(program_text(program), manifest)

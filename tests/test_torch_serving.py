@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, require_kernel
+from conftest import ROOT, require_backend
 from harness import Run, build, per_bucket, buckets, value
 from prometheus_server import assert_promtool_finds_nothing, free_port, scrape_text
 from test_kernel_paths import BACKENDS
@@ -36,7 +36,7 @@ def server():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_requests_and_linear_layers(backend, server, tmp_path, monkeypatch):
-    require_kernel(need_bpftrace=backend == "bpftrace", need_clang=backend == "core")
+    require_backend(backend)
     monkeypatch.setenv("TORCH_LIB", os.path.join(os.path.dirname(torch.__file__), "lib"))
     bundle = build(SPEC, backend, tmp_path / "bundle")
     port = free_port()

@@ -96,12 +96,13 @@ class Backend:
 def check_generated_names(spec, diags: Diagnostics) -> None:
     """Two spec names must not make one identifier in any backend (a bpftrace map, a C struct or
     global): the second would silently share the first one's storage, or fail to compile."""
+    from .bcc.generator import BccBackend
     from .bpftrace.generator import BpftraceBackend
     from .core.generator import CoreBackend
     items = [("span", n, s.span, False) for n, s in spec.spans.items()] + \
         [("metric", n, m.span, METRIC_KINDS[m.kind].buckets) for n, m in spec.metrics.items()] + \
         [("event", n, e.span, False) for n, e in spec.events.items()]
-    for backend in (BpftraceBackend, CoreBackend):
+    for backend in (BpftraceBackend, CoreBackend, BccBackend):
         owner: dict[str, tuple[str, str]] = {}
         for kind, name, span, histogram in items:
             names = backend.generated_names(kind, name, histogram)
@@ -116,13 +117,14 @@ def check_generated_names(spec, diags: Diagnostics) -> None:
 
 # Outside text enters a template only through one of these (see compiler/escaping.py).
 TEMPLATE_FILTERS = {name: getattr(escaping, name) for name in
-                    ("c_comment", "c_string", "python_comment", "bpftrace_comment")}
+                    ("c_comment", "c_string", "python_comment", "python_text", "bpftrace_comment")}
 
 
-def template_environment(backend: str) -> jinja2.Environment:
-    folder = resources.files("probec.templates").joinpath(backend)
+def template_environment(backend: str, *shared: str) -> jinja2.Environment:
+    """Templates of `backend`, then of the backends in `shared` whose templates it reuses."""
+    folders = [str(resources.files("probec.templates").joinpath(name)) for name in (backend, *shared)]
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(folder)),
+        loader=jinja2.FileSystemLoader(folders),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,

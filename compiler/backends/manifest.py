@@ -61,7 +61,8 @@ def event_field_kind(f) -> str:
 def manifest_for(program: Program, backend: str, files: dict[str, str], *, maps: tuple[contract.MapInfo, ...] = (),
                  sum_slots: Mapping[str, int] = {}, task_maps: frozenset[str] = frozenset(),
                  core: contract.CoreSection | None = None, bpftrace: contract.BpftraceSection | None = None,
-                 cgroup_map: str = CGROUP_MAP) -> contract.Manifest:
+                 cgroup_map: str = CGROUP_MAP,
+                 bcc: contract.BccSection | None = None) -> contract.Manifest:
     """The manifest of a bundle: the program's spans, metrics, events and probes, with what the
     backend chose for them: `maps` as it made them, the slot of each histogram's sum in its map
     (`sum_slots`), the begin maps it keeps in task storage (`task_maps`), its own section, and the
@@ -107,4 +108,5 @@ def manifest_for(program: Program, backend: str, files: dict[str, str], *, maps:
         bpftrace=bpftrace,
         cgroups=contract.CgroupSection(cgroup_map, CGROUP_PATH_BIT, tuple(
             contract.CgroupMatchInfo(bit, attribute, value) for bit, (attribute, value) in enumerate(program.cgroup_sets))),
+        bcc=bcc,
     )

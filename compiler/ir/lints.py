@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 
 from ..kinds import METRIC_KINDS
-from ..spec.limits import BPFTRACE_PRINTF_HEADER, BPFTRACE_STACK_BYTES, MAX_PROBES, STACK_BUDGET
+from ..spec.limits import BPFTRACE_PRINTF_HEADER, BPFTRACE_STACK_BYTES, MAX_MAPS_PER_PROGRAM, MAX_PROBES, STACK_BUDGET
 from ..spec.model import MetricSpec, SpanEndRef, SpanOpenRef
-from .nodes import Context, EmitEvent, Event, Label, Metric, MetricUpdate, Probe, TracepointField, walk
+from .nodes import (ActiveSpan, Context, EmitEvent, Event, Label, Metric, MetricUpdate, Probe, SpanBegin, SpanEnd,
+                    SpanTotal, TracepointField, Within, accumulator_maps, walk)
 
 
 class LoweringLints:
@@ -66,6 +67,12 @@ class LoweringLints:
             nodes = list(walk(p.actions))
             updates = [n for n in nodes if isinstance(n, MetricUpdate)]
             emits = [n for n in nodes if isinstance(n, EmitEvent)]
+            maps = self.maps_used(nodes, by_metric, by_event)
+            if len(maps) > MAX_MAPS_PER_PROGRAM:
+                self.d.error("E352", f"the program at {p.spec_text or p.id} would use {len(maps)} BPF maps; the kernel "
+                             f"loads a program with at most {MAX_MAPS_PER_PROGRAM}", p.span,
+                             "update fewer metrics from one probe, or label fewer of them (a labelled metric "
+                             "uses 3 maps, a labelled histogram 4)")
             # core: strings read from the tracepoint, comm, and the largest map key (probe.bpf.c.j2)
             strings = sum({n.name: n.size for n in nodes if isinstance(n, TracepointField) and n.type.kind == "str"}
                           .values())
@@ -92,6 +99,34 @@ class LoweringLints:
                                  "available", span, "use fewer or shorter string labels and event fields "
                                  "(comm is 16 bytes, a number 8)")
                     break
+
+    @staticmethod
+    def maps_used(nodes: list, by_metric: dict[str, Metric], by_event: dict[str, Event]) -> set[str]:
+        """The maps one probe's program uses in the core and bcc backends (the most of any
+        backend): the health array, each metric's maps, each span's begin map and the totals it
+        keeps or reads, the event ring, the stack map, and bcc's two per-event state arrays."""
+        maps = {"probec_health"}
+        for n in nodes:
+            if isinstance(n, MetricUpdate):
+                m = by_metric[n.metric]
+                maps.update(mp.name for mp in (m.map, m.overflow_map, m.folded_map, m.sets_map) if mp is not None)
+                if n.accumulate_into is not None:
+                    maps.add(accumulator_maps(n.metric)[1])
+            elif isinstance(n, (SpanBegin, SpanEnd, Within)):
+                maps.add(f"span:{n.span}")
+                for inner in getattr(n, "resets", ()) + getattr(n, "clears", ()):
+                    maps.update(accumulator_maps(inner))
+                if isinstance(n, SpanEnd) and n.accumulate_into is not None:
+                    maps.update(accumulator_maps(n.span))
+            elif isinstance(n, ActiveSpan):
+                maps.update(f"span:{s}" for s in n.spans)
+            elif isinstance(n, SpanTotal):
+                maps.update(accumulator_maps(n.span))
+            elif isinstance(n, EmitEvent):
+                maps.update(("ring", "probec_sampled", "probec_rates"))
+                if any(f.stack for f in by_event[n.event].fields):
+                    maps.add("stacks")
+        return maps
 
     def unused_spans(self) -> None:
         used = set()

@@ -47,6 +47,9 @@ BPFTRACE_STACK_BYTES = 16
 # bpftrace 0.17 attaches at most this many probes (BPFTRACE_MAX_PROBES); histograms take at most
 # 64 edges in every form (exp2, linear, a list).
 MAX_PROBES = 512
+# The kernel loads a BPF program that uses at most this many maps (MAX_USED_MAPS): a labelled
+# metric takes 3 of them (series, __overflow__, folded label sets), a labelled histogram 4.
+MAX_MAPS_PER_PROGRAM = 64
 MAX_BUCKETS = 64
 
 # Expressions nest at most this deep: clang stops at 256 nested brackets, and each level of an

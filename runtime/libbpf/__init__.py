@@ -40,7 +40,7 @@ from .errors import (
 )
 from .ffi import LIBBPF_SONAME, MIN_VERSION, libbpf_version
 from .links import Link, LinkGroup
-from .maps import BPF_ANY, BPF_EXIST, BPF_NOEXIST, Map, MapType, num_possible_cpus
+from .maps import BPF_ANY, BPF_EXIST, BPF_NOEXIST, FdMap, Map, MapType, num_possible_cpus
 from .objects import BPF_STATS_RUN_TIME, BTF_KIND_DATASEC, BpfObject, Program, ProgramInfo, enable_stats, program_info
 from .perf import PERF_COUNT_SW_CPU_CLOCK, PERF_FLAG_FD_CLOEXEC, PERF_TYPE_SOFTWARE, online_cpus, perf_event_open_cpu_clock
 from .perfbuf import PerfBuffer
@@ -53,6 +53,7 @@ __all__ = [
     "BpfObject",
     "Program",
     "Map",
+    "FdMap",
     "Link",
     "LinkGroup",
     "RingBuffer",

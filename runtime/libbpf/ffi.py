@@ -278,6 +278,20 @@ class MapBatchOpts(_Opts):  # struct bpf_map_batch_opts (24 bytes)
     _fields_ = [("sz", c_size_t), ("elem_flags", c_uint64), ("flags", c_uint64)]
 
 
+class BpfMapInfo(ctypes.Structure):
+    """The leading fields of struct bpf_map_info from linux/bpf.h (the kernel fills what fits)."""
+
+    _fields_ = [
+        ("type", c_uint32),
+        ("id", c_uint32),
+        ("key_size", c_uint32),
+        ("value_size", c_uint32),
+        ("max_entries", c_uint32),
+        ("map_flags", c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
 class BpfProgInfo(ctypes.Structure):
     """struct bpf_prog_info from linux/bpf.h (232 bytes on 6.x UAPI)."""
 

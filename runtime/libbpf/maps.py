@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from . import ffi
 from .errors import ENOTSUPP, BpfError, Call
-from .ffi import MapBatchOpts, lib
+from .ffi import BpfMapInfo, MapBatchOpts, lib
 
 if TYPE_CHECKING:
     from .objects import BpfObject
@@ -310,3 +310,58 @@ class Map:
 
     def __repr__(self) -> str:
         return f"<Map {self.name} type={self.type} key={self.key_size} value={self.value_size} max={self.max_entries}>"
+
+
+class _FdOwner:
+    """What a Map asks of its object, for a map that no BpfObject owns (one BCC created)."""
+
+    _ptr = 1
+    loaded = True
+
+    def _check_open(self) -> None:
+        pass
+
+
+class FdMap(Map):
+    """A map known by its fd only (BCC made it): the same element access, batch lookups and
+    ring buffers as a Map of a BpfObject; its type and sizes are the kernel's (bpf_obj_get_info_by_fd)."""
+
+    def __init__(self, fd: int, name: str):
+        info = BpfMapInfo()
+        size = c_uint32(ctypes.sizeof(info))
+        call = Call(f"bpf_obj_get_info_by_fd(map {name}, fd {fd})")
+        call.check_int(lib().bpf_obj_get_info_by_fd(fd, byref(info), byref(size)))
+        self._obj = _FdOwner()
+        self._ptr = 0
+        self._io_cache = None
+        self._fd = fd
+        self._info = info
+        self.name = name
+
+    @property
+    def ptr(self) -> int:
+        raise BpfError(f"map '{self.name}' is known by its fd only")
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def type(self) -> int:
+        return self._info.type
+
+    @property
+    def key_size(self) -> int:
+        return self._info.key_size
+
+    @property
+    def value_size(self) -> int:
+        return self._info.value_size
+
+    @property
+    def max_entries(self) -> int:
+        return self._info.max_entries
+
+    @property
+    def flags(self) -> int:
+        return self._info.map_flags

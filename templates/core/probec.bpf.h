@@ -192,6 +192,7 @@ static __always_inline bool probec_task_within(void *storage)
 
 /* --- sockets ----------------------------------------------------------------------------------- */
 
+#ifdef BPF_CORE_READ /* CO-RE only: the bcc backend writes its own, through the kernel headers */
 #define PROBEC_S_IFMT 0170000
 #define PROBEC_S_IFSOCK 0140000
 
@@ -218,6 +219,7 @@ static __always_inline __u64 probec_fd_socket(__u64 fd)
 	sock = BPF_CORE_READ(file, private_data);
 	return sock ? (__u64)BPF_CORE_READ(sock, sk) : 0;
 }
+#endif
 
 /* --- totals of inner spans ---------------------------------------------------------------------- */
 
@@ -266,7 +268,7 @@ static __always_inline __u64 probec_acc_read(void *acc, __u64 key)
 static __always_inline bool probec_sample(void *health, __u32 seen_slot, __u64 *sampled, __u64 every)
 {
 	probec_health_inc(health, seen_slot);
-	if (every <= 1)
+	if (every <= 1 || !sampled)     /* !sampled: never (bcc keeps it in a map slot) */
 		return true;
 	return (__sync_fetch_and_add(sampled, 1) + 1) % every == 0;
 }
@@ -284,7 +286,7 @@ static __always_inline bool probec_rate_ok(struct probec_rate *rate, __u64 now, 
 {
 	__u64 second = now / 1000000000ULL;
 
-	if (!max_per_second)
+	if (!max_per_second || !rate)   /* !rate: never (bcc keeps it in a map slot) */
 		return true;
 	if (rate->second != second) {
 		rate->second = second;
@@ -311,6 +313,22 @@ static __always_inline __u64 probec_ringbuf_flags(void *ringbuf, __u64 wakeup_by
 	record_bytes = (record_bytes + 8 + 7) & ~7ULL;     /* as the ring lays it out */
 	return waiting >= wakeup_bytes && waiting - record_bytes < wakeup_bytes ? BPF_RB_FORCE_WAKEUP
 										: BPF_RB_NO_WAKEUP;
+}
+
+/* --- tracepoint fields ----------------------------------------------------------------------- */
+
+/* A tracepoint field at an offset not aligned to its size (tcp:tcp_retransmit_skb's 4-byte saddr
+ * sits at 34): a tracepoint program may read its context only at aligned offsets, so the field is
+ * read a byte at a time (little-endian, as the targets probec builds for). */
+static __always_inline __u64 probec_ctx_unaligned(void *ctx, const __u32 off, const __u32 size)
+{
+	__u64 v = 0;
+
+#pragma unroll
+	for (__u32 i = 0; i < 8; i++)
+		if (i < size)
+			v |= (__u64)*((__u8 *)ctx + off + i) << (8 * i);
+	return v;
 }
 
 /* The per-CPU record an event is built in for the perf buffer (a PERCPU_ARRAY of one entry). */

@@ -171,9 +171,9 @@ class CExpression:
                 self.needs.add("id")
             return CONTEXT_C[e.name]
         if isinstance(e, ir.Arg):
-            return CoreBackend.PROBES[self.probe.kind].arg.format(index=e.index)
+            return self.backend.PROBES[self.probe.kind].arg.format(index=e.index)
         if isinstance(e, ir.Retval):
-            retval = CoreBackend.PROBES[self.probe.kind].retval
+            retval = self.backend.PROBES[self.probe.kind].retval
             return self.value(retval) if isinstance(retval, ir.TracepointField) else retval
         if isinstance(e, ir.TracepointField):
             f = self.tracepoint_field(e)
@@ -182,6 +182,8 @@ class CExpression:
             ctype = SCALAR_C[(f.size, f.type.signed)]
             wide = "__s64" if f.type.signed else "__u64"
             if not self.tp_members[f.name]:
+                if f.offset % f.size:       # the kernel refuses a context read at an unaligned offset
+                    return f"(({wide})({ctype})probec_ctx_unaligned(ctx, {f.offset}, {f.size}))"
                 return f"(({wide})*({ctype} *){self.field_place(f)})"
             # Read once, at the top: a relocated offset used twice may be kept in a register and
             # added to ctx, and the verifier refuses a load through a modified ctx pointer.
@@ -274,6 +276,7 @@ class CExpression:
 
 class CoreBackend(Backend):
     name = "core"
+    expression_class = CExpression
     PROBES = {
         "tracepoint": CoreProbe("tp/{category}/{name}", "void *", retval=SYSCALL_RET_FIELD),
         "uprobe": CoreProbe("uprobe", "struct pt_regs *", arg="probec_regs_arg(ctx, {index}, true)"),
@@ -339,6 +342,11 @@ class CoreBackend(Backend):
         declared for the local copy of the type; "" where the field is read at its offset."""
         record = probe.record_type
         if not record:
+            return ""
+        if f.type.kind != "str" and f.offset % f.size:
+            # at an unaligned offset (tcp:tcp_retransmit_skb's saddr at 34) the field is read a byte
+            # at a time at its offset: a relocated offset is added to ctx in a register, and the
+            # verifier refuses loads through a modified ctx pointer
             return ""
         members = self.records.setdefault(record, {})
         if record == SYS_ENTER:
@@ -477,14 +485,18 @@ class CoreBackend(Backend):
             self.UPDATES[METRIC_KINDS[m.kind].update], guard=self.guard(a.guard, em, program), histogram=histogram,
             labelled=labelled, value=value, value_ctype="__s64" if signed else "__u64",
             map=m.map.name, key_struct=self.struct_name(m.map.key), key_lines=key_lines,
-            bucket_fn="probec_bucket_s64" if signed else "probec_bucket_u64",
-            edges=f"probec_edges_{m.name}", steps=bucket_steps(len(m.edges)), sum_slot=sum_slot(m),
+            bucket=self.bucket_call(m, signed), sum_slot=sum_slot(m),
             full_slot=self.health.add("metric_map_full", m.name) if labelled and histogram else -1,
             overflow_map=m.overflow_map.name if m.overflow_map else "",
             folded_map=m.folded_map.name if m.folded_map else "",
             sets_map=m.sets_map.name if m.sets_map else "",
             counted=program.accumulators(a.metric)[0] if a.accumulate_into else "",
             counted_key=em.value(a.accumulate_into.key) if a.accumulate_into else "")
+
+    def bucket_call(self, m: ir.Metric, signed: bool) -> str:
+        """C that computes the bucket of `probec_v` for histogram `m`: a search of its edge table."""
+        fn = "probec_bucket_s64" if signed else "probec_bucket_u64"
+        return f"{fn}(probec_v, probec_edges_{m.name}, {bucket_steps(len(m.edges))})"
 
     def emit_event(self, a: ir.EmitEvent, em: CExpression, program: ir.Program) -> list[str]:
         ev = program.event(a.event)
@@ -520,7 +532,7 @@ class CoreBackend(Backend):
     def probe_program(self, p: ir.Probe, program: ir.Program) -> tuple[str, CExpression]:
         # The BPF stack a program needs is checked in lowering (E351), for both backends.
         kind = self.PROBES[p.kind]
-        em = CExpression(p, self)
+        em = self.expression_class(p, self)
         actions: list[str] = []
         for a in p.actions:
             actions += self.action(a, em, program)

@@ -35,8 +35,6 @@ struct trace_event_raw_sys_exit___probec {
 	__s64 ret;
 } __attribute__((preserve_access_index));
 struct trace_event_raw_tcp_retransmit_skb___probec {
-	__u8 saddr[4];
-	__u8 daddr[4];
 	__u16 dport;
 	__u16 sport;
 	__s32 state;
@@ -679,8 +677,6 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
 		return 0;
 	probec_now = bpf_ktime_get_ns();
-	__u64 probec_field_saddr = (__u64)*(__u32 *)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->saddr;
-	__u64 probec_field_daddr = (__u64)*(__u32 *)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->daddr;
 	__u64 probec_field_dport = (__u64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->dport;
 	__u64 probec_field_sport = (__u64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->sport;
 	__s64 probec_field_state = (__s64)((struct trace_event_raw_tcp_retransmit_skb___probec *)ctx)->state;
@@ -688,8 +684,8 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 	{
 		struct probec_retransmits_total_key probec_k;
 
-		probec_k.l_saddr = (__u64)probec_field_saddr;
-		probec_k.l_daddr = (__u64)probec_field_daddr;
+		probec_k.l_saddr = (__u64)((__u64)(__u32)probec_ctx_unaligned(ctx, 34, 4));
+		probec_k.l_daddr = (__u64)((__u64)(__u32)probec_ctx_unaligned(ctx, 38, 4));
 		probec_k.l_port = (__u64)probec_field_dport;
 		__u64 probec_d = (__u64)1ULL;
 
@@ -717,8 +713,8 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 				probec_e->ts = probec_now;
 				probec_e->pid = probec_id >> 32;
 				probec_e->tid = (__u32)probec_id;
-				probec_e->f_args_saddr = (__u64)probec_field_saddr;
-				probec_e->f_args_daddr = (__u64)probec_field_daddr;
+				probec_e->f_args_saddr = (__u64)((__u64)(__u32)probec_ctx_unaligned(ctx, 34, 4));
+				probec_e->f_args_daddr = (__u64)((__u64)(__u32)probec_ctx_unaligned(ctx, 38, 4));
 				probec_e->f_args_sport = (__u64)probec_field_sport;
 				probec_e->f_args_dport = (__u64)probec_field_dport;
 				probec_e->f_args_state = (__s64)probec_field_state;
