@@ -196,7 +196,12 @@ def build_bundle(spec: Path, backend: str, placement: str = "auto", compile: boo
         raise RuntimeError(f"building {spec.name} for {backend} (placement {placement}) failed:\n"
                            + render_text(result.diagnostics.sorted(), result.sources))
     bundle.write(out)
-    os.replace(out, cached)
+    try:
+        os.replace(out, cached)
+    except OSError:
+        if not cached.is_dir():     # not another benchmark having built the same bundle first
+            raise
+        subprocess.run(["rm", "-rf", str(out)], check=True)
     return cached
 
 

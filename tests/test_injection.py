@@ -430,5 +430,6 @@ def test_bpftrace_parses_hostile_names_as_written(tmp_path, workloads):
         r, spec, target = route_build("symlink", base, FOLDER_NAMES[case], "bpftrace")
         assert r.returncode == 0, r.stderr
         probes = bpftrace_probes(base / "out" / "resolved.bt")
-        assert probes[0] == f"uprobe:{os.path.realpath(target)}:pwork_record", probes
-        assert len(probes) == 4, probes         # the probe, the ready mark, the dump, END
+        # BEGIN (declares the cgroup map), the probe, the ready mark, the dump, END
+        assert probes[0] == "BEGIN" and probes[-1] == "END" and len(probes) == 5, probes
+        assert probes[1] == f"uprobe:{os.path.realpath(target)}:pwork_record", probes
