@@ -83,20 +83,28 @@ def base_checkout(scratch: Path) -> Path:
     return out
 
 
+def base_bundle(base: Path, spec: Path, scratch: Path) -> Path:
+    """The spec built by BASE's own compiler: its runtime reads only the manifests of its time."""
+    out = scratch / "base-bundle"
+    subprocess.run([sys.executable, "-m", "probec", "build", str(spec), "--backend", "core", "-o", str(out)],
+                   cwd=base, env={**os.environ, "PYTHONPATH": str(base)}, check=True, capture_output=True)
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one_run(variant: str, bundle: Path, base: Path, receiver: Receiver, loadgen: Path, rate: int, count: int,
-            scratch: Path) -> dict:
+def one_run(variant: str, bundle: Path, base: Path, base_built: Path, receiver: Receiver, loadgen: Path, rate: int,
+            count: int, scratch: Path) -> dict:
     events = SHM / f"probec-otlp-bench-{os.getpid()}.jsonl"
     snap = scratch / "snap.prom"
     events.unlink(missing_ok=True)
     snap.unlink(missing_ok=True)
     receiver.reset()
-    run = C.ProbecRun(bundle, snapshot=snap, events=str(events) if variant != "D" else None)
+    run = C.ProbecRun(base_built if variant == "A" else bundle, snapshot=snap, events=str(events) if variant != "D" else None)
     if variant in ("C", "D"):
         run.cmd += ["--otlp", receiver.url, "--otlp-interval", "60"]
     if variant == "A":
@@ -142,6 +150,7 @@ def main() -> int:
     base = base_checkout(scratch)
     loadgen = C.compile_loadgen()
     bundle = C.build_bundle(C.SPECS / "ring_getpid.yaml", "core")
+    base_built = base_bundle(base, C.SPECS / "ring_getpid.yaml", scratch)
     run_s = 0.3 if quick else 5.0
     rates = [100_000] if quick else [200_000, 300_000]
     rounds = 1 if quick else 3
@@ -155,7 +164,7 @@ def main() -> int:
             baseline[rate] = C.median(loadgen_run(loadgen, rate, count)["cpu_ns"] / count for _ in range(rounds))
             for r in range(rounds):
                 for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-                    res = one_run(v, bundle, base, receiver, loadgen, rate, count, scratch)
+                    res = one_run(v, bundle, base, base_built, receiver, loadgen, rate, count, scratch)
                     results.setdefault((v, rate), []).append(res)
                     C.log(f"{v} {rate:,}/s: made {res['made']:,} lost {res['lost']:,} written {res['written']} "
                           f"spans {res['spans']} cpu {res['cpu']:.2f}s")

@@ -29,7 +29,7 @@ from . import events
 from .events import EventSink
 from .exporter import Exporter, StoreCollector
 from .manifest import Bundle, BundleError, load_bundle
-from .session import binary_watch, check_binaries, container_view, known_errors, log, make_runner
+from .session import binary_watch, check_binaries, container_view, finish, known_errors, log, make_runner
 from .store import MetricStore
 
 SPEC_SUFFIXES = (".yaml", ".yml")
@@ -405,13 +405,4 @@ def run_many(args, targets: list[str], prepare: Prepare | None) -> int:
         raise
     finally:
         fleet.stop()
-        if args.snapshot:
-            try:
-                Path(args.snapshot).write_text(exporter.text())
-            except OSError as exc:
-                log(f"error: cannot write snapshot {args.snapshot}: {exc.strerror}")
-        exporter.close()
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        if received:
-            log(f"stopped on {signal.Signals(received[0]).name}; probes detached")
+        finish(args, exporter, old, received)

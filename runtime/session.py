@@ -323,16 +323,22 @@ def run_target(args) -> int:
             output.close()          # the last events out (spans sent) before the last metrics
         if otlp_metrics is not None:
             otlp_metrics.close()
-        if args.snapshot:
-            try:
-                Path(args.snapshot).write_text(exporter.text())
-            except OSError as exc:
-                log(f"error: cannot write snapshot {args.snapshot}: {exc.strerror}")
-        exporter.close()
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        if received:
-            log(f"stopped on {signal.Signals(received[0]).name}; probes detached")
+        finish(args, exporter, old, received)
+
+
+def finish(args, exporter: Exporter, old: dict, received: list) -> None:
+    """The end of a run, once its runners stopped: the last snapshot, the endpoint closed, the
+    signal handlers given back, and why it stopped."""
+    if args.snapshot:
+        try:
+            Path(args.snapshot).write_text(exporter.text())
+        except OSError as exc:
+            log(f"error: cannot write snapshot {args.snapshot}: {exc.strerror}")
+    exporter.close()
+    for s, handler in old.items():
+        signal.signal(s, handler)
+    if received:
+        log(f"stopped on {signal.Signals(received[0]).name}; probes detached")
 
 
 def loader_main(bundle_dir: str, argv: list[str]) -> int:

@@ -265,6 +265,7 @@ def run_in(folder: Path | None, workloads: Path, calls: int) -> None:
 
 
 @pytest.mark.kernel
+@pytest.mark.parametrize("backend", ["bpftrace", "core"], indirect=True)  # bcc refuses pod filters and --cgroup (test_bcc_backend)
 def test_series_carry_each_containers_ids_and_names(backend, workloads, pod_cgroups, kubelet, tmp_path):
     base, made = pod_cgroups
     bundle = build(write_spec(tmp_path, SPEC), backend, tmp_path / "bundle")
@@ -295,6 +296,7 @@ def test_series_carry_each_containers_ids_and_names(backend, workloads, pod_cgro
 
 
 @pytest.mark.kernel
+@pytest.mark.parametrize("backend", ["bpftrace", "core"], indirect=True)  # bcc refuses pod filters and --cgroup (test_bcc_backend)
 def test_cgroup_option_traces_one_pod_in_the_kernel(backend, workloads, pod_cgroups, tmp_path):
     base, made = pod_cgroups
     spec = write_spec(tmp_path, SPEC.split("  serving_calls_total:")[0].replace("pod, namespace, container", ""))

@@ -380,6 +380,22 @@ def test_verifier_rejection_carries_the_log(build):
     assert "invalid mem access" in str(exc)
 
 
+def test_the_log_survives_another_print_callback_in_the_process(build):
+    """BCC's module sets its own callback on the same libbpf.so.1 when it loads a program (the
+    collector may run a bcc and a core bundle in one process); our load takes the callback back."""
+    from probec.runtime.libbpf import ffi
+    seen = []
+    other = ffi.PRINT_FN(lambda level, fmt, args: seen.append(level) or 0)
+    ffi.lib().libbpf_set_print(other)
+    try:
+        with L.BpfObject.open(build["obj"]) as obj:
+            with pytest.raises(L.BpfError) as info:
+                obj.load()
+        assert "invalid mem access" in "\n".join(info.value.log)
+    finally:
+        ffi.lib().libbpf_set_print(ffi._print_callback)
+
+
 def test_profile_cpu_clock_per_cpu(build):
     with open_loaded(build) as obj:
         group = obj.program("on_cpu_clock").attach_cpu_clock(1000)

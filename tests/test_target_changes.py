@@ -135,6 +135,7 @@ events:
 """
 
 
+@pytest.mark.parametrize("backend", ["bpftrace", "core"], indirect=True)  # bcc compiles the pid in and stays on one file per path (docs/guide.md)
 def test_pid_file_follows_a_restarted_target(tmp_path, backend):
     """--pid-file: the target exits (reported), a new one starts and writes its pid: it is traced,
     and nothing else is; its events come through with their stacks."""
@@ -193,6 +194,7 @@ def perf_links(pid: int) -> int:
     return count
 
 
+@pytest.mark.parametrize("backend", ["bpftrace", "core"], indirect=True)  # bcc compiles the pid in and stays on one file per path (docs/guide.md)
 def test_processes_on_the_replaced_library(tmp_path, backend):
     """A process that loaded the library before the deploy runs the old file to its end: core keeps
     its probes there and counts it; bpftrace attaches to one file per path and says it no longer can."""

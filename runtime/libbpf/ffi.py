@@ -179,6 +179,13 @@ handle: ctypes.CDLL | None = None
 _lock = threading.Lock()
 
 
+def claim_print() -> None:
+    """libbpf's print callback is one per process: another user of the same libbpf.so.1 in this
+    process (BCC's Python module sets its own when it loads a program) takes it away, and libbpf's
+    log then never reaches the errors that need it. Set ours again before the calls whose log we read."""
+    lib().libbpf_set_print(_print_callback)
+
+
 def lib() -> ctypes.CDLL:
     """libbpf.so.1, loaded, version-checked and typed once per process."""
     global handle

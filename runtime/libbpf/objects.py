@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 
 from . import perf
 from .errors import BpfError, Call, kprobe_hint, load_hint, logger, tracefs_hint
-from .ffi import BpfProgInfo, BtfType, BtfVarSecinfo, Closing, ObjectOpenOpts, UprobeOpts, UsdtOpts, cstr, lib
+from .ffi import (BpfProgInfo, BtfType, BtfVarSecinfo, Closing, ObjectOpenOpts, UprobeOpts, UsdtOpts, claim_print, cstr,
+                  lib)
 from .links import Link, LinkGroup
 from .maps import Map
 
@@ -117,6 +118,7 @@ class Program:
         hint: Callable[[int], str | None] | None = None,
     ) -> Link:
         """Run one bpf_program__attach_*() call (``op`` names it in errors); keep its link."""
+        claim_print()
         call = Call(op)
         ptr = call.check_ptr(attach(), hint)
         return self._obj._keep_link(Link(ptr, description, self._obj))
@@ -269,6 +271,7 @@ class BpfObject(Closing):
         BTF instead of /sys/kernel/btf/vmlinux (hosts without kernel BTF)."""
         path = os.fspath(path)
         libbpf = lib()
+        claim_print()
         opts = ObjectOpenOpts(btf_custom_path=cstr(btf_custom_path)) if btf_custom_path else None
         call = Call(f"bpf_object__open_file({path}" + (f", btf_custom_path {os.fspath(btf_custom_path)})"
                                                        if btf_custom_path else ")"))
@@ -403,6 +406,7 @@ class BpfObject(Closing):
 
     def load(self) -> None:
         self._before_load("load")
+        claim_print()
         call = Call(f"bpf_object__load({self.path})")
         call.check_int(lib().bpf_object__load(self._ptr), load_hint)
         self.loaded = True
