@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,7 +46,9 @@ class Run:
              "--snapshot", str(self.snapshot), "--events", str(self.events_path), *extra],
             stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "w"), cwd=ROOT, env=env)
         deadline = time.monotonic() + 90
-        while "attached" not in self.stderr():
+        # attached, and serving: bcc says "BCC compiled and attached" before its first read and the
+        # endpoint; a collector of several specs says each spec's line before it listens
+        while "attached" not in self.stderr() or not _listening(port):
             if self.proc.poll() is not None:
                 raise AssertionError(f"probec run exited {self.proc.returncode}:\n{self.stderr()}")
             if time.monotonic() > deadline:
@@ -194,3 +197,13 @@ def bcc_verify(program_text: str, manifest: dict) -> set[str]:
     finally:
         b.cleanup()
     return kinds
+
+
+def _listening(port: int) -> bool:
+    if not port:
+        return True
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
