@@ -22,7 +22,7 @@ BENCHMARKS = {
     "uprobe_placement": ["probec automatic placement", "forced entry (+0)", "## Is an explicit `+0` honoured?"],
     "collector": ["## Collector CPU and memory", "100k spans/s", "## One scrape of /metrics",
                   "one batch lookup (Map.items_batch)"],
-    "ringbuf": ["## Lossless throughput, one producer", "probec_events_lost_total", "bulk mmap consumer",
+    "ringbuf": ["## Lossless throughput, one producer", "probec_events_lost_total", "RingReader, bulk reads",
                 "A consumer too slow: 16 KiB ring"],
     "event_cost": ["## busy 200 us calls", "core (CO-RE C): span + an event per call", "bpftrace 0.17: span",
                    "Event per call, bpftrace / core"],
