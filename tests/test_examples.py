@@ -242,12 +242,14 @@ def test_correlation(tmp_path, backend):
         inner_cpu.setdefault(thread, []).append(int(cpu) / 1e9)
     # Time off the CPU inside each call's body, as the kernel accounted it: wall time less the CPU
     # time it charged the thread (at least that, since the CPU clock is read outside the wall
-    # clock's reads and neither kernel counts interrupts apart). Each call sleeps 3 ms, but a call
-    # the kernel saw running through its sleep does not: in the 6.1 guest under software
-    # emulation a virtual CPU can stall for milliseconds while its thread is on it (the guest's
-    # clocks go on, its scheduler charges the stall as running), and then the sleep's timer has
-    # nearly run out when the thread blocks (in one run of three, one call of 80 was off the CPU
-    # 0.13 to 0.26 ms). The bounds below hold the probes to what the kernel accounted.
+    # clock's reads and neither kernel counts interrupts apart). Each call sleeps 3 ms, but the
+    # kernel may see a thread running through part of it: in the 6.1 guest under software
+    # emulation a virtual CPU stalls while its thread is on it (the guest's clocks go on and its
+    # scheduler charges the stall as running). With the sleep's deadline taken before the call,
+    # one call of 80 in one run of three was off the CPU only 0.13 to 0.26 ms; with the relative
+    # sleep the stall can only fall between arming the timer and blocking, and one call of 400
+    # was still 0.19 ms short (2.81 ms off the CPU). The bounds hold the probes to what the
+    # kernel accounted.
     slept = {t: [i - c for i, c in zip(forward[t].inner, inner_cpu[t])] for t in forward}
     asleep = {t: sum(1 for s in slept[t] if s > 0.002048) for t in slept}
     assert all(n >= 0.9 * calls for n in asleep.values()), slept     # the workload's sleeps did happen
