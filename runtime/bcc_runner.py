@@ -186,7 +186,7 @@ class BccRunner(CoreRunner):
         # health and the start line say what BCC uses
         self.attacher.mechanisms = mech = bcc_mechanisms(self.manifest)
         self.bcc = bcc = import_bcc()
-        if "BCC_KERNEL_SOURCE" not in os.environ and self.headers.how != f"/lib/modules/{self.headers.running}":
+        if "BCC_KERNEL_SOURCE" not in os.environ and not self.headers.found_by_bcc:
             try:
                 tree = joined_tree(self.headers, HEADER_TREES)
             except OSError as exc:
@@ -264,7 +264,10 @@ class BccRunner(CoreRunner):
                 if probe.group in done:
                     continue
                 done.add(probe.group)
-                tried = []
+                labels = self.manifest.groups.get(probe.group, ())
+                # variants the program has none for (fentry/fexit: BTF), said as core says a fallback
+                tried = [f"{label} (needs kernel BTF, which bcc does not use)"
+                         for label in labels[:min(by_group[probe.group])]]
                 for variant, programs in sorted(by_group[probe.group].items()):
                     made: dict[str, BccLink] = {}
                     try:
@@ -277,8 +280,9 @@ class BccRunner(CoreRunner):
                         continue
                     links.update(made)
                     active.extend(programs)
-                    if tried:
-                        self.log(f"{probe.group}: using variant {variant} on this kernel (not: {'; '.join(tried)})")
+                    if tried:       # as core says it (tests and the kernel matrix read which one ran)
+                        label = labels[variant] if variant < len(labels) else f"variant {variant}"
+                        self.log(f"{probe.group}: using {label} on this kernel (not {'; '.join(tried)})")
                     break
                 else:
                     raise BundleError(f"no variant of {probe.group} works on this kernel (tried {'; '.join(tried)})")

@@ -174,7 +174,7 @@ def bcc_verify(program_text: str, manifest: dict, cflags: tuple[str, ...] = ()) 
     bcc = import_bcc()
     headers = find_kernel_headers()
     env = os.environ.get("BCC_KERNEL_SOURCE")
-    if env is None and headers.how != f"/lib/modules/{headers.running}":
+    if env is None and not headers.found_by_bcc:
         os.environ["BCC_KERNEL_SOURCE"] = str(joined_tree(headers, HEADER_TREES))
     probes = {p["id"]: p for p in manifest["probes"]}
     usdt = []

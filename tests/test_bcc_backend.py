@@ -177,6 +177,27 @@ def test_debian_headers_are_joined_into_one_tree(tmp_path):
     assert kernel_headers.joined_tree(found, tmp_path / "trees") == tree       # made once
 
 
+def test_a_build_link_without_source_finds_debians_common_folder(tmp_path, monkeypatch):
+    """Debian's linux-headers-RELEASE makes /lib/modules/RELEASE/build (its arch folder) and no
+    `source`: the rest of the headers, in the -common folder beside it, is joined in, since BCC
+    given `build` alone finds no include/linux (as in the 6.1 guest of the kernel matrix)."""
+    root = tmp_path / "src"
+    arch = fake_headers(root / "linux-headers-6.1.0-57-amd64", "6.1.0-57-amd64")
+    common = root / "linux-headers-6.1.0-57-common"
+    (common / "include" / "linux").mkdir(parents=True)
+    modules = tmp_path / "modules"
+    (modules / "6.1.0-57-amd64").mkdir(parents=True)
+    (modules / "6.1.0-57-amd64" / "build").symlink_to(arch)
+    monkeypatch.setattr(kernel_headers, "MODULES", modules)
+    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    found = kernel_headers.find_kernel_headers("6.1.0-57-amd64")
+    assert found.build == modules / "6.1.0-57-amd64" / "build" and found.source == common
+    assert found.matches and not found.found_by_bcc          # the runtime joins them for BCC
+    (modules / "6.1.0-57-amd64" / "source").symlink_to(common)
+    found = kernel_headers.find_kernel_headers("6.1.0-57-amd64")
+    assert found.source == modules / "6.1.0-57-amd64" / "source" and found.found_by_bcc
+
+
 def test_bucket_search_is_the_edge_table_search():
     """The comparisons the bcc program makes for a histogram give the bucket probec_bucket_u64
     finds in the core backend's table: the number of edges below v, for 0, 1, each edge, each
