@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from .core_preflight import check_uprobe_placement
-from .core_mechanisms import Mechanisms, choose, shape_maps
+from .core_mechanisms import PRETEND_ENV, Mechanisms, choose, pretended_missing, shape_maps
 from .manifest import BundleError, CoreProgram, Manifest, ProbeInfo, TracepointCheck
 
 _PROG_IN_LOG = re.compile(r"prog '([^']+)'")
@@ -81,6 +81,7 @@ class ProbeAttacher:
         self.cgroup_filter = cgroup_filter     # --cgroup: only tasks whose cgroup the runtime marked
         self.btf_path = btf_path               # CO-RE against this BTF instead of the kernel's
         self.mechanisms: Mechanisms | None = None   # chosen at the first load
+        self.variants: dict[str, str] = {}           # group -> the label of the variant attached
 
     def settings(self) -> list[tuple[str, bytes]]:
         chosen = self.mechanisms.settings() if self.mechanisms else {}
@@ -136,15 +137,31 @@ class ProbeAttacher:
             return labels[variant] if variant < len(labels) else f"variant {variant}"
 
         def skip(group: str, probe: ProbeInfo, stage: str, exc) -> None:
-            tried[group].append(f"{label(group, chosen[group])} ({stage} of {probe.address or probe.id}: "
-                                f"{_short(exc)})")
+            passed_over(group, probe, f"{stage} of {probe.address or probe.id}: {_short(exc)}",
+                        getattr(exc, "errno", None))
+
+        def passed_over(group: str, probe: ProbeInfo, why: str, err: int | None) -> None:
+            tried[group].append(f"{label(group, chosen[group])} ({why})")
             rest = [v for v in groups[group] if v > chosen[group]]
             if not rest:
                 raise L.BpfError(
                     f"no variant of {group} works on this kernel (tried {'; '.join(tried[group])})",
-                    getattr(exc, "errno", None), [],
-                    f"{attach_hint(probe.kind, getattr(exc, 'errno', None))}; add a 'fallback' to the span")
+                    err, [], f"{attach_hint(probe.kind, err)}; add a 'fallback' to the span")
             chosen[group] = rest[0]
+
+        if "fentry" in pretended_missing():
+            # As on a kernel that refuses fentry/fexit: the variants that need them are passed
+            # over (and said so), and a probe that needs them outside a group does not load.
+            for p in programs:
+                probe = self.probes[p.probe]
+                if probe.kind not in ("fentry", "fexit"):
+                    continue
+                if not probe.group:
+                    raise L.BpfError(f"probe '{probe.address or probe.id}' (program {p.program}) needs "
+                                     f"fentry/fexit, which {PRETEND_ENV}=fentry takes away; nothing is attached",
+                                     None, [], kernel_alternatives())
+                if chosen[probe.group] == probe.variant:
+                    passed_over(probe.group, probe, f"not tried: {PRETEND_ENV}=fentry", None)
 
         while True:
             active = [p for p in programs
@@ -191,6 +208,7 @@ class ProbeAttacher:
                 if retry:
                     obj.close()
                     continue
+                self.variants = {group: label(group, variant) for group, variant in chosen.items()}
                 for group, variant in sorted(chosen.items()):
                     if variant != groups[group][0]:
                         self.log(f"{group}: using {label(group, variant)} on this kernel "

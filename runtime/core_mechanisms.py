@@ -7,8 +7,11 @@ and the maps of the way not taken are shrunk to one-slot stand-ins the kernel ca
 - span begin times: task-local storage, else the span's HASH (before 5.11);
 - the current task: bpf_get_current_task_btf, else bpf_get_current_task (before 5.11).
 
-$PROBEC_PRETEND_MISSING (comma-separated: ring_buffer, task_storage, get_current_task_btf) makes
-a kernel that has them look as if it had not, to run the fallbacks where every feature exists.
+$PROBEC_PRETEND_MISSING (comma-separated: ring_buffer, task_storage, get_current_task_btf, fentry)
+makes a kernel that has them look as if it had not, to run the fallbacks where every feature
+exists. `fentry` is decided where the variants of a `kernel:` span are tried (core_attach.py):
+the fentry/fexit variant is passed over, so the span runs on kprobe, or where the kernel has no
+kprobes on the spec's fallback, as on a kernel that refuses function tracing.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from .manifest import USE_RINGBUF, USE_TASK_BTF, USE_TASK_STORAGE, BundleError, Manifest
 
 PRETEND_ENV = "PROBEC_PRETEND_MISSING"
-FEATURES = ("ring_buffer", "task_storage", "get_current_task_btf")
+FEATURES = ("ring_buffer", "task_storage", "get_current_task_btf", "fentry")
 
 
 def _libbpf():

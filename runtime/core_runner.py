@@ -139,7 +139,8 @@ class CoreRunner:
         """Once attached: health, BPF stats, stacks, the event reader, a first read."""
         L = _libbpf()
         health = self.store.health
-        health.mechanisms = self.attacher.mechanisms.describe(self.manifest)
+        # and for each `kernel:` span, the variant attached (span_NAME: fentry:F, kprobe:F or the fallback)
+        health.mechanisms = self.attacher.mechanisms.describe(self.manifest) | self.attacher.variants
         health.attached = {pid: int(pid in self.links) for pid in self.probes}
         unused = {s.map if self.in_task_storage(s) else s.task_map for s in self.manifest.spans}
         if self.core.ringbuf and not self.attacher.mechanisms.ring_buffer:
