@@ -9,10 +9,11 @@ import re
 from pathlib import Path
 
 from .core_preflight import check_uprobe_placement
-from .core_mechanisms import Mechanisms, choose, shape_maps
+from .core_mechanisms import Mechanisms, choose, pretended_missing, shape_maps
 from .manifest import BundleError, CoreProgram, Manifest, ProbeInfo, TracepointCheck
 
 _PROG_IN_LOG = re.compile(r"prog '([^']+)'")
+KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
 
 
 def _libbpf():
@@ -81,6 +82,9 @@ class ProbeAttacher:
         self.cgroup_filter = cgroup_filter     # --cgroup: only tasks whose cgroup the runtime marked
         self.btf_path = btf_path               # CO-RE against this BTF instead of the kernel's
         self.mechanisms: Mechanisms | None = None   # chosen at the first load
+        # programs that attach to a tracepoint's typed raw form (tp_btf/ sections)
+        self.typed = {p.program for p in self.core.programs if p.section.startswith("tp_btf/")}
+        self.chosen: dict[str, str] = {}            # group -> the label of the variant attached
 
     def settings(self) -> list[tuple[str, bytes]]:
         chosen = self.mechanisms.settings() if self.mechanisms else {}
@@ -134,6 +138,17 @@ class ProbeAttacher:
         def label(group: str, variant: int) -> str:
             labels = self.manifest.groups.get(group, ())
             return labels[variant] if variant < len(labels) else f"variant {variant}"
+
+        # tp_btf needs the kernel's own BTF (and libbpf, missing it, fails the whole object, not
+        # the program): without it, typed variants are passed over before loading
+        no_typed = "PROBEC_PRETEND_MISSING" if "tp_btf" in pretended_missing() else \
+            "no kernel BTF" if not KERNEL_BTF.exists() else ""
+        for group, variants in groups.items():
+            if no_typed and len(variants) > 1 and any(
+                    p.program in self.typed for p in programs
+                    if (self.probes[p.probe].group, self.probes[p.probe].variant) == (group, variants[0])):
+                tried[group].append(f"{label(group, variants[0])} ({no_typed})")
+                chosen[group] = variants[1]
 
         def skip(group: str, probe: ProbeInfo, stage: str, exc) -> None:
             tried[group].append(f"{label(group, chosen[group])} ({stage} of {probe.address or probe.id}: "
@@ -191,6 +206,7 @@ class ProbeAttacher:
                 if retry:
                     obj.close()
                     continue
+                self.chosen = {group: label(group, variant) for group, variant in chosen.items()}
                 for group, variant in sorted(chosen.items()):
                     if variant != groups[group][0]:
                         self.log(f"{group}: using {label(group, variant)} on this kernel "
@@ -203,6 +219,8 @@ class ProbeAttacher:
                 raise
 
     def attach(self, obj, program: str, probe: ProbeInfo):
+        if program in self.typed:       # the tracepoint's raw form: libbpf finds it from the section
+            return obj.program(program).attach()
         how = ATTACH.get(probe.kind)
         if how is None:
             raise BundleError(f"manifest names a probe kind this runtime cannot attach: {probe.kind}")

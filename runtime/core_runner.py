@@ -140,7 +140,13 @@ class CoreRunner:
         L = _libbpf()
         health = self.store.health
         health.mechanisms = self.attacher.mechanisms.describe(self.manifest)
-        health.attached = {pid: int(pid in self.links) for pid in self.probes}
+        for group, label in self.attacher.chosen.items():
+            if any(p.program in self.attacher.typed for p in self.core.programs if self.probes[p.probe].group == group):
+                health.mechanisms[group] = label        # sched_tracepoints: tp_btf | tracepoint
+        # the probes of the variants not chosen are not probes of this run (not "detached")
+        active = {p.probe for p in self.active}
+        health.attached = {pid: int(pid in self.links) for pid, p in self.probes.items()
+                           if not p.group or pid in active}
         unused = {s.map if self.in_task_storage(s) else s.task_map for s in self.manifest.spans}
         if self.core.ringbuf and not self.attacher.mechanisms.ring_buffer:
             unused.add(self.core.ringbuf.map)
