@@ -842,6 +842,10 @@ events:
     on: tracepoint:sched:sched_switch
     when: args.next_comm == "pwork"
     fields: [args.prev_comm, args.next_comm, args.prev_state, kstack]
+  woken:
+    on: tracepoint:sched:sched_wakeup_new
+    when: args.comm == "pwork"
+    fields: [args.comm, args.pid, args.prio, kstack]
 """
 
 
@@ -854,6 +858,11 @@ def test_every_construct_passes_the_verifier(tmp_path, workloads):
     with L.BpfObject.open(out / manifest["core"]["object"]) as obj:
         obj.load()
         assert len(obj.programs) == len(manifest["core"]["programs"])
+    # sched_wakeup_new reads only typed fields: a tp_btf program beside its classic one, both loaded
+    # above; sched_switch reads prev_state, which only the classic record has
+    sections = {p["section"] for p in manifest["core"]["programs"]}
+    assert {"tp_btf/sched_wakeup_new", "tp/sched/sched_wakeup_new", "tp/sched/sched_switch"} <= sections
+    assert "tp_btf/sched_switch" not in sections
     checks = {(c["tracepoint"], c["field"]) for c in manifest["core"]["tracepoint_fields"]}
     assert ("sched:sched_switch", "next_comm") in checks and ("syscalls:sys_exit_write", "ret") in checks
 
