@@ -139,10 +139,9 @@ class CoreRunner:
         """Once attached: health, BPF stats, stacks, the event reader, a first read."""
         L = _libbpf()
         health = self.store.health
-        health.mechanisms = self.attacher.mechanisms.describe(self.manifest)
-        for group, label in self.attacher.chosen.items():
-            if any(p.program in self.attacher.typed for p in self.core.programs if self.probes[p.probe].group == group):
-                health.mechanisms[group] = label        # sched_tracepoints: tp_btf | tracepoint
+        # and for each group, the variant attached (span_NAME: fentry:F, kprobe:F or the fallback;
+        # sched_tracepoints: tp_btf or tracepoint)
+        health.mechanisms = self.attacher.mechanisms.describe(self.manifest) | self.attacher.variants
         # the probes of the variants not chosen are not probes of this run (not "detached")
         active = {p.probe for p in self.active}
         health.attached = {pid: int(pid in self.links) for pid, p in self.probes.items()

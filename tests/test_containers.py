@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, require_kernel
-from harness import Run, build, value, write_spec
+from harness import Run, build, children, value, write_spec
 from probec.host.containers import CgroupTree, cgroup2_root, cgroup_id, parse_cgroup_path, parse_pod_list
 from probec.runtime.cgroups import CgroupMap, CgroupResolver, KubeletPods
 from probec.runtime.manifest import CgroupMatchInfo, CgroupSection, Label
@@ -337,6 +338,37 @@ def test_series_of_a_removed_container_expire(backend, workloads, pod_cgroups, t
     assert value(metrics, "probec_series_expired_total", metric="getpid_calls_total") == 1
     if backend == "core":
         assert value(metrics, "probec_map_entries", map="m_getpid_calls_total") == 1
+
+
+@pytest.mark.kernel
+def test_series_carried_over_a_bpftrace_restart_expire(workloads, pod_cgroups, tmp_path):
+    """The same with bpftrace killed (and restarted) between the calls and the container's end: the
+    series carried over the restart keep their counts, and the removed container's is dropped after
+    --cgroup-grace all the same, counted and said once."""
+    require_kernel(need_bpftrace=True)
+    base, made = pod_cgroups
+    spec = write_spec(tmp_path, SPEC.split("  serving_calls_total:")[0].replace("pod, namespace, container", ""))
+    bundle = build(spec, "bpftrace", tmp_path / "bundle")
+    run = Run(bundle, tmp_path, "--cgroup-grace", "1")
+    try:
+        for name in ("a", "b"):
+            run_in(made[name], workloads, CALLS[name])
+        time.sleep(1.2)                # dumps with both series, before the kill
+        (child,) = children(run.proc.pid)
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while "restarted" not in run.stderr() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        made["b"].rmdir()
+        time.sleep(3.5)                # a tree walk (each read here), then the grace period
+    finally:
+        metrics = run.stop()
+        print(f"probec run stderr:\n{run.stderr()}")
+    assert value(metrics, "probec_backend_restarts_total") == 1
+    series = metrics["getpid_calls_total"]
+    assert list(series.values()) == [CALLS["a"]] and dict(next(iter(series)))["container_id"] == A_CID, series
+    assert value(metrics, "probec_series_expired_total", metric="getpid_calls_total") == 1
+    assert run.stderr().count("dropping the series of containers gone") == 1, run.stderr()
 
 
 # --- binaries inside containers -------------------------------------------------------------------

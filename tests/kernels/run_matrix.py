@@ -31,7 +31,8 @@ SUITES = {"core-kernel": ("tests/kernels/matrix_examples.py", f"core and ({KERNE
           "core-user": ("tests/kernels/matrix_examples.py", f"core and not ({KERNEL_SIDE})"),
           "bpftrace-kernel": ("tests/kernels/matrix_examples.py", f"bpftrace and ({KERNEL_SIDE})"),
           "bpftrace-user": ("tests/kernels/matrix_examples.py", f"bpftrace and not ({KERNEL_SIDE})"),
-          "spans": ("tests/kernels/matrix_kernel_spans.py", "")}
+          "spans": ("tests/kernels/matrix_kernel_spans.py", ""),
+          "bcc": ("tests/kernels/matrix_bcc.py", "")}
 VNG = "/opt/vng/bin/vng"
 
 
