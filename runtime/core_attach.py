@@ -13,6 +13,7 @@ from .core_mechanisms import PRETEND_ENV, Mechanisms, choose, pretended_missing,
 from .manifest import BundleError, CoreProgram, Manifest, ProbeInfo, TracepointCheck
 
 _PROG_IN_LOG = re.compile(r"prog '([^']+)'")
+KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
 
 
 def _libbpf():
@@ -82,6 +83,8 @@ class ProbeAttacher:
         self.btf_path = btf_path               # CO-RE against this BTF instead of the kernel's
         self.mechanisms: Mechanisms | None = None   # chosen at the first load
         self.variants: dict[str, str] = {}           # group -> the label of the variant attached
+        # programs that attach to a tracepoint's typed raw form (tp_btf/ sections)
+        self.typed = {p.program for p in self.core.programs if p.section.startswith("tp_btf/")}
 
     def settings(self) -> list[tuple[str, bytes]]:
         chosen = self.mechanisms.settings() if self.mechanisms else {}
@@ -163,6 +166,15 @@ class ProbeAttacher:
                 if chosen[probe.group] == probe.variant:
                     passed_over(probe.group, probe, f"not tried: {PRETEND_ENV}=fentry", None)
 
+        # tp_btf needs the kernel's own BTF (and libbpf, missing it, fails the whole object, not the
+        # program): without it, or as asked, the tp_btf variants are passed over for the classic ones
+        no_typed = f"not tried: {PRETEND_ENV}=tp_btf" if "tp_btf" in pretended_missing() else \
+            "not tried: no kernel BTF" if not KERNEL_BTF.exists() else ""
+        for p in programs:
+            probe = self.probes[p.probe]
+            if no_typed and p.program in self.typed and chosen[probe.group] == probe.variant:
+                passed_over(probe.group, probe, no_typed, None)
+
         while True:
             active = [p for p in programs
                       if not self.probes[p.probe].group
@@ -221,6 +233,8 @@ class ProbeAttacher:
                 raise
 
     def attach(self, obj, program: str, probe: ProbeInfo):
+        if program in self.typed:       # the tracepoint's raw form: libbpf finds it from the section
+            return obj.program(program).attach()
         how = ATTACH.get(probe.kind)
         if how is None:
             raise BundleError(f"manifest names a probe kind this runtime cannot attach: {probe.kind}")

@@ -32,7 +32,7 @@ BENCHMARKS = {
                     "BCC compile and attach at start"],
     "otlp_events": ["## Lossless?", "(A) before", "`--events FILE --otlp URL`", "## Cost, medians"],
     "tp_btf": ["## The traced syscall", "classic tracepoints", "tp_btf/sys_{enter,exit}", "## A syscall not traced",
-               "getpid: tp_btf / classic"],
+               "getpid: tp_btf / classic", "## Sched spans", "runq: tp_btf / classic", "offcpu: tp_btf / classic"],
 }
 TIMEOUT = 120
 

@@ -71,6 +71,16 @@ def work(*args: str, timeout: float = 60) -> str:
     return result.stdout
 
 
+def assert_sched_tracepoints(metrics: dict, backend: str) -> None:
+    """core attaches sched tracepoints in their typed raw form (tp_btf) where the kernel has BTF,
+    else (or with PROBEC_PRETEND_MISSING=tp_btf) as classic tracepoints; probec_mechanism says which."""
+    if backend != "core":
+        return
+    pretended = "tp_btf" in os.environ.get("PROBEC_PRETEND_MISSING", "").split(",")
+    expected = "tp_btf" if Path("/sys/kernel/btf/vmlinux").exists() and not pretended else "tracepoint"
+    assert value(metrics, "probec_mechanism", feature="sched_tracepoints", mechanism=expected) == 1
+
+
 def above(hist: dict[str, float], edge: float) -> float:
     """How many observations of a per-bucket histogram are above `edge` (an edge of it)."""
     return sum(n for le, n in hist.items() if float(le) > edge)
@@ -136,6 +146,15 @@ def test_runqueue(tmp_path, backend):
         assert 0 < value(metrics, f"{name}_sum", thread=thread) < 0.001 * count
     # At least one observed wake-up per hand-off.
     assert total >= 2 * rounds
+    assert_sched_tracepoints(metrics, backend)
+
+
+@pytest.mark.kernel
+def test_runqueue_on_classic_tracepoints(tmp_path, monkeypatch, example_workloads):
+    """The same numbers from core's classic sched tracepoints, its tp_btf variants pretended missing."""
+    require_kernel(need_clang=True)
+    monkeypatch.setenv("PROBEC_PRETEND_MISSING", "tp_btf")
+    test_runqueue(tmp_path, "core")
 
 
 # -- example 4: retransmits during requests, between two network namespaces ---------------------
@@ -334,6 +353,15 @@ def test_correlation(tmp_path, backend):
            if dict(k)["quantile"] == "0.5"}
     assert set(p50) == {"send", "offcpu", "total"}
     assert p50["send"] < 0.001 < 0.002048 <= p50["total"]
+    assert_sched_tracepoints(metrics, backend)
+
+
+@pytest.mark.kernel
+def test_correlation_on_classic_tracepoints(tmp_path, monkeypatch, example_workloads):
+    """The same numbers from core's classic sched_switch, its tp_btf variant pretended missing."""
+    require_kernel(need_clang=True)
+    monkeypatch.setenv("PROBEC_PRETEND_MISSING", "tp_btf")
+    test_correlation(tmp_path, "core")
 
 
 # -- example 7: CUDA launches and syncs; no GPU here, so check alone -----------------------------
