@@ -72,12 +72,15 @@ def work(*args: str, timeout: float = 60) -> str:
 
 
 def assert_sched_tracepoints(metrics: dict, backend: str) -> None:
-    """core attaches sched tracepoints in their typed raw form (tp_btf) where the kernel has BTF,
-    else (or with PROBEC_PRETEND_MISSING=tp_btf) as classic tracepoints; probec_mechanism says which."""
+    """core attaches sched tracepoints in their typed raw form (tp_btf) where the kernel has BTF
+    and tp_btf (5.5+), else (or with PROBEC_PRETEND_MISSING=tp_btf) as classic tracepoints;
+    probec_mechanism says which."""
     if backend != "core":
         return
     pretended = "tp_btf" in os.environ.get("PROBEC_PRETEND_MISSING", "").split(",")
-    expected = "tp_btf" if Path("/sys/kernel/btf/vmlinux").exists() and not pretended else "tracepoint"
+    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    typed = Path("/sys/kernel/btf/vmlinux").exists() and release >= (5, 5) and not pretended
+    expected = "tp_btf" if typed else "tracepoint"
     assert value(metrics, "probec_mechanism", feature="sched_tracepoints", mechanism=expected) == 1
 
 
