@@ -5,10 +5,16 @@ and the maps of the way not taken are shrunk to one-slot stand-ins the kernel ca
 
 - events: the ring buffer, else a perf buffer (kernels before 5.8);
 - span begin times: task-local storage, else the span's HASH (before 5.11);
-- the current task: bpf_get_current_task_btf, else bpf_get_current_task (before 5.11).
+- the current task: bpf_get_current_task_btf, else bpf_get_current_task (before 5.11);
+- sched tracepoints: their typed raw form (tp_btf), else the classic tracepoint (no kernel BTF,
+  before 5.5): variants of the group the core backend names, tried at load (core_attach.py).
 
-$PROBEC_PRETEND_MISSING (comma-separated: ring_buffer, task_storage, get_current_task_btf) makes
-a kernel that has them look as if it had not, to run the fallbacks where every feature exists.
+$PROBEC_PRETEND_MISSING (comma-separated: ring_buffer, task_storage, get_current_task_btf, fentry,
+tp_btf) makes a kernel that has them look as if it had not, to run the fallbacks where every
+feature exists. `fentry` and `tp_btf` are decided where the variants of a group are tried
+(core_attach.py): the fentry/fexit variant of a `kernel:` span is passed over, so the span runs on
+kprobe, or where the kernel has no kprobes on the spec's fallback, as on a kernel that refuses
+function tracing; the tp_btf variants of sched tracepoints are passed over for the classic ones.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 from .manifest import USE_RINGBUF, USE_TASK_BTF, USE_TASK_STORAGE, BundleError, Manifest
 
 PRETEND_ENV = "PROBEC_PRETEND_MISSING"
-FEATURES = ("ring_buffer", "task_storage", "get_current_task_btf")
+FEATURES = ("ring_buffer", "task_storage", "get_current_task_btf", "fentry", "tp_btf")
 
 
 def _libbpf():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -155,6 +156,15 @@ def assert_histogram_matches(cumulative: dict[str, float], total: float, timed: 
 def workload(*args: str, timeout: float = 120) -> None:
     exe = ROOT / "tests" / "workloads" / "build" / args[0]
     subprocess.run([str(exe), *args[1:]], check=True, timeout=timeout)
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (`probec run`'s bpftrace), from every thread of it."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
 
 
 def bpf_program_count() -> int:
