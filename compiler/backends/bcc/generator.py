@@ -47,7 +47,8 @@ NO_BTF_KINDS = ("fentry", "fexit")
 PAGE = 4096
 # The core object's load-time choices, fixed at compile time (the runtime's Mechanisms for bcc
 # says the same: runtime/bcc_runner.py BCC_MECHANISMS)
-BCC_MECHANISMS = {contract.USE_RINGBUF: 1, contract.USE_TASK_STORAGE: 0, contract.USE_TASK_BTF: 0}
+BCC_MECHANISMS = {contract.USE_RINGBUF: 1, contract.USE_TASK_STORAGE: 0, contract.USE_TASK_BTF: 0,
+                  contract.USE_ATOMIC_FETCH: 1}
 
 
 class BccExpression(CExpression):
@@ -253,6 +254,9 @@ class BccBackend(CoreBackend):
                              "value": e.sample_every})
             settings.append({"name": f"probec_max_per_second_{e.name}", "ctype": "__u64", "size": 8,
                              "value": e.max_per_second})
+        if program.events:
+            settings.append({"name": contract.USE_ATOMIC_FETCH, "ctype": "__u32", "size": 4,
+                             "value": BCC_MECHANISMS[contract.USE_ATOMIC_FETCH]})
         tables = self.table_declarations(program)
         header = self.render("header.h.j2", source=program.source, name=name,
                              guard=f"PROBEC_{name.upper()}_H", layouts=self.layouts(program),
