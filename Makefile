@@ -36,9 +36,11 @@ soak: workloads
 # The kernel matrix (tests/kernels/): every example's core bundle, built once here with --kernel any,
 # loaded and checked on this kernel and on Debian 12's 6.1 under qemu (virtme-ng), with the bpftrace
 # backend and tcp_sendmsg on fentry, kprobe and the syscall fallback; writes docs/kernel-matrix.md.
-# About 25 minutes (most of it the guest: software emulation); KERNELS=host or KERNELS=6.1, SUITES=spans (of core-kernel, core-user, bpftrace-kernel, bpftrace-user, spans) for a part.
+# About 25 minutes (most of it the guest: software emulation); KERNELS=host or KERNELS=6.1, SUITES=spans
+# (of core-kernel, core-user, core-torch, bpftrace-kernel, bpftrace-user, bpftrace-torch, spans, bcc) for a part.
+# Seconds per suite in the 6.1 guest, boot included: see tests/kernels/run_matrix.py.
 KERNELS ?= host,6.1
-SUITES ?= core-kernel,core-user,bpftrace-kernel,bpftrace-user,spans
+SUITES ?= core-kernel,core-user,core-torch,bpftrace-kernel,bpftrace-user,bpftrace-torch,spans,bcc
 kernel-matrix: workloads
 	@$(PYTHON) tests/kernels/run_matrix.py --kernels $(KERNELS) --suites $(SUITES) --write-docs
 

@@ -379,6 +379,13 @@ def hist_count(obj) -> int:
 def time_workload(argv: list[str]) -> tuple[int, int]:
     """(wall ns, CPU ns) of one run of a workload process: CLOCK_MONOTONIC around spawn..reap, and
     the child's user+sys time from wait4 (which leaves out time other processes took the CPU)."""
+    wall, cpu, _ = run_workload(argv)
+    return wall, cpu
+
+
+def run_workload(argv: list[str]) -> tuple[int, int, int]:
+    """time_workload's (wall ns, CPU ns), and the context switches of the workload's threads
+    (voluntary + involuntary, from the same wait4)."""
     t0 = time.perf_counter_ns()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     _, status, ru = os.wait4(proc.pid, 0)
@@ -386,7 +393,7 @@ def time_workload(argv: list[str]) -> tuple[int, int]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{argv} exited {proc.returncode}")
-    return t1 - t0, int((ru.ru_utime + ru.ru_stime) * 1e9)
+    return t1 - t0, int((ru.ru_utime + ru.ru_stime) * 1e9), ru.ru_nvcsw + ru.ru_nivcsw
 
 
 def count_lines(path: Path) -> int:

@@ -16,7 +16,9 @@ Measured:
       events made, lines written, probec_events_lost_total.
   (2) ring_tp loaded here through runtime/libbpf/; RingBuffer with a callback that only counts
       (poll + consume, as CoreRunner drains): the ceiling of a per-record ctypes callback.
-  (3) the same with a bulk consumer of ours reading the ring's mmap'ed pages (MmapRing).
+  (3) the same with the runtime's bulk reader (runtime/libbpf RingReader: the ring's pages mapped
+      into this process, records copied out in blocks, no call per record), counting only, as
+      `probec run` reads the ring before it decodes.
   Consumer capacity: each in-process consumer draining a 1M-event backlog, no producer running.
   Producer cost: loadgen's CPU per call, paced and flat out, under each consumer and wakeup policy,
       including the generated C with a patched wakeup helper (compiled by the core toolchain).
@@ -28,9 +30,8 @@ Measured:
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import select
+import struct
 import subprocess
 import sys
 import threading
@@ -42,7 +43,6 @@ import _common as C  # noqa: E402
 
 SHM = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path("/tmp")
 PRODUCER_CPU, CONSUMER_CPU = "0", 1
-BUSY_BIT, DISCARD_BIT, HDR = 1 << 31, 1 << 30, 8
 
 
 def loadgen_run(loadgen: Path, rate: int, count: int) -> dict:
@@ -97,64 +97,12 @@ def through_probec(bundle: Path, event: str, loadgen: Path, rate: int, count: in
 
 
 # --- (2), (3), (4): the object loaded here ---------------------------------------------------------
-class MmapRing:
-    """A bulk BPF ring-buffer consumer: the ring's pages mapped into this process (consumer page
-    read-write, producer page and the twice-mapped data read-only, as libbpf maps them), records
-    walked and copied out in one pass per wakeup, consumer_pos stored once per pass.
-
-    Positions and headers go through memoryviews cast to native 'Q'/'I', so each is one aligned
-    8- or 4-byte load or store. struct.pack_into("<Q") writes byte by byte: the kernel then sees
-    torn consumer positions (up to 16 MiB behind) and fails reservations as if the ring were full."""
-
-    def __init__(self, bmap):
-        page = mmap.PAGESIZE
-        self.fd = bmap.fd
-        self.mask = bmap.max_entries - 1
-        self.cons = mmap.mmap(self.fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self.prod = mmap.mmap(self.fd, page + 2 * bmap.max_entries, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
-        self.cons_pos = memoryview(self.cons).cast("Q")
-        self.prod_pos = memoryview(self.prod)[:8].cast("Q")
-        self.data = memoryview(self.prod)[page:]
-        self.words = self.data.cast("I")
-        self.poller = select.poll()
-        self.poller.register(self.fd, select.POLLIN)
-
-    def poll(self, timeout_ms: int) -> None:
-        self.poller.poll(timeout_ms)
-
-    def drain(self) -> list[bytes]:
-        data, words, mask = self.data, self.words, self.mask
-        cons = self.cons_pos[0]
-        out = []
-        while True:
-            prod = self.prod_pos[0]
-            if cons >= prod:
-                return out
-            busy = False
-            while cons < prod:
-                at = cons & mask
-                length = words[at >> 2]
-                if length & BUSY_BIT:
-                    busy = True
-                    break
-                size = length & ~(BUSY_BIT | DISCARD_BIT)
-                if not length & DISCARD_BIT:
-                    out.append(data[at + HDR:at + HDR + size].tobytes())
-                cons += (size + HDR + 7) & ~7
-            self.cons_pos[0] = cons
-            if busy:
-                return out
-
-    def close(self) -> None:
-        for view in (self.words, self.data, self.prod_pos, self.cons_pos):
-            view.release()
-        self.prod.close()
-        self.cons.close()
-
-
 class InProcess:
     """A bundle's object loaded in this process; its ring drained by a counting consumer:
-    'callback' (runtime/libbpf RingBuffer), 'mmap' (MmapRing) or None (no consumer)."""
+    'callback' (runtime/libbpf RingBuffer: a bytes object per record), 'bulk' (runtime/libbpf
+    RingReader: records in blocks, as `probec run` hands them to its decoder), 'bulk-split' (the
+    same, each block then split into a bytes object per record, as the callback gets them) or None
+    (no consumer)."""
 
     def __init__(self, bundle: Path, consumer: str | None = "callback", wakeup_bytes: int | None = None):
         from probec.runtime import libbpf as L
@@ -173,8 +121,12 @@ class InProcess:
         self.slots = {(h["kind"], h["name"]): h["slot"] for h in core["health"]}
         self.count = 0
         self.stop = threading.Event()
-        self.ring = self.mm = self.thread = None
+        self.ring = self.reader = self.thread = None
         self.ring_map = self.obj.map(core["ringbuf"]["map"]) if core.get("ringbuf") else None
+        sizes = {e["record"]["size"] for e in self.manifest["events"]}
+        self.record_size = sizes.pop() if len(sizes) == 1 else 0     # read in blocks, as probec run does
+        self.record_format = f"{(self.record_size + 8 + 7) & ~7}s"      # one record with its ring header
+        self.split = False
         if consumer:
             self.start(consumer)
 
@@ -184,8 +136,9 @@ class InProcess:
             self.ring = L.RingBuffer(self.ring_map, self._on)
             target = self._drain_callback
         else:
-            self.mm = MmapRing(self.ring_map)
-            target = self._drain_mmap
+            self.reader = L.RingReader(self.ring_map)
+            self.split = consumer == "bulk-split"
+            target = self._drain_bulk
         if thread:
             self.thread = threading.Thread(target=target, daemon=True)
             self.thread.start()
@@ -198,10 +151,20 @@ class InProcess:
             self.ring.poll(50)
             self.ring.consume()
 
-    def _drain_mmap(self) -> None:
+    def _drain_bulk(self) -> None:
         while not self.stop.is_set():
-            self.mm.poll(50)
-            self.count += len(self.mm.drain())
+            self.reader.wait(50)
+            self.read_bulk()
+
+    def read_bulk(self) -> None:
+        """Everything the ring holds now, counted (CoreRunner.read_events without the decoding)."""
+        while True:
+            block, count, others = self.reader.read(self.record_size)
+            if not count and not others:
+                return
+            if self.split and count:
+                count = sum(1 for _ in struct.iter_unpack(self.record_format, block))
+            self.count += count + len(others)
 
     def health(self) -> dict:
         items = self.obj.map("probec_health").items_batch()
@@ -220,8 +183,8 @@ class InProcess:
             self.thread.join(5)
         if self.ring:
             self.ring.consume()
-        if self.mm:
-            self.mm.close()
+        if self.reader:
+            self.reader.close()
         self.obj.close()
         if self.ring:
             self.ring.close()
@@ -254,10 +217,13 @@ def rate_table(title: str, results: list[tuple[str, dict]], what: str) -> tuple[
 def consumer_capacity(big: Path, loadgen: Path, n: int, rounds: int) -> list[str]:
     """How fast each consumer drains a backlog: n events made with no consumer running (they all
     fit the 64 MiB ring), then the consumer started and timed until it has them all."""
-    rows = []
+    rows, medians = [], {}
     for consumer, label in (("callback", "runtime/libbpf RingBuffer, callback that only counts "
                                          "(ring_buffer__consume)"),
-                            ("mmap", "bulk mmap consumer (records copied out, consumer_pos stored per pass)")):
+                            ("bulk", "runtime/libbpf RingReader, bulk reads that only count (records copied "
+                                     "out in blocks)"),
+                            ("bulk-split", "runtime/libbpf RingReader, each block split into a bytes object per "
+                                           "record (as the callback gets them)")):
         rates = []
         for _ in range(rounds):
             ip = InProcess(big, consumer=None)
@@ -270,15 +236,18 @@ def consumer_capacity(big: Path, loadgen: Path, n: int, rounds: int) -> list[str
                     if ip.ring is not None:
                         ip.ring.consume()
                     else:
-                        ip.count += len(ip.mm.drain())
+                        ip.read_bulk()
                 rates.append(ip.count / (time.perf_counter() - t))
             finally:
                 ip.close()
-        rows.append(f"| {label} | **{C.median(rates) / 1e6:.2f} M events/s** | {C.median(rates) and 1e9 / C.median(rates):,.0f} ns |")
+        medians[consumer] = rate = C.median(rates)
+        rows.append(f"| {label} | **{rate / 1e6:.2f} M events/s** | {rate and 1e9 / rate:,.0f} ns | "
+                    f"{C.fmt_ratio(rate, medians['callback'])} |")
     return ["### Consumer capacity: draining a backlog", "",
             f"benchmarks/specs/ring_big.yaml (64 MiB ring): {n:,} events made by loadgen with no consumer running, "
             f"then the consumer started on CPU 1 and timed until it has them all (no producer competing); median "
-            f"of {rounds}.", "", "| consumer | drain rate | per event |", "| --- | --- | --- |"] + rows
+            f"of {rounds}.", "", "| consumer | drain rate | per event | drain rate / callback's |",
+            "| --- | --- | --- | --- |"] + rows
 
 
 
@@ -286,17 +255,17 @@ def consumer_capacity(big: Path, loadgen: Path, n: int, rounds: int) -> list[str
 def producer_cost(loadgen: Path, ring_bundle: Path, n: int, rounds: int, paced: int) -> list[str]:
     variants = [
         ("no probes", None),
-        ("bulk mmap consumer, generated wakeup batching", lambda: InProcess(ring_bundle, "mmap")),
-        ("bulk mmap consumer, wakeup for every event", lambda: InProcess(ring_bundle, "mmap", wakeup_bytes=0)),
-        ("bulk mmap consumer, never woken (50 ms poll only)",
-         lambda: InProcess(ring_bundle, "mmap", wakeup_bytes=1 << 40)),
+        ("RingReader bulk consumer, generated wakeup batching", lambda: InProcess(ring_bundle, "bulk")),
+        ("RingReader bulk consumer, wakeup for every event", lambda: InProcess(ring_bundle, "bulk", wakeup_bytes=0)),
+        ("RingReader bulk consumer, never woken (50 ms poll only)",
+         lambda: InProcess(ring_bundle, "bulk", wakeup_bytes=1 << 40)),
         ("libbpf callback consumer, generated wakeup batching", lambda: InProcess(ring_bundle, "callback")),
         ("libbpf callback consumer, wakeup for every event",
          lambda: InProcess(ring_bundle, "callback", wakeup_bytes=0)),
     ]
     if C.QUICK:                   # the smoke test: one policy of each kind
-        variants = [v for v in variants if v[0] in ("no probes", "bulk mmap consumer, generated wakeup batching",
-                                                    "bulk mmap consumer, wakeup for every event")]
+        variants = [v for v in variants if v[0] in ("no probes", "RingReader bulk consumer, generated wakeup batching",
+                                                    "RingReader bulk consumer, wakeup for every event")]
     stats: dict[str, list[tuple]] = {v[0]: [] for v in variants}
     for r in range(rounds):
         for name, make in variants[r % len(variants):] + variants[:r % len(variants)]:
@@ -368,8 +337,9 @@ def main() -> int:
              lambda b, ev, rate, count, tag: through_probec(b, ev, loadgen, rate, count, scratch, tag)),
             ("callback", "(2) runtime/libbpf RingBuffer, a callback that only counts, ring_tp.yaml", ring_tp,
              "getpid_called", tp_rates, lambda b, ev, rate, count, tag: in_process(b, "callback", loadgen, rate, count)),
-            ("mmap", "(3) bulk mmap consumer (records copied out, no per-record callback), ring_tp.yaml", ring_tp,
-             "getpid_called", tp_rates, lambda b, ev, rate, count, tag: in_process(b, "mmap", loadgen, rate, count))):
+            ("bulk", "(3) runtime/libbpf RingReader, bulk reads that only count (no per-record callback), "
+             "ring_tp.yaml", ring_tp, "getpid_called", tp_rates,
+             lambda b, ev, rate, count, tag: in_process(b, "bulk", loadgen, rate, count))):
         res = []
         for rate in rates:
             count = int((rate or 1_500_000) * seconds)

@@ -40,6 +40,7 @@ class Variant:
         self.count = count          # (ctx) -> spans counted, read before detaching
         self.wall: list[float] = []
         self.cpu: list[float] = []
+        self.switches: list[int] = []   # context switches of the workload per run
         self.counted: list[tuple[int, int]] = []   # (spans counted, calls made) per round
         self.bpf: dict | None = None
 
@@ -123,9 +124,10 @@ def measure(span: str, variants: list[Variant], argv: list[str], n: int, rounds:
             try:
                 C.settle(0.2)
                 for _ in range(reps):
-                    wall, cpu = C.time_workload(argv)
+                    wall, cpu, switches = C.run_workload(argv)
                     v.wall.append(wall)
                     v.cpu.append(cpu)
+                    v.switches.append(switches)
                 if v.count is not None:
                     v.counted.append((v.count(ctx), n * reps))
             finally:

@@ -37,6 +37,14 @@ class KernelHeaders:
     def matches(self) -> bool:
         return self.release == self.running
 
+    @property
+    def found_by_bcc(self) -> bool:
+        """Whether BCC finds these by itself (/lib/modules/RELEASE/build, and `source` where they
+        are split); otherwise the runtime names a joined tree in BCC_KERNEL_SOURCE."""
+        where = MODULES / self.running
+        return self.how == f"/lib/modules/{self.running}" and (
+            self.build == self.source or self.source == where / "source")
+
     def mismatch(self) -> str:
         """One sentence: which headers these are and why reading kernel structs through them is wrong."""
         return (f"the kernel headers BCC compiles against ({self.build}, {self.release or 'release unknown'}) are "
@@ -76,9 +84,21 @@ def find_kernel_headers(release: str | None = None) -> KernelHeaders | None:
     build = MODULES / running / "build"
     if _has_headers(build):
         source = MODULES / running / "source"
-        return KernelHeaders(build, source if _has_headers(source) else build, header_release(build), running,
-                             f"/lib/modules/{running}")
+        if not _has_headers(source):
+            # Debian's linux-headers-RELEASE makes `build` only, its arch folder: the rest is in
+            # the -common folder beside it (BCC alone would miss it)
+            source = debian_common(build.resolve()) or build
+        return KernelHeaders(build, source, header_release(build), running, f"/lib/modules/{running}")
     return debian_headers(running)
+
+
+def debian_common(build: Path) -> Path | None:
+    """The `linux-headers-VERSION-common` folder beside Debian's `linux-headers-VERSION-FLAVOUR`."""
+    if not build.name.startswith("linux-headers-") or (build / "include" / "linux").is_dir():
+        return None
+    version = build.name[len("linux-headers-"):].rsplit("-", 1)[0]
+    common = build.parent / f"linux-headers-{version}-common"
+    return common if _has_headers(common) else None
 
 
 def debian_headers(running: str, root: Path = DEBIAN_HEADERS) -> KernelHeaders | None:

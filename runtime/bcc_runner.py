@@ -16,13 +16,14 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import struct
 import sys
 import time
 from pathlib import Path
 
 from ..host.headers import KernelHeaders, find_kernel_headers, joined_tree
 from .core_attach import _destroy, attach_hint
-from .core_mechanisms import Mechanisms
+from .core_mechanisms import Mechanisms, choose
 from .core_preflight import check_tracepoint_fields, check_uprobe_placement
 from .core_runner import CoreRunner
 from .manifest import BundleError, CoreProgram, ProbeInfo
@@ -30,10 +31,19 @@ from .manifest import BundleError, CoreProgram, ProbeInfo
 BCC_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 HEADER_TREES = Path(os.environ.get("PROBEC_CACHE", "/var/cache/probec")) / "bcc-headers"
 PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK = 1, 0
-# What a bcc program uses, fixed when it was built (its probec_use_* macros), not chosen at load:
-# the ring buffer (no perf-buffer maps are declared), the HASH for span begin times (no task
-# storage without BTF), bpf_get_current_task (no BTF).
-BCC_MECHANISMS = Mechanisms(ring_buffer=True, task_storage=False, task_btf=False)
+TARGET_MAP = "probec_target"       # the program's one-slot array: the pid traced, 0 for all
+
+
+def bcc_mechanisms(manifest) -> Mechanisms:
+    """What a bcc program uses. Events: the ring buffer where the kernel has one (and
+    $PROBEC_PRETEND_MISSING does not take it away), else the perf buffer (kernels before 5.8),
+    chosen as BCC compiles the program (-Dprobec_use_ringbuf=0 declares the perf buffer instead of
+    the ring), probed as core probes it. Fixed (no BTF): the HASH for span begin times (no task
+    storage), bpf_get_current_task. Atomic fetch-and-add where the kernel has it, else compiled
+    out (-Dprobec_use_atomic_fetch=0: the add then the read, before 5.12)."""
+    chosen = choose(manifest)
+    return Mechanisms(ring_buffer=chosen.ring_buffer, task_storage=False, task_btf=False,
+                      atomic_fetch=chosen.atomic_fetch)
 
 
 def import_bcc():
@@ -88,6 +98,30 @@ class BccLink:
             detach()
 
 
+def usdt_link(bpf, ctx, attach: bool = False) -> BccLink:
+    """The uprobes of one USDT context (BCC attached them as it compiled the program, or they are
+    attached here), detached together by their event names (found while the process lives: BCC's
+    detach_uprobe looks the process up again)."""
+    places = ctx.enumerate_active_probes()      # (path, program, address, pid)
+    names = []
+    try:
+        for path, fn, addr, pid in places:
+            if attach:
+                bpf.attach_uprobe(name=path, fn_name=fn, addr=addr, pid=pid)
+            names.append(bpf._get_uprobe_evname(b"p", *bpf._check_path_symbol(path, b"", addr, pid), pid))
+    except Exception as exc:
+        _detach_events(bpf, names)
+        raise BundleError(f"cannot attach the USDT probe for process {places[0][3] if places else '?'}: "
+                          f"{exc}") from None
+    return BccLink(lambda: _detach_events(bpf, names))
+
+
+def _detach_events(bpf, names: list[bytes]) -> None:
+    for name in names:
+        if name in bpf.uprobe_fds:
+            bpf.detach_uprobe_event(name)
+
+
 class BccObject:
     """What the core runner reads from a loaded object, over a BCC `BPF`: maps by name (as FdMaps)
     and program fds by name."""
@@ -125,7 +159,7 @@ class BccRunner(CoreRunner):
         self.events_made = 0
         self.bcc = None
         self.headers: KernelHeaders | None = None
-        self.attacher.mechanisms = BCC_MECHANISMS   # health and the start line say what BCC uses
+        self.usdt: dict[str, object] = {}       # probe id -> its BCC USDT context (for the target pid)
 
     def object_path(self) -> Path:
         return self.bundle.file("program")
@@ -149,16 +183,27 @@ class BccRunner(CoreRunner):
         check_uprobe_placement(self.probes.values())
         self.headers = self.check_headers()
         text = program_text(self.object_path())
+        if f" {TARGET_MAP}, 1);" not in text:
+            raise BundleError(f"{self.object_path()} was built by an earlier probec (its program has no {TARGET_MAP} "
+                              "map); rebuild the bundle with this probec")
+        # health and the start line say what BCC uses
+        self.attacher.mechanisms = mech = bcc_mechanisms(self.manifest)
         self.bcc = bcc = import_bcc()
-        if "BCC_KERNEL_SOURCE" not in os.environ and self.headers.how != f"/lib/modules/{self.headers.running}":
+        if "BCC_KERNEL_SOURCE" not in os.environ and not self.headers.found_by_bcc:
             try:
                 tree = joined_tree(self.headers, HEADER_TREES)
             except OSError as exc:
                 raise BundleError(f"cannot join the kernel headers for BCC under {HEADER_TREES}: {exc}; "
                                   "set PROBEC_CACHE to a writable folder") from None
             os.environ["BCC_KERNEL_SOURCE"] = str(tree)
-        cflags = [f"-Dprobec_target_pid={self.pid}"] if self.pid > 0 else []
-        usdt = self.usdt_contexts(bcc)
+        # with a target, the probes read its pid from TARGET_MAP (retarget() writes a new one there);
+        # without, the test is compiled out
+        cflags = [] if self.pid > 0 else ["-Dprobec_target_pid=0"]
+        if not mech.ring_buffer:
+            cflags.append("-Dprobec_use_ringbuf=0")
+        if not mech.atomic_fetch:       # before 5.12: the fetch is compiled out (add then read)
+            cflags.append("-Dprobec_use_atomic_fetch=0")
+        self.usdt = usdt = self.usdt_contexts(bcc, self.pid)
         started = time.monotonic()
         try:
             bpf = bcc.BPF(text=text.encode(), cflags=cflags, usdt_contexts=list(usdt.values()))
@@ -168,6 +213,8 @@ class BccRunner(CoreRunner):
                               "are above)") from None
         self.obj = BccObject(bpf)
         try:
+            if self.pid > 0:
+                self.write_target(self.pid)
             self.links, self.active = self.attach_all(bcc, usdt)
             self.compile_seconds = time.monotonic() - started
         except BaseException:
@@ -177,24 +224,26 @@ class BccRunner(CoreRunner):
         self.log(f"BCC compiled and attached the program in {self.compile_seconds:.2f} s")
         self.after_attach()
 
-    def usdt_contexts(self, bcc) -> dict[str, object]:
+    def write_target(self, pid: int) -> None:
+        self.obj.map(TARGET_MAP).update(struct.pack("<I", 0), struct.pack("<I", max(pid, 0)))
+
+    def usdt_contexts(self, bcc, pid: int) -> dict[str, object]:
         """One BCC USDT context per USDT probe, made before the program is compiled (BCC writes each
-        probe's argument readers into it)."""
-        out = {}
-        for p in self.core.programs:
-            probe = self.probes[p.probe]
-            if probe.kind != "usdt":
-                continue
-            try:
-                # BCC's USDT takes str (it encodes them as ASCII; check refuses other paths)
-                path = probe.binary
-                ctx = bcc.USDT(path=path, pid=self.pid) if self.pid > 0 else bcc.USDT(path=path)
-                ctx.enable_probe(probe=f"{probe.provider}:{probe.name}", fn_name=p.program)
-            except Exception as exc:
-                raise BundleError(f"probe '{probe.address or probe.id}' cannot be enabled: {exc}; "
-                                  f"{attach_hint('usdt', None)}") from None
-            out[p.probe] = ctx
-        return out
+        probe's argument readers into it), for the process `pid` (or every process)."""
+        return {p.probe: self.usdt_context(bcc, self.probes[p.probe], p.program, pid)
+                for p in self.core.programs if self.probes[p.probe].kind == "usdt"}
+
+    @staticmethod
+    def usdt_context(bcc, probe: ProbeInfo, program: str, pid: int):
+        try:
+            # BCC's USDT takes str (it encodes them as ASCII; check refuses other paths)
+            path = probe.binary
+            ctx = bcc.USDT(path=path, pid=pid) if pid > 0 else bcc.USDT(path=path)
+            ctx.enable_probe(probe=f"{probe.provider}:{probe.name}", fn_name=program)
+        except Exception as exc:
+            raise BundleError(f"probe '{probe.address or probe.id}' cannot be enabled: {exc}; "
+                              f"{attach_hint('usdt', None)}") from None
+        return ctx
 
     def attach_all(self, bcc, usdt: dict) -> tuple[dict, list[CoreProgram]]:
         """Every probe attached, with the first working variant of each group, or none."""
@@ -210,7 +259,7 @@ class BccRunner(CoreRunner):
             for p in self.core.programs:
                 probe = self.probes[p.probe]
                 if probe.id in usdt:         # BCC attached it when it compiled the program
-                    links[probe.id] = BccLink(None)
+                    links[probe.id] = usdt_link(self.obj.bpf, usdt[probe.id])
                     active.append(p)
                     continue
                 if not probe.group:
@@ -220,7 +269,10 @@ class BccRunner(CoreRunner):
                 if probe.group in done:
                     continue
                 done.add(probe.group)
-                tried = []
+                labels = self.manifest.groups.get(probe.group, ())
+                # variants the program has none for (fentry/fexit: BTF), said as core says a fallback
+                tried = [f"{label} (needs kernel BTF, which bcc does not use)"
+                         for label in labels[:min(by_group[probe.group])]]
                 for variant, programs in sorted(by_group[probe.group].items()):
                     made: dict[str, BccLink] = {}
                     try:
@@ -233,8 +285,9 @@ class BccRunner(CoreRunner):
                         continue
                     links.update(made)
                     active.extend(programs)
-                    if tried:
-                        self.log(f"{probe.group}: using variant {variant} on this kernel (not: {'; '.join(tried)})")
+                    if tried:       # as core says it (tests and the kernel matrix read which one ran)
+                        label = labels[variant] if variant < len(labels) else f"variant {variant}"
+                        self.log(f"{probe.group}: using {label} on this kernel (not {'; '.join(tried)})")
                     break
                 else:
                     raise BundleError(f"no variant of {probe.group} works on this kernel (tried {'; '.join(tried)})")
@@ -244,11 +297,12 @@ class BccRunner(CoreRunner):
             raise
         return links, active
 
-    def attach(self, bcc, program: str, probe: ProbeInfo) -> BccLink:
+    def attach(self, bcc, program: str, probe: ProbeInfo, pid: int | None = None) -> BccLink:
         b = self.obj.bpf
         kind = probe.kind
         fn = program.encode()          # BCC takes names as bytes (str is deprecated there)
-        pid = self.pid if self.pid > 0 else -1
+        pid = self.pid if pid is None else pid
+        pid = pid if pid > 0 else -1
         try:
             if kind == "tracepoint":
                 tp = f"{probe.category}:{probe.name}".encode()
@@ -297,25 +351,56 @@ class BccRunner(CoreRunner):
 
     # -- following changes ---------------------------------------------------------------------
     def reattach(self, path: str, old) -> list[str]:
-        """`path` is a new file: BCC names a uprobe by path and address, so its probes move to the
-        new file (processes still running the old one are no longer counted)."""
-        moved = []
-        for p in self.active:
-            probe = self.probes[p.probe]
-            if probe.binary != path or probe.kind not in ("uprobe", "uretprobe"):
-                continue
-            link = self.links.pop(probe.id, None)
-            if link is not None:
+        """`path` is a new file (a deploy replaced it): its probes are attached to it too (each
+        attachment has an event name of its own). The links on the old inode stay while processes
+        still run the old file (the core runner's poll() takes them off after the last one)."""
+        new: dict[str, BccLink] = {}
+        try:
+            for p in self.active:
+                probe = self.probes[p.probe]
+                if probe.binary == path and probe.kind in ("uprobe", "uretprobe"):
+                    new[probe.id] = self.attach(self.bcc, p.program, probe)
+        except BaseException:
+            for link in new.values():
                 _destroy(link)
-            try:
-                self.links[probe.id] = self.attach(self.bcc, p.program, probe)
-            except BundleError:
-                self.store.health.attached[probe.id] = 0
-                raise
-            self.store.health.attached[probe.id] = 1
-            moved.append(probe.id)
-        return sorted(moved)
+            for p in self.active:        # still on the old file only: new processes are not counted
+                if self.probes[p.probe].binary == path:
+                    self.store.health.attached[p.probe] = 0
+            raise
+        for probe_id, link in new.items():
+            before = self.links.get(probe_id)
+            if before is not None and old is not None:
+                self.retired.append((old.inode, before))
+            elif before is not None:
+                _destroy(before)
+            self.links[probe_id] = link
+            self.store.health.attached[probe_id] = 1
+        return sorted(new)
 
     def retarget(self, pid: int) -> None:
-        raise BundleError("the bcc backend compiles the target pid into its program and cannot follow a new "
-                          "process; restart probec (or use the core backend with --pid-file)")
+        """Follow another process (--pid-file) without compiling again: the uprobes and USDT probes,
+        which the kernel fires for the old process only, are attached for the new one, then its pid
+        goes into TARGET_MAP (which every probe tests), and only then are the old attachments taken
+        off. The maps, and so the counts, go on."""
+        new: dict[str, BccLink] = {}
+        contexts: dict[str, object] = {}
+        try:
+            for p in self.active:
+                probe = self.probes[p.probe]
+                if probe.kind in ("uprobe", "uretprobe"):
+                    new[probe.id] = self.attach(self.bcc, p.program, probe, pid)
+                elif probe.kind == "usdt":
+                    ctx = self.usdt_context(self.bcc, probe, p.program, pid)
+                    new[probe.id] = usdt_link(self.obj.bpf, ctx, attach=True)
+                    contexts[probe.id] = ctx
+        except BaseException:
+            for link in new.values():
+                _destroy(link)
+            raise
+        self.attacher.pid = pid if pid > 0 else -1
+        self.write_target(pid)
+        for link in [self.links[i] for i in new if i in self.links] + [link for _, link in self.retired]:
+            _destroy(link)           # the old process's (and those on files it ran before a deploy)
+        self.links.update(new)
+        self.usdt.update(contexts)
+        self.retired = []

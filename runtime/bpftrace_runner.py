@@ -78,14 +78,22 @@ class MapDecoder:
         # Counts from earlier bpftrace processes: a restart starts its maps at zero, and adding
         # these keeps every exported counter monotonic across restarts.
         self.carried: dict[str, dict] = {}
+        # What install() last handed the store, by metric: label sets as bpftrace keys them (cgroup
+        # ids, not the containers and pods they show), so that the store still drops the series of
+        # cgroups gone past the grace period after they were carried over a restart.
+        self.installed: dict[str, dict] = {}
+        self.fresh: set[str] = set()         # the metrics installed since the last whole dump
 
     def carry_over(self) -> None:
-        """Called before a restart: what the store shows now becomes the base for the next run."""
-        for name, state in self.store.snapshot().items():
+        """Called before a restart: what was installed last becomes the base for the next run, but
+        for the series the store dropped for good (their cgroup gone past the grace period)."""
+        states = self.store.snapshot()
+        for name, series in self.installed.items():
+            state = states[name]
             if not state.meta.cumulative:
                 continue
             self.carried[name] = {k: (HistogramSeries(list(v.buckets), v.sum) if isinstance(v, HistogramSeries)
-                                      else v) for k, v in state.series.items()}
+                                      else v) for k, v in series.items() if k not in state.expired}
         self.partial.clear()
 
     def install(self, name: str, series: dict) -> None:
@@ -97,7 +105,17 @@ class MapDecoder:
                                                  mine.sum + base.sum)
             else:
                 series[labels] = (mine or 0) + base
+        self.installed[name] = series
+        self.fresh.add(name)
         self.store.replace(name, series)
+
+    def dump_done(self) -> None:
+        """After a whole dump. bpftrace prints no empty map: a metric it left out has counted
+        nothing since the restart, and shows what was carried over alone (through the store again,
+        which drops the series of cgroups gone past the grace period)."""
+        for name in [n for n in self.carried if n not in self.fresh]:
+            self.install(name, {})
+        self.fresh = set()
 
     def keyless(self, map_name: str) -> bool:
         """A map bpftrace prints as a bare number: a counter or histogram sum with no labels."""
@@ -410,6 +428,8 @@ class BpftraceRunner:
                 target[owner] = self.counter_base.get(name, 0) + count
             else:
                 self.decoder.feed(name, value)
+        if self.dump_mark:          # a whole dump, not one map of it
+            self.decoder.dump_done()
         self.pending = {}
         self.store.health.last_read_seconds = time.monotonic() - started
         self.store.health.reads += 1

@@ -188,7 +188,7 @@ def resolve_series(series: dict, labels: tuple[Label, ...], resolver: CgroupReso
     out: dict = {}
     expired = set()
     for key, value in series.items():
-        if any(isinstance(key[i], str) for i, _ in where):     # __overflow__, or carried over already shown
+        if any(isinstance(key[i], str) for i, _ in where):     # __overflow__: no cgroup id
             shown = key
         elif any(resolver.expired(key[i]) for i, _ in where):
             expired.add(key)

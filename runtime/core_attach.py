@@ -9,10 +9,11 @@ import re
 from pathlib import Path
 
 from .core_preflight import check_uprobe_placement
-from .core_mechanisms import Mechanisms, choose, rewrite_atomic_fetch, shape_maps
+from .core_mechanisms import PRETEND_ENV, Mechanisms, choose, pretended_missing, rewrite_atomic_fetch, shape_maps
 from .manifest import BundleError, CoreProgram, Manifest, ProbeInfo, TracepointCheck
 
 _PROG_IN_LOG = re.compile(r"prog '([^']+)'")
+KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
 
 
 def _libbpf():
@@ -81,6 +82,9 @@ class ProbeAttacher:
         self.cgroup_filter = cgroup_filter     # --cgroup: only tasks whose cgroup the runtime marked
         self.btf_path = btf_path               # CO-RE against this BTF instead of the kernel's
         self.mechanisms: Mechanisms | None = None   # chosen at the first load
+        self.variants: dict[str, str] = {}           # group -> the label of the variant attached
+        # programs that attach to a tracepoint's typed raw form (tp_btf/ sections)
+        self.typed = {p.program for p in self.core.programs if p.section.startswith("tp_btf/")}
 
     def settings(self) -> list[tuple[str, bytes]]:
         chosen = self.mechanisms.settings() if self.mechanisms else {}
@@ -137,15 +141,40 @@ class ProbeAttacher:
             return labels[variant] if variant < len(labels) else f"variant {variant}"
 
         def skip(group: str, probe: ProbeInfo, stage: str, exc) -> None:
-            tried[group].append(f"{label(group, chosen[group])} ({stage} of {probe.address or probe.id}: "
-                                f"{_short(exc)})")
+            passed_over(group, probe, f"{stage} of {probe.address or probe.id}: {_short(exc)}",
+                        getattr(exc, "errno", None))
+
+        def passed_over(group: str, probe: ProbeInfo, why: str, err: int | None) -> None:
+            tried[group].append(f"{label(group, chosen[group])} ({why})")
             rest = [v for v in groups[group] if v > chosen[group]]
             if not rest:
                 raise L.BpfError(
                     f"no variant of {group} works on this kernel (tried {'; '.join(tried[group])})",
-                    getattr(exc, "errno", None), [],
-                    f"{attach_hint(probe.kind, getattr(exc, 'errno', None))}; add a 'fallback' to the span")
+                    err, [], f"{attach_hint(probe.kind, err)}; add a 'fallback' to the span")
             chosen[group] = rest[0]
+
+        if "fentry" in pretended_missing():
+            # As on a kernel that refuses fentry/fexit: the variants that need them are passed
+            # over (and said so), and a probe that needs them outside a group does not load.
+            for p in programs:
+                probe = self.probes[p.probe]
+                if probe.kind not in ("fentry", "fexit"):
+                    continue
+                if not probe.group:
+                    raise L.BpfError(f"probe '{probe.address or probe.id}' (program {p.program}) needs "
+                                     f"fentry/fexit, which {PRETEND_ENV}=fentry takes away; nothing is attached",
+                                     None, [], kernel_alternatives())
+                if chosen[probe.group] == probe.variant:
+                    passed_over(probe.group, probe, f"not tried: {PRETEND_ENV}=fentry", None)
+
+        # tp_btf needs the kernel's own BTF (and libbpf, missing it, fails the whole object, not the
+        # program): without it, or as asked, the tp_btf variants are passed over for the classic ones
+        no_typed = f"not tried: {PRETEND_ENV}=tp_btf" if "tp_btf" in pretended_missing() else \
+            "not tried: no kernel BTF" if not KERNEL_BTF.exists() else ""
+        for p in programs:
+            probe = self.probes[p.probe]
+            if no_typed and p.program in self.typed and chosen[probe.group] == probe.variant:
+                passed_over(probe.group, probe, no_typed, None)
 
         while True:
             active = [p for p in programs
@@ -192,6 +221,7 @@ class ProbeAttacher:
                 if retry:
                     obj.close()
                     continue
+                self.variants = {group: label(group, variant) for group, variant in chosen.items()}
                 for group, variant in sorted(chosen.items()):
                     if variant != groups[group][0]:
                         self.log(f"{group}: using {label(group, variant)} on this kernel "
@@ -204,6 +234,8 @@ class ProbeAttacher:
                 raise
 
     def attach(self, obj, program: str, probe: ProbeInfo):
+        if program in self.typed:       # the tracepoint's raw form: libbpf finds it from the section
+            return obj.program(program).attach()
         how = ATTACH.get(probe.kind)
         if how is None:
             raise BundleError(f"manifest names a probe kind this runtime cannot attach: {probe.kind}")

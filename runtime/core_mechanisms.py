@@ -9,11 +9,17 @@ and the maps of the way not taken are shrunk to one-slot stand-ins the kernel ca
 - the events' sampling tickets and rate counts: atomic fetch-and-add, else an add then a read
   (before 5.12; two CPUs at once may read the same count). Kernels before 5.12 refuse the fetch
   instruction anywhere in a program, even where the setting makes it dead: it is rewritten into a
-  plain load of the same length before load.
+  plain load of the same length before load;
+- sched tracepoints: their typed raw form (tp_btf), else the classic tracepoint (no kernel BTF,
+  before 5.5): variants of the group the core backend names, tried at load (core_attach.py).
 
 $PROBEC_PRETEND_MISSING (comma-separated: ring_buffer, task_storage, get_current_task_btf,
-atomic_fetch) makes
-a kernel that has them look as if it had not, to run the fallbacks where every feature exists.
+atomic_fetch, fentry, tp_btf) makes a kernel that has them look as if it had not, to run the
+fallbacks where every feature exists. `fentry` and `tp_btf` are decided where the variants of a
+group are tried (core_attach.py): the fentry/fexit variant of a `kernel:` span is passed over, so
+the span runs on kprobe, or where the kernel has no kprobes on the spec's fallback, as on a kernel
+that refuses function tracing; the tp_btf variants of sched tracepoints are passed over for the
+classic ones.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 from .manifest import USE_ATOMIC_FETCH, USE_RINGBUF, USE_TASK_BTF, USE_TASK_STORAGE, BundleError, Manifest
 
 PRETEND_ENV = "PROBEC_PRETEND_MISSING"
-FEATURES = ("ring_buffer", "task_storage", "get_current_task_btf", "atomic_fetch")
+FEATURES = ("ring_buffer", "task_storage", "get_current_task_btf", "atomic_fetch", "fentry", "tp_btf")
 
 
 def _libbpf():

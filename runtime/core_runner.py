@@ -139,8 +139,13 @@ class CoreRunner:
         """Once attached: health, BPF stats, stacks, the event reader, a first read."""
         L = _libbpf()
         health = self.store.health
-        health.mechanisms = self.attacher.mechanisms.describe(self.manifest)
-        health.attached = {pid: int(pid in self.links) for pid in self.probes}
+        # and for each group, the variant attached (span_NAME: fentry:F, kprobe:F or the fallback;
+        # sched_tracepoints: tp_btf or tracepoint)
+        health.mechanisms = self.attacher.mechanisms.describe(self.manifest) | self.attacher.variants
+        # the probes of the variants not chosen are not probes of this run (not "detached")
+        active = {p.probe for p in self.active}
+        health.attached = {pid: int(pid in self.links) for pid, p in self.probes.items()
+                           if not p.group or pid in active}
         unused = {s.map if self.in_task_storage(s) else s.task_map for s in self.manifest.spans}
         if self.core.ringbuf and not self.attacher.mechanisms.ring_buffer:
             unused.add(self.core.ringbuf.map)

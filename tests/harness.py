@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -157,22 +158,33 @@ def workload(*args: str, timeout: float = 120) -> None:
     subprocess.run([str(exe), *args[1:]], check=True, timeout=timeout)
 
 
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (`probec run`'s bpftrace), from every thread of it."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
 def bpf_program_count() -> int:
     out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True)
     return len(json.loads(out.stdout or "[]")) if out.returncode == 0 else -1
 
 
-def bcc_verify(program_text: str, manifest: dict) -> set[str]:
+def bcc_verify(program_text: str, manifest: dict, cflags: tuple[str, ...] = ()) -> set[str]:
     """Compile a bcc program's C with BCC against this host's kernel headers (joined as the runtime
-    joins them) and have the verifier take every function as the program type its probe attaches
-    as; nothing is attached. Returns the probe kinds loaded. Needs root and the kernel lock."""
+    joins them), with `cflags` as the runtime passes them (-Dprobec_use_ringbuf=0: the perf buffer;
+    -Dprobec_target_pid=0: no target), and have the verifier take every function as the program
+    type its probe attaches as; nothing is attached. Returns the probe kinds loaded. Needs root and
+    the kernel lock."""
     import os
     from probec.host.headers import find_kernel_headers, joined_tree
     from probec.runtime.bcc_runner import HEADER_TREES, import_bcc
     bcc = import_bcc()
     headers = find_kernel_headers()
     env = os.environ.get("BCC_KERNEL_SOURCE")
-    if env is None and headers.how != f"/lib/modules/{headers.running}":
+    if env is None and not headers.found_by_bcc:
         os.environ["BCC_KERNEL_SOURCE"] = str(joined_tree(headers, HEADER_TREES))
     probes = {p["id"]: p for p in manifest["probes"]}
     usdt = []
@@ -183,7 +195,7 @@ def bcc_verify(program_text: str, manifest: dict) -> set[str]:
             context.enable_probe(probe=f"{probe['provider']}:{probe['name']}", fn_name=p["program"])
             usdt.append(context)
     try:
-        b = bcc.BPF(text=program_text.encode(), usdt_contexts=usdt)
+        b = bcc.BPF(text=program_text.encode(), cflags=list(cflags), usdt_contexts=usdt)
     finally:
         if env is None:
             os.environ.pop("BCC_KERNEL_SOURCE", None)

@@ -177,6 +177,27 @@ def test_debian_headers_are_joined_into_one_tree(tmp_path):
     assert kernel_headers.joined_tree(found, tmp_path / "trees") == tree       # made once
 
 
+def test_a_build_link_without_source_finds_debians_common_folder(tmp_path, monkeypatch):
+    """Debian's linux-headers-RELEASE makes /lib/modules/RELEASE/build (its arch folder) and no
+    `source`: the rest of the headers, in the -common folder beside it, is joined in, since BCC
+    given `build` alone finds no include/linux (as in the 6.1 guest of the kernel matrix)."""
+    root = tmp_path / "src"
+    arch = fake_headers(root / "linux-headers-6.1.0-57-amd64", "6.1.0-57-amd64")
+    common = root / "linux-headers-6.1.0-57-common"
+    (common / "include" / "linux").mkdir(parents=True)
+    modules = tmp_path / "modules"
+    (modules / "6.1.0-57-amd64").mkdir(parents=True)
+    (modules / "6.1.0-57-amd64" / "build").symlink_to(arch)
+    monkeypatch.setattr(kernel_headers, "MODULES", modules)
+    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    found = kernel_headers.find_kernel_headers("6.1.0-57-amd64")
+    assert found.build == modules / "6.1.0-57-amd64" / "build" and found.source == common
+    assert found.matches and not found.found_by_bcc          # the runtime joins them for BCC
+    (modules / "6.1.0-57-amd64" / "source").symlink_to(common)
+    found = kernel_headers.find_kernel_headers("6.1.0-57-amd64")
+    assert found.source == modules / "6.1.0-57-amd64" / "source" and found.found_by_bcc
+
+
 def test_bucket_search_is_the_edge_table_search():
     """The comparisons the bcc program makes for a histogram give the bucket probec_bucket_u64
     finds in the core backend's table: the number of edges below v, for 0, 1, each edge, each
@@ -240,9 +261,13 @@ events:
 
 
 @pytest.mark.kernel
-def test_ring_buffer_drops_are_counted_as_core_counts_them(tmp_path, workloads):
-    """The bcc program reserves in its ring as core's does, and counts a full ring in the same
-    health slot: every event is either written or counted lost (probec_events_lost_total)."""
+@pytest.mark.parametrize("missing", ["", "ring_buffer"], ids=["ring_buffer", "perf_buffer"])
+def test_events_and_drops_are_counted_as_core_counts_them(tmp_path, workloads, monkeypatch, missing):
+    """Events go through the ring buffer where the kernel has one, else (kernels before 5.8, or
+    PROBEC_PRETEND_MISSING=ring_buffer as core honours it) through a perf buffer, chosen as BCC
+    compiles the program. Either way the program counts what it could not hand over in the same
+    health slot as core: every event is either written or counted lost (probec_events_lost_total),
+    and health and the start line say which mechanism ran."""
     import subprocess
     from conftest import WORKLOADS, require_bcc_kernel
     from probec.compiler.driver import build_bundle, check_file
@@ -251,6 +276,7 @@ def test_ring_buffer_drops_are_counted_as_core_counts_them(tmp_path, workloads):
     from probec.runtime.manifest import load_bundle
     from probec.runtime.store import MetricStore
     require_bcc_kernel()
+    monkeypatch.setenv("PROBEC_PRETEND_MISSING", missing)
     result = check_file(str(spec_file(tmp_path, DROPS_SPEC)))
     built = build_bundle(result, "bcc")
     assert built is not None, result.diagnostics.items
@@ -268,12 +294,14 @@ def test_ring_buffer_drops_are_counted_as_core_counts_them(tmp_path, workloads):
     finally:
         runner.stop()
         sink.close()
-    written = len(events.read_text().splitlines())
+    written = [json.loads(line) for line in events.read_text().splitlines()]
     health = store.health
     assert health.events_emitted["every_write"] == 20000
-    assert health.events_lost > 0, "a 4 KiB ring should overflow"
-    assert written + health.events_lost == 20000
-    # fixed when it was built, not chosen at load: health and the start line say what BCC uses
-    assert health.mechanisms == {"events": "ring_buffer", "tracepoint_fields": "offsets",
+    assert len(written) + health.events_lost == 20000
+    assert all(e["comm"] == "bcc_drops" and e["args_count"] == 0 for e in written), written[:3]
+    mechanism = "perf_buffer" if missing else "ring_buffer"
+    if not missing:
+        assert health.events_lost > 0, "a 4 KiB ring should overflow"
+    assert health.mechanisms == {"events": mechanism, "tracepoint_fields": "offsets",
                                  "current_task": "get_current_task"}
-    assert runner.describe() == "events: ring_buffer, tracepoint_fields: offsets, current_task: get_current_task"
+    assert runner.describe() == f"events: {mechanism}, tracepoint_fields: offsets, current_task: get_current_task"

@@ -22,7 +22,7 @@ BENCHMARKS = {
     "uprobe_placement": ["probec automatic placement", "forced entry (+0)", "## Is an explicit `+0` honoured?"],
     "collector": ["## Collector CPU and memory", "100k spans/s", "## One scrape of /metrics",
                   "one batch lookup (Map.items_batch)"],
-    "ringbuf": ["## Lossless throughput, one producer", "probec_events_lost_total", "bulk mmap consumer",
+    "ringbuf": ["## Lossless throughput, one producer", "probec_events_lost_total", "RingReader, bulk reads",
                 "A consumer too slow: 16 KiB ring"],
     "event_cost": ["## busy 200 us calls", "core (CO-RE C): span + an event per call", "bpftrace 0.17: span",
                    "Event per call, bpftrace / core"],
@@ -32,7 +32,7 @@ BENCHMARKS = {
                     "BCC compile and attach at start"],
     "otlp_events": ["## Lossless?", "(A) before", "`--events FILE --otlp URL`", "## Cost, medians"],
     "tp_btf": ["## The traced syscall", "classic tracepoints", "tp_btf/sys_{enter,exit}", "## A syscall not traced",
-               "getpid: tp_btf / classic"],
+               "getpid: tp_btf / classic", "## Sched spans", "runq: tp_btf / classic", "offcpu: tp_btf / classic"],
 }
 TIMEOUT = 120
 

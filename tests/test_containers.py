@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, require_kernel
-from harness import Run, build, value, write_spec
+from harness import Run, build, children, value, write_spec
 from probec.host.containers import CgroupTree, cgroup2_root, cgroup_id, parse_cgroup_path, parse_pod_list
 from probec.runtime.cgroups import CgroupMap, CgroupResolver, KubeletPods
 from probec.runtime.manifest import CgroupMatchInfo, CgroupSection, Label
@@ -188,6 +189,48 @@ def test_series_of_gone_containers_are_dropped_after_the_grace_period(tmp_path, 
     assert store.metrics["calls_total"].series == {(ids["a"], "model-0"): 5, (ids["c"], "model-1"): 1}
 
 
+def test_series_carried_over_a_bpftrace_restart_are_dropped_after_the_grace_period(tmp_path, kubelet):
+    """bpftrace's decoder carries its own keys (cgroup ids) over a restart, not what they showed,
+    and a new bpftrace that has counted nothing yet prints no map: the whole dump still goes through
+    the store, which drops the gone container's series and counts it."""
+    from probec.runtime.bpftrace_runner import MapDecoder
+    from probec.runtime.manifest import MANIFEST_VERSION, Manifest
+    tree, ids = fake_tree(tmp_path)
+    clock = Clock()
+    resolver = CgroupResolver(tree, KubeletPods(kubelet.url, Health(), clock=clock, token_file=None), grace_s=60,
+                              clock=clock)
+    metric = {"name": "calls_total", "kind": "counter", "help": "c", "unit": "", "scale": 1.0, "edges": [],
+              "labels": [{"name": name, "type": "int", "render": name, "names": []} for name in ("cgroup_id", "pod")],
+              "sum_slot": None, "map": "m_calls_total", "series_limit": 10, "overflow_map": None, "folded_map": None}
+    manifest = Manifest.from_dict({
+        "probec_manifest": MANIFEST_VERSION, "name": "t", "spec": "t.yaml", "description": "", "backend": "bpftrace",
+        "files": {"script": "t.bt"}, "maps": [], "spans": [], "metrics": [metric], "events": [], "probes": [],
+        "groups": {}, "core": None,
+        "bpftrace": {"version": "0.17", "interval_ms": 1000, "map_keys_max": 8192, "epoch_maps": [], "counters": [],
+                     "metric_maps": [{"map": "@m_calls_total", "metric": "calls_total", "role": "main"}],
+                     "ready_map": "@__probec_ready", "separator": "\x1f", "event_mark": "E",
+                     "ready_mark": "probec: all probes attached", "dump_mark": "probec: dump end", "probes": []}})
+    said = []
+    store = MetricStore(manifest, log=said.append, cgroups=resolver)
+    decoder = MapDecoder(manifest, store)
+    decoder.feed("@m_calls_total", {f"{ids['a']},{ids['a']}": 5, f"{ids['b']},{ids['b']}": 7})
+    decoder.dump_done()
+    decoder.carry_over()                                    # bpftrace restarted
+    shutil.rmtree(tmp_path / SHAPES["b"].split("/", 1)[0] / SHAPES["b"].split("/", 1)[1].rsplit("/", 1)[0])
+    clock.now += 11
+    tree.scan()
+    decoder.dump_done()             # a dump without the map: within the grace period, still shown
+    assert store.metrics["calls_total"].series == {(ids["a"], "model-0"): 5, (ids["b"], "ingest-7"): 7}
+    clock.now += 60
+    decoder.dump_done()
+    assert store.metrics["calls_total"].series == {(ids["a"], "model-0"): 5}
+    assert store.metrics["calls_total"].expired == {(ids["b"], ids["b"])} and len(said) == 1
+    decoder.carry_over()                                    # restarted again: the dropped series stays dropped
+    decoder.feed("@m_calls_total", {f"{ids['a']},{ids['a']}": 1})
+    decoder.dump_done()
+    assert store.metrics["calls_total"].series == {(ids["a"], "model-0"): 6} and len(said) == 1
+
+
 def test_cgroup_map_marks_filters_and_path_and_forgets(tmp_path, kubelet):
     tree, ids = fake_tree(tmp_path)
     clock = Clock()
@@ -337,6 +380,37 @@ def test_series_of_a_removed_container_expire(backend, workloads, pod_cgroups, t
     assert value(metrics, "probec_series_expired_total", metric="getpid_calls_total") == 1
     if backend == "core":
         assert value(metrics, "probec_map_entries", map="m_getpid_calls_total") == 1
+
+
+@pytest.mark.kernel
+def test_series_carried_over_a_bpftrace_restart_expire(workloads, pod_cgroups, tmp_path):
+    """The same with bpftrace killed (and restarted) between the calls and the container's end: the
+    series carried over the restart keep their counts, and the removed container's is dropped after
+    --cgroup-grace all the same, counted and said once."""
+    require_kernel(need_bpftrace=True)
+    base, made = pod_cgroups
+    spec = write_spec(tmp_path, SPEC.split("  serving_calls_total:")[0].replace("pod, namespace, container", ""))
+    bundle = build(spec, "bpftrace", tmp_path / "bundle")
+    run = Run(bundle, tmp_path, "--cgroup-grace", "1")
+    try:
+        for name in ("a", "b"):
+            run_in(made[name], workloads, CALLS[name])
+        time.sleep(1.2)                # dumps with both series, before the kill
+        (child,) = children(run.proc.pid)
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while "restarted" not in run.stderr() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        made["b"].rmdir()
+        time.sleep(3.5)                # a tree walk (each read here), then the grace period
+    finally:
+        metrics = run.stop()
+        print(f"probec run stderr:\n{run.stderr()}")
+    assert value(metrics, "probec_backend_restarts_total") == 1
+    series = metrics["getpid_calls_total"]
+    assert list(series.values()) == [CALLS["a"]] and dict(next(iter(series)))["container_id"] == A_CID, series
+    assert value(metrics, "probec_series_expired_total", metric="getpid_calls_total") == 1
+    assert run.stderr().count("dropping the series of containers gone") == 1, run.stderr()
 
 
 # --- binaries inside containers -------------------------------------------------------------------

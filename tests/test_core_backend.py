@@ -647,11 +647,52 @@ def test_kernel_span_attaches_its_first_working_variant(tmp_path, workloads):
     store, runner, log = run_in_process(out, lambda: run_workload("--comm", "core_fb", "sleep", "3", "3000"))
     attached = store.health.attached
     assert attached["tracepoint_sys_enter_clock_nanosleep"] == 1
-    assert attached["fentry_do_nanosleep"] == 0 and attached["kprobe_do_nanosleep"] == 0
+    # the variants not taken are not probes of this run: no probec_probe_attached 0 (and no alert)
+    # for them, as bpftrace reports only the probes its script attaches
+    assert "fentry_do_nanosleep" not in attached and "kprobe_do_nanosleep" not in attached
     assert any("using syscall:clock_nanosleep" in line for line in log), log
     series = store.snapshot()["core_fb_seconds"].series[()]
     assert series.count == 3
     assert series.buckets[6] >= 2                 # 3 ms and wake-up latency: (2.048 ms, 4.096 ms]
+
+
+SCHED_SPEC = """
+name: core_sched
+spans:
+  runq:
+    begin: {probe: tracepoint:sched:sched_wakeup, key: args.pid}
+    end: {probe: tracepoint:sched:sched_switch, key: args.next_pid}
+    filter: args.comm == "core_sched"
+metrics:
+  core_runq_seconds:
+    histogram: runq.duration
+    buckets: exp2(1us, 1s)
+    labels: [thread: args.next_comm]
+"""
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("kernel_btf", [True, False], ids=["kernel-btf", "no-kernel-btf"])
+def test_sched_tracepoints_attach_typed_where_the_kernel_has_btf(tmp_path, workloads, monkeypatch, kernel_btf):
+    """sched tracepoints are attached in their typed raw form (tp_btf) first; where the kernel has
+    no BTF (hidden here) the bundle takes its classic tracepoints before loading (libbpf would fail
+    the whole object), says so, and counts the same."""
+    require_core_kernel()
+    from probec.runtime import core_attach
+    if not kernel_btf:
+        monkeypatch.setattr(core_attach, "KERNEL_BTF", tmp_path / "no-such-btf")
+    out = build(write_spec(tmp_path, "core_sched", SCHED_SPEC), tmp_path / "bundle")
+    store, runner, log = run_in_process(out, lambda: run_workload("--comm", "core_sched", "sleep", "5", "3000"))
+    typed = "tp_btf" if kernel_btf else "tracepoint"
+    assert store.health.mechanisms["sched_tracepoints"] == typed
+    chosen = {"tracepoint_sched_wakeup_btf", "tracepoint_sched_switch_btf"} if kernel_btf else \
+        {"tracepoint_sched_wakeup", "tracepoint_sched_switch"}
+    assert store.health.attached == {p: 1 for p in chosen}
+    assert any("using tracepoint on this kernel (not tp_btf (not tried: no kernel BTF))" in line for line in log) != kernel_btf
+    # each of the 5 sleeps ends in a timer wake-up and a switch in (the kernel may add one now and then)
+    series = store.snapshot()["core_runq_seconds"].series[("core_sched",)]
+    assert 5 <= series.count <= 7
+    assert series.sum < 5 * MS
 
 
 @pytest.mark.kernel
@@ -801,6 +842,10 @@ events:
     on: tracepoint:sched:sched_switch
     when: args.next_comm == "pwork"
     fields: [args.prev_comm, args.next_comm, args.prev_state, kstack]
+  woken:
+    on: tracepoint:sched:sched_wakeup_new
+    when: args.comm == "pwork"
+    fields: [args.comm, args.pid, args.prio, kstack]
 """
 
 
@@ -813,6 +858,11 @@ def test_every_construct_passes_the_verifier(tmp_path, workloads):
     with L.BpfObject.open(out / manifest["core"]["object"]) as obj:
         obj.load()
         assert len(obj.programs) == len(manifest["core"]["programs"])
+    # sched_wakeup_new reads only typed fields: a tp_btf program beside its classic one, both loaded
+    # above; sched_switch reads prev_state, which only the classic record has
+    sections = {p["section"] for p in manifest["core"]["programs"]}
+    assert {"tp_btf/sched_wakeup_new", "tp/sched/sched_wakeup_new", "tp/sched/sched_switch"} <= sections
+    assert "tp_btf/sched_switch" not in sections
     checks = {(c["tracepoint"], c["field"]) for c in manifest["core"]["tracepoint_fields"]}
     assert ("sched:sched_switch", "next_comm") in checks and ("syscalls:sys_exit_write", "ret") in checks
 

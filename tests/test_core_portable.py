@@ -1,6 +1,7 @@
 """Portable core bundles (issue 10): tracepoint fields read through the kernel's BTF record types,
 mechanisms chosen when the bundle loads (ring buffer or perf buffer, task storage or hash,
-bpf_get_current_task_btf or bpf_get_current_task), and bundles run against a BTF cut for them.
+bpf_get_current_task_btf or bpf_get_current_task, a `kernel:` span's fentry, kprobe or
+fallback), and bundles run against a BTF cut for them.
 
 This kernel has every mechanism, so the kernel tests force each fallback with
 $PROBEC_PRETEND_MISSING and check that the numbers stay exact and that health and the start line
@@ -140,6 +141,54 @@ def test_unknown_pretended_feature_is_refused(portable_bundle, tmp_path):
                env={**os.environ, "PROBEC_PRETEND_MISSING": "ringbuf"})
     assert r.returncode == 1 and "PROBEC_PRETEND_MISSING names ringbuf" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.kernel
+def test_pretending_fentry_missing_runs_the_next_variant(tmp_path, monkeypatch):
+    """PROBEC_PRETEND_MISSING=fentry: the loader passes over the fentry/fexit variant of a
+    `kernel:` span without trying it, as on a kernel that refuses function tracing, and runs the
+    next variant that attaches: kprobe where the kernel has kprobes, else (as here, no
+    CONFIG_KPROBES) the spec's fallback. The log, the start line and probec_mechanism say which
+    ran and why, and the counts are exact (examples/send_latency on its workload)."""
+    from probec.host.features import kprobes_available
+    require_core_kernel()
+    subprocess.run(["make", "-s", "-C", str(ROOT / "examples" / "workloads")], check=True, capture_output=True)
+    bundle = build(ROOT / "examples" / "send_latency" / "spec.yaml", "core", tmp_path / "bundle", "--kernel", "any")
+    expected = "kprobe:tcp_sendmsg" if kprobes_available() else "syscall:sendto"
+    monkeypatch.setenv("PROBEC_PRETEND_MISSING", "fentry")
+    n, m = 50, 2
+    run = Run(bundle, tmp_path)
+    try:
+        subprocess.run([str(ROOT / "examples" / "workloads" / "build" / "sendlat"), str(n), "1000", str(m), "5"],
+                       check=True, capture_output=True, timeout=60)
+        metrics = run.stop()
+    finally:
+        run.kill()
+    assert value(metrics, "send_duration_seconds_count", comm="sl_client") == n + m
+    assert value(metrics, "send_duration_seconds_count", comm="sl_server") == m
+    stderr = run.stderr()
+    # fentry was never tried (without the setting, it is tried and refused: "load of ...: EPERM" here)
+    assert ("span_send: using " + expected + " on this kernel (not fentry:tcp_sendmsg "
+            "(not tried: PROBEC_PRETEND_MISSING=fentry)") in stderr, stderr
+    if expected == "syscall:sendto":
+        assert "kprobe:tcp_sendmsg (attach of kernel:tcp_sendmsg: " in stderr, stderr   # tried, refused here
+    used = {dict(k)["feature"]: dict(k)["mechanism"] for k, v in metrics["probec_mechanism"].items() if v == 1}
+    assert used["span_send"] == expected, used
+    start = next(line for line in stderr.splitlines() if ": attached (core)" in line)
+    assert f"span_send: {expected}" in start, start
+
+
+@pytest.mark.kernel
+def test_pretending_fentry_missing_refuses_a_probe_that_needs_it(tmp_path):
+    """An fentry/fexit probe outside a `kernel:` span has nothing to fall to: the run refuses,
+    naming the probe and the setting, and attaches nothing."""
+    require_core_kernel()
+    bundle = build(ROOT / "tests" / "kernels" / "specs" / "send_fentry.yaml", "core", tmp_path / "bundle",
+                   "--kernel", "any")
+    r = probec("run", str(bundle), "--port", "0", "--duration", "1",
+               env={**os.environ, "PROBEC_PRETEND_MISSING": "fentry"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "fentry:tcp_sendmsg" in r.stderr and "PROBEC_PRETEND_MISSING=fentry takes away" in r.stderr, r.stderr
 
 
 @pytest.mark.kernel

@@ -160,7 +160,9 @@ def test_golden_bcc_loads(spec: Path, workloads, tmp_path):
     host's kernel headers, and every function of it passes the verifier as the program type its
     probe attaches as (nothing is attached). The headers need not be the running kernel's: no
     golden function that BCC compiles here reads a kernel struct but socket(fd)'s, and the verifier
-    checks the code, not the offsets it reads."""
+    checks the code, not the offsets it reads. Each is compiled as the runtime compiles it: with a
+    target pid read from its map, and without one; with the ring buffer, and with the perf buffer
+    (kernels before 5.8)."""
     from harness import bcc_verify
     from probec.runtime.bcc_runner import program_text
     require_bcc_kernel()
@@ -169,3 +171,4 @@ def test_golden_bcc_loads(spec: Path, workloads, tmp_path):
     program = tmp_path / f"{name}.py"
     program.write_text((GOLDEN / name / f"{name}.bcc.py").read_text().replace("$ROOT", str(ROOT)))
     assert bcc_verify(program_text(program), manifest)
+    assert bcc_verify(program_text(program), manifest, ("-Dprobec_target_pid=0", "-Dprobec_use_ringbuf=0"))

@@ -226,8 +226,8 @@ def test_otlp_url_must_be_http(tmp_path, workloads):
     assert "--otlp takes an http:// or https:// URL" in result.stderr and "Traceback" not in result.stderr
 
 
-RATE_SPEC = """
-name: otlp_rate
+SLEEP_EVENTS_SPEC = """
+name: otlp_sleep_events
 binaries:
   pwork: $WORK/libpwork.so
 spans:
@@ -237,78 +237,62 @@ metrics:
   sleeps_total:
     count: sleep.end
 events:
-  each_sleep:
-    on: sleep.end
-    fields: [duration]
 """
 
 
-@pytest.mark.kernel
-def test_no_event_lost_at_a_moderate_rate(tmp_path, receiver, workloads):
-    """100,000 calls of 5 us, an event at each (about 100k events/s here), with the default 1 MiB
-    ring: every one in the JSON lines and every one a span. The core backend only: bpftrace 0.17
-    prints events one line at a time from user space (11-50 us each in the traced program,
-    benchmarks/results/event_cost.md); it is the prototype's path, not one for these rates."""
+def run_sleep_events(tmp_path: Path, receiver: OtlpReceiver, events: dict[str, list[str]],
+                     *pwork_args: str) -> tuple[dict, Run, Path, float]:
+    """A span over pwork_sleep_us, `sleeps_total` counting its ends and, at every end, one event of
+    each of `events` (name: fields), built for the core backend (the ring: bpftrace 0.17 prints
+    events one line at a time from user space, 11-50 us each in the traced program,
+    benchmarks/results/event_cost.md) and run with --otlp to `receiver` while pwork runs
+    `pwork_args`. Checks that nothing was lost, undecodable, dropped or failed on the way; returns
+    the final metrics, the run, the bundle and the seconds pwork took."""
     from conftest import require_kernel
     require_kernel(need_clang=True)
-    bundle = build(write_spec(tmp_path, RATE_SPEC), "core", tmp_path / "bundle")
+    spec = SLEEP_EVENTS_SPEC + "".join(f"  {name}:\n    on: sleep.end\n    fields: [{', '.join(fields)}]\n"
+                                       for name, fields in events.items())
+    bundle = build(write_spec(tmp_path, spec), "core", tmp_path / "bundle")
     run = Run(bundle, tmp_path, "--otlp", receiver.url)
     try:
         began = time.monotonic()
-        workload("pwork", "sleep", "100000", "5")
+        workload("pwork", *pwork_args)
         took = time.monotonic() - began
         metrics = run.stop()
     finally:
         run.kill()
         print(f"probec run stderr:\n{run.stderr()}")
+    assert value(metrics, "probec_events_lost_total") == 0 and value(metrics, "probec_decode_errors_total") == 0
+    assert value(metrics, "probec_events_dropped_total", reason="otlp") == 0
+    assert value(metrics, "probec_otlp_export_failures_total", signal="traces") == 0
+    assert receiver.bad == []
+    return metrics, run, bundle, took
+
+
+@pytest.mark.kernel
+def test_no_event_lost_at_a_moderate_rate(tmp_path, receiver, workloads):
+    """100,000 calls of 5 us, an event at each (about 100k events/s here), with the default 1 MiB
+    ring: every one in the JSON lines and every one a span."""
+    metrics, run, _, took = run_sleep_events(tmp_path, receiver, {"each_sleep": ["duration"]},
+                                             "sleep", "100000", "5")
     print(f"100,000 events in {took:.2f} s: {100_000 / took:,.0f} events/s")
     assert value(metrics, "sleeps_total") == 100_000
     assert value(metrics, "probec_events_total", event="each_sleep") == 100_000
-    assert value(metrics, "probec_events_lost_total") == 0
-    assert value(metrics, "probec_events_dropped_total", reason="otlp") == 0
-    assert value(metrics, "probec_otlp_export_failures_total", signal="traces") == 0
     with open(run.events_path) as f:
         assert sum(1 for _ in f) == 100_000
-    assert receiver.span_count == 100_000 and receiver.bad == []
-
-
-TWO_SIZES_SPEC = """
-name: two_sizes
-binaries:
-  pwork: $WORK/libpwork.so
-spans:
-  sleep:
-    function: pwork:pwork_sleep_us
-metrics:
-  sleeps_total:
-    count: sleep.end
-events:
-  short_record:
-    on: sleep.end
-    fields: [duration]
-  long_record:
-    on: sleep.end
-    fields: [comm, duration]
-"""
+    assert receiver.span_count == 100_000
 
 
 @pytest.mark.kernel
 def test_records_of_two_sizes_interleaved_are_all_read(tmp_path, receiver, workloads):
     """Two events of different record sizes at every call, so the ring holds them interleaved:
     the bulk reader hands runs of one size over as blocks and the rest one by one. Every event of
-    both arrives in the JSON lines and as a span, with its own fields. Core only (the ring)."""
-    from conftest import require_kernel
-    require_kernel(need_clang=True)
-    bundle = build(write_spec(tmp_path, TWO_SIZES_SPEC), "core", tmp_path / "bundle")
+    both arrives in the JSON lines and as a span, with its own fields."""
+    _, run, bundle, _ = run_sleep_events(tmp_path, receiver, {"short_record": ["duration"],
+                                                              "long_record": ["comm", "duration"]},
+                                         "--comm", "pw_sizes", "sleep", "3000", "5")
     sizes = {e["name"]: e["record"]["size"] for e in json.loads((bundle / "manifest.json").read_text())["events"]}
     assert sizes["short_record"] != sizes["long_record"]
-    run = Run(bundle, tmp_path, "--otlp", receiver.url)
-    try:
-        workload("pwork", "--comm", "pw_sizes", "sleep", "3000", "5")
-        metrics = run.stop()
-    finally:
-        run.kill()
-    assert value(metrics, "probec_events_lost_total") == 0 and value(metrics, "probec_decode_errors_total") == 0
     events = run.events()
     by_name = {name: [e for e in events if e["event"] == name] for name in sizes}
     assert {name: len(es) for name, es in by_name.items()} == {"short_record": 3000, "long_record": 3000}
@@ -318,5 +302,5 @@ def test_records_of_two_sizes_interleaved_are_all_read(tmp_path, receiver, workl
     assert sorted(e["duration_seconds"] for e in by_name["short_record"]) == \
         sorted(e["duration_seconds"] for e in by_name["long_record"])
     spans = [span for _, span in receiver.spans()]
-    assert receiver.span_count == 6000 and receiver.bad == []
+    assert receiver.span_count == 6000
     assert sum(1 for s in spans if s.name == "long_record" and attributes(s)["comm"] == "pw_sizes") == 3000

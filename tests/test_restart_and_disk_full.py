@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, require_kernel
-from harness import Run, bpf_program_count, build, value, write_spec
+from harness import Run, bpf_program_count, build, children, value, write_spec
 
 pytestmark = pytest.mark.kernel
 PWORK = ROOT / "tests" / "workloads" / "build" / "pwork"
@@ -30,14 +30,6 @@ metrics:
     histogram: nop.duration
     buckets: exp2(1us, 1s)
 """
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(x) for x in f.read().split()]
-    return out
 
 
 def alive(pid: int) -> bool:

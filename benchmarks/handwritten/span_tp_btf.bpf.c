@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
-/* The getpid span of span_task_storage.bpf.c (begin time in task-local storage, the same
- * histogram), attached three ways, to compare what the attachment costs:
+/* The getpid span of span_task_storage.bpf.c (the body of task_storage_span.bpf.h: begin time in
+ * task-local storage, the same histogram), attached three ways, to compare what the attachment costs:
  *   tp/syscalls/sys_{enter,exit}_getpid: the classic per-syscall tracepoints (what probec emits);
  *   tp_btf/sys_{enter,exit}: the raw syscall tracepoints with typed arguments (BTF), which fire for
  *     every syscall of every process: the program tests the syscall number itself;
@@ -11,40 +11,11 @@
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 #include "bench_common.bpf.h"
+#include "task_storage_span.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
 #define NR_GETPID 39	/* x86-64 */
-
-struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, __u64);
-} start SEC(".maps");
-
-static __always_inline void begin(void)
-{
-	__u64 *ts = bpf_task_storage_get(&start, bpf_get_current_task_btf(), 0,
-					 BPF_LOCAL_STORAGE_GET_F_CREATE);
-
-	if (!ts) {
-		__sync_fetch_and_add(&begin_overflows, 1);
-		return;
-	}
-	*ts = bpf_ktime_get_ns();
-}
-
-static __always_inline void end(void)
-{
-	__u64 now = bpf_ktime_get_ns();
-	__u64 *ts = bpf_task_storage_get(&start, bpf_get_current_task_btf(), 0, 0);
-
-	if (!ts || !*ts)
-		return;
-	hist_record(now - *ts);
-	*ts = 0;
-}
 
 SEC("tp/syscalls/sys_enter_getpid")
 int classic_begin(void *ctx)

@@ -45,20 +45,16 @@ static inline void ex_thread(const char *comm)
 	}
 }
 
-/* Sleeps off-CPU for `us` microseconds measured from the call (absolute deadline, so an EINTR
- * restart does not drift): one clock_nanosleep, hence one wake-up. */
+/* Sleeps off-CPU for `us` microseconds: one clock_nanosleep, hence one wake-up (an EINTR restart
+ * sleeps what was left). The time is relative, so the kernel arms the timer right before the
+ * thread blocks: however long the thread is delayed before the call (preempted, or its virtual
+ * CPU stalled), it is off the CPU for the whole time. (An absolute deadline taken before the call
+ * lets such a delay eat into the sleep, or all of it.) */
 static inline void ex_sleep_us(unsigned long us)
 {
-	struct timespec t;
+	struct timespec t = { (time_t)(us / 1000000UL), (long)(us % 1000000UL) * 1000L };
 
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	t.tv_sec += (time_t)(us / 1000000UL);
-	t.tv_nsec += (long)(us % 1000000UL) * 1000L;
-	if (t.tv_nsec >= 1000000000L) {
-		t.tv_sec += 1;
-		t.tv_nsec -= 1000000000L;
-	}
-	while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &t, NULL) == EINTR)
+	while (clock_nanosleep(CLOCK_MONOTONIC, 0, &t, &t) == EINTR)
 		;
 }
 
@@ -68,6 +64,16 @@ static inline unsigned long long ex_now_ns(void)
 	struct timespec t;
 
 	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (unsigned long long)t.tv_sec * 1000000000ULL + (unsigned long long)t.tv_nsec;
+}
+
+/* CLOCK_THREAD_CPUTIME_ID in nanoseconds: the time the kernel has accounted the calling thread as
+ * running on a CPU (its scheduler's own clock). Wall time minus this is time off the CPU. */
+static inline unsigned long long ex_thread_cpu_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
 	return (unsigned long long)t.tv_sec * 1000000000ULL + (unsigned long long)t.tv_nsec;
 }
 

@@ -19,7 +19,8 @@ The package's modules, each importing only those above it:
 - ``links``: Link and LinkGroup
 - ``maps``: Map (settings before load, element access, batch lookup)
 - ``perf``: cpu-clock perf events, ``profile`` and ``interval`` attachments
-- ``ringbuf``: RingBuffer (a callback per record), RingReader (bulk reads)
+- ``ringbuf``: RingBuffer (a callback per record), RingReader (bulk reads), PolledBuffer (what
+  RingBuffer and PerfBuffer share)
 - ``perfbuf``: PerfBuffer (kernels without ring buffers)
 - ``probes``: what the kernel's BPF offers (map types, helpers)
 - ``objects``: BpfObject and Program, program info and run-time stats

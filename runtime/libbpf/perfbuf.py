@@ -4,18 +4,18 @@ callback per record: what a kernel without ring buffers (before 5.8) hands event
 from __future__ import annotations
 
 import ctypes
-import errno as _errno
 from ctypes import c_void_p
 from typing import Callable
 
-from .errors import BpfError, Call
-from .ffi import PERF_LOST_FN, PERF_SAMPLE_FN, Closing, lib
+from .errors import Call
+from .ffi import PERF_LOST_FN, PERF_SAMPLE_FN, lib
 from .maps import Map
+from .ringbuf import PolledBuffer
 
 PAGES_PER_CPU = 64          # 256 KiB per CPU with 4 KiB pages (a power of two, as the kernel wants)
 
 
-class PerfBuffer(Closing):
+class PerfBuffer(PolledBuffer):
     """perf_buffer__new/poll/consume over one PERF_EVENT_ARRAY map.
 
     With ``callback(data: bytes)``, each record is handed to it on the polling thread, as
@@ -25,9 +25,10 @@ class PerfBuffer(Closing):
     full per-CPU buffer). An exception in the callback is re-raised from poll()/consume().
     """
 
+    KIND = "perf buffer"
+
     def __init__(self, bmap: Map, callback: Callable[[bytes], object] | None = None, pages: int = PAGES_PER_CPU):
-        self._ptr: int | None = None
-        self._pending: BaseException | None = None
+        super().__init__()
         self.lost = 0
         self._kept: list[bytes] = []
         if callback is None:
@@ -49,21 +50,6 @@ class PerfBuffer(Closing):
         self._ptr = call.check_ptr(lib().perf_buffer__new(
             bmap.fd, pages, ctypes.cast(self._callbacks[0], c_void_p), ctypes.cast(self._callbacks[1], c_void_p),
             None, None))
-
-    def _check(self) -> int:
-        if self._ptr is None:
-            raise BpfError("perf buffer is closed")
-        return self._ptr
-
-    def _finish(self, op: str, ret: int) -> int:
-        if self._pending is not None:
-            exc, self._pending = self._pending, None
-            raise exc
-        if ret == -_errno.EINTR:
-            return 0
-        if ret < 0:
-            raise BpfError(op, -ret)
-        return ret
 
     def poll(self, timeout_ms: int = 100) -> int:
         return self._finish("perf_buffer__poll", lib().perf_buffer__poll(self._check(), timeout_ms))

@@ -15,7 +15,36 @@ from .maps import Map
 _CALLBACK_RAISED = -_errno.ECANCELED
 
 
-class RingBuffer(Closing):
+class PolledBuffer(Closing):
+    """What RingBuffer and PerfBuffer share: a libbpf buffer object (``_ptr``, None once closed)
+    polled from Python, whose record callback keeps the first exception it raises in ``_pending``
+    to be re-raised once the poll or consume call has returned."""
+
+    KIND = "buffer"     # for "ring buffer is closed"
+
+    def __init__(self):
+        self._ptr: int | None = None
+        self._pending: BaseException | None = None
+
+    def _check(self) -> int:
+        if self._ptr is None:
+            raise BpfError(f"{self.KIND} is closed")
+        return self._ptr
+
+    def _finish(self, op: str, ret: int) -> int:
+        """``ret`` of libbpf's poll/consume ``op``: records consumed (0 when a signal cut the wait
+        short); the callback's exception, or a BpfError for a failed call, raised."""
+        if self._pending is not None:
+            exc, self._pending = self._pending, None
+            raise exc
+        if ret == -_errno.EINTR:
+            return 0
+        if ret < 0:
+            raise BpfError(op, -ret)
+        return ret
+
+
+class RingBuffer(PolledBuffer):
     """ring_buffer__new/poll/consume over one or more BPF_MAP_TYPE_RINGBUF maps.
 
     ``callback(data: bytes)`` runs on the polling thread.  If it raises, the
@@ -23,10 +52,11 @@ class RingBuffer(Closing):
     from poll()/consume().
     """
 
+    KIND = "ring buffer"
+
     def __init__(self, bmap: Map, callback: Callable[[bytes], object]):
-        self._ptr: int | None = None
+        super().__init__()
         self._callbacks: list = []  # ctypes callback objects must outlive the ring buffer
-        self._pending: BaseException | None = None
         self._maps = [bmap]
         cb = self._make_callback(callback)
         call = Call(f"ring_buffer__new({bmap.name})")
@@ -51,21 +81,6 @@ class RingBuffer(Closing):
         call = Call(f"ring_buffer__add({bmap.name})")
         call.check_int(lib().ring_buffer__add(self._check(), bmap.fd, ctypes.cast(cb, c_void_p), None))
         self._maps.append(bmap)
-
-    def _check(self) -> int:
-        if self._ptr is None:
-            raise BpfError("ring buffer is closed")
-        return self._ptr
-
-    def _finish(self, op: str, ret: int) -> int:
-        if self._pending is not None:
-            exc, self._pending = self._pending, None
-            raise exc
-        if ret == -_errno.EINTR:
-            return 0
-        if ret < 0:
-            raise BpfError(op, -ret)
-        return ret
 
     def poll(self, timeout_ms: int = 100) -> int:
         """Wait up to ``timeout_ms`` for data, consume it; returns samples consumed."""

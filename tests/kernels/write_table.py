@@ -17,7 +17,8 @@ HEADER = """# Kernel matrix
 
 What each construct of the examples does on each kernel, under each backend, as the matrix run
 found it. The core bundles were built once, on the host, with `probec build --kernel any`, and the
-same files were loaded on every kernel; bpftrace scripts were built on the kernel that ran them.
+same files were loaded on every kernel; bpftrace scripts and bcc bundles were built on the kernel
+that ran them (BCC compiles against that kernel's headers).
 Each cell is a test of `tests/kernels/` that attached the programs, drove the example's workload
 and checked its counts (the numbers of `tests/test_examples.py`); **FAILS** is a test that did not
 pass there, with its first error.

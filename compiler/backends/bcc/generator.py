@@ -8,17 +8,19 @@ same `probec.bpf.h`, the same layouts and health slots) in BCC's dialect:
   (`m.lookup(k)`, never inside a macro): every map helper the shared code calls through a map
   pointer (`bpf_map_lookup_elem(&m, k)`) is a dispatch function here, one comparison per map,
   which clang folds away once the pointer is a constant;
-- BCC loads no `.rodata` or `.bss`: settings are macros (the runtime passes the target pid as
-  `-Dprobec_target_pid=N`), string constants compound literals, histogram edges a search written
-  out as comparisons, and an event's sampling and rate state a slot of an array map;
+- BCC loads no `.rodata` or `.bss`: settings are macros, string constants compound literals,
+  histogram edges a search written out as comparisons, and an event's sampling and rate state a
+  slot of an array map; the target pid is read from a one-slot array (`probec_target`) the runtime
+  writes, so `probec run --pid-file` follows a new process without compiling again (without a
+  target the runtime passes `-Dprobec_target_pid=0`, and the test costs nothing);
 - no BTF: begin times of thread-keyed spans live in the HASH begin map (no task storage), there are
   no fentry/fexit programs (a group falls back to its next variant), and `socket(fd)` reads
   kernel structs through the installed headers, which must be the running kernel's;
-- the mechanisms a core object chooses at load (`probec_use_ringbuf`, `probec_use_task_storage`,
-  `probec_use_task_btf`) are fixed here (BCC_MECHANISMS): events go through the ring buffer, span
-  begin times through the HASH, the current task through bpf_get_current_task. The perf-buffer
-  path of the shared event template names maps this program does not declare; its branch is
-  dead code clang drops (`if (1)`), and the runtime never opens them.
+- of the mechanisms a core object chooses at load, BCC chooses one at load too, as it compiles:
+  events go through the ring buffer where the kernel has one, else (before 5.8) through a perf
+  buffer (the runtime passes `-Dprobec_use_ringbuf=0`, and the program declares that map instead
+  of the ring); the other two are fixed (BCC_MECHANISMS): span begin times in the HASH, the
+  current task through bpf_get_current_task.
 
 The C text sits in the program as one Python string literal (`escaping.python_text`); the runtime
 (`runtime/bcc_runner.py`) reads it from there, compiles it with BCC and attaches it.
@@ -45,10 +47,12 @@ USDT_CTYPES = {(1, True): "__s8", (1, False): "__u8", (2, True): "__s16", (2, Fa
                (4, True): "__s32", (4, False): "__u32", (8, True): "__s64", (8, False): "__u64"}
 NO_BTF_KINDS = ("fentry", "fexit")
 PAGE = 4096
-# The core object's load-time choices, fixed at compile time (the runtime's Mechanisms for bcc
-# says the same: runtime/bcc_runner.py BCC_MECHANISMS)
+# The core object's load-time choices, as the program is written: the ring buffer unless the
+# runtime passes -Dprobec_use_ringbuf=0 as it compiles; the others fixed (the runtime's Mechanisms
+# for bcc say the same: runtime/bcc_runner.py)
 BCC_MECHANISMS = {contract.USE_RINGBUF: 1, contract.USE_TASK_STORAGE: 0, contract.USE_TASK_BTF: 0,
                   contract.USE_ATOMIC_FETCH: 1}
+TARGET_MAP = "probec_target"     # slot 0: the pid traced, 0 for every process (the runtime writes it)
 
 
 class BccExpression(CExpression):
@@ -238,9 +242,11 @@ class BccBackend(CoreBackend):
             self.health.add("unused")
         ringbuf = next((mp for mp in program.maps if mp.shape == "ring"), None)
         stacks = next((mp for mp in program.maps if mp.shape == "stacks"), None)
-        # the target pid is the runtime's (-Dprobec_target_pid=N); the rest are the spec's
-        # no `probec run --cgroup` under bcc (the runtime refuses it): the probes' cgroup test is dead
-        settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0},
+        # the target pid is read from TARGET_MAP (or -Dprobec_target_pid=0 without a target); the
+        # rest are the spec's. No `probec run --cgroup` under bcc (the runtime refuses it): the
+        # probes' cgroup test is dead
+        settings = [{"name": "probec_target_pid", "ctype": "__u32", "size": 4, "value": 0,
+                     "expr": "probec_target_pid_now()"},
                     {"name": "probec_filter_cgroup", "ctype": "__u32", "size": 4, "value": 0},
                     {"name": contract.USE_TASK_BTF, "ctype": "__u32", "size": 4,
                      "value": BCC_MECHANISMS[contract.USE_TASK_BTF]}]
@@ -263,6 +269,10 @@ class BccBackend(CoreBackend):
                              slots=[{"text": f"{s['slot']}: {s['kind']} {s['name']}".rstrip()}
                                     for s in self.health.slots])
         helpers = resources.files("probec.templates").joinpath("core", "probec.bpf.h").read_text()
+        scratch = max((e.record.size for e in program.events), default=0)
+        if ringbuf is not None:    # the per-CPU record an event is built in for the perf buffer
+            tables.append({"name": SCRATCH_MAP, "type": "PERCPU_ARRAY", "kind": "percpu_array", "key": "__u32",
+                           "value": "struct probec_scratch_record", "max_entries": 1, "pages": 0})
         lookups = [t["name"] for t in tables if t["type"] not in ("RINGBUF", "STACK_TRACE")] + ["probec_health"]
         if program.events:
             lookups += ["probec_sampled", "probec_rates"]
@@ -273,8 +283,9 @@ class BccBackend(CoreBackend):
             tables=tables, health_slots=len(self.health.slots), settings=settings,
             events=[{"name": e.name, "index": i} for i, e in enumerate(program.events)],
             buckets=buckets, strings=self.strings.definitions(), socket=bool(struct_reads),
-            unused_maps=([PERF_MAP, SCRATCH_MAP] if ringbuf is not None else []) +
-                        ([] if any(t["name"] == ir.CGROUP_MAP for t in tables) else [ir.CGROUP_MAP]),
+            perf_map=PERF_MAP if ringbuf is not None else None, scratch_words=(scratch + 7) // 8,
+            target_map=TARGET_MAP,
+            unused_maps=[] if any(t["name"] == ir.CGROUP_MAP for t in tables) else [ir.CGROUP_MAP],
             programs=probe_texts)
         program_name = f"{name}.py"
         text = self.render("program.py.j2", source=program.source, name=name, program=source)
@@ -291,8 +302,9 @@ class BccBackend(CoreBackend):
             health=tuple(contract.HealthSlotInfo(s["slot"], contract.HealthSlot(s["kind"]), s["name"])
                          for s in self.health.slots),
             tracepoint_fields=tuple(contract.TracepointCheck(**c) for c in tp_checks),
-            # no perf-buffer fallback under BCC: its maps are not declared ("")
-            ringbuf=contract.RingBufferInfo(ringbuf.name, ringbuf.max_entries, 0, "", "") if ringbuf else None,
+            # the perf buffer where the kernel has no ring buffer (the runtime chooses as BCC compiles)
+            ringbuf=contract.RingBufferInfo(ringbuf.name, ringbuf.max_entries, 0, PERF_MAP, SCRATCH_MAP)
+            if ringbuf else None,
             stack_map=stacks.name if stacks else None,
             stack_depth=STACK_DEPTH,
             value_signed=signed,

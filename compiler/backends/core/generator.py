@@ -9,7 +9,7 @@ other outside text (file names, addresses) goes through the filters of `compiler
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 
 from ...diagnostics import Diagnostics, SourceSpan
@@ -39,6 +39,24 @@ PERF_MAP, SCRATCH_MAP = "probec_perfbuf", "probec_scratch"
 RECORD_FLAVOUR = "___probec"
 SYS_ENTER = "trace_event_raw_sys_enter"   # syscall arguments: args[i], 8 bytes each from offset 16
 SYS_ENTER_ARGS, SYS_ENTER_COUNT = 16, 6
+
+# Tracepoints the core backend also attaches in their raw form with typed arguments (`tp_btf`):
+# the kernel fills no record, and the program reads the fields from the tasks it is handed. Per
+# context switch, a sched span costs about 0.7x its classic-tracepoint form this way
+# (benchmarks/results/tp_btf.md; syscall tracepoints stay classic: raw sys_enter fires for every
+# syscall). Each classic field -> (argument index, task_struct member) holding the same value, as
+# the tracepoint's TP_fast_assign copies it. A probe that reads any other field (prev_state is
+# __trace_sched_switch_state() of the arguments; target_cpu is task_cpu(), whose member moved
+# between kernels) stays classic only. The typed program is variant 0 of TYPED_GROUP, the classic
+# one variant 1: the runtime loads the first that works (no BTF, a kernel before 5.5: classic).
+_WOKEN = {"comm": (0, "comm"), "pid": (0, "pid"), "prio": (0, "prio")}
+TYPED_TRACEPOINTS: dict[tuple[str, str], dict[str, tuple[int, str]]] = {
+    ("sched", "sched_switch"): {"prev_comm": (1, "comm"), "prev_pid": (1, "pid"), "prev_prio": (1, "prio"),
+                                "next_comm": (2, "comm"), "next_pid": (2, "pid"), "next_prio": (2, "prio")},
+    ("sched", "sched_wakeup"): _WOKEN,
+    ("sched", "sched_wakeup_new"): _WOKEN,
+}
+TYPED_GROUP, TYPED_LABELS, TYPED_SUFFIX = "sched_tracepoints", ("tp_btf", "tracepoint"), "_btf"
 
 
 @dataclass(frozen=True)
@@ -147,18 +165,24 @@ class CExpression:
         self.prelude: list[str] = []                       # declarations the program computes first
         self.hoisted: dict[ir.IRExpr, str] = {}
         self.fields_read: set[str] = set()                 # tracepoint fields read into locals (prelude)
+        # the tp_btf variant of a tracepoint probe: fields from its typed arguments (TYPED_TRACEPOINTS)
+        self.typed = TYPED_TRACEPOINTS[(probe.category, probe.name)] if probe.id in backend.typed_probes else None
 
     def where(self) -> str:
         return self.probe.spec_text or self.probe.id
 
     def tracepoint_field(self, f: ir.TracepointField) -> ir.TracepointField:
         self.tp_fields[f.name] = f
-        self.tp_members[f.name] = self.backend.record_member(self.probe, f)
+        self.tp_members[f.name] = self.typed[f.name][1] if self.typed else self.backend.record_member(self.probe, f)
         return f
 
     def field_place(self, f: ir.TracepointField) -> str:
         """A C expression for the field in the record: through the BTF record type (a CO-RE
-        relocation) where the probe has one, else at the build host's offset."""
+        relocation) where the probe has one, else at the build host's offset; in a tp_btf program,
+        the member of the task argument that holds it."""
+        if self.typed:
+            index, member = self.typed[f.name]
+            return f"((struct task_struct *)ctx[{index}])->{member}"
         member = self.tp_members[f.name]
         if member:
             return f"((struct {self.probe.record_type}{RECORD_FLAVOUR} *)ctx)->{member}"
@@ -298,6 +322,7 @@ class CoreBackend(Backend):
                  task_storage: bool = True):
         super().__init__(diags, spec_span)
         self.compile = compile
+        self.typed_probes: set[str] = set()     # ids of the tp_btf variants being written (TYPED_TRACEPOINTS)
         # Spans keyed by the current thread keep their begin time in task-local storage (kernel
         # 5.11+): no hash insert, lookup and delete per span. benchmarks/results/span_overhead.md
         # measured it at 0.6x the HASH begin map on a syscall span.
@@ -538,8 +563,9 @@ class CoreBackend(Backend):
         for a in p.actions:
             actions += self.action(a, em, program)
         text = self.render(
-            "probe.bpf.c.j2", comment=p.spec_text or p.id, section=kind.section.format(
-                category=p.category, name=p.name), name=p.id, ctx_type=kind.ctx_type, now="now" in em.needs,
+            "probe.bpf.c.j2", comment=(p.spec_text or p.id) + (" (tp_btf: typed arguments)" if em.typed else ""),
+            section=self.section(p), name=p.id, ctx_type="__u64 *" if em.typed else kind.ctx_type,
+            now="now" in em.needs,
             comm="comm" in em.needs, pid_tgid="id" in em.needs,
             pid_tgid_value="probec_id" if "id" in em.needs else "bpf_get_current_pid_tgid()",
             cgroup_map=ir.CGROUP_MAP, cgroup_path_bit=ir.CGROUP_PATH_BIT,
@@ -547,6 +573,19 @@ class CoreBackend(Backend):
                         for f in sorted(em.tp_strings.values(), key=lambda f: f.offset)],
             actions=["\t" + line if line else "" for line in em.prelude + ([""] if em.prelude else []) + actions])
         return text.rstrip("\n"), em
+
+    def section(self, p: ir.Probe) -> str:
+        if p.id in self.typed_probes:
+            return f"tp_btf/{p.name}"
+        return self.PROBES[p.kind].section.format(category=p.category, name=p.name)
+
+    def typed_variant(self, p: ir.Probe, em: CExpression) -> ir.Probe | None:
+        """The tp_btf twin of tracepoint probe `p` (whose classic program read the fields in `em`),
+        where every field it reads has a typed form and it is not already one of a group's variants."""
+        typed = TYPED_TRACEPOINTS.get((p.category, p.name)) if p.kind == "tracepoint" and not p.group else None
+        if typed is None or not set(em.tp_fields) <= set(typed):
+            return None
+        return replace(p, id=p.id + TYPED_SUFFIX, group=TYPED_GROUP, variant=0)
 
     def edge_tables(self, program: ir.Program) -> list[dict]:
         tables = []
@@ -642,16 +681,31 @@ class CoreBackend(Backend):
         programs_meta = []
         probe_texts = []
         tp_checks = []
+        probes: list[ir.Probe] = []
+        self.typed_probes = set()
         for p in program.probes:
             text, em = self.probe_program(p, program)
+            typed = self.typed_variant(p, em)
+            if typed is not None:       # the typed program first: the variant tried first
+                self.typed_probes.add(typed.id)
+                typed_text, _ = self.probe_program(typed, program)
+                probe_texts.append(typed_text)
+                programs_meta.append({"probe": typed.id, "program": typed.id, "section": self.section(typed),
+                                      "kind": typed.kind})
+                probes.append(typed)
+                p = replace(p, group=TYPED_GROUP, variant=1)
+            probes.append(p)
             probe_texts.append(text)
-            section = self.PROBES[p.kind].section.format(category=p.category, name=p.name)
-            programs_meta.append({"probe": p.id, "program": p.id, "section": section, "kind": p.kind})
+            programs_meta.append({"probe": p.id, "program": p.id, "section": self.section(p), "kind": p.kind})
             for f in sorted(em.tp_fields.values(), key=lambda f: f.offset):
                 member = em.tp_members[f.name]
                 tp_checks.append({"probe": p.id, "tracepoint": f"{p.category}:{p.name}", "field": f.name,
                                   "offset": f.offset, "size": f.size,
                                   "btf_type": p.record_type if member else "", "member": member})
+        if self.typed_probes:
+            program = replace(program, probes=tuple(probes),
+                              variant_groups=program.variant_groups + ((TYPED_GROUP, TYPED_LABELS),))
+            self.program = program
         edge_tables = self.edge_tables(program)
         ringbuf = next((mp for mp in program.maps if mp.shape == "ring"), None)
         wakeup = max(1, program.ringbuf_bytes // 4) if ringbuf else 0

@@ -80,10 +80,12 @@ _Static_assert(__builtin_offsetof(struct probec_requests_in_flight_value, value)
 
 #endif /* PROBEC_GOLDEN_GAUGE_H */
 
-/* Settings: the runtime passes the target pid as -Dprobec_target_pid=N; probec_use_* are the
- * mechanisms a core object chooses at load, fixed for BCC; the rest are the spec's. */
+/* Settings: the target pid is read from probec_target (the runtime writes it, and passes
+ * -Dprobec_target_pid=0 where there is no target); probec_use_ringbuf is chosen as BCC compiles
+ * (-Dprobec_use_ringbuf=0: the perf buffer, on kernels before 5.8); the other probec_use_* are
+ * fixed for BCC; the rest are the spec's. */
 #ifndef probec_target_pid
-#define probec_target_pid 0ULL
+#define probec_target_pid probec_target_pid_now()
 #endif
 #ifndef probec_filter_cgroup
 #define probec_filter_cgroup 0ULL
@@ -91,6 +93,9 @@ _Static_assert(__builtin_offsetof(struct probec_requests_in_flight_value, value)
 #ifndef probec_use_task_btf
 #define probec_use_task_btf 0ULL
 #endif
+
+/* Slot 0: the process traced (--pid, --pid-file), 0 for every process. */
+BPF_TABLE(\"array\", __u32, __u32, probec_target, 1);
 
 BPF_TABLE(\"hash\", __u64, __u64, span_hold_begin, 20000);
 BPF_TABLE(\"hash\", __u64, __u64, span_request_begin, 20000);
@@ -105,6 +110,14 @@ BPF_TABLE(\"percpu_array\", __u32, __u64, probec_health, 2);
 /* The map helpers the shared code calls with a map pointer (`&m`), one branch per map. After
  * them, each map's name stands for its number as a pointer (`&m` is `(char *)N`), so once the
  * helpers are inlined the pointer is a constant and clang keeps only its map's branch. */
+static __always_inline __u32 probec_target_pid_now(void)
+{
+	__u32 zero = 0;
+	__u32 *pid = probec_target.lookup(&zero);
+
+	return pid ? *pid : 0;
+}
+
 static __always_inline void *probec_map_lookup(void *map, const void *key)
 {
 	if (map == (void *)1)
@@ -169,6 +182,7 @@ static __always_inline long probec_map_delete(void *map, const void *key)
 #define bpf_map_update_elem probec_map_update
 #define bpf_map_delete_elem probec_map_delete
 #define bpf_ringbuf_reserve probec_ringbuf_reserve
+#define bpf_perf_event_output probec_perf_output
 #define bpf_ringbuf_query(map, flags) 0ULL
 #define bpf_get_stackid probec_get_stackid
 #undef SEC

@@ -214,10 +214,12 @@ _Static_assert(__builtin_offsetof(struct probec_event_slow_read, f_comm) == 48, 
 
 #endif /* PROBEC_GOLDEN_KERNEL_H */
 
-/* Settings: the runtime passes the target pid as -Dprobec_target_pid=N; probec_use_* are the
- * mechanisms a core object chooses at load, fixed for BCC; the rest are the spec's. */
+/* Settings: the target pid is read from probec_target (the runtime writes it, and passes
+ * -Dprobec_target_pid=0 where there is no target); probec_use_ringbuf is chosen as BCC compiles
+ * (-Dprobec_use_ringbuf=0: the perf buffer, on kernels before 5.8); the other probec_use_* are
+ * fixed for BCC; the rest are the spec's. */
 #ifndef probec_target_pid
-#define probec_target_pid 0ULL
+#define probec_target_pid probec_target_pid_now()
 #endif
 #ifndef probec_filter_cgroup
 #define probec_filter_cgroup 0ULL
@@ -247,6 +249,14 @@ _Static_assert(__builtin_offsetof(struct probec_event_slow_read, f_comm) == 48, 
 #define probec_use_atomic_fetch 1ULL
 #endif
 
+/* Slot 0: the process traced (--pid, --pid-file), 0 for every process. */
+BPF_TABLE(\"array\", __u32, __u32, probec_target, 1);
+
+/* The record an event is built in for the perf buffer. */
+struct probec_scratch_record {
+	__u64 words[9];
+};
+
 BPF_TABLE(\"hash\", __u64, __u64, span_read_begin, 256);
 BPF_TABLE(\"hash\", __u64, __u64, span_send_begin, 256);
 BPF_TABLE(\"percpu_hash\", struct probec_read_seconds_key, struct probec_read_seconds_value, m_read_seconds, 160);
@@ -265,9 +275,14 @@ BPF_TABLE(\"percpu_array\", __u32, struct probec_retransmits_total_value, m_retr
 BPF_TABLE(\"hash\", struct probec_retransmits_total_key, struct probec_retransmits_total_value, m_retransmits_total_folded, 1024);
 BPF_TABLE(\"percpu_array\", __u32, struct probec_samples_total_value, m_samples_total_overflow, 1);
 BPF_TABLE(\"hash\", struct probec_samples_total_key, struct probec_samples_total_value, m_samples_total_folded, 1024);
+#if probec_use_ringbuf
 BPF_RINGBUF_OUTPUT(events, 16);
+#else
+BPF_PERF_OUTPUT(probec_perfbuf);
+#endif
 BPF_STACK_TRACE(stacks, 1024);
 BPF_TABLE(\"hash\", __u64, __u64, probec_cgroups, 4096);
+BPF_TABLE(\"percpu_array\", __u32, struct probec_scratch_record, probec_scratch, 1);
 
 /* Self-monitoring counters, one per slot of the manifest's core.health list. */
 BPF_TABLE(\"percpu_array\", __u32, __u64, probec_health, 8);
@@ -283,6 +298,14 @@ BPF_TABLE(\"array\", __u32, struct probec_rate_window, probec_rates, 2);
 /* The map helpers the shared code calls with a map pointer (`&m`), one branch per map. After
  * them, each map's name stands for its number as a pointer (`&m` is `(char *)N`), so once the
  * helpers are inlined the pointer is a constant and clang keeps only its map's branch. */
+static __always_inline __u32 probec_target_pid_now(void)
+{
+	__u32 zero = 0;
+	__u32 *pid = probec_target.lookup(&zero);
+
+	return pid ? *pid : 0;
+}
+
 static __always_inline void *probec_map_lookup(void *map, const void *key)
 {
 	if (map == (void *)1)
@@ -324,10 +347,12 @@ static __always_inline void *probec_map_lookup(void *map, const void *key)
 	if (map == (void *)19)
 		return probec_cgroups.lookup((void *)key);
 	if (map == (void *)20)
-		return probec_health.lookup((void *)key);
+		return probec_scratch.lookup((void *)key);
 	if (map == (void *)21)
-		return probec_sampled.lookup((void *)key);
+		return probec_health.lookup((void *)key);
 	if (map == (void *)22)
+		return probec_sampled.lookup((void *)key);
+	if (map == (void *)23)
 		return probec_rates.lookup((void *)key);
 	return NULL;
 }
@@ -385,10 +410,12 @@ static __always_inline long probec_map_update(void *map, const void *key, const 
 		return flags == BPF_NOEXIST ? probec_cgroups.insert((void *)key, (void *)value)
 					    : probec_cgroups.update((void *)key, (void *)value);
 	if (map == (void *)20)
-		return flags == BPF_NOEXIST ? -17 /* -EEXIST: an array has every key */ : probec_health.update((void *)key, (void *)value);
+		return flags == BPF_NOEXIST ? -17 /* -EEXIST: an array has every key */ : probec_scratch.update((void *)key, (void *)value);
 	if (map == (void *)21)
-		return flags == BPF_NOEXIST ? -17 /* -EEXIST: an array has every key */ : probec_sampled.update((void *)key, (void *)value);
+		return flags == BPF_NOEXIST ? -17 /* -EEXIST: an array has every key */ : probec_health.update((void *)key, (void *)value);
 	if (map == (void *)22)
+		return flags == BPF_NOEXIST ? -17 /* -EEXIST: an array has every key */ : probec_sampled.update((void *)key, (void *)value);
+	if (map == (void *)23)
 		return flags == BPF_NOEXIST ? -17 /* -EEXIST: an array has every key */ : probec_rates.update((void *)key, (void *)value);
 	return -1;
 }
@@ -434,17 +461,32 @@ static __always_inline long probec_map_delete(void *map, const void *key)
 	if (map == (void *)19)
 		return probec_cgroups.delete((void *)key);
 	if (map == (void *)20)
-		return probec_health.delete((void *)key);
+		return probec_scratch.delete((void *)key);
 	if (map == (void *)21)
-		return probec_sampled.delete((void *)key);
+		return probec_health.delete((void *)key);
 	if (map == (void *)22)
+		return probec_sampled.delete((void *)key);
+	if (map == (void *)23)
 		return probec_rates.delete((void *)key);
 	return -1;
 }
 
 static __always_inline void *probec_ringbuf_reserve(void *map, __u64 size, __u64 flags)
 {
+#if probec_use_ringbuf
 	return events.ringbuf_reserve(size);
+#else
+	return NULL;
+#endif
+}
+
+static __always_inline long probec_perf_output(void *ctx, void *map, __u64 flags, void *data, __u64 size)
+{
+#if probec_use_ringbuf
+	return -1;
+#else
+	return probec_perfbuf.perf_submit(ctx, data, size);
+#endif
 }
 
 static __always_inline long probec_get_stackid(void *ctx, void *map, __u64 flags)
@@ -456,6 +498,7 @@ static __always_inline long probec_get_stackid(void *ctx, void *map, __u64 flags
 #define bpf_map_update_elem probec_map_update
 #define bpf_map_delete_elem probec_map_delete
 #define bpf_ringbuf_reserve probec_ringbuf_reserve
+#define bpf_perf_event_output probec_perf_output
 #define bpf_ringbuf_query(map, flags) 0ULL
 #define bpf_get_stackid probec_get_stackid
 #undef SEC
@@ -479,15 +522,13 @@ static __always_inline long probec_get_stackid(void *ctx, void *map, __u64 flags
 #define m_samples_total_overflow (*(char *)17)
 #define m_samples_total_folded (*(char *)18)
 #define probec_cgroups (*(char *)19)
-#define probec_health (*(char *)20)
-#define probec_sampled (*(char *)21)
-#define probec_rates (*(char *)22)
-#define events (*(char *)23)
-#define stacks (*(char *)24)
-/* The maps of the shared templates' dead paths, named, never declared: the perf buffer's (dead
- * where probec_use_ringbuf is 1) and the cgroup map (dead where probec_filter_cgroup is 0). */
-#define probec_perfbuf (*(char *)25)
-#define probec_scratch (*(char *)26)
+#define probec_scratch (*(char *)20)
+#define probec_health (*(char *)21)
+#define probec_sampled (*(char *)22)
+#define probec_rates (*(char *)23)
+#define events (*(char *)24)
+#define stacks (*(char *)25)
+#define probec_perfbuf (*(char *)26)
 #define probec_sampled_retransmit (*(__u64 *)probec_map_lookup(&probec_sampled, &(__u32){ 0 }))
 #define probec_rate_retransmit (*(struct probec_rate *)probec_map_lookup(&probec_rates, &(__u32){ 0 }))
 #define probec_sampled_slow_read (*(__u64 *)probec_map_lookup(&probec_sampled, &(__u32){ 1 }))

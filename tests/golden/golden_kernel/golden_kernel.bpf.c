@@ -637,6 +637,37 @@ int tracepoint_sys_exit_sendto(void *ctx)
 	return 0;
 }
 
+/* tracepoint:sched:sched_switch (tp_btf: typed arguments) */
+SEC("tp_btf/sched_switch")
+int tracepoint_sched_switch_btf(__u64 *ctx)
+{
+	char probec_tp_prev_comm[16] __attribute__((aligned(8)));
+	char probec_tp_next_comm[16] __attribute__((aligned(8)));
+
+	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
+	bpf_probe_read_kernel(probec_tp_prev_comm, sizeof(probec_tp_prev_comm), ((struct task_struct *)ctx[1])->comm);
+	bpf_probe_read_kernel(probec_tp_next_comm, sizeof(probec_tp_next_comm), ((struct task_struct *)ctx[2])->comm);
+	__s64 probec_field_prev_prio = (__s64)((struct task_struct *)ctx[1])->prio;
+	__s64 probec_field_next_pid = (__s64)((struct task_struct *)ctx[2])->pid;
+
+	if ((!probec_bytes_eq(probec_tp_prev_comm, probec_str_2, 10) && ((__s64)probec_field_next_pid > (__s64)0ULL))) {
+		struct probec_switches_total_key probec_k;
+
+		probec_k.l_prio = (__s64)probec_field_prev_prio;
+		__builtin_memcpy(probec_k.l_next_comm, probec_tp_next_comm, 16);
+		__u64 probec_d = (__u64)1ULL;
+
+		if (!probec_hash_add(&m_switches_total, &probec_k, probec_d)) {
+			probec_array_add(&m_switches_total_overflow, 0, probec_d);
+			probec_series_fold(&m_switches_total_folded, &probec_k);
+		}
+	}
+	return 0;
+}
+
 /* tracepoint:sched:sched_switch */
 SEC("tp/sched/sched_switch")
 int tracepoint_sched_switch(void *ctx)

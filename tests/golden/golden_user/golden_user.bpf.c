@@ -828,6 +828,42 @@ int tracepoint_sys_exit_write(void *ctx)
 	return 0;
 }
 
+/* tracepoint:sched:sched_switch (tp_btf: typed arguments) */
+SEC("tp_btf/sched_switch")
+int tracepoint_sched_switch_btf(__u64 *ctx)
+{
+	__u64 probec_now;
+
+	if (probec_target_pid && (__u32)(bpf_get_current_pid_tgid() >> 32) != probec_target_pid)
+		return 0;
+	if (probec_filter_cgroup && !probec_cgroup_has(&probec_cgroups, 62))
+		return 0;
+	probec_now = bpf_ktime_get_ns();
+	__s64 probec_field_prev_pid = (__s64)((struct task_struct *)ctx[1])->pid;
+	__s64 probec_field_next_pid = (__s64)((struct task_struct *)ctx[2])->pid;
+
+	if (probec_within(&span_inference_begin, probec_field_prev_pid)) {
+		probec_span_begin(&span_offcpu_begin, probec_field_prev_pid, probec_now, &probec_health, 12, false);
+	}
+	{
+		__u64 probec_key = probec_field_next_pid;
+		__u64 *probec_start = bpf_map_lookup_elem(&span_offcpu_begin, &probec_key);
+
+		if (probec_start) {
+			__u64 probec_duration = probec_now - *probec_start;
+
+			bpf_map_delete_elem(&span_offcpu_begin, &probec_key);
+			/* Still inside its `within` span here? If not, it outlived it: dropped, and counted. */
+			if (!(probec_within(&span_inference_begin, probec_field_next_pid))) {
+				probec_health_inc(&probec_health, 13);
+			} else {
+				probec_acc_add(&acc_offcpu_total, &acc_offcpu_count, probec_field_next_pid, probec_duration);
+			}
+		}
+	}
+	return 0;
+}
+
 /* tracepoint:sched:sched_switch */
 SEC("tp/sched/sched_switch")
 int tracepoint_sched_switch(void *ctx)
