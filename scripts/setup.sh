@@ -37,6 +37,11 @@ if [ ! -x /opt/vng/bin/vng ] && [ "$(id -u)" -eq 0 ]; then
   python3 -m venv /opt/vng && /opt/vng/bin/pip install -q --disable-pip-version-check virtme-ng 2>&1 | grep -v "Running pip as the 'root' user" >&2 || true
 fi
 
+# The matrix's older kernels (Debian 11's 5.10, Ubuntu 20.04's 5.4), unpacked under /opt/probec-kernels.
+if [ "$(id -u)" -eq 0 ]; then
+  scripts/fetch-kernels.sh
+fi
+
 PYTHON=${PYTHON:-python3}
 # The demo's model server and its test use PyTorch (CPU). A local wheel is used where pip finds one.
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then

@@ -44,9 +44,23 @@ SUITES = {"core-kernel": (EXAMPLES, f"core and ({KERNEL_SIDE})", 360),
 VNG = "/opt/vng/bin/vng"
 
 
+KERNELS_DIR = os.environ.get("PROBEC_KERNELS_DIR", "/opt/probec-kernels")
+# Older kernels that scripts/fetch-kernels.sh unpacks (not installed into /boot), by name: image glob.
+OLD_KERNELS = {"5.10": "5.10.0-*-amd64/boot/vmlinuz-5.10.0-*-amd64",      # Debian 11: no task storage
+               "5.4": "5.4.0-*-generic/boot/vmlinuz-5.4.0-*-generic"}     # Ubuntu 20.04: no ring buffer, no BTF
+
+
 def guest_kernels() -> dict[str, str]:
-    """Kernel images to boot, by name: Debian's generic 6.1 (the cloud flavour has no 9p)."""
-    return {"6.1": path for path in sorted(glob.glob("/boot/vmlinuz-6.1.0-*-amd64"))[-1:]}
+    """Kernel images to boot, by name: Debian's generic 6.1 (the cloud flavour has no 9p), and the
+    older kernels of scripts/fetch-kernels.sh where it has fetched them (their modules, 9p
+    included, beside them: virtme-ng finds DIR/lib/modules from DIR/boot/vmlinuz-*)."""
+    images = {"6.1": path for path in sorted(glob.glob("/boot/vmlinuz-6.1.0-*-amd64"))[-1:]}
+    for name, pattern in OLD_KERNELS.items():
+        found = [p for p in sorted(glob.glob(os.path.join(KERNELS_DIR, pattern)))
+                 if os.path.exists(os.path.join(p.split("/boot/")[0], ".complete"))]
+        if found:
+            images[name] = found[-1]
+    return images
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -155,7 +169,8 @@ def _quote(s: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernels", default="host,6.1", help="comma-separated: host, 6.1 (default both)")
+    p.add_argument("--kernels", default="host,6.1", help="comma-separated: host, 6.1, 5.10, 5.4 (default host,6.1; "
+                   "scripts/fetch-kernels.sh fetches 5.10 and 5.4)")
     p.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated: {', '.join(SUITES)}")
     p.add_argument("-k", dest="select", help="pytest -k expression within the suites")
     p.add_argument("--limit", type=int, help="seconds per kernel and suite (default: each suite's own, SUITES)")
@@ -182,7 +197,8 @@ def main() -> int:
             elif kernel in images:
                 rc, took, booted = run_guest(images[kernel], suite, results, bundles, args.select, limit, out)
             else:
-                print(f"kernel-matrix: no image for kernel {kernel} (have: host, {', '.join(images)})", file=sys.stderr)
+                print(f"kernel-matrix: no image for kernel {kernel} (have: host, {', '.join(images)}"
+                      + ("; scripts/fetch-kernels.sh fetches it" if kernel in OLD_KERNELS else "") + ")", file=sys.stderr)
                 rc, took, booted = 127, 0.0, 0.0
             found = json.loads(results.read_text()) if results.exists() else None
             if found is not None and found["exitstatus"] is None:
