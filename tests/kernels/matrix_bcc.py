@@ -88,7 +88,6 @@ def test_send_latency(tmp_path, matrix):
     row.result = mx.result_of(used)
 
 
-@mx.EXTRA_WAKEUPS
 def test_runqueue(tmp_path, matrix):
     row = matrix.row(mx.CONSTRUCTS["runqueue"], "bcc")
     ex.work("runq", "2", "1000")
