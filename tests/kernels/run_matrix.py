@@ -162,6 +162,29 @@ def run_guest(image: str, suite: str, results: Path, bundles: Path, select: str 
     return (int(rc_file.read_text()) if rc_file.exists() else 125), took, booted
 
 
+def source_commit() -> str:
+    """The commit the run tested, with '+changes' when probec's code or tests differ from it."""
+    head = run(["git", "rev-parse", "--short", "HEAD"], capture_output=True).stdout.strip() or "unknown"
+    changed = run(["git", "status", "--porcelain", "--", "probec", "compiler", "runtime", "host", "templates",
+                   "tests"], capture_output=True).stdout.strip()
+    return head + ("+changes" if changed else "")
+
+
+KERNEL_ORDER = ["host", "6.1", "5.10", "5.4"]
+
+
+def merge_runs(kept: dict, new: dict) -> dict:
+    """docs/kernel-matrix.json after a run: its runs replace those of the same kernel and suite,
+    the others stay (each says its commit and date), so the table can be filled a kernel or a suite
+    at a time; the host's build failures are the latest run's."""
+    done = {(r["kernel"], r["suite"]) for r in new["runs"]}
+    runs = [r for r in kept.get("runs", []) if (r["kernel"], r["suite"]) not in done] + new["runs"]
+    order = {k: i for i, k in enumerate(KERNEL_ORDER)}
+    suites = {s: i for i, s in enumerate(SUITES)}
+    runs.sort(key=lambda r: (order.get(r["kernel"], len(order)), suites.get(r["suite"], len(suites))))
+    return {"runs": runs, "build_failures": new["build_failures"]}
+
+
 def _quote(s: str) -> str:
     import shlex
     return shlex.quote(s)
@@ -175,7 +198,9 @@ def main() -> int:
     p.add_argument("-k", dest="select", help="pytest -k expression within the suites")
     p.add_argument("--limit", type=int, help="seconds per kernel and suite (default: each suite's own, SUITES)")
     p.add_argument("--out", default=str(ROOT / "build" / "kernel-matrix"))
-    p.add_argument("--write-docs", action="store_true", help="write docs/kernel-matrix.{json,md} from the results")
+    p.add_argument("--write-docs", action="store_true",
+                   help="put the results in docs/kernel-matrix.json (replacing the runs of the same kernels and "
+                        "suites, keeping the others) and write docs/kernel-matrix.md from it")
     args = p.parse_args()
     unknown = [s for s in args.suites.split(",") if s not in SUITES]
     if unknown:
@@ -185,6 +210,7 @@ def main() -> int:
     bundles = out / "bundles"
     merged = {"runs": [], "build_failures": build_bundles(bundles)}
     images = guest_kernels()
+    commit = source_commit()
     status = 1 if merged["build_failures"] else 0
     for kernel in args.kernels.split(","):
         for suite in args.suites.split(","):
@@ -209,13 +235,16 @@ def main() -> int:
             print(f"kernel-matrix: {kernel} {suite}: {why} in {took:.0f} s" + (f" (booted in {booted:.0f} s)"
                   if booted else ""), file=sys.stderr)
             merged["runs"].append({"kernel": kernel, "uname": found["kernel"] if found else None, "suite": suite,
+                                   "commit": commit, "date": time.strftime("%Y-%m-%d", time.gmtime()),
                                    "rc": rc, "seconds": round(took), "boot_seconds": round(booted),
                                    "rows": found["rows"] if found else []})
             if rc != 0 or found is None:
                 status = 1
     (out / "results.json").write_text(json.dumps(merged, indent=1) + "\n")
     if args.write_docs:
-        shutil.copy(out / "results.json", ROOT / "docs" / "kernel-matrix.json")
+        docs = ROOT / "docs" / "kernel-matrix.json"
+        kept = json.loads(docs.read_text()) if docs.exists() else {"runs": []}
+        docs.write_text(json.dumps(merge_runs(kept, merged), indent=1) + "\n")
         run([sys.executable, str(HERE / "write_table.py"), str(ROOT / "docs" / "kernel-matrix.json"),
              str(ROOT / "docs" / "kernel-matrix.md")], check=True)
     return status
