@@ -77,7 +77,11 @@ def assert_sched_tracepoints(metrics: dict, backend: str) -> None:
     if backend != "core":
         return
     pretended = "tp_btf" in os.environ.get("PROBEC_PRETEND_MISSING", "").split(",")
-    expected = "tp_btf" if Path("/sys/kernel/btf/vmlinux").exists() and not pretended else "tracepoint"
+    # tp_btf came in 5.5 with the btf_trace_* typedefs: Ubuntu 20.04's 5.4 has BTF without them
+    typed = Path("/sys/kernel/btf/vmlinux").exists() and "TYPEDEF 'btf_trace_sched_switch'" in subprocess.run(
+        ["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"], capture_output=True, text=True,
+        timeout=120).stdout
+    expected = "tp_btf" if typed and not pretended else "tracepoint"
     assert value(metrics, "probec_mechanism", feature="sched_tracepoints", mechanism=expected) == 1
 
 
