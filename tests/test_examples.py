@@ -78,9 +78,10 @@ def assert_sched_tracepoints(metrics: dict, backend: str) -> None:
     if backend != "core":
         return
     pretended = "tp_btf" in os.environ.get("PROBEC_PRETEND_MISSING", "").split(",")
-    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
-    typed = Path("/sys/kernel/btf/vmlinux").exists() and release >= (5, 5) and not pretended
-    expected = "tp_btf" if typed else "tracepoint"
+    # tp_btf came in 5.5 with the btf_trace_* typedefs: Ubuntu 20.04's 5.4 has BTF without them
+    from probec.host.btf import btf_strings
+    typed = "btf_trace_sched_switch" in (btf_strings("/sys/kernel/btf/vmlinux") or set())
+    expected = "tp_btf" if typed and not pretended else "tracepoint"
     assert value(metrics, "probec_mechanism", feature="sched_tracepoints", mechanism=expected) == 1
 
 
