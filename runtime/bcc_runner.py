@@ -367,15 +367,7 @@ class BccRunner(CoreRunner):
                 if self.probes[p.probe].binary == path:
                     self.store.health.attached[p.probe] = 0
             raise
-        for probe_id, link in new.items():
-            before = self.links.get(probe_id)
-            if before is not None and old is not None:
-                self.retired.append((old.inode, before))
-            elif before is not None:
-                _destroy(before)
-            self.links[probe_id] = link
-            self.store.health.attached[probe_id] = 1
-        return sorted(new)
+        return self.take_new_links(new, old)
 
     def retarget(self, pid: int) -> None:
         """Follow another process (--pid-file) without compiling again: the uprobes and USDT probes,
