@@ -24,7 +24,9 @@ class CheckResult:
     sources: dict[str, str] = field(default_factory=dict)
 
 
-def check_file(path: str, host: HostInfo | None = None, kernel: str = "host") -> CheckResult:
+def check_file(path: str, host: HostInfo | None = None, kernel: str = "host", backend: str = "") -> CheckResult:
+    """Load, type and lower a spec. With `backend`, the mechanisms a backend chooses among at build
+    time (bpftrace's kernel: span variants) are those that backend can attach here."""
     diags = Diagnostics()
     spec, text = load_spec_file(path, diags)
     result = CheckResult(path, diags, text, spec, sources={path: text})
@@ -33,7 +35,8 @@ def check_file(path: str, host: HostInfo | None = None, kernel: str = "host") ->
     check_generated_names(spec, diags)
     if diags.has_errors():
         return result
-    result.program = lower(spec, diags, LoweringOptions(host=host or HostInfo(), kernel=kernel))
+    options = LoweringOptions(host=host or HostInfo(), kernel=kernel, backend=backend)
+    result.program = lower(spec, diags, options)
     return result
 
 

@@ -6,7 +6,9 @@ root's, mode 0700/0440, so uid 0 reads them as their owner). A process of anothe
 CAP_DAC_READ_SEARCH to read tracefs (tracepoint ids and formats), and cannot run the bpftrace
 backend at all: bpftrace 0.17 refuses every uid but 0. CAP_SYS_RESOURCE is needed only on
 kernels that charge BPF memory to RLIMIT_MEMLOCK (before 5.11) instead of the memory cgroup.
-CAP_SYS_ADMIN is not needed, except for `--bpf-stats` (the kernel's BPF_ENABLE_STATS)."""
+CAP_SYS_ADMIN is not needed, except for `--bpf-stats` (the kernel's BPF_ENABLE_STATS), and on
+kernels before 5.8, which have no CAP_BPF or CAP_PERFMON (/proc/sys/kernel/cap_last_cap below 38):
+there CAP_SYS_ADMIN is what loads and attaches BPF programs."""
 
 from __future__ import annotations
 
@@ -39,6 +41,15 @@ def effective_capabilities(status: str = "/proc/self/status") -> set[str] | None
     except (OSError, ValueError):
         return None
     return None
+
+
+def last_capability(path: str = "/proc/sys/kernel/cap_last_cap") -> int | None:
+    """The highest capability this kernel knows (37 before 5.8: no CAP_PERFMON, no CAP_BPF)."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def seccomp_filtered(status: str = "/proc/self/status") -> bool:
@@ -151,16 +162,21 @@ class RunPrivileges:
 
 
 def run_privileges(kinds: set[str] | frozenset[str] = frozenset(), uid: int | None = None,
-                   have: set[str] | None = None) -> RunPrivileges:
-    """The capabilities `probec run` needs for probes of `kinds` on this kernel."""
+                   have: set[str] | None = None, last_cap: int | None = None) -> RunPrivileges:
+    """The capabilities `probec run` needs for probes of `kinds` on this kernel (`last_cap`: its
+    /proc/sys/kernel/cap_last_cap, read when not given)."""
     uid = os.geteuid() if uid is None else uid
     have = effective_capabilities() if have is None else have
     have = set(CAPABILITIES) if have is None else have
-    why = {"CAP_BPF": "load BPF programs and maps",
-           "CAP_PERFMON": "attach tracing programs (perf events, tracepoints)"}
+    last_cap = last_capability() if last_cap is None else last_cap
+    if last_cap is not None and last_cap < CAPABILITIES["CAP_BPF"]:
+        why = {"CAP_SYS_ADMIN": "load and attach BPF programs (this kernel predates CAP_BPF and CAP_PERFMON, 5.8)"}
+    else:
+        why = {"CAP_BPF": "load BPF programs and maps",
+               "CAP_PERFMON": "attach tracing programs (perf events, tracepoints)"}
     if uid != 0 and (not kinds or "tracepoint" in kinds):
         why["CAP_DAC_READ_SEARCH"] = "read tracefs (root's, mode 0700) as a uid other than 0"
-    if (not kinds or set(kinds) & set(UPROBE_KINDS)) and uprobes_need_sys_admin():
+    if (not kinds or set(kinds) & set(UPROBE_KINDS)) and "CAP_SYS_ADMIN" not in why and uprobes_need_sys_admin():
         why["CAP_SYS_ADMIN"] = ("uprobes and USDT: this kernel creates uprobe perf events for CAP_SYS_ADMIN "
                                 "only (the fix of CVE-2025-38466)")
     if memlock_matters():

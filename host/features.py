@@ -86,6 +86,24 @@ def kernel_functions() -> set[str] | None:
     return names or None
 
 
+@functools.lru_cache(maxsize=1)
+def bpftrace_kfunc() -> bool | None:
+    """Whether bpftrace itself will attach kfunc (fentry) probes here, as `bpftrace --info` says:
+    0.17 says no on Debian 11's 5.10, whose kernel loads fentry programs. None when unknown."""
+    exe = shutil.which("bpftrace")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--info"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        name, _, value = line.strip().partition(":")
+        if name.strip() == "kfunc":
+            return value.strip() == "yes"
+    return None
+
+
 def tool_version(tool: str) -> str | None:
     """The first line `TOOL --version` prints (the path where it prints nothing), or None when
     the tool is not installed."""
@@ -144,6 +162,7 @@ def host_facts(kernel_symbols: bool = True) -> dict:
             "uprobe": os.path.exists("/sys/bus/event_source/devices/uprobe"),
             "kprobe": kprobes_available(root),
             "fentry": probe_fentry(),
+            "bpftrace_kfunc": bpftrace_kfunc(),
         },
         "tools": {tool: tool_version(tool) for tool in ("bpftrace", "clang", "bpftool")} | {"libbpf": _libbpf_version()},
         "tracepoints": tracepoints,

@@ -168,7 +168,7 @@ def _build(args) -> int:
     except HostFactsError as exc:
         print(f"probec: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    result = check_file(args.spec, host, kernel=args.kernel)
+    result = check_file(args.spec, host, kernel=args.kernel, backend=args.backend)
     if result.program is None:
         sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
         return EXIT_ERRORS
@@ -198,7 +198,7 @@ def _build_from_spec(spec: str, backend: str, interval: float) -> str | None:
     import tempfile
     from .compiler.diagnostics import render_text
     from .compiler.driver import build_bundle, check_file
-    result = check_file(spec)
+    result = check_file(spec, backend=backend)
     if result.program is None:
         sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
         return None

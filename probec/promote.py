@@ -248,7 +248,9 @@ def promote(args) -> int:
         log(f"error: no running process {pid} to trace")
         return EXIT_DIFFERS
 
-    result = check_file(args.spec)
+    # The prototype's kernel: span variant is chosen here, at build, and must be one bpftrace attaches;
+    # the production bundle chooses at load time, whatever this chose.
+    result = check_file(args.spec, backend="bpftrace")
     if result.program is None:
         sys.stderr.write(render_text(result.diagnostics.sorted(), result.sources))
         return EXIT_DIFFERS

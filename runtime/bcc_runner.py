@@ -39,8 +39,11 @@ def bcc_mechanisms(manifest) -> Mechanisms:
     $PROBEC_PRETEND_MISSING does not take it away), else the perf buffer (kernels before 5.8),
     chosen as BCC compiles the program (-Dprobec_use_ringbuf=0 declares the perf buffer instead of
     the ring), probed as core probes it. Fixed (no BTF): the HASH for span begin times (no task
-    storage), bpf_get_current_task."""
-    return Mechanisms(ring_buffer=choose(manifest).ring_buffer, task_storage=False, task_btf=False)
+    storage), bpf_get_current_task. Atomic fetch-and-add where the kernel has it, else compiled
+    out (-Dprobec_use_atomic_fetch=0: the add then the read, before 5.12)."""
+    chosen = choose(manifest)
+    return Mechanisms(ring_buffer=chosen.ring_buffer, task_storage=False, task_btf=False,
+                      atomic_fetch=chosen.atomic_fetch)
 
 
 def import_bcc():
@@ -198,6 +201,8 @@ class BccRunner(CoreRunner):
         cflags = [] if self.pid > 0 else ["-Dprobec_target_pid=0"]
         if not mech.ring_buffer:
             cflags.append("-Dprobec_use_ringbuf=0")
+        if not mech.atomic_fetch:       # before 5.12: the fetch is compiled out (add then read)
+            cflags.append("-Dprobec_use_atomic_fetch=0")
         self.usdt = usdt = self.usdt_contexts(bcc, self.pid)
         started = time.monotonic()
         try:
@@ -362,15 +367,7 @@ class BccRunner(CoreRunner):
                 if self.probes[p.probe].binary == path:
                     self.store.health.attached[p.probe] = 0
             raise
-        for probe_id, link in new.items():
-            before = self.links.get(probe_id)
-            if before is not None and old is not None:
-                self.retired.append((old.inode, before))
-            elif before is not None:
-                _destroy(before)
-            self.links[probe_id] = link
-            self.store.health.attached[probe_id] = 1
-        return sorted(new)
+        return self.take_new_links(new, old)
 
     def retarget(self, pid: int) -> None:
         """Follow another process (--pid-file) without compiling again: the uprobes and USDT probes,

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from .core_preflight import check_uprobe_placement
-from .core_mechanisms import PRETEND_ENV, Mechanisms, choose, pretended_missing, shape_maps
+from .core_mechanisms import PRETEND_ENV, Mechanisms, choose, pretended_missing, rewrite_atomic_fetch, shape_maps
 from .manifest import BundleError, CoreProgram, Manifest, ProbeInfo, TracepointCheck
 
 _PROG_IN_LOG = re.compile(r"prog '([^']+)'")
@@ -111,6 +111,7 @@ class ProbeAttacher:
                 except (KeyError, ValueError) as exc:
                     raise BundleError(f"{path.name} does not match its manifest ({exc}); rebuild the bundle") from None
             shape_maps(obj, self.manifest, self.mechanisms)
+            rewrite_atomic_fetch(obj, self.manifest, self.mechanisms)
         except BaseException:
             obj.close()
             raise

@@ -355,6 +355,11 @@ class CoreRunner:
             for probe_id in self.attacher.probes_in(self.active, path):   # still on the old file only:
                 self.store.health.attached[probe_id] = 0                    # new processes are not counted
             raise
+        return self.take_new_links(new, old)
+
+    def take_new_links(self, new: dict, old: FileIdentity | None) -> list[str]:
+        """The links just attached to a replaced file's new inode take their probes' places; the
+        old inode's links retire until no process runs the old file. Returns the probes, sorted."""
         for probe_id, link in new.items():
             before = self.links.get(probe_id)
             if before is not None and old is not None:

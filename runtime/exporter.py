@@ -186,8 +186,8 @@ class StoreCollector:
         if h.mechanisms:
             mech = GaugeMetricFamily("probec_mechanism", "1 for the mechanism each feature uses on this kernel, "
                                      "chosen at load (core: events ring_buffer or perf_buffer, span_begin_times "
-                                     "task_storage or hash, tracepoint_fields btf or offsets, current_task; span_NAME: "
-                                     "the variant of a kernel: span).",
+                                     "task_storage or hash, tracepoint_fields btf or offsets, current_task, event_counters "
+                                     "atomic_fetch_add or add_then_read; span_NAME: the variant of a kernel: span).",
                                      labels=["feature", "mechanism"])
             for feature, mechanism in sorted(h.mechanisms.items()):
                 mech.add_metric([feature, mechanism], 1)

@@ -255,6 +255,7 @@ class RingBufferInfo:
 USE_RINGBUF = "probec_use_ringbuf"              # ring buffer, else perf buffer (kernels before 5.8)
 USE_TASK_STORAGE = "probec_use_task_storage"    # task-local storage, else the HASH (before 5.11)
 USE_TASK_BTF = "probec_use_task_btf"            # bpf_get_current_task_btf, else bpf_get_current_task
+USE_ATOMIC_FETCH = "probec_use_atomic_fetch"    # atomic fetch-and-add, else add then read (before 5.12)
 
 
 @dataclass(frozen=True)

@@ -303,5 +303,6 @@ def test_events_and_drops_are_counted_as_core_counts_them(tmp_path, workloads, m
     if not missing:
         assert health.events_lost > 0, "a 4 KiB ring should overflow"
     assert health.mechanisms == {"events": mechanism, "tracepoint_fields": "offsets",
-                                 "current_task": "get_current_task"}
-    assert runner.describe() == f"events: {mechanism}, tracepoint_fields: offsets, current_task: get_current_task"
+                                 "current_task": "get_current_task", "event_counters": "atomic_fetch_add"}
+    assert runner.describe() == (f"events: {mechanism}, tracepoint_fields: offsets, current_task: get_current_task, "
+                                 "event_counters: atomic_fetch_add")

@@ -55,6 +55,10 @@ events:
   write_done:                       # ring buffer or perf buffer
     on: w.end
     fields: [comm, duration, retval]
+  write_sampled:                    # the sampling ticket and the rate count: atomic fetch, or add then read
+    on: w.end
+    fields: [retval]
+    sample: 1/4, at most 1000/s
 """
 
 WRITES, SIZE, ROUNDS = 40, 4096, 10
@@ -73,6 +77,8 @@ def assert_exact(metrics: dict, run: Run) -> None:
     assert value(metrics, "request_seconds_count") == ROUNDS
     events = [e for e in run.events() if e["event"] == "write_done"]
     assert len(events) == WRITES and all(e["retval"] == SIZE and e["comm"] == "pt_writer" for e in events)
+    # one writing thread: 1 in 4 exactly, with atomic fetch or with an add then a read
+    assert len([e for e in run.events() if e["event"] == "write_sampled"]) == WRITES // 4
     assert value(metrics, "probec_events_lost_total") == 0
 
 
@@ -84,16 +90,23 @@ def portable_bundle(tmp_path_factory) -> Path:
     return build(write_spec(tmp, PORTABLE_SPEC), "core", tmp / "bundle", "--kernel", "any")
 
 
+FETCH = {"event_counters": "atomic_fetch_add"}
 MISSING = {
-    "": {"events": "ring_buffer", "span_begin_times": "task_storage", "current_task": "get_current_task_btf"},
+    "": {"events": "ring_buffer", "span_begin_times": "task_storage", "current_task": "get_current_task_btf",
+         **FETCH},
     "ring_buffer": {"events": "perf_buffer", "span_begin_times": "task_storage",
-                    "current_task": "get_current_task_btf"},
-    "task_storage": {"events": "ring_buffer", "span_begin_times": "hash", "current_task": "get_current_task_btf"},
+                    "current_task": "get_current_task_btf", **FETCH},
+    "task_storage": {"events": "ring_buffer", "span_begin_times": "hash", "current_task": "get_current_task_btf",
+                     **FETCH},
     # task storage needs a BTF task pointer: without the helper, the hash keeps the begin times
     "get_current_task_btf": {"events": "ring_buffer", "span_begin_times": "hash",
-                             "current_task": "get_current_task"},
-    "ring_buffer,task_storage,get_current_task_btf": {"events": "perf_buffer", "span_begin_times": "hash",
-                                                      "current_task": "get_current_task"},
+                             "current_task": "get_current_task", **FETCH},
+    # kernels before 5.12 refuse the fetch instruction even in dead code: it is rewritten before load
+    "atomic_fetch": {"events": "ring_buffer", "span_begin_times": "task_storage",
+                     "current_task": "get_current_task_btf", "event_counters": "add_then_read"},
+    "ring_buffer,task_storage,get_current_task_btf,atomic_fetch": {
+        "events": "perf_buffer", "span_begin_times": "hash", "current_task": "get_current_task",
+        "event_counters": "add_then_read"},
 }
 
 

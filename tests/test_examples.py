@@ -72,12 +72,16 @@ def work(*args: str, timeout: float = 60) -> str:
 
 
 def assert_sched_tracepoints(metrics: dict, backend: str) -> None:
-    """core attaches sched tracepoints in their typed raw form (tp_btf) where the kernel has BTF,
-    else (or with PROBEC_PRETEND_MISSING=tp_btf) as classic tracepoints; probec_mechanism says which."""
+    """core attaches sched tracepoints in their typed raw form (tp_btf) where the kernel has BTF
+    and tp_btf (5.5+), else (or with PROBEC_PRETEND_MISSING=tp_btf) as classic tracepoints;
+    probec_mechanism says which."""
     if backend != "core":
         return
     pretended = "tp_btf" in os.environ.get("PROBEC_PRETEND_MISSING", "").split(",")
-    expected = "tp_btf" if Path("/sys/kernel/btf/vmlinux").exists() and not pretended else "tracepoint"
+    # tp_btf came in 5.5 with the btf_trace_* typedefs: Ubuntu 20.04's 5.4 has BTF without them
+    from probec.host.btf import btf_strings
+    typed = "btf_trace_sched_switch" in (btf_strings("/sys/kernel/btf/vmlinux") or set())
+    expected = "tp_btf" if typed and not pretended else "tracepoint"
     assert value(metrics, "probec_mechanism", feature="sched_tracepoints", mechanism=expected) == 1
 
 

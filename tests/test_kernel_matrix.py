@@ -13,6 +13,7 @@ from conftest import ROOT
 KERNELS = ROOT / "tests" / "kernels"
 sys.path.insert(0, str(KERNELS))
 
+import run_matrix  # noqa: E402
 import write_table  # noqa: E402
 
 
@@ -48,4 +49,21 @@ def test_a_failed_test_and_a_timed_out_guest_show_in_the_table():
     text = write_table.render(results)
     assert "| runqueue: x | core | **FAILS**: AssertionError: 406 <= 400 \\| bad | not run |" in text
     assert "| send_latency: y | core | falls back to syscall:sendto | not run |" in text
-    assert "| 6.1 (qemu, software emulation) | core | timed out | 360 | 14 |" in text
+    assert "| 6.1 (qemu, software emulation) | core | timed out | 360 | 14 | not recorded | not recorded |" in text
+
+
+def test_a_run_of_some_kernels_and_suites_keeps_the_others_in_the_docs():
+    """--write-docs replaces the runs of the kernels and suites it ran and keeps the rest, each with
+    the commit it tested, in one order whatever order they were run in."""
+    def one(kernel, suite, commit):
+        return {"kernel": kernel, "uname": None, "suite": suite, "commit": commit, "rc": 0, "seconds": 1,
+                "boot_seconds": 0, "rows": [row(f"c: {suite}", "core", result=commit)]}
+    kept = {"build_failures": [{"construct": "old"}],
+            "runs": [one("host", "spans", "a1"), one("6.1", "spans", "a1"), one("6.1", "core-kernel", "a1")]}
+    new = {"build_failures": [], "runs": [one("5.10", "core-kernel", "b2"), one("6.1", "spans", "b2")]}
+    merged = run_matrix.merge_runs(kept, new)
+    assert [(r["kernel"], r["suite"], r["commit"]) for r in merged["runs"]] == [
+        ("host", "spans", "a1"), ("6.1", "core-kernel", "a1"), ("6.1", "spans", "b2"), ("5.10", "core-kernel", "b2")]
+    assert merged["build_failures"] == []
+    text = write_table.render(merged)
+    assert "| c: spans | core | a1 | b2 | not run |" in text, text

@@ -165,3 +165,16 @@ def test_core_as_another_uid(workloads, shared, runtime_only):
     # bpftrace refuses every uid but 0: probec says so instead of bpftrace's own line
     message = refused(prefix, bundle(shared, "bpftrace", uprobes=False), DEBIAN_PYTHON, runtime_only)
     assert "runs only as uid 0" in message and "--backend core" in message, message
+
+
+def test_kernels_before_cap_bpf_need_cap_sys_admin():
+    """Kernels before 5.8 (cap_last_cap 37: Ubuntu 20.04's 5.4) have no CAP_BPF or CAP_PERFMON:
+    root's CAP_SYS_ADMIN loads and attaches there, and `probec run` must not refuse it for lacking
+    capabilities that kernel does not have (it did, seen in the 5.4 guest of the kernel matrix)."""
+    from probec.host.capabilities import CAPABILITIES, run_privileges
+    root_on_5_4 = set(CAPABILITIES) - {"CAP_BPF", "CAP_PERFMON"}
+    old = run_privileges({"tracepoint"}, uid=0, have=root_on_5_4, last_cap=37)
+    assert old.error("core") is None and "CAP_SYS_ADMIN" in old.needed and "CAP_BPF" not in old.needed
+    assert "CAP_SYS_ADMIN" in run_privileges({"tracepoint"}, uid=0, have=set(), last_cap=37).error("core")
+    new = run_privileges({"tracepoint"}, uid=0, have={"CAP_SYS_ADMIN"}, last_cap=40)
+    assert new.missing[:2] == ("CAP_BPF", "CAP_PERFMON"), new

@@ -181,6 +181,55 @@ def test_pid_file_follows_a_restarted_target(tmp_path, backend):
     assert "Traceback" not in log
 
 
+FOLLOW_USDT_SPEC = """
+name: follow_usdt
+binaries:
+  exe: $WORK/pwork
+  lib: $WORK/libpwork.so
+metrics:
+  ticks_total:
+    count: usdt:exe:pwork:tick
+  tick_args_total:
+    sum: arg0
+    on: usdt:exe:pwork:tick
+  lib_ticks_total:
+    count: usdt:lib:pwork:lib_tick
+"""
+
+
+def test_pid_file_follows_usdt_probes_to_a_restarted_target(tmp_path, backend):
+    """--pid-file with USDT probes, in the executable and in a library: they fire for the process
+    named in the file only, before and after it restarts (bcc attaches them for each process)."""
+    bundle = build(write_spec(tmp_path, FOLLOW_USDT_SPEC), backend, tmp_path / "bundle")
+    pid_file = tmp_path / "service.pid"
+    first, first_pid = start_target("usdt", "5")
+    second = None
+    write_pid_file(pid_file, first_pid)
+    port = free_port()
+    run = Run(bundle, tmp_path, "--pid-file", str(pid_file), port=port)
+    try:
+        subprocess.run([str(WORKLOADS / "pwork"), "usdt", "3"], check=True, timeout=60)   # not it
+        release(first)
+        wait_for(run, port, "probec_target_exits_total", 1)
+        second, second_pid = start_target("usdt", "4")
+        write_pid_file(pid_file, second_pid)
+        wait_for(run, port, "probec_target_pid", second_pid)
+        release(second)
+        wait_for(run, port, "probec_target_exits_total", 2)
+        metrics = run.stop()
+    finally:
+        run.kill()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        print(f"probec run stderr:\n{run.stderr()}")
+    assert value(metrics, "ticks_total") == 9
+    assert value(metrics, "tick_args_total") == sum(range(5)) + sum(range(4))
+    assert value(metrics, "lib_ticks_total") == 9
+    assert value(metrics, "probec_backend_restarts_total") == 0
+    assert run.stderr().count(f"following process {second_pid}") == 1
+
+
 def perf_links(pid: int) -> int:
     """Perf-event file descriptors of a process (one per uprobe a core runner holds)."""
     fd_dir = f"/proc/{pid}/fd"

@@ -75,6 +75,11 @@ class HostInfo:
         """Loading a do-nothing fentry program is the only honest test; needs root and libbpf."""
         return features.probe_fentry() if self.enabled else None
 
+    @functools.cached_property
+    def bpftrace_kfunc(self) -> bool | None:
+        """Whether bpftrace attaches kfunc probes here (it may not where the kernel has fentry)."""
+        return features.bpftrace_kfunc() if self.enabled else None
+
     def binary(self, path: str):
         return _open_elf(path)
 
@@ -107,6 +112,9 @@ class RecordedHost(HostInfo):
             self._functions = None if functions is None else {str(f) for f in functions}
             mech = _typed(facts, "mechanisms", dict) or {}
             self._mechanisms = {k: (None if mech.get(k) is None else bool(mech.get(k))) for k in ("kprobe", "fentry")}
+            # Records made before bpftrace's own answer was kept: as the kernel's.
+            self._mechanisms["bpftrace_kfunc"] = self._mechanisms["fentry"] if mech.get("bpftrace_kfunc", "") == "" \
+                else (None if mech["bpftrace_kfunc"] is None else bool(mech["bpftrace_kfunc"]))
         except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
             raise HostFactsError(f"{origin} is malformed ({exc}); record it again with "
                                  "'probec doctor --format json'") from None
@@ -159,6 +167,10 @@ class RecordedHost(HostInfo):
     @functools.cached_property
     def has_fentry(self) -> bool | None:
         return self._mechanisms["fentry"]
+
+    @functools.cached_property
+    def bpftrace_kfunc(self) -> bool | None:
+        return self._mechanisms["bpftrace_kfunc"]
 
 
 def _typed(facts: dict, key: str, kind: type):

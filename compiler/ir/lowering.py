@@ -29,6 +29,7 @@ class LoweringOptions:
     host: HostInfo = field(default_factory=HostInfo)
     kernel: str = "host"            # host: mechanisms must exist on this kernel; any: do not check
     placement: str = "auto"         # auto: probe past endbr64; entry: always at the symbol
+    backend: str = ""               # the backend built for, where it chooses at build time ("": any)
 
 
 class Lowering(ProbeResolution, LoweringPasses, LoweringLints):
@@ -78,6 +79,14 @@ class Lowering(ProbeResolution, LoweringPasses, LoweringLints):
             out.append(((fb.probe.kind, fe.probe.kind), fb, fe))
         return out
 
+    def why_not(self, kind: str) -> str:
+        """Why mechanism_available() said no to a probe kind, for E309."""
+        if "kprobe" in kind:
+            return "no CONFIG_KPROBES"
+        if self.host.has_fentry:
+            return "the kernel has them, but bpftrace here attaches no kfunc probes (bpftrace --info)"
+        return "BPF function tracing is locked down"
+
     def lower_span(self, s: SpanSpec) -> None:
         variants = self.span_variants(s)
         available = []
@@ -109,8 +118,7 @@ class Lowering(ProbeResolution, LoweringPasses, LoweringLints):
             for kind, side in ((bk, s.begin), (ek, s.end)):
                 if self.mechanism_available(kind) is False:
                     alt = "tracepoint:..., syscall:NAME, uprobe: or usdt:"
-                    self.d.error("E309", f"{kind} probes are not available on {self.host.which} "
-                                 f"({'no CONFIG_KPROBES' if 'kprobe' in kind else 'BPF function tracing is locked down'})",
+                    self.d.error("E309", f"{kind} probes are not available on {self.host.which} ({self.why_not(kind)})",
                                  side.probe.span, f"use kernel:{side.probe.name} with a 'fallback', or {alt}; "
                                  "build with --kernel any to target another kernel")
                     return
@@ -173,7 +181,8 @@ class Lowering(ProbeResolution, LoweringPasses, LoweringLints):
                          "use it in a span with a fallback, or name tracepoint:/kprobe:/fentry: directly")
             return []
         if self.mechanism_available(on.kind) is False:
-            self.d.error("E309", f"{on.kind} probes are not available on {self.host.which}", on.span,
+            self.d.error("E309", f"{on.kind} probes are not available on {self.host.which} ({self.why_not(on.kind)})",
+                         on.span,
                          f"tracepoints, syscalls, uprobes and USDT work on {self.host.which}; "
                          "build with --kernel any to target another kernel")
             return []

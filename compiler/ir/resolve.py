@@ -236,6 +236,8 @@ class ProbeResolution:
         if mechanism == "kprobes":
             return self.host.has_kprobes
         if mechanism == "fentry":
+            if self.opt.backend == "bpftrace" and self.host.has_fentry:
+                return self.host.bpftrace_kfunc        # bpftrace's own answer (0.17: no on 5.10)
             return self.host.has_fentry
         return True
 

@@ -45,7 +45,7 @@ from .maps import BPF_ANY, BPF_EXIST, BPF_NOEXIST, FdMap, Map, MapType, num_poss
 from .objects import BPF_STATS_RUN_TIME, BTF_KIND_DATASEC, BpfObject, Program, ProgramInfo, enable_stats, program_info
 from .perf import PERF_COUNT_SW_CPU_CLOCK, PERF_FLAG_FD_CLOEXEC, PERF_TYPE_SOFTWARE, online_cpus, perf_event_open_cpu_clock
 from .perfbuf import PerfBuffer
-from .probes import Helper, ProgType, helper_supported, map_type_supported
+from .probes import Helper, ProgType, atomic_fetch_supported, helper_supported, map_type_supported
 from .ringbuf import RingBuffer, RingReader
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "Helper",
     "ProgType",
     "helper_supported",
+    "atomic_fetch_supported",
     "map_type_supported",
     "ProgramInfo",
     "MapType",

@@ -110,6 +110,21 @@ class Program:
     def info(self) -> ProgramInfo:
         return program_info(self)
 
+    INSN_BYTES = 8      # struct bpf_insn
+
+    def insns(self) -> bytes:
+        """The program's instructions as libbpf holds them (before load: as in the object file)."""
+        libbpf = lib()
+        n = libbpf.bpf_program__insn_cnt(self.ptr)
+        return ctypes.string_at(libbpf.bpf_program__insns(self.ptr), n * self.INSN_BYTES) if n else b""
+
+    def set_insns(self, code: bytes) -> None:
+        """Replace the instructions before load (libbpf applies its relocations to them at load)."""
+        self._obj._before_load(f"set the instructions of {self.name}")
+        buf = ctypes.create_string_buffer(code, len(code))
+        call = Call(f"bpf_program__set_insns({self.name})")
+        call.check_int(lib().bpf_program__set_insns(self.ptr, buf, len(code) // self.INSN_BYTES))
+
     def _attach(
         self,
         op: str,

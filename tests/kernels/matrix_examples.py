@@ -4,6 +4,7 @@ with the same numbers as tests/test_examples.py (whose tests these call)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -58,11 +59,56 @@ def mechanism(tmp_path: Path, backend: str, group: str) -> str:
     return "syscall:sendto"
 
 
-def expected_mechanism() -> str:
-    from probec.host.features import kprobes_available, probe_fentry
-    if probe_fentry():
+def expected_mechanism(backend: str) -> str:
+    """The first variant this kernel can attach, as `probec doctor` finds it; a bpftrace script
+    takes fentry only where bpftrace itself attaches kfunc probes (0.17 does not on 5.10)."""
+    from probec.host.features import bpftrace_kfunc, kprobes_available, probe_fentry
+    if probe_fentry() and (backend != "bpftrace" or bpftrace_kfunc() is not False):
         return "fentry:tcp_sendmsg"
     return "kprobe:tcp_sendmsg" if kprobes_available() else "syscall:sendto"
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_features() -> dict:
+    """What this kernel's BPF has, as bpftool finds it (its own probes, not probec's)."""
+    out = subprocess.run(["bpftool", "feature", "probe", "kernel", "-j"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+# manifest program kinds -> bpftool's program type names (core_mechanisms._PROG_TYPES)
+BPFTOOL_TYPES = {"tracepoint": "tracepoint", "uprobe": "kprobe", "uretprobe": "kprobe", "usdt": "kprobe",
+                 "kprobe": "kprobe", "kretprobe": "kprobe", "profile": "perf_event", "interval": "perf_event"}
+
+
+def check_mechanisms(tmp_path: Path, name: str, row) -> None:
+    """The core bundle's start line names the mechanisms this kernel has: ring buffer else perf
+    buffer, task storage else hash, get_current_task_btf else get_current_task. On a kernel
+    without them (5.10: no task storage, 5.4: no ring buffer) the fallbacks really ran, and the
+    row says which."""
+    manifest = json.loads((bundles() / f"{name}.core" / "manifest.json").read_text())
+    feats = kernel_features()
+    kinds = {BPFTOOL_TYPES[p["kind"]] for p in manifest["core"]["programs"] if p["kind"] in BPFTOOL_TYPES}
+    has = lambda helper: all(f"bpf_{helper}" in feats["helpers"][f"{t}_available_helpers"] for t in kinds or {"kprobe"})
+    task_btf = has("get_current_task_btf")
+    expected = {"current_task": "get_current_task_btf" if task_btf else "get_current_task"}
+    if manifest["core"].get("ringbuf"):
+        expected["events"] = "ring_buffer" if feats["map_types"]["have_ringbuf_map_type"] and has("ringbuf_reserve") \
+            else "perf_buffer"
+    if any(s.get("task_map") for s in manifest["spans"]):
+        expected["span_begin_times"] = "task_storage" if task_btf and has("task_storage_get") and \
+            feats["map_types"]["have_task_storage_map_type"] else "hash"
+    start = next(line for line in (tmp_path / "run.stderr").read_text().splitlines() if "attached (core)" in line)
+    for feature, mechanism in expected.items():
+        assert f"{feature}: {mechanism}" in start, (expected, start)
+    if any(s["name"] == "probec_use_atomic_fetch" for s in manifest["core"]["settings"]):
+        # bpftool has no probe for atomic fetch (5.12): the row reports what the loader found
+        expected["event_counters"] = next(m for m in ("atomic_fetch_add", "add_then_read")
+                                          if f"event_counters: {m}" in start)
+    fallbacks = [f"{f} {m}" for f, m in sorted(expected.items())
+                 if m in ("perf_buffer", "hash", "get_current_task", "add_then_read")]
+    if fallbacks:
+        row.detail = "; ".join(filter(None, [row.detail, "load-time fallbacks: " + ", ".join(fallbacks)]))
 
 
 def result_of(used: str, first: str = "fentry:tcp_sendmsg") -> str:
@@ -75,8 +121,10 @@ def test_send_latency(tmp_path, backend, matrix):
     ex.test_send_latency(tmp_path, backend)
     used = mechanism(tmp_path, backend, "span_send")
     # The first variant this kernel can attach, as `probec doctor` finds it, and no other.
-    assert used == expected_mechanism(), used
+    assert used == expected_mechanism(backend), used
     row.result = result_of(used)
+    if backend == "core":
+        check_mechanisms(tmp_path, "send_latency", row)
 
 
 def test_send_latency_core_on_kprobe(tmp_path, matrix, monkeypatch):
@@ -131,6 +179,8 @@ def test_runqueue(tmp_path, backend, matrix):
     ex.work("runq", "2", "1000")
     ex.test_runqueue(tmp_path, backend)
     row.result = "works"
+    if backend == "core":
+        check_mechanisms(tmp_path, "runqueue", row)
 
 
 def missing_tracepoints(name: str) -> list[str]:
@@ -159,6 +209,8 @@ def test_retransmits(tmp_path, backend, matrix):
         return
     ex.test_retransmits(tmp_path, backend, drop=True)
     row.result = "works"
+    if backend == "core":
+        check_mechanisms(tmp_path, "retransmits", row)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -166,6 +218,8 @@ def test_correlation(tmp_path, backend, matrix):
     row = matrix.row(CONSTRUCTS["correlation"], backend)
     ex.test_correlation(tmp_path, backend)
     row.result = "works"
+    if backend == "core":
+        check_mechanisms(tmp_path, "correlation", row)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -190,6 +244,8 @@ def test_inference(tmp_path, backend, matrix):
     assert all(e["duration_seconds"] >= 0.060 and e["comm"] == "inf_matrix" for e in events), events
     assert all(e["ustack"][0].startswith("main+") for e in events), events
     row.result = "works"
+    if backend == "core":
+        check_mechanisms(tmp_path, "inference", row)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

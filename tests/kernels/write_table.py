@@ -73,11 +73,16 @@ def render(results: dict) -> str:
         for run, row in measured:
             values = ", ".join(f"{k} {v}" for k, v in row["measured"].items())
             lines.append(f"| {kernels[run['kernel']]} | {row['backend']} | {row['construct']} | {values} |")
-    lines += ["", "## Runs", "", "| kernel | suite | exit | seconds | boot seconds |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "## Runs", "",
+              "Each kernel and suite is one run (a guest boot each); the table keeps each one's latest run, with the "
+              "commit it tested.", "",
+              "| kernel | suite | exit | seconds | boot seconds | commit | date |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         status = {0: "passed", 124: "timed out", 137: "killed (time limit)"}.get(run["rc"], f"failed ({run['rc']})")
         boot = str(run.get("boot_seconds") or "") if run["kernel"] != "host" else "n/a"
-        lines.append(f"| {kernels[run['kernel']]} | {run['suite']} | {status} | {run['seconds']} | {boot} |")
+        lines.append(f"| {kernels[run['kernel']]} | {run['suite']} | {status} | {run['seconds']} | {boot} | "
+                     f"{run.get('commit', 'not recorded')} | {run.get('date', 'not recorded')} |")
     return "\n".join(lines) + "\n"
 
 

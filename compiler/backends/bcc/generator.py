@@ -50,7 +50,8 @@ PAGE = 4096
 # The core object's load-time choices, as the program is written: the ring buffer unless the
 # runtime passes -Dprobec_use_ringbuf=0 as it compiles; the others fixed (the runtime's Mechanisms
 # for bcc say the same: runtime/bcc_runner.py)
-BCC_MECHANISMS = {contract.USE_RINGBUF: 1, contract.USE_TASK_STORAGE: 0, contract.USE_TASK_BTF: 0}
+BCC_MECHANISMS = {contract.USE_RINGBUF: 1, contract.USE_TASK_STORAGE: 0, contract.USE_TASK_BTF: 0,
+                  contract.USE_ATOMIC_FETCH: 1}
 TARGET_MAP = "probec_target"     # slot 0: the pid traced, 0 for every process (the runtime writes it)
 
 
@@ -259,6 +260,9 @@ class BccBackend(CoreBackend):
                              "value": e.sample_every})
             settings.append({"name": f"probec_max_per_second_{e.name}", "ctype": "__u64", "size": 8,
                              "value": e.max_per_second})
+        if program.events:
+            settings.append({"name": contract.USE_ATOMIC_FETCH, "ctype": "__u32", "size": 4,
+                             "value": BCC_MECHANISMS[contract.USE_ATOMIC_FETCH]})
         tables = self.table_declarations(program)
         header = self.render("header.h.j2", source=program.source, name=name,
                              guard=f"PROBEC_{name.upper()}_H", layouts=self.layouts(program),

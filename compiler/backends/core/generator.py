@@ -546,6 +546,7 @@ class CoreBackend(Backend):
         return self.lines(
             "emit_event.j2", condition=self.guard(a.guard, em, program, extra=a.when),
             name=ev.name, struct=self.struct_name(ev.record), ringbuf=ringbuf, use_ringbuf=contract.USE_RINGBUF,
+            use_atomic_fetch=contract.USE_ATOMIC_FETCH,
             perf_map=PERF_MAP, scratch_map=SCRATCH_MAP,
             header_lines=[f"probec_e->{f.name} = {HEADER_C[f.name].format(index=ev.index)};"
                           for f in contract.EVENT_HEADER],
@@ -721,6 +722,8 @@ class CoreBackend(Backend):
                              "value": e.sample_every})
             settings.append({"name": f"probec_max_per_second_{e.name}", "ctype": "__u64", "size": 8,
                              "value": e.max_per_second})
+        if program.events:      # the sampling ticket and the rate count
+            settings.append({"name": contract.USE_ATOMIC_FETCH, "ctype": "__u32", "size": 4, "value": 1})
         if not self.health.slots:
             self.health.add("unused")
         has_usdt = any(p.kind == "usdt" for p in program.probes)

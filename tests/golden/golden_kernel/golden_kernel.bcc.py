@@ -245,6 +245,9 @@ _Static_assert(__builtin_offsetof(struct probec_event_slow_read, f_comm) == 48, 
 #ifndef probec_max_per_second_slow_read
 #define probec_max_per_second_slow_read 0ULL
 #endif
+#ifndef probec_use_atomic_fetch
+#define probec_use_atomic_fetch 1ULL
+#endif
 
 /* Slot 0: the process traced (--pid, --pid-file), 0 for every process. */
 BPF_TABLE(\"array\", __u32, __u32, probec_target, 1);
@@ -795,15 +798,29 @@ static __always_inline __u64 probec_acc_read(void *acc, __u64 key)
 
 /* --- sampling and rate limits ------------------------------------------------------------------- */
 
+/* *counter += n, returning what it held before. Atomic fetch-and-add came in 5.12, and the kernels
+ * before refuse an object that holds one anywhere, even in code that never runs: where `fetch` (the
+ * setting probec_use_atomic_fetch) is 0, the runtime turns the fetch into a plain load of the same
+ * length before load (core_mechanisms.rewrite_atomic_fetch; this branch is dead there), and the
+ * add-then-read below runs: exact on one CPU, while two CPUs adding at once may read the same count. */
+static __always_inline __u64 probec_fetch_add(__u64 *counter, __u64 n, __u32 fetch)
+{
+	if (fetch)
+		return __sync_fetch_and_add(counter, n);
+	/* the add every kernel has, in asm: clang would otherwise make one fetch of both adds */
+	asm volatile(\"lock *(u64 *)(%0 + 0) += %1\" : : \"r\"(counter), \"r\"(n) : \"memory\");
+	return *(volatile __u64 *)counter - n;
+}
+
 /* 1 in `every` over all CPUs: counts the event as seen in this CPU's `seen_slot` (for the
  * exported total) and takes a ticket from the shared `sampled` counter, so exactly every
- * `every`-th event is sampled, as in the bpftrace backend. With every <= 1 each event is. */
-static __always_inline bool probec_sample(void *health, __u32 seen_slot, __u64 *sampled, __u64 every)
+ * `every`-th event is sampled (with atomic fetch), as in the bpftrace backend. With every <= 1 each event is. */
+static __always_inline bool probec_sample(void *health, __u32 seen_slot, __u64 *sampled, __u64 every, __u32 fetch)
 {
 	probec_health_inc(health, seen_slot);
 	if (every <= 1 || !sampled)     /* !sampled: never (bcc keeps it in a map slot) */
 		return true;
-	return (__sync_fetch_and_add(sampled, 1) + 1) % every == 0;
+	return (probec_fetch_add(sampled, 1, fetch) + 1) % every == 0;
 }
 
 /* A shared per-second window for an event's rate limit (a global in .bss). */
@@ -815,7 +832,7 @@ struct probec_rate {
 /* At most `max_per_second` events per second over all CPUs (0: no limit); an event held back
  * counts in `limited_slot`. The window reset may race between CPUs; the count is atomic. */
 static __always_inline bool probec_rate_ok(struct probec_rate *rate, __u64 now, __u64 max_per_second,
-					   void *health, __u32 limited_slot)
+					   void *health, __u32 limited_slot, __u32 fetch)
 {
 	__u64 second = now / 1000000000ULL;
 
@@ -825,7 +842,7 @@ static __always_inline bool probec_rate_ok(struct probec_rate *rate, __u64 now, 
 		rate->second = second;
 		rate->count = 0;
 	}
-	if (__sync_fetch_and_add(&rate->count, 1) < max_per_second)
+	if (probec_fetch_add(&rate->count, 1, fetch) < max_per_second)
 		return true;
 	probec_health_inc(health, limited_slot);
 	return false;
@@ -1138,9 +1155,10 @@ int tracepoint_sys_exit_read(void *ctx)
 				}
 			}
 			if (((__u64)probec_duration > (__u64)10000000ULL)) {
-				if (probec_sample(&probec_health, 2, &probec_sampled_slow_read, probec_sample_every_slow_read) &&
+				if (probec_sample(&probec_health, 2, &probec_sampled_slow_read, probec_sample_every_slow_read,
+						  probec_use_atomic_fetch) &&
 				    probec_rate_ok(&probec_rate_slow_read, probec_now, probec_max_per_second_slow_read,
-						   &probec_health, 3)) {
+						   &probec_health, 3, probec_use_atomic_fetch)) {
 					struct probec_event_slow_read *probec_e;
 
 					/* the ring buffer, or (kernels before 5.8) this CPU's record for the perf buffer */
@@ -1324,9 +1342,10 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 		}
 	}
 	{
-		if (probec_sample(&probec_health, 6, &probec_sampled_retransmit, probec_sample_every_retransmit) &&
+		if (probec_sample(&probec_health, 6, &probec_sampled_retransmit, probec_sample_every_retransmit,
+				  probec_use_atomic_fetch) &&
 		    probec_rate_ok(&probec_rate_retransmit, probec_now, probec_max_per_second_retransmit,
-				   &probec_health, 7)) {
+				   &probec_health, 7, probec_use_atomic_fetch)) {
 			struct probec_event_retransmit *probec_e;
 
 			/* the ring buffer, or (kernels before 5.8) this CPU's record for the perf buffer */

@@ -17,6 +17,7 @@ const volatile __u64 probec_sample_every_retransmit = 1;
 const volatile __u64 probec_max_per_second_retransmit = 10;
 const volatile __u64 probec_sample_every_slow_read = 4;
 const volatile __u64 probec_max_per_second_slow_read = 0;
+const volatile __u32 probec_use_atomic_fetch = 1;
 
 #include "probec.bpf.h"
 #include "golden_kernel.h"
@@ -314,9 +315,10 @@ int tracepoint_sys_exit_read(void *ctx)
 					}
 				}
 				if (((__u64)probec_duration > (__u64)10000000ULL)) {
-					if (probec_sample(&probec_health, 2, &probec_sampled_slow_read, probec_sample_every_slow_read) &&
+					if (probec_sample(&probec_health, 2, &probec_sampled_slow_read, probec_sample_every_slow_read,
+							  probec_use_atomic_fetch) &&
 					    probec_rate_ok(&probec_rate_slow_read, probec_now, probec_max_per_second_slow_read,
-							   &probec_health, 3)) {
+							   &probec_health, 3, probec_use_atomic_fetch)) {
 						struct probec_event_slow_read *probec_e;
 
 						/* the ring buffer, or (kernels before 5.8) this CPU's record for the perf buffer */
@@ -380,9 +382,10 @@ int tracepoint_sys_exit_read(void *ctx)
 					}
 				}
 				if (((__u64)probec_duration > (__u64)10000000ULL)) {
-					if (probec_sample(&probec_health, 2, &probec_sampled_slow_read, probec_sample_every_slow_read) &&
+					if (probec_sample(&probec_health, 2, &probec_sampled_slow_read, probec_sample_every_slow_read,
+							  probec_use_atomic_fetch) &&
 					    probec_rate_ok(&probec_rate_slow_read, probec_now, probec_max_per_second_slow_read,
-							   &probec_health, 3)) {
+							   &probec_health, 3, probec_use_atomic_fetch)) {
 						struct probec_event_slow_read *probec_e;
 
 						/* the ring buffer, or (kernels before 5.8) this CPU's record for the perf buffer */
@@ -726,9 +729,10 @@ int tracepoint_tcp_retransmit_skb(void *ctx)
 		}
 	}
 	{
-		if (probec_sample(&probec_health, 6, &probec_sampled_retransmit, probec_sample_every_retransmit) &&
+		if (probec_sample(&probec_health, 6, &probec_sampled_retransmit, probec_sample_every_retransmit,
+				  probec_use_atomic_fetch) &&
 		    probec_rate_ok(&probec_rate_retransmit, probec_now, probec_max_per_second_retransmit,
-				   &probec_health, 7)) {
+				   &probec_health, 7, probec_use_atomic_fetch)) {
 			struct probec_event_retransmit *probec_e;
 
 			/* the ring buffer, or (kernels before 5.8) this CPU's record for the perf buffer */

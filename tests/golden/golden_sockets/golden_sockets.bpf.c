@@ -15,6 +15,7 @@ const volatile __u32 probec_use_ringbuf = 1;
 const volatile __u64 probec_wakeup_bytes = 262144;
 const volatile __u64 probec_sample_every_retransmitting_request = 1;
 const volatile __u64 probec_max_per_second_retransmitting_request = 0;
+const volatile __u32 probec_use_atomic_fetch = 1;
 
 #include "probec.bpf.h"
 #include "golden_sockets.h"
@@ -220,9 +221,10 @@ int tracepoint_sock_recv_length(void *ctx)
 				probec_array_add(&m_request_seconds, 22, (__u64)probec_v);
 			}
 			if (((__u64)probec_acc_read(&acc_retransmits_in_requests_total_count, probec_field_sk) > (__u64)0ULL)) {
-				if (probec_sample(&probec_health, 2, &probec_sampled_retransmitting_request, probec_sample_every_retransmitting_request) &&
+				if (probec_sample(&probec_health, 2, &probec_sampled_retransmitting_request, probec_sample_every_retransmitting_request,
+						  probec_use_atomic_fetch) &&
 				    probec_rate_ok(&probec_rate_retransmitting_request, probec_now, probec_max_per_second_retransmitting_request,
-						   &probec_health, 3)) {
+						   &probec_health, 3, probec_use_atomic_fetch)) {
 					struct probec_event_retransmitting_request *probec_e;
 
 					/* the ring buffer, or (kernels before 5.8) this CPU's record for the perf buffer */

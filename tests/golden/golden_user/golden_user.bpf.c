@@ -17,6 +17,7 @@ const volatile __u32 probec_use_ringbuf = 1;
 const volatile __u64 probec_wakeup_bytes = 262144;
 const volatile __u64 probec_sample_every_slow_inference = 10;
 const volatile __u64 probec_max_per_second_slow_inference = 20;
+const volatile __u32 probec_use_atomic_fetch = 1;
 
 #include "probec.bpf.h"
 #include "golden_user.h"
@@ -636,9 +637,10 @@ int uretprobe_Inference__Forward(struct pt_regs *ctx)
 				}
 			}
 			if ((((__u64)probec_duration > (__u64)50000000ULL) && !probec_bytes_eq(probec_comm, probec_str_1, 7))) {
-				if (probec_sample(&probec_health, 5, &probec_sampled_slow_inference, probec_sample_every_slow_inference) &&
+				if (probec_sample(&probec_health, 5, &probec_sampled_slow_inference, probec_sample_every_slow_inference,
+						  probec_use_atomic_fetch) &&
 				    probec_rate_ok(&probec_rate_slow_inference, probec_now, probec_max_per_second_slow_inference,
-						   &probec_health, 6)) {
+						   &probec_health, 6, probec_use_atomic_fetch)) {
 					struct probec_event_slow_inference *probec_e;
 
 					/* the ring buffer, or (kernels before 5.8) this CPU's record for the perf buffer */
