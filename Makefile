@@ -38,7 +38,8 @@ soak: workloads
 # backend and tcp_sendmsg on fentry, kprobe and the syscall fallback; writes docs/kernel-matrix.md.
 # About 25 minutes (most of it the guest: software emulation); KERNELS=host or KERNELS=6.1, SUITES=spans
 # (of core-kernel, core-user, core-torch, bpftrace-kernel, bpftrace-user, bpftrace-torch, spans, bcc) for a part.
-# Seconds per suite in the 6.1 guest, boot included: see tests/kernels/run_matrix.py.
+# Seconds per suite in the 6.1 guest, boot included: see tests/kernels/run_matrix.py. KERNELS=5.10,5.4
+# boots the older kernels scripts/fetch-kernels.sh unpacks; the table keeps the runs of kernels not run.
 KERNELS ?= host,6.1
 SUITES ?= core-kernel,core-user,core-torch,bpftrace-kernel,bpftrace-user,bpftrace-torch,spans,bcc
 kernel-matrix: workloads
