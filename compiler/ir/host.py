@@ -111,10 +111,10 @@ class RecordedHost(HostInfo):
             functions = _typed(facts, "kernel_functions", list)
             self._functions = None if functions is None else {str(f) for f in functions}
             mech = _typed(facts, "mechanisms", dict) or {}
-            self._mechanisms = {k: (None if mech.get(k) is None else bool(mech.get(k))) for k in ("kprobe", "fentry")}
-            # Records made before bpftrace's own answer was kept: as the kernel's.
-            self._mechanisms["bpftrace_kfunc"] = self._mechanisms["fentry"] if mech.get("bpftrace_kfunc", "") == "" \
-                else (None if mech["bpftrace_kfunc"] is None else bool(mech["bpftrace_kfunc"]))
+            self._mechanisms = {k: None if mech.get(k) is None else bool(mech[k])
+                                for k in ("kprobe", "fentry", "bpftrace_kfunc")}
+            if "bpftrace_kfunc" not in mech:     # a record made before bpftrace's own answer was kept
+                self._mechanisms["bpftrace_kfunc"] = self._mechanisms["fentry"]
         except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
             raise HostFactsError(f"{origin} is malformed ({exc}); record it again with "
                                  "'probec doctor --format json'") from None
